@@ -4,5 +4,21 @@
 //! [`pop3::session`] (the sans-I/O state machine decides) → [`pop3::connection`] (performs the
 //! action against a [`maildrop::Maildrop`]) → [`imap`] (upstream) → back through
 //! [`pop3::response`] (status lines, streaming dot-stuffer) → client socket.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | TOML schema and start-up validation |
+//! | [`server`] | listener, accept loop, graceful stop |
+//! | [`pop3`] | the POP3 protocol: parser, session state machine, responses, tokio driver |
+//! | [`maildrop`] | the contract between a POP3 session and its store (+ an in-memory store) |
+//! | [`imap`] | upstream IMAP: connection driver, TLS, the IMAP-backed maildrop |
+//! | [`uidl`] | Dovecot-compatible UIDL format strings |
+//! | [`state`] | the sled cache |
 
+pub mod config;
+pub mod imap;
 pub mod maildrop;
+pub mod pop3;
+pub mod server;
+pub mod state;
+pub mod uidl;

@@ -1,0 +1,386 @@
+//! The TOML configuration: its schema (serde, unknown keys rejected) and the checks run at
+//! start-up. Every error names the file, the key and what is wrong, so an operator can fix a
+//! typo without reading source. Every key is documented in `config/popbridge.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::uidl::UidlFormat;
+
+/// A configuration that could not be loaded: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {}{message}", key.as_deref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`pop3.listen`), when one is to blame.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub pop3: Pop3Config,
+    pub imap: ImapConfig,
+    pub state: StateConfig,
+    #[serde(default)]
+    pub deletion: DeletionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop3Config {
+    /// Plain POP3 listener.
+    pub listen: SocketAddr,
+    /// RETR sets `\Seen` upstream; TOP never does.
+    #[serde(default = "default_true")]
+    pub mark_seen: bool,
+    /// Dovecot-compatible `pop3_uidl_format`.
+    #[serde(default = "default_uidl_format")]
+    pub uidl_format: String,
+    /// RFC 1939 autologout timer for an idle client.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// How long a stopping server waits for running sessions before closing them.
+    #[serde(default = "default_drain")]
+    pub shutdown_drain_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Implicit TLS from the first byte (IMAPS, port 993).
+    Tls,
+    /// Plain connection upgraded with STARTTLS before login; refused if the server lacks it.
+    Starttls,
+    /// No encryption: only for loopback or a trusted private network.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapConfig {
+    pub host: String,
+    /// Defaults to 993 for `tls`, 143 otherwise.
+    pub port: Option<u16>,
+    #[serde(default = "default_security")]
+    pub security: Security,
+    /// The folder served as the POP3 maildrop.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: String,
+    /// Extra trust anchor (PEM) besides the system roots; verification is always on.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate; defaults to `host`.
+    pub tls_server_name: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Deadline for any single upstream command (and for the greeting).
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_secs: u64,
+    /// Size of each `BODY.PEEK[]<offset.length>` piece when streaming a message.
+    #[serde(default = "default_fetch_chunk")]
+    pub fetch_chunk_bytes: u32,
+}
+
+impl ImapConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(match self.security {
+            Security::Tls => 993,
+            _ => 143,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the sled database (created if missing).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeletionMode {
+    /// Keep the message upstream, flag it with `hide_keyword` and never show it to POP3 again.
+    Hide,
+    /// `UID STORE \Deleted` + `UID EXPUNGE` (UIDPLUS): removes only the committed messages.
+    Expunge,
+    /// `UID MOVE` (or `UID COPY` + `UID EXPUNGE`) into `move_to`.
+    Move,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletionConfig {
+    #[serde(default = "default_mode")]
+    pub mode: DeletionMode,
+    #[serde(default = "default_move_to")]
+    pub move_to: String,
+    #[serde(default = "default_hide_keyword")]
+    pub hide_keyword: String,
+}
+
+impl Default for DeletionConfig {
+    fn default() -> Self {
+        Self {
+            mode: default_mode(),
+            move_to: default_move_to(),
+            hide_keyword: default_hide_keyword(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_uidl_format() -> String {
+    "%08Xu%08Xv".into()
+}
+fn default_idle_timeout() -> u64 {
+    600
+}
+fn default_drain() -> u64 {
+    30
+}
+fn default_security() -> Security {
+    Security::Tls
+}
+fn default_mailbox() -> String {
+    "INBOX".into()
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_command_timeout() -> u64 {
+    60
+}
+fn default_fetch_chunk() -> u32 {
+    256 * 1024
+}
+fn default_mode() -> DeletionMode {
+    DeletionMode::Hide
+}
+fn default_move_to() -> String {
+    "Trash".into()
+}
+fn default_hide_keyword() -> String {
+    "$POP3Deleted".into()
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate `text`; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError {
+            file: path.to_owned(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| err(None, one_line(&e)))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = (key != ".").then_some(key);
+            err(key, one_line(e.inner()))
+        })?;
+        config
+            .validate()
+            .map_err(|(key, msg)| err(Some(key.into()), msg))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        UidlFormat::parse(&self.pop3.uidl_format)
+            .map_err(|e| ("pop3.uidl_format", e.to_string()))?;
+        if self.pop3.idle_timeout_secs == 0 {
+            return Err(("pop3.idle_timeout_secs", "must be at least 1".into()));
+        }
+        if self.imap.host.trim().is_empty() {
+            return Err(("imap.host", "must not be empty".into()));
+        }
+        if self.imap.port == Some(0) {
+            return Err(("imap.port", "must be 1-65535".into()));
+        }
+        if self.imap.mailbox.is_empty() {
+            return Err(("imap.mailbox", "must not be empty".into()));
+        }
+        if self.imap.connect_timeout_secs == 0 {
+            return Err(("imap.connect_timeout_secs", "must be at least 1".into()));
+        }
+        if self.imap.command_timeout_secs == 0 {
+            return Err(("imap.command_timeout_secs", "must be at least 1".into()));
+        }
+        if !(4096..=16 * 1024 * 1024).contains(&self.imap.fetch_chunk_bytes) {
+            return Err((
+                "imap.fetch_chunk_bytes",
+                "must be between 4096 and 16777216".into(),
+            ));
+        }
+        if let Some(ca) = &self.imap.ca_file {
+            if self.imap.security == Security::None {
+                return Err((
+                    "imap.ca_file",
+                    "is set but imap.security = \"none\" never uses TLS".into(),
+                ));
+            }
+            crate::imap::tls::load_ca_file(ca).map_err(|e| ("imap.ca_file", e.to_string()))?;
+        }
+        if let Some(name) = &self.imap.tls_server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err((
+                    "imap.tls_server_name",
+                    format!("{name:?} is not a valid DNS name or IP address"),
+                ));
+            }
+        }
+        if !is_imap_atom(&self.deletion.hide_keyword) {
+            return Err((
+                "deletion.hide_keyword",
+                format!(
+                    "{:?} is not a valid IMAP keyword (an atom: no spaces, no \\, no ()%*\"]{{)",
+                    self.deletion.hide_keyword
+                ),
+            ));
+        }
+        if self.deletion.mode == DeletionMode::Move {
+            if self.deletion.move_to.is_empty() {
+                return Err(("deletion.move_to", "must not be empty".into()));
+            }
+            if self
+                .deletion
+                .move_to
+                .eq_ignore_ascii_case(&self.imap.mailbox)
+            {
+                return Err((
+                    "deletion.move_to",
+                    "must differ from imap.mailbox (moving a message into its own folder deletes nothing)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 3501 `atom`: what a keyword flag may contain.
+fn is_imap_atom(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| (0x21..0x7f).contains(&b) && !b"(){ %*\"\\]".contains(&b))
+}
+
+/// toml errors come as a multi-line snippet; keep the message and the position on one line.
+fn one_line(e: &impl std::fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[pop3]
+listen = "127.0.0.1:1110"
+[imap]
+host = "127.0.0.1"
+security = "none"
+[state]
+dir = "/tmp/x"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.pop3.mark_seen);
+        assert_eq!(c.pop3.uidl_format, "%08Xu%08Xv");
+        assert_eq!(c.pop3.idle_timeout_secs, 600);
+        assert_eq!(c.imap.port(), 143);
+        assert_eq!(c.imap.mailbox, "INBOX");
+        assert_eq!(c.deletion.mode, DeletionMode::Hide);
+        assert_eq!(c.deletion.hide_keyword, "$POP3Deleted");
+    }
+
+    #[test]
+    fn tls_default_port_is_993() {
+        let c = parse(&MINIMAL.replace("security = \"none\"", "security = \"tls\"")).unwrap();
+        assert_eq!(c.imap.port(), 993);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse(&MINIMAL.replace("[imap]", "[imap]\nmailboxx = \"INBOX\"")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("test.toml: "), "{msg}");
+        assert!(msg.contains("mailboxx"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let e = parse(&MINIMAL.replace("\"none\"", "\"sometimes\"")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("imap.security"), "{e}");
+        let e = parse(&MINIMAL.replace("127.0.0.1:1110", "nowhere")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("pop3.listen"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            (
+                "[deletion]\nhide_keyword = \"has space\"",
+                "deletion.hide_keyword",
+            ),
+            (
+                "[deletion]\nmode = \"move\"\nmove_to = \"inbox\"",
+                "deletion.move_to",
+            ),
+            ("[deletion]\nmode = \"shred\"", "deletion.mode"),
+        ];
+        for (extra, key) in cases {
+            let e = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let e = parse(&MINIMAL.replace("[imap]", "[imap]\nca_file = \"/nonexistent.pem\""))
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("imap.ca_file"), "{e}");
+        let e = parse(&MINIMAL.replace("[pop3]", "[pop3]\nuidl_format = \"%m\"")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("pop3.uidl_format"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_is_reported() {
+        let e = parse("[pop3]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("imap"), "{e}");
+    }
+
+    #[test]
+    fn example_config_in_repo_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/popbridge.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The example points ca_file at a placeholder path; everything else must validate.
+        let text = text.replace("ca_file =", "# ca_file =");
+        Config::parse(&path, &text).unwrap();
+    }
+}

@@ -1,0 +1,623 @@
+//! The maildrop backed by an IMAP folder: login with the client's credentials, a snapshot of
+//! UIDs and sizes, message bytes in `BODY.PEEK[]<offset.length>` pieces, and the deletion policy
+//! applied with UID commands only.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use imap_next::imap_types::command::CommandBody;
+use imap_next::imap_types::core::Atom;
+use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
+use imap_next::imap_types::flag::{Flag, FlagFetch, FlagPerm, StoreResponse, StoreType};
+use imap_next::imap_types::mailbox::Mailbox;
+use imap_next::imap_types::response::{Code, Data, StatusKind};
+use imap_next::imap_types::sequence::SequenceSet;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::conn::{Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged};
+use crate::config::{Config, DeletionMode, Security};
+use crate::maildrop::{Maildrop, MaildropError, MessageEntry, Snapshot};
+use crate::pop3::connection::Upstream;
+use crate::state::StateStore;
+
+/// Everything needed to open maildrops on one IMAP server; shared by all sessions.
+pub struct ImapUpstream {
+    host: String,
+    port: u16,
+    security: Security,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    mailbox: String,
+    deletion: DeletionMode,
+    move_to: String,
+    hide_keyword: String,
+    limits: ConnLimits,
+    state: Option<Arc<StateStore>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsSetupError),
+    #[error("imap.tls_server_name / imap.host {0:?} is not a valid TLS server name")]
+    ServerName(String),
+}
+
+impl ImapUpstream {
+    pub fn new(
+        config: &Config,
+        state: Option<Arc<StateStore>>,
+    ) -> Result<ImapUpstream, UpstreamSetupError> {
+        let imap = &config.imap;
+        let tls = match imap.security {
+            Security::None => None,
+            Security::Tls | Security::Starttls => {
+                let client = super::tls::client_config(imap.ca_file.as_deref())?;
+                let name = imap.tls_server_name.as_deref().unwrap_or(&imap.host);
+                let name = ServerName::try_from(name.to_owned())
+                    .map_err(|_| UpstreamSetupError::ServerName(name.to_owned()))?;
+                Some((TlsConnector::from(client), name))
+            }
+        };
+        Ok(ImapUpstream {
+            host: imap.host.clone(),
+            port: imap.port(),
+            security: imap.security,
+            tls,
+            mailbox: imap.mailbox.clone(),
+            deletion: config.deletion.mode,
+            move_to: config.deletion.move_to.clone(),
+            hide_keyword: config.deletion.hide_keyword.clone(),
+            limits: ConnLimits {
+                connect_timeout: Duration::from_secs(imap.connect_timeout_secs),
+                io_timeout: Duration::from_secs(imap.command_timeout_secs),
+                // A piece plus the FETCH framing around it, with room to spare.
+                max_response_size: imap.fetch_chunk_bytes.saturating_mul(2).max(1 << 20),
+            },
+            state,
+        })
+    }
+
+    fn transport(&self) -> Transport<'_> {
+        match (&self.tls, self.security) {
+            (Some((connector, name)), Security::Tls) => Transport::Tls {
+                connector,
+                name: name.clone(),
+            },
+            (Some((connector, name)), Security::Starttls) => Transport::StartTls {
+                connector,
+                name: name.clone(),
+            },
+            _ => Transport::Plain,
+        }
+    }
+
+    async fn open(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(ImapMaildrop, Snapshot), MaildropError> {
+        let mut conn =
+            ImapConnection::connect(&self.host, self.port, self.transport(), self.limits)
+                .await
+                .map_err(unavailable)?;
+
+        let login = CommandBody::login(user.to_owned(), password.to_owned())
+            .map_err(|_| MaildropError::Auth)?;
+        let done = conn.execute(login, |_| {}).await.map_err(unavailable)?;
+        if !done.is_ok() {
+            conn.logout().await;
+            return Err(login_failure(&done));
+        }
+
+        let mut caps = HashSet::new();
+        let done = conn
+            .execute(CommandBody::Capability, |u| {
+                if let Untagged::Data(Data::Capability(list)) = u {
+                    caps.extend(
+                        list.as_ref()
+                            .iter()
+                            .map(|c| c.to_string().to_ascii_uppercase()),
+                    );
+                }
+            })
+            .await
+            .map_err(unavailable)?;
+        if !done.is_ok() {
+            return Err(MaildropError::Unavailable(format!(
+                "CAPABILITY failed: {}",
+                done.text
+            )));
+        }
+        let has_move = caps.contains("MOVE");
+        let has_uidplus = caps.contains("UIDPLUS");
+        match self.deletion {
+            DeletionMode::Expunge if !has_uidplus => {
+                conn.logout().await;
+                return Err(MaildropError::Unsupported(
+                    "deletion.mode = \"expunge\" needs UIDPLUS (UID EXPUNGE), which the server lacks".into(),
+                ));
+            }
+            DeletionMode::Move if !has_move && !has_uidplus => {
+                conn.logout().await;
+                return Err(MaildropError::Unsupported(
+                    "deletion.mode = \"move\" needs MOVE or UIDPLUS, which the server lacks".into(),
+                ));
+            }
+            _ => {}
+        }
+
+        let select = CommandBody::select(mailbox_arg(&self.mailbox)?)
+            .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
+        let mut uid_validity = None;
+        let mut exists = 0u32;
+        let mut read_only = false;
+        let mut permanent: Option<(bool, HashSet<String>)> = None;
+        let done = conn
+            .execute(select, |u| match u {
+                Untagged::Data(Data::Exists(n)) => exists = n,
+                Untagged::Status {
+                    code: Some(code), ..
+                } => match code {
+                    Code::UidValidity(v) => uid_validity = Some(v.get()),
+                    Code::ReadOnly => read_only = true,
+                    Code::PermanentFlags(flags) => {
+                        let any = flags.iter().any(|f| matches!(f, FlagPerm::Asterisk));
+                        let named = flags
+                            .iter()
+                            .filter_map(|f| match f {
+                                FlagPerm::Flag(f) => Some(f.to_string().to_ascii_lowercase()),
+                                FlagPerm::Asterisk => None,
+                            })
+                            .collect();
+                        permanent = Some((any, named));
+                    }
+                    _ => {}
+                },
+                _ => {}
+            })
+            .await
+            .map_err(unavailable)?;
+        if !done.is_ok() {
+            conn.logout().await;
+            return Err(MaildropError::Unsupported(format!(
+                "cannot open mailbox {:?}: {}",
+                self.mailbox, done.text
+            )));
+        }
+        if read_only || matches!(done.code, Some(Code::ReadOnly)) {
+            conn.logout().await;
+            return Err(MaildropError::Unsupported(format!(
+                "mailbox {:?} is read-only upstream",
+                self.mailbox
+            )));
+        }
+        let Some(uid_validity) = uid_validity else {
+            conn.logout().await;
+            return Err(MaildropError::Unavailable(
+                "server did not report UIDVALIDITY on SELECT".into(),
+            ));
+        };
+        if self.deletion == DeletionMode::Hide {
+            // RFC 3501: without PERMANENTFLAGS, all flags can be changed permanently.
+            let storable = match &permanent {
+                None => true,
+                Some((any, named)) => {
+                    *any || named.contains(&self.hide_keyword.to_ascii_lowercase())
+                }
+            };
+            if !storable {
+                conn.logout().await;
+                return Err(MaildropError::Unsupported(format!(
+                    "deletion.mode = \"hide\" needs the keyword {} but the mailbox cannot store it",
+                    self.hide_keyword
+                )));
+            }
+        }
+
+        let messages = if exists == 0 {
+            Vec::new()
+        } else {
+            self.list(&mut conn).await?
+        };
+
+        if let Some(state) = &self.state {
+            state.observe_mailbox(user, &self.mailbox, uid_validity);
+        }
+
+        let maildrop = ImapMaildrop {
+            conn: Some(conn),
+            deletion: self.deletion,
+            move_to: self.move_to.clone(),
+            hide_keyword: self.hide_keyword.clone(),
+            has_move,
+        };
+        Ok((
+            maildrop,
+            Snapshot {
+                uid_validity,
+                messages,
+            },
+        ))
+    }
+
+    /// `UID FETCH 1:* (UID RFC822.SIZE FLAGS)`, without the messages POP3 must not see.
+    async fn list(&self, conn: &mut ImapConnection) -> Result<Vec<MessageEntry>, MaildropError> {
+        let hide = self.hide_keyword.to_ascii_lowercase();
+        let mut messages = Vec::new();
+        let fetch = CommandBody::fetch(
+            "1:*",
+            vec![
+                MessageDataItemName::Uid,
+                MessageDataItemName::Rfc822Size,
+                MessageDataItemName::Flags,
+            ],
+            true,
+        )
+        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        let done = conn
+            .execute(fetch, |u| {
+                let Untagged::Data(Data::Fetch { items, .. }) = u else {
+                    return;
+                };
+                let (mut uid, mut size, mut hidden) = (None, None, false);
+                for item in items.as_ref() {
+                    match item {
+                        MessageDataItem::Uid(u) => uid = Some(u.get()),
+                        MessageDataItem::Rfc822Size(s) => size = Some(u64::from(*s)),
+                        MessageDataItem::Flags(flags) => {
+                            hidden = flags.iter().any(|f| match f {
+                                FlagFetch::Flag(f @ Flag::Keyword(_)) => {
+                                    f.to_string().eq_ignore_ascii_case(&hide)
+                                }
+                                _ => false,
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+                // Unsolicited FETCHes (flag changes by other clients) lack a size: skip them.
+                if let (Some(uid), Some(size)) = (uid, size) {
+                    if self.deletion != DeletionMode::Hide || !hidden {
+                        messages.push(MessageEntry { uid, size });
+                    }
+                }
+            })
+            .await
+            .map_err(unavailable)?;
+        if !done.is_ok() {
+            return Err(MaildropError::Unavailable(format!(
+                "listing failed: {}",
+                done.text
+            )));
+        }
+        messages.sort_by_key(|m| m.uid);
+        messages.dedup_by_key(|m| m.uid);
+        Ok(messages)
+    }
+}
+
+impl Upstream for ImapUpstream {
+    type Maildrop = ImapMaildrop;
+
+    async fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(ImapMaildrop, Snapshot), MaildropError> {
+        self.open(user, password).await
+    }
+}
+
+/// An authenticated upstream session with the maildrop folder selected.
+pub struct ImapMaildrop {
+    /// `None` once the connection failed: every later call fails fast.
+    conn: Option<ImapConnection>,
+    deletion: DeletionMode,
+    move_to: String,
+    hide_keyword: String,
+    has_move: bool,
+}
+
+impl ImapMaildrop {
+    async fn run(
+        &mut self,
+        body: CommandBody<'static>,
+        on_untagged: impl FnMut(Untagged),
+    ) -> Result<Completion, MaildropError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| MaildropError::Unavailable("upstream connection lost".into()))?;
+        match conn.execute(body, on_untagged).await {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    async fn store(&mut self, set: &SequenceSet, flag: Flag<'static>) -> Result<(), MaildropError> {
+        let body = CommandBody::store(
+            set.clone(),
+            StoreType::Add,
+            StoreResponse::Silent,
+            vec![flag],
+            true,
+        )
+        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        expect_ok("UID STORE", self.run(body, |_| {}).await?)
+    }
+
+    async fn uid_expunge(&mut self, set: &SequenceSet) -> Result<(), MaildropError> {
+        let body = CommandBody::ExpungeUid {
+            sequence_set: set.clone(),
+        };
+        expect_ok("UID EXPUNGE", self.run(body, |_| {}).await?)
+    }
+
+    /// MOVE or COPY into `move_to`, creating it once if the server says TRYCREATE.
+    async fn transfer(&mut self, set: &SequenceSet, moving: bool) -> Result<(), MaildropError> {
+        let name = if moving { "UID MOVE" } else { "UID COPY" };
+        for attempt in 0..2 {
+            let mailbox = mailbox_arg(&self.move_to)?;
+            let body = if moving {
+                CommandBody::Move {
+                    sequence_set: set.clone(),
+                    mailbox,
+                    uid: true,
+                }
+            } else {
+                CommandBody::Copy {
+                    sequence_set: set.clone(),
+                    mailbox,
+                    uid: true,
+                }
+            };
+            let done = self.run(body, |_| {}).await?;
+            if done.is_ok() {
+                return Ok(());
+            }
+            if attempt == 0 && matches!(done.code, Some(Code::TryCreate)) {
+                let create = CommandBody::create(mailbox_arg(&self.move_to)?)
+                    .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+                let created = self.run(create, |_| {}).await?;
+                tracing::info!(mailbox = %self.move_to, ok = created.is_ok(), "created deletion target folder");
+                continue;
+            }
+            return expect_ok(name, done);
+        }
+        Err(MaildropError::Unavailable(format!("{name} failed")))
+    }
+}
+
+impl Maildrop for ImapMaildrop {
+    async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+        let (Some(uid_nz), Some(len), Ok(offset32)) = (
+            NonZeroU32::new(uid),
+            NonZeroU32::new(len),
+            u32::try_from(offset),
+        ) else {
+            return Ok(Bytes::new());
+        };
+        let body = CommandBody::fetch(
+            uid_nz,
+            vec![
+                MessageDataItemName::Uid,
+                MessageDataItemName::BodyExt {
+                    section: None,
+                    partial: Some((offset32, len)),
+                    peek: true,
+                },
+            ],
+            true,
+        )
+        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        let mut piece: Option<Bytes> = None;
+        let done = self
+            .run(body, |u| {
+                let Untagged::Data(Data::Fetch { items, .. }) = u else {
+                    return;
+                };
+                let items = items.into_iter().collect::<Vec<_>>();
+                let this_uid = items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItem::Uid(u) if u.get() == uid));
+                if !this_uid {
+                    return;
+                }
+                for item in items {
+                    if let MessageDataItem::BodyExt {
+                        section: None,
+                        data,
+                        ..
+                    } = item
+                    {
+                        piece = Some(
+                            data.into_option()
+                                .map(|c| Bytes::from(c.into_owned()))
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+            })
+            .await?;
+        match piece {
+            Some(bytes) => Ok(bytes),
+            // No data for the UID: the message was expunged by another client since login.
+            None if done.is_ok() || done.kind == StatusKind::No => Err(MaildropError::Gone),
+            None => Err(MaildropError::Unavailable(format!(
+                "UID FETCH failed: {}",
+                done.text
+            ))),
+        }
+    }
+
+    async fn mark_seen(&mut self, uid: u32) -> Result<(), MaildropError> {
+        let set = uid_set(&[uid])?;
+        match set.first() {
+            Some(set) => self.store(set, Flag::Seen).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn commit(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
+        for set in uid_set(uids)? {
+            match self.deletion {
+                DeletionMode::Hide => {
+                    let atom = Atom::try_from(self.hide_keyword.clone())
+                        .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
+                    self.store(&set, Flag::keyword(atom)).await?;
+                }
+                DeletionMode::Expunge => {
+                    self.store(&set, Flag::Deleted).await?;
+                    self.uid_expunge(&set).await?;
+                }
+                DeletionMode::Move if self.has_move => self.transfer(&set, true).await?,
+                DeletionMode::Move => {
+                    self.transfer(&set, false).await?;
+                    self.store(&set, Flag::Deleted).await?;
+                    self.uid_expunge(&set).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.logout().await;
+        }
+    }
+}
+
+fn unavailable(e: ImapError) -> MaildropError {
+    MaildropError::Unavailable(e.to_string())
+}
+
+fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropError> {
+    if done.is_ok() {
+        Ok(())
+    } else {
+        Err(MaildropError::Unavailable(format!(
+            "{what} failed: {}",
+            done.text
+        )))
+    }
+}
+
+/// LOGIN said NO or BAD. RFC 5530 codes tell a temporary server failure from bad credentials.
+fn login_failure(done: &Completion) -> MaildropError {
+    // RFC 5530 codes are not modelled by imap-types; they arrive as `Code::Other`.
+    let code = match &done.code {
+        Some(Code::Other(other)) => String::from_utf8_lossy(other.inner()).to_ascii_uppercase(),
+        _ => String::new(),
+    };
+    if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"]
+        .iter()
+        .any(|c| code.starts_with(c))
+    {
+        MaildropError::Unavailable(format!("upstream login failed: {}", done.text))
+    } else if code.starts_with("PRIVACYREQUIRED") {
+        MaildropError::Unsupported("upstream requires TLS before login (set imap.security)".into())
+    } else {
+        MaildropError::Auth
+    }
+}
+
+fn mailbox_arg(name: &str) -> Result<Mailbox<'static>, MaildropError> {
+    Mailbox::try_from(name.to_owned())
+        .map_err(|e| MaildropError::Unsupported(format!("mailbox name {name:?}: {e}")))
+}
+
+/// UIDs as compact `a:b,c` sets, split so no command line grows past a few KiB.
+fn uid_set(uids: &[u32]) -> Result<Vec<SequenceSet>, MaildropError> {
+    let mut sorted: Vec<u32> = uids.iter().copied().filter(|&u| u != 0).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut sets = Vec::new();
+    let mut text = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        i += 1;
+        if !text.is_empty() {
+            text.push(',');
+        }
+        if start == end {
+            text.push_str(&start.to_string());
+        } else {
+            text.push_str(&format!("{start}:{end}"));
+        }
+        if text.len() > 4000 {
+            sets.push(parse_set(&std::mem::take(&mut text))?);
+        }
+    }
+    if !text.is_empty() {
+        sets.push(parse_set(&text)?);
+    }
+    Ok(sets)
+}
+
+fn parse_set(text: &str) -> Result<SequenceSet, MaildropError> {
+    SequenceSet::try_from(text).map_err(|e| MaildropError::Unavailable(format!("UID set: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(uids: &[u32]) -> Vec<String> {
+        uid_set(uids)
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s.0.as_ref()
+                    .iter()
+                    .map(|seq| format!("{seq:?}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn uid_sets_are_compact_and_bounded() {
+        assert!(uid_set(&[]).unwrap().is_empty());
+        assert_eq!(uid_set(&[5, 1, 2, 3, 9, 9, 10]).unwrap().len(), 1);
+        let r = render(&[5, 1, 2, 3, 9, 10]);
+        assert_eq!(r.len(), 1);
+        // 100k scattered UIDs must split into several bounded commands, losing none.
+        let many: Vec<u32> = (1..=100_000).map(|i| i * 2).collect();
+        let sets = uid_set(&many).unwrap();
+        assert!(sets.len() > 1);
+        let total: usize = sets.iter().map(|s| s.0.as_ref().len()).sum();
+        assert_eq!(total, 100_000);
+    }
+
+    #[test]
+    fn login_failure_classification() {
+        let c = |code: Option<Code<'static>>| Completion {
+            kind: StatusKind::No,
+            code,
+            text: "x".into(),
+        };
+        assert_eq!(login_failure(&c(None)), MaildropError::Auth);
+        let unavailable = Code::Other(imap_next::imap_types::response::CodeOther::unvalidated(
+            &b"UNAVAILABLE"[..],
+        ));
+        assert!(matches!(
+            login_failure(&c(Some(unavailable))),
+            MaildropError::Unavailable(_)
+        ));
+    }
+}

@@ -1,0 +1,7 @@
+//! The upstream side: IMAP connections (plain, TLS, STARTTLS) and the maildrop they serve.
+
+pub mod conn;
+pub mod maildrop;
+pub mod tls;
+
+pub use maildrop::{ImapMaildrop, ImapUpstream, UpstreamSetupError};

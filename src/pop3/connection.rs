@@ -1,0 +1,922 @@
+//! The thin tokio driver: moves bytes between the client and the [`Session`], performs its
+//! [`Action`]s against the upstream, and streams message bodies chunk by chunk.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::command::LineBuffer;
+use super::response::DotStuffer;
+use super::session::{Action, Session, SessionConfig};
+use crate::maildrop::{Maildrop, MaildropError, Snapshot};
+
+/// Logs in to the upstream mailbox store (IMAP in production, memory in tests).
+pub trait Upstream: Send + Sync {
+    type Maildrop: Maildrop;
+
+    fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<(Self::Maildrop, Snapshot), MaildropError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// RFC 1939 autologout: no complete read or write progress for this long closes the
+    /// connection without committing.
+    pub idle_timeout: Duration,
+    /// Octets asked of the upstream per fetch.
+    pub fetch_chunk: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(600),
+            fetch_chunk: 256 * 1024,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutcome {
+    /// The client sent QUIT.
+    Quit,
+    /// Idle timeout (read or write).
+    Timeout,
+    /// The client closed the connection or a write failed.
+    ClientGone,
+    /// The upstream failed in a way the session cannot recover from.
+    UpstreamError,
+    /// The server is shutting down.
+    Shutdown,
+    /// The error cap was reached.
+    TooManyErrors,
+}
+
+/// One POP3 session per maildrop (RFC 1939 exclusive access), within this process. Keys are
+/// lower-cased login names.
+#[derive(Debug, Clone, Default)]
+pub struct MaildropLocks {
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+impl MaildropLocks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lock for `user`, or `None` if another session holds it.
+    pub fn try_lock(&self, user: &str) -> Option<MaildropLock> {
+        let key = user.to_lowercase();
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.insert(key.clone()) {
+            Some(MaildropLock {
+                key,
+                held: Arc::clone(&self.held),
+            })
+        } else {
+            None
+        }
+    }
+
+    pub fn is_locked(&self, user: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&user.to_lowercase())
+    }
+}
+
+/// Held for the life of a TRANSACTION; released on drop.
+#[derive(Debug)]
+pub struct MaildropLock {
+    key: String,
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for MaildropLock {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// Resolves when shutdown is signalled; never, if the sender is gone without signalling.
+async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Flush the output buffer when it grows past this while streaming a body.
+const FLUSH_AT: usize = 64 * 1024;
+
+enum Flow {
+    Continue,
+    End(SessionOutcome),
+}
+
+struct Conn<'a, IO, U: Upstream> {
+    io: IO,
+    out: Vec<u8>,
+    upstream: &'a U,
+    locks: &'a MaildropLocks,
+    cfg: &'a Arc<SessionConfig>,
+    limits: &'a ConnectionLimits,
+    session: Session,
+    user: Option<String>,
+    maildrop: Option<(U::Maildrop, MaildropLock)>,
+}
+
+/// Serves one client connection to its end. Deletions are committed only after QUIT.
+pub async fn serve<IO, U>(
+    io: IO,
+    upstream: &U,
+    locks: &MaildropLocks,
+    cfg: &Arc<SessionConfig>,
+    limits: &ConnectionLimits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> SessionOutcome
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+    U: Upstream,
+{
+    let mut conn = Conn {
+        io,
+        out: Vec::new(),
+        upstream,
+        locks,
+        cfg,
+        limits,
+        session: Session::new(Arc::clone(cfg)),
+        user: None,
+        maildrop: None,
+    };
+    let outcome = conn.run(shutdown).await;
+    if let Some((md, _lock)) = conn.maildrop.take() {
+        // No commit: only QUIT commits, and it already closed the maildrop.
+        md.close().await;
+    }
+    let _ = conn.io.shutdown().await;
+    info!(
+        user = conn.user.as_deref().unwrap_or("-"),
+        ?outcome,
+        "pop3 session ended"
+    );
+    outcome
+}
+
+impl<IO, U> Conn<'_, IO, U>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+    U: Upstream,
+{
+    async fn run(&mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> SessionOutcome {
+        self.out = self.session.greeting();
+        if let Err(o) = self.flush().await {
+            return o;
+        }
+        let mut lines = LineBuffer::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            lines.set_limit(self.session.max_line_len());
+            while let Some(line) = lines.next_line() {
+                let action = match line {
+                    Ok(mut l) => {
+                        let a = self.session.on_line(Ok(&l));
+                        // The line may have carried a password.
+                        l.iter_mut().for_each(|b| *b = 0);
+                        a
+                    }
+                    Err(e) => self.session.on_line(Err(e)),
+                };
+                if let Flow::End(o) = self.perform(action).await {
+                    return o;
+                }
+                lines.set_limit(self.session.max_line_len());
+            }
+            if let Err(o) = self.flush().await {
+                return o;
+            }
+            if *shutdown.borrow() {
+                return SessionOutcome::Shutdown;
+            }
+            let room = lines.room().min(buf.len());
+            let n = tokio::select! {
+                r = tokio::time::timeout(self.limits.idle_timeout, self.io.read(&mut buf[..room])) => match r {
+                    Err(_) => return SessionOutcome::Timeout,
+                    Ok(Err(_)) | Ok(Ok(0)) => return SessionOutcome::ClientGone,
+                    Ok(Ok(n)) => n,
+                },
+                _ = wait_shutdown(&mut shutdown) => return SessionOutcome::Shutdown,
+            };
+            lines.push(&buf[..n]);
+            buf[..n].iter_mut().for_each(|b| *b = 0);
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionOutcome> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.limits.idle_timeout, write).await {
+            Err(_) => Err(SessionOutcome::Timeout),
+            Ok(Err(_)) => Err(SessionOutcome::ClientGone),
+            Ok(Ok(())) => {
+                self.out.clear();
+                Ok(())
+            }
+        }
+    }
+
+    async fn perform(&mut self, action: Action) -> Flow {
+        match action {
+            Action::Reply(b) => {
+                self.out.extend_from_slice(&b);
+                Flow::Continue
+            }
+            Action::Close(b) => {
+                self.out.extend_from_slice(&b);
+                let _ = self.flush().await;
+                Flow::End(if self.session.error_limit_reached() {
+                    SessionOutcome::TooManyErrors
+                } else {
+                    SessionOutcome::Quit
+                })
+            }
+            Action::Login { user, password } => {
+                let result = match self.upstream.login(&user, password.as_str()).await {
+                    Ok((md, snapshot)) => match self.locks.try_lock(&user) {
+                        Some(lock) => {
+                            info!(user = %user, messages = snapshot.messages.len(), "pop3 login");
+                            self.user = Some(user);
+                            self.maildrop = Some((md, lock));
+                            Ok(snapshot)
+                        }
+                        None => {
+                            info!(user = %user, "pop3 login refused: maildrop in use");
+                            md.close().await;
+                            Err(MaildropError::InUse)
+                        }
+                    },
+                    Err(e) => {
+                        info!(user = %user, error = %e, "pop3 login failed");
+                        Err(e)
+                    }
+                };
+                drop(password);
+                match self.session.on_login(result) {
+                    Action::Close(b) => {
+                        self.out.extend_from_slice(&b);
+                        let _ = self.flush().await;
+                        Flow::End(SessionOutcome::TooManyErrors)
+                    }
+                    Action::Reply(b) => {
+                        self.out.extend_from_slice(&b);
+                        Flow::Continue
+                    }
+                    other => {
+                        warn!(?other, "unexpected action after login");
+                        Flow::Continue
+                    }
+                }
+            }
+            Action::Retrieve {
+                msg,
+                uid,
+                top_lines,
+                ok_line,
+                ..
+            } => self.retrieve(msg, uid, top_lines, ok_line).await,
+            Action::Commit { uids } => {
+                let result = match self.maildrop.take() {
+                    Some((mut md, lock)) => {
+                        let r = md.commit(&uids).await;
+                        if let Err(e) = &r {
+                            warn!(user = self.user.as_deref().unwrap_or("-"), error = %e, "commit failed");
+                        }
+                        md.close().await;
+                        drop(lock);
+                        r
+                    }
+                    None => Err(MaildropError::Unavailable("no maildrop".into())),
+                };
+                let reply = self.session.on_commit(result);
+                self.out.extend_from_slice(&reply);
+                let _ = self.flush().await;
+                Flow::End(SessionOutcome::Quit)
+            }
+        }
+    }
+
+    async fn retrieve(
+        &mut self,
+        msg: u32,
+        uid: u32,
+        top_lines: Option<u32>,
+        ok_line: Vec<u8>,
+    ) -> Flow {
+        let chunk = self.limits.fetch_chunk.max(1);
+        let Some((md, _)) = self.maildrop.as_mut() else {
+            let reply = self
+                .session
+                .on_retrieve_failed(msg, &MaildropError::Unavailable("no maildrop".into()));
+            self.out.extend_from_slice(&reply);
+            return Flow::Continue;
+        };
+        let mut data = match md.fetch(uid, 0, chunk).await {
+            Ok(d) => d,
+            Err(e) => {
+                let gone = e == MaildropError::Gone;
+                warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "fetch failed");
+                let reply = self.session.on_retrieve_failed(msg, &e);
+                self.out.extend_from_slice(&reply);
+                if gone && !self.session.error_limit_reached() {
+                    return Flow::Continue;
+                }
+                let _ = self.flush().await;
+                return Flow::End(if gone {
+                    SessionOutcome::TooManyErrors
+                } else {
+                    SessionOutcome::UpstreamError
+                });
+            }
+        };
+        // Until something of this response is flushed, a failure can still become an -ERR.
+        let mark = self.out.len();
+        let mut flushed = false;
+        self.out.extend_from_slice(&ok_line);
+        let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
+        let mut offset = 0u64;
+        loop {
+            if data.is_empty() {
+                break;
+            }
+            stuffer.feed(&data, &mut self.out);
+            offset += data.len() as u64;
+            if self.out.len() >= FLUSH_AT {
+                if let Err(o) = self.flush().await {
+                    return Flow::End(o);
+                }
+                flushed = true;
+            }
+            if stuffer.is_done() || data.len() < chunk as usize {
+                break;
+            }
+            let Some((md, _)) = self.maildrop.as_mut() else {
+                return Flow::End(SessionOutcome::UpstreamError);
+            };
+            data = match md.fetch(uid, offset, chunk).await {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
+                        "fetch failed mid-message");
+                    if flushed {
+                        // Part of the body is already on the wire: a truncated multi-line
+                        // response cannot be repaired, so the connection must go.
+                        return Flow::End(SessionOutcome::UpstreamError);
+                    }
+                    self.out.truncate(mark);
+                    let reply = self.session.on_retrieve_failed(msg, &e);
+                    self.out.extend_from_slice(&reply);
+                    if e == MaildropError::Gone && !self.session.error_limit_reached() {
+                        return Flow::Continue;
+                    }
+                    let _ = self.flush().await;
+                    return Flow::End(SessionOutcome::UpstreamError);
+                }
+            };
+        }
+        stuffer.finish(&mut self.out);
+        debug!(uid, octets = offset, "message sent");
+        if top_lines.is_none() && self.cfg.mark_seen {
+            if let Some((md, _)) = self.maildrop.as_mut() {
+                if let Err(e) = md.mark_seen(uid).await {
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "mark_seen failed");
+                }
+            }
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maildrop::{MemoryEvent, MemoryUpstream};
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+
+    struct Client {
+        rd: BufReader<ReadHalf<DuplexStream>>,
+        wr: WriteHalf<DuplexStream>,
+    }
+
+    impl Client {
+        async fn send(&mut self, s: &str) {
+            self.wr.write_all(s.as_bytes()).await.unwrap();
+        }
+
+        async fn line(&mut self) -> String {
+            let mut l = Vec::new();
+            self.rd.read_until(b'\n', &mut l).await.unwrap();
+            String::from_utf8(l).unwrap()
+        }
+
+        async fn cmd(&mut self, s: &str) -> String {
+            self.send(&format!("{s}\r\n")).await;
+            self.line().await
+        }
+
+        /// Lines of a multi-line body (after the status line), raw, up to and excluding ".".
+        async fn body(&mut self) -> Vec<u8> {
+            let mut out = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                self.rd.read_until(b'\n', &mut l).await.unwrap();
+                assert!(l.ends_with(b"\r\n"), "unterminated line {l:?}");
+                if l == b".\r\n" {
+                    return out;
+                }
+                out.extend_from_slice(&l);
+            }
+        }
+
+        async fn eof(&mut self) -> bool {
+            let mut l = Vec::new();
+            matches!(self.rd.read_until(b'\n', &mut l).await, Ok(0))
+        }
+    }
+
+    struct Harness {
+        up: MemoryUpstream,
+        locks: MaildropLocks,
+        cfg: Arc<SessionConfig>,
+        limits: ConnectionLimits,
+        shutdown: watch::Sender<bool>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let up = MemoryUpstream::new();
+            up.add_user("bob", "pw", 0x6b08_0e83);
+            up.add_message("bob", 1, &b"Subject: one\r\n\r\nfirst\r\n"[..]);
+            up.add_message("bob", 4, &b"Subject: two\r\n\r\n.dot\r\nsecond\r\n"[..]);
+            up.add_message("bob", 7, &b"Subject: three\r\n\r\nthird\r\n"[..]);
+            Self {
+                up,
+                locks: MaildropLocks::new(),
+                cfg: Arc::new(SessionConfig {
+                    mark_seen: true,
+                    ..SessionConfig::default()
+                }),
+                limits: ConnectionLimits {
+                    idle_timeout: Duration::from_secs(5),
+                    fetch_chunk: 64 * 1024,
+                },
+                shutdown: watch::channel(false).0,
+            }
+        }
+
+        async fn connect(&self) -> (Client, JoinHandle<SessionOutcome>) {
+            let (client, server) = tokio::io::duplex(8 * 1024);
+            let (up, locks, cfg, limits) = (
+                self.up.clone(),
+                self.locks.clone(),
+                Arc::clone(&self.cfg),
+                self.limits.clone(),
+            );
+            let rx = self.shutdown.subscribe();
+            let task =
+                tokio::spawn(async move { serve(server, &up, &locks, &cfg, &limits, rx).await });
+            let (rd, wr) = tokio::io::split(client);
+            let mut c = Client {
+                rd: BufReader::new(rd),
+                wr,
+            };
+            assert_eq!(c.line().await, "+OK popbridge ready.\r\n");
+            (c, task)
+        }
+
+        async fn login(&self) -> (Client, JoinHandle<SessionOutcome>) {
+            let (mut c, t) = self.connect().await;
+            assert_eq!(c.cmd("USER bob").await, "+OK\r\n");
+            assert_eq!(c.cmd("PASS pw").await, "+OK Logged in.\r\n");
+            (c, t)
+        }
+    }
+
+    #[tokio::test]
+    async fn full_session() {
+        let h = Harness::new();
+        let (mut c, task) = h.connect().await;
+        assert_eq!(c.cmd("USER bob").await, "+OK\r\n");
+        assert_eq!(
+            c.cmd("PASS wrong").await,
+            "-ERR [AUTH] Authentication failed.\r\n"
+        );
+        assert_eq!(c.cmd("STAT").await.get(..4), Some("-ERR"));
+        assert_eq!(c.cmd("USER BOB").await, "+OK\r\n");
+        assert!(c.cmd("PASS pw").await.starts_with("-ERR [AUTH]"));
+        assert_eq!(c.cmd("USER bob").await, "+OK\r\n");
+        assert_eq!(c.cmd("PASS pw").await, "+OK Logged in.\r\n");
+        assert_eq!(c.cmd("STAT").await, "+OK 3 78\r\n");
+        assert_eq!(c.cmd("LIST").await, "+OK 3 messages (78 octets)\r\n");
+        assert_eq!(c.body().await, b"1 23\r\n2 30\r\n3 25\r\n");
+        assert_eq!(c.cmd("UIDL").await, "+OK\r\n");
+        assert_eq!(
+            c.body().await,
+            b"1 000000016b080e83\r\n2 000000046b080e83\r\n3 000000076b080e83\r\n"
+        );
+        assert_eq!(c.cmd("RETR 2").await, "+OK 30 octets\r\n");
+        assert_eq!(c.body().await, b"Subject: two\r\n\r\n..dot\r\nsecond\r\n");
+        assert_eq!(c.cmd("DELE 1").await, "+OK message 1 deleted\r\n");
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert!(c.eof().await);
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.commits("bob"), vec![vec![1]]);
+        assert_eq!(h.up.seen("bob"), vec![4]);
+        assert_eq!(h.up.uids("bob"), vec![4, 7]);
+        assert!(!h.locks.is_locked("bob"));
+        assert_eq!(h.up.events("bob").last(), Some(&MemoryEvent::Close));
+    }
+
+    #[tokio::test]
+    async fn pipelining_fifty_commands_in_one_write() {
+        let h = Harness::new();
+        let (mut c, task) = h.login().await;
+        let mut batch = String::new();
+        for i in 0..50 {
+            batch.push_str(match i % 5 {
+                0 => "STAT\r\n",
+                1 => "LIST 2\r\n",
+                2 => "RETR 3\r\n",
+                3 => "NOOP\r\n",
+                _ => "UIDL 1\r\n",
+            });
+        }
+        c.send(&batch).await;
+        for i in 0..50 {
+            let l = c.line().await;
+            match i % 5 {
+                0 => assert_eq!(l, "+OK 3 78\r\n"),
+                1 => assert_eq!(l, "+OK 2 30\r\n"),
+                2 => {
+                    assert_eq!(l, "+OK 25 octets\r\n");
+                    assert_eq!(c.body().await, b"Subject: three\r\n\r\nthird\r\n");
+                }
+                3 => assert_eq!(l, "+OK\r\n"),
+                _ => assert_eq!(l, "+OK 1 000000016b080e83\r\n"),
+            }
+        }
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.seen("bob"), vec![7; 10]);
+    }
+
+    #[tokio::test]
+    async fn dele_rset_quit_commits_only_marked() {
+        let h = Harness::new();
+        let (mut c, task) = h.login().await;
+        assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+        assert!(c.cmd("DELE 2").await.starts_with("+OK"));
+        assert_eq!(c.cmd("STAT").await, "+OK 1 25\r\n");
+        assert_eq!(
+            c.cmd("RSET").await,
+            "+OK maildrop has 3 messages (78 octets)\r\n"
+        );
+        assert!(c.cmd("DELE 3").await.starts_with("+OK"));
+        assert_eq!(c.cmd("DELE 3").await, "-ERR message 3 already deleted\r\n");
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.commits("bob"), vec![vec![7]]);
+        assert_eq!(h.up.uids("bob"), vec![1, 4]);
+    }
+
+    #[tokio::test]
+    async fn failed_commit_reports_sys_temp() {
+        let h = Harness::new();
+        h.up.fail_commit("bob", MaildropError::Unavailable("boom".into()));
+        let (mut c, task) = h.login().await;
+        c.cmd("DELE 1").await;
+        assert_eq!(
+            c.cmd("QUIT").await,
+            "-ERR [SYS/TEMP] some deleted messages not removed\r\n"
+        );
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.uids("bob"), vec![1, 4, 7]);
+    }
+
+    #[tokio::test]
+    async fn dropped_connection_commits_nothing() {
+        let h = Harness::new();
+        let (mut c, task) = h.login().await;
+        assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+        assert!(h.locks.is_locked("BOB"));
+        drop(c);
+        assert_eq!(task.await.unwrap(), SessionOutcome::ClientGone);
+        assert!(h.up.commits("bob").is_empty());
+        assert_eq!(h.up.uids("bob"), vec![1, 4, 7]);
+        assert_eq!(h.up.events("bob").last(), Some(&MemoryEvent::Close));
+        assert!(!h.locks.is_locked("bob"));
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_closes_without_commit() {
+        let mut h = Harness::new();
+        h.limits.idle_timeout = Duration::from_millis(100);
+        let (mut c, task) = h.login().await;
+        assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, SessionOutcome::Timeout);
+        assert!(c.eof().await);
+        assert!(h.up.commits("bob").is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_without_commit() {
+        let h = Harness::new();
+        let (mut c, task) = h.login().await;
+        assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+        h.shutdown.send_replace(true);
+        assert_eq!(task.await.unwrap(), SessionOutcome::Shutdown);
+        assert!(h.up.commits("bob").is_empty());
+    }
+
+    #[tokio::test]
+    async fn second_session_gets_in_use() {
+        let h = Harness::new();
+        let (mut a, task_a) = h.login().await;
+        let (mut b, task_b) = h.connect().await;
+        assert_eq!(b.cmd("USER Bob").await, "+OK\r\n");
+        // Upstream accepts "Bob"? No: memory users are case-sensitive, so use the real name.
+        assert!(b.cmd("PASS pw").await.starts_with("-ERR [AUTH]"));
+        assert_eq!(b.cmd("USER bob").await, "+OK\r\n");
+        assert!(b.cmd("PASS pw").await.starts_with("-ERR [IN-USE]"));
+        // The refused session's upstream maildrop was closed: two logins ok, one close so far.
+        let closes = |h: &Harness| {
+            h.up.events("bob")
+                .iter()
+                .filter(|e| **e == MemoryEvent::Close)
+                .count()
+        };
+        assert_eq!(closes(&h), 1);
+        assert_eq!(a.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task_a.await.unwrap(), SessionOutcome::Quit);
+        // Released: now b can log in.
+        assert_eq!(b.cmd("USER bob").await, "+OK\r\n");
+        assert_eq!(b.cmd("PASS pw").await, "+OK Logged in.\r\n");
+        assert_eq!(b.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task_b.await.unwrap(), SessionOutcome::Quit);
+    }
+
+    #[tokio::test]
+    async fn expunged_message_is_gone_and_session_continues() {
+        let h = Harness::new();
+        let (mut c, task) = h.login().await;
+        h.up.expunge("bob", 4);
+        assert_eq!(c.cmd("RETR 2").await, "-ERR message 2 no longer exists\r\n");
+        assert_eq!(
+            c.cmd("TOP 2 0").await,
+            "-ERR message 2 no longer exists\r\n"
+        );
+        assert_eq!(c.cmd("RETR 1").await, "+OK 23 octets\r\n");
+        assert_eq!(c.body().await, b"Subject: one\r\n\r\nfirst\r\n");
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.seen("bob"), vec![1]);
+    }
+
+    fn big_message(len: usize) -> Vec<u8> {
+        let mut m = b"Subject: big\r\nX-Test: yes\r\n\r\n".to_vec();
+        let mut i = 0u32;
+        while m.len() < len {
+            i += 1;
+            match i % 4 {
+                0 => m.extend_from_slice(b".leading dot line\r\n"),
+                1 => m.extend_from_slice(b"bare lf line\n"),
+                2 => m.extend_from_slice(format!("line {i} {}\r\n", "x".repeat(60)).as_bytes()),
+                _ => m.extend_from_slice(b"..two dots\r\n"),
+            }
+        }
+        m
+    }
+
+    fn unstuff_normalised(body: &[u8]) -> Vec<u8> {
+        body.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .flat_map(|l| {
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                let l = l.strip_prefix(b".").unwrap_or(l);
+                l.iter().copied().chain(*b"\r\n")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn three_megabyte_message_streamed_in_chunks() {
+        let h = Harness::new();
+        let msg = big_message(3 * 1024 * 1024);
+        h.up.add_message("bob", 9, msg.clone());
+        let (mut c, task) = h.login().await;
+        assert_eq!(
+            c.cmd("RETR 4").await,
+            format!("+OK {} octets\r\n", msg.len())
+        );
+        let body = c.body().await;
+        let expected: Vec<u8> = msg
+            .split_inclusive(|&b| b == b'\n')
+            .flat_map(|l| {
+                let l = l.strip_suffix(b"\n").unwrap_or(l);
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                l.iter().copied().chain(*b"\r\n")
+            })
+            .collect();
+        assert_eq!(unstuff_normalised(&body), expected);
+        assert!(body.windows(3).any(|w| w == b"\n.."));
+        let fetches: Vec<_> =
+            h.up.events("bob")
+                .into_iter()
+                .filter_map(|e| match e {
+                    MemoryEvent::Fetch {
+                        uid: 9,
+                        offset,
+                        len,
+                    } => Some((offset, len)),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(fetches.len(), msg.len().div_ceil(64 * 1024));
+        assert!(fetches.iter().all(|&(_, len)| len == 64 * 1024));
+        assert_eq!(fetches[1].0, 64 * 1024);
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert_eq!(h.up.seen("bob"), vec![9]);
+    }
+
+    #[tokio::test]
+    async fn top_sends_header_and_n_lines_and_stops_fetching() {
+        let mut h = Harness::new();
+        h.limits.fetch_chunk = 1024;
+        let msg = big_message(100 * 1024);
+        h.up.add_message("bob", 9, msg);
+        let (mut c, task) = h.login().await;
+        assert_eq!(c.cmd("TOP 4 2").await, "+OK\r\n");
+        assert_eq!(
+            c.body().await,
+            b"Subject: big\r\nX-Test: yes\r\n\r\nbare lf line\r\n"
+                .iter()
+                .copied()
+                .chain(b"line 2 ".iter().copied())
+                .chain("x".repeat(60).bytes())
+                .chain(*b"\r\n")
+                .collect::<Vec<u8>>()
+        );
+        assert_eq!(c.cmd("TOP 1 0").await, "+OK\r\n");
+        assert_eq!(c.body().await, b"Subject: one\r\n\r\n");
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        let fetches =
+            h.up.events("bob")
+                .iter()
+                .filter(|e| matches!(e, MemoryEvent::Fetch { uid: 9, .. }))
+                .count();
+        assert_eq!(fetches, 1);
+        // TOP does not mark messages seen.
+        assert!(h.up.seen("bob").is_empty());
+    }
+
+    #[tokio::test]
+    async fn failure_mid_stream_closes_connection() {
+        let mut h = Harness::new();
+        h.limits.fetch_chunk = 1024;
+        h.up.add_message("bob", 9, big_message(200 * 1024));
+        // Past the first 64 KiB flush: the body is partly on the wire.
+        h.up.fail_fetch_from(
+            "bob",
+            9,
+            128 * 1024,
+            MaildropError::Unavailable("lost".into()),
+        );
+        let (mut c, task) = h.login().await;
+        c.cmd("DELE 1").await;
+        let status = c.cmd("RETR 4").await;
+        assert!(status.starts_with("+OK"), "{status}");
+        let mut rest = Vec::new();
+        c.rd.read_to_end(&mut rest).await.unwrap();
+        assert!(!rest.ends_with(b"\r\n.\r\n"));
+        assert_eq!(task.await.unwrap(), SessionOutcome::UpstreamError);
+        assert!(h.up.commits("bob").is_empty());
+        assert!(h.up.seen("bob").is_empty());
+    }
+
+    #[tokio::test]
+    async fn early_failure_before_anything_is_flushed_becomes_err() {
+        let mut h = Harness::new();
+        h.limits.fetch_chunk = 1024;
+        h.up.add_message("bob", 9, big_message(10 * 1024));
+        h.up.fail_fetch_from("bob", 9, 2048, MaildropError::Gone);
+        let (mut c, task) = h.login().await;
+        assert_eq!(c.cmd("RETR 4").await, "-ERR message 4 no longer exists\r\n");
+        assert_eq!(c.cmd("NOOP").await, "+OK\r\n");
+        h.up.fail_fetch_from("bob", 9, 2048, MaildropError::Unavailable("x".into()));
+        assert!(c.cmd("RETR 4").await.starts_with("-ERR [SYS/TEMP]"));
+        assert!(c.eof().await);
+        assert_eq!(task.await.unwrap(), SessionOutcome::UpstreamError);
+    }
+
+    #[tokio::test]
+    async fn first_fetch_failure_other_than_gone_closes() {
+        let h = Harness::new();
+        h.up.fail_fetch_from("bob", 1, 0, MaildropError::Unavailable("lost".into()));
+        let (mut c, task) = h.login().await;
+        assert!(c.cmd("RETR 1").await.starts_with("-ERR [SYS/TEMP]"));
+        assert!(c.eof().await);
+        assert_eq!(task.await.unwrap(), SessionOutcome::UpstreamError);
+    }
+
+    #[tokio::test]
+    async fn long_line_gets_err_and_session_continues() {
+        let h = Harness::new();
+        let (mut c, task) = h.connect().await;
+        let long = format!("USER {}\r\nUSER bob\r\n", "a".repeat(400));
+        c.send(&long).await;
+        assert_eq!(c.line().await, "-ERR Line too long.\r\n");
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.cmd("PASS pw").await, "+OK Logged in.\r\n");
+        // A giant line in pieces: one error only.
+        for _ in 0..20 {
+            c.send(&"z".repeat(1000)).await;
+        }
+        c.send("\r\nNOOP\r\n").await;
+        assert_eq!(c.line().await, "-ERR Line too long.\r\n");
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+    }
+
+    #[tokio::test]
+    async fn auth_plain_continuation_may_exceed_command_limit() {
+        let h = Harness::new();
+        let long_pw = "p".repeat(400);
+        h.up.add_user("carol", &long_pw, 1);
+        let (mut c, task) = h.connect().await;
+        assert_eq!(c.cmd("AUTH PLAIN").await, "+ \r\n");
+        use base64::Engine as _;
+        let resp = base64::engine::general_purpose::STANDARD.encode(format!("\0carol\0{long_pw}"));
+        assert_eq!(c.cmd(&resp).await, "+OK Logged in.\r\n");
+        assert_eq!(c.cmd("STAT").await, "+OK 0 0\r\n");
+        drop(c);
+        assert_eq!(task.await.unwrap(), SessionOutcome::ClientGone);
+    }
+
+    #[tokio::test]
+    async fn too_many_errors_closes() {
+        let h = Harness::new();
+        let (mut c, task) = h.connect().await;
+        let mut batch = String::new();
+        for _ in 0..30 {
+            batch.push_str("BOGUS\r\n");
+        }
+        c.send(&batch).await;
+        for _ in 0..19 {
+            assert_eq!(c.line().await, "-ERR Unknown command.\r\n");
+        }
+        assert_eq!(
+            c.line().await,
+            "-ERR Too many errors, closing connection.\r\n"
+        );
+        assert!(c.eof().await);
+        assert_eq!(task.await.unwrap(), SessionOutcome::TooManyErrors);
+    }
+
+    #[tokio::test]
+    async fn quit_in_authorization_and_login_unavailable() {
+        let h = Harness::new();
+        h.up.fail_logins(Some(MaildropError::Unavailable("down".into())));
+        let (mut c, task) = h.connect().await;
+        c.cmd("USER bob").await;
+        assert!(c.cmd("PASS pw").await.starts_with("-ERR [SYS/TEMP]"));
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert!(c.eof().await);
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
+        assert!(!h.locks.is_locked("bob"));
+    }
+}

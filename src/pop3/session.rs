@@ -1,0 +1,750 @@
+//! The POP3 state machine (RFC 1939 AUTHORIZATION → TRANSACTION → UPDATE), sans-I/O: it turns
+//! lines into [`Action`]s and upstream results into reply bytes. The driver in
+//! [`super::connection`] owns the socket and the maildrop.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+
+use super::command::MAX_SASL_LINE;
+use super::command::{parse, Command, CommandError, Password, TooLong, MAX_COMMAND_LINE};
+use super::response::{err, multiline, ok, RespCode};
+use crate::maildrop::{MaildropError, Snapshot};
+use crate::uidl::UidlFormat;
+
+/// After this many `-ERR`s the session is closed (slows down guessing and broken clients).
+pub const MAX_ERRORS: u32 = 20;
+
+/// Per-listener settings shared by all sessions.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub uidl_format: UidlFormat,
+    /// Flag messages `\Seen` upstream after a complete RETR.
+    pub mark_seen: bool,
+    /// Sent in CAPA as `IMPLEMENTATION`, e.g. "popbridge 0.1.0".
+    pub implementation: String,
+    /// Text of the `+OK` greeting.
+    pub greeting: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            uidl_format: UidlFormat::default(),
+            mark_seen: false,
+            implementation: concat!("popbridge ", env!("CARGO_PKG_VERSION")).to_owned(),
+            greeting: "popbridge ready.".to_owned(),
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Write these bytes (complete single- or multi-line response).
+    Reply(Vec<u8>),
+    /// Log in upstream, then call [`Session::on_login`].
+    Login { user: String, password: Password },
+    /// RETR/TOP of message number `msg`: fetch the first chunk, then write `ok_line`, stream the
+    /// body through a [`super::response::DotStuffer`] (`top_lines` selects TOP), end with `.`.
+    /// If the first fetch fails, write [`Session::on_retrieve_failed`] instead.
+    Retrieve {
+        msg: u32,
+        uid: u32,
+        size: u64,
+        top_lines: Option<u32>,
+        ok_line: Vec<u8>,
+    },
+    /// QUIT in TRANSACTION: apply the deletions, then call [`Session::on_commit`], write its
+    /// reply and close.
+    Commit { uids: Vec<u32> },
+    /// Write these bytes and close without committing.
+    Close(Vec<u8>),
+}
+
+#[derive(Debug)]
+enum State {
+    Authorization {
+        user: Option<String>,
+        /// `AUTH PLAIN` sent `+ ` and waits for the client's response line.
+        sasl_pending: bool,
+        login_pending: bool,
+    },
+    Transaction {
+        snapshot: Snapshot,
+        deleted: Vec<bool>,
+    },
+    Update,
+}
+
+/// One client's POP3 session.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    state: State,
+    errors: u32,
+}
+
+fn auth_state() -> State {
+    State::Authorization {
+        user: None,
+        sasl_pending: false,
+        login_pending: false,
+    }
+}
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>) -> Self {
+        Self {
+            cfg,
+            state: auth_state(),
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Vec<u8> {
+        ok(&self.cfg.greeting)
+    }
+
+    /// Line limit for the next line: larger while a SASL response is awaited.
+    pub fn max_line_len(&self) -> usize {
+        match self.state {
+            State::Authorization {
+                sasl_pending: true, ..
+            } => MAX_SASL_LINE,
+            _ => MAX_COMMAND_LINE,
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        !matches!(self.state, State::Authorization { .. })
+    }
+
+    /// True once the error cap closed the session.
+    pub fn error_limit_reached(&self) -> bool {
+        self.errors >= MAX_ERRORS
+    }
+
+    /// Counts an error; the reply, or a closing one once the cap is reached.
+    fn fail(&mut self, reply: Vec<u8>) -> Action {
+        self.errors = self.errors.saturating_add(1);
+        if self.error_limit_reached() {
+            Action::Close(err(None, "Too many errors, closing connection."))
+        } else {
+            Action::Reply(reply)
+        }
+    }
+
+    pub fn on_line(&mut self, line: Result<&[u8], TooLong>) -> Action {
+        if let State::Authorization {
+            sasl_pending: sasl @ true,
+            ..
+        } = &mut self.state
+        {
+            *sasl = false;
+            return match line {
+                Err(TooLong) => self.fail(err(None, "SASL response too long.")),
+                Ok(b"*") => self.fail(err(None, "Authentication cancelled.")),
+                Ok(resp) => self.auth_plain(resp),
+            };
+        }
+        let line = match line {
+            Ok(l) => l,
+            Err(TooLong) => return self.fail(err(None, "Line too long.")),
+        };
+        let cmd = match parse(line) {
+            Ok(c) => c,
+            Err(e @ CommandError::Unknown) | Err(e @ CommandError::Empty) => {
+                return self.fail(err(None, &format!("{}.", capitalise(&e.to_string()))))
+            }
+            Err(e) => return self.fail(err(None, &format!("{e}."))),
+        };
+        // Valid in every state.
+        match cmd {
+            Command::Capa => return Action::Reply(self.capa()),
+            Command::Noop if self.is_authenticated() => return Action::Reply(ok("")),
+            _ => {}
+        }
+        match &mut self.state {
+            State::Authorization {
+                login_pending: true,
+                ..
+            } => self.fail(err(None, "Login in progress.")),
+            State::Authorization { user, .. } => match cmd {
+                Command::User(name) => {
+                    *user = Some(name);
+                    Action::Reply(ok(""))
+                }
+                Command::Pass(password) => match user.take() {
+                    Some(user) => self.login(user, password),
+                    None => self.fail(err(None, "No username given.")),
+                },
+                Command::Auth {
+                    mechanism: None, ..
+                } => Action::Reply(multiline("", ["PLAIN"])),
+                Command::Auth {
+                    mechanism: Some(m),
+                    initial_response,
+                } => {
+                    if m != "PLAIN" {
+                        return self.fail(err(None, "Unsupported authentication mechanism."));
+                    }
+                    match initial_response {
+                        Some(r) => self.auth_plain(r.as_bytes()),
+                        None => {
+                            if let State::Authorization { sasl_pending, .. } = &mut self.state {
+                                *sasl_pending = true;
+                            }
+                            Action::Reply(b"+ \r\n".to_vec())
+                        }
+                    }
+                }
+                Command::Apop { .. } => self.fail(err(
+                    None,
+                    "APOP not supported: a proxy cannot verify APOP digests, use USER/PASS or AUTH PLAIN.",
+                )),
+                Command::Quit => {
+                    self.state = State::Update;
+                    Action::Close(ok("Logging out."))
+                }
+                Command::Stls => self.fail(err(None, "STLS not available.")),
+                _ => self.fail(err(None, "Unknown command in AUTHORIZATION state.")),
+            },
+            State::Transaction { snapshot, deleted } => {
+                match Self::transaction(cmd, snapshot, deleted, &self.cfg) {
+                    Ok(action) => action,
+                    Err(TxError {
+                        quit: Some(quit), ..
+                    }) => {
+                        self.state = State::Update;
+                        quit
+                    }
+                    Err(e) => self.fail(e.reply),
+                }
+            }
+            State::Update => self.fail(err(None, "Session is closing.")),
+        }
+    }
+
+    fn login(&mut self, user: String, password: Password) -> Action {
+        if let State::Authorization { login_pending, .. } = &mut self.state {
+            *login_pending = true;
+        }
+        Action::Login { user, password }
+    }
+
+    /// RFC 4616: `authzid \0 authcid \0 passwd`, base64. `=` is an empty response.
+    fn auth_plain(&mut self, resp: &[u8]) -> Action {
+        let resp = if resp == b"=" { &b""[..] } else { resp };
+        let mut decoded = match base64::engine::general_purpose::STANDARD.decode(resp) {
+            Ok(d) => d,
+            Err(_) => return self.fail(err(None, "Invalid base64 data in SASL response.")),
+        };
+        let result = split_plain(&decoded);
+        let action = match result {
+            Err(text) => self.fail(err(Some(RespCode::Auth), text)),
+            Ok((authzid, authcid, passwd)) => {
+                if !authzid.is_empty() && authzid != authcid {
+                    self.fail(err(
+                        Some(RespCode::Auth),
+                        "Authorization identity differs from the login name.",
+                    ))
+                } else {
+                    let user = authcid.to_owned();
+                    let password = Password::new(passwd.to_owned());
+                    self.login(user, password)
+                }
+            }
+        };
+        decoded.iter_mut().for_each(|b| *b = 0);
+        std::hint::black_box(&mut decoded);
+        action
+    }
+
+    /// Reply to the upstream login started by [`Action::Login`].
+    pub fn on_login(&mut self, r: Result<Snapshot, MaildropError>) -> Action {
+        match r {
+            Ok(snapshot) => {
+                let deleted = vec![false; snapshot.messages.len()];
+                self.state = State::Transaction { snapshot, deleted };
+                Action::Reply(ok("Logged in."))
+            }
+            Err(e) => {
+                self.state = auth_state();
+                let reply = match e {
+                    MaildropError::Auth => err(Some(RespCode::Auth), "Authentication failed."),
+                    MaildropError::Unavailable(_) | MaildropError::Gone => err(
+                        Some(RespCode::SysTemp),
+                        "Mail server temporarily unavailable, try again later.",
+                    ),
+                    MaildropError::Unsupported(_) => {
+                        err(Some(RespCode::SysPerm), "Mailbox cannot be served.")
+                    }
+                    MaildropError::InUse => err(
+                        Some(RespCode::InUse),
+                        "Mailbox is locked by another POP3 session.",
+                    ),
+                };
+                self.fail(reply)
+            }
+        }
+    }
+
+    /// Reply for a RETR/TOP whose first fetch failed before anything was written. `Gone` keeps
+    /// the session going; for other errors the driver closes after writing this.
+    pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> Vec<u8> {
+        let reply = match e {
+            MaildropError::Gone => err(None, &format!("message {msg} no longer exists")),
+            _ => err(
+                Some(RespCode::SysTemp),
+                "Mail server temporarily unavailable.",
+            ),
+        };
+        match self.fail(reply) {
+            Action::Reply(b) | Action::Close(b) => b,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Reply to QUIT once the deletions were applied (or not). The driver closes afterwards.
+    pub fn on_commit(&mut self, r: Result<(), MaildropError>) -> Vec<u8> {
+        self.state = State::Update;
+        match r {
+            Ok(()) => ok("Logging out."),
+            Err(_) => err(Some(RespCode::SysTemp), "some deleted messages not removed"),
+        }
+    }
+
+    fn capa(&self) -> Vec<u8> {
+        let mut lines = vec![
+            "TOP".to_owned(),
+            "UIDL".to_owned(),
+            "RESP-CODES".to_owned(),
+            "AUTH-RESP-CODE".to_owned(),
+            "PIPELINING".to_owned(),
+        ];
+        if !self.is_authenticated() {
+            lines.push("USER".to_owned());
+            lines.push("SASL PLAIN".to_owned());
+        }
+        lines.push(format!("IMPLEMENTATION {}", self.cfg.implementation));
+        multiline("Capability list follows", lines)
+    }
+
+    fn transaction(
+        cmd: Command,
+        snapshot: &Snapshot,
+        deleted: &mut [bool],
+        cfg: &SessionConfig,
+    ) -> Result<Action, TxError> {
+        let live = || {
+            snapshot
+                .messages
+                .iter()
+                .zip(deleted.iter())
+                .enumerate()
+                .filter(|(_, (_, d))| !**d)
+                .map(|(i, (m, _))| (i + 1, m))
+        };
+        let totals = |deleted: &[bool]| {
+            snapshot
+                .messages
+                .iter()
+                .zip(deleted)
+                .filter(|(_, d)| !**d)
+                .fold((0usize, 0u64), |(n, o), (m, _)| (n + 1, o + m.size))
+        };
+        Ok(match cmd {
+            Command::Stat => {
+                let (n, o) = totals(deleted);
+                Action::Reply(ok(&format!("{n} {o}")))
+            }
+            Command::List(None) => {
+                let (n, o) = totals(deleted);
+                Action::Reply(multiline(
+                    &format!("{n} messages ({o} octets)"),
+                    live().map(|(i, m)| format!("{i} {}", m.size)),
+                ))
+            }
+            Command::List(Some(n)) => {
+                let m = lookup(snapshot, deleted, n)?;
+                Action::Reply(ok(&format!("{n} {}", snapshot.messages[m].size)))
+            }
+            Command::Uidl(None) => Action::Reply(multiline(
+                "",
+                live().map(|(i, m)| {
+                    format!(
+                        "{i} {}",
+                        cfg.uidl_format.format(m.uid, snapshot.uid_validity)
+                    )
+                }),
+            )),
+            Command::Uidl(Some(n)) => {
+                let m = &snapshot.messages[lookup(snapshot, deleted, n)?];
+                Action::Reply(ok(&format!(
+                    "{n} {}",
+                    cfg.uidl_format.format(m.uid, snapshot.uid_validity)
+                )))
+            }
+            Command::Retr(n) => {
+                let m = &snapshot.messages[lookup(snapshot, deleted, n)?];
+                Action::Retrieve {
+                    msg: n,
+                    uid: m.uid,
+                    size: m.size,
+                    top_lines: None,
+                    ok_line: ok(&format!("{} octets", m.size)),
+                }
+            }
+            Command::Top { msg, lines } => {
+                let m = &snapshot.messages[lookup(snapshot, deleted, msg)?];
+                Action::Retrieve {
+                    msg,
+                    uid: m.uid,
+                    size: m.size,
+                    top_lines: Some(lines),
+                    ok_line: ok(""),
+                }
+            }
+            Command::Dele(n) => {
+                let i = lookup(snapshot, deleted, n)?;
+                deleted[i] = true;
+                Action::Reply(ok(&format!("message {n} deleted")))
+            }
+            Command::Rset => {
+                deleted.iter_mut().for_each(|d| *d = false);
+                let (n, o) = totals(deleted);
+                Action::Reply(ok(&format!("maildrop has {n} messages ({o} octets)")))
+            }
+            Command::Noop => Action::Reply(ok("")),
+            Command::Quit => {
+                let uids = snapshot
+                    .messages
+                    .iter()
+                    .zip(deleted.iter())
+                    .filter(|(_, d)| **d)
+                    .map(|(m, _)| m.uid)
+                    .collect();
+                return Err(TxError {
+                    reply: Vec::new(),
+                    quit: Some(Action::Commit { uids }),
+                });
+            }
+            _ => return Err(TxError::reply(err(None, "Not valid in TRANSACTION state."))),
+        })
+    }
+}
+
+/// A TRANSACTION outcome that needs `self` (error counting, state change).
+struct TxError {
+    reply: Vec<u8>,
+    quit: Option<Action>,
+}
+
+impl TxError {
+    fn reply(reply: Vec<u8>) -> Self {
+        Self { reply, quit: None }
+    }
+}
+
+/// Index of live message number `n`.
+fn lookup(snapshot: &Snapshot, deleted: &[bool], n: u32) -> Result<usize, TxError> {
+    let i = usize::try_from(n).unwrap_or(usize::MAX).wrapping_sub(1);
+    match deleted.get(i) {
+        None => Err(TxError::reply(err(None, "no such message"))),
+        Some(true) => Err(TxError::reply(err(
+            None,
+            &format!("message {n} already deleted"),
+        ))),
+        Some(false) if i < snapshot.messages.len() => Ok(i),
+        Some(false) => Err(TxError::reply(err(None, "no such message"))),
+    }
+}
+
+fn split_plain(d: &[u8]) -> Result<(&str, &str, &str), &'static str> {
+    let mut parts = d.split(|&b| b == 0);
+    let (Some(z), Some(c), Some(p), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("Invalid PLAIN response.");
+    };
+    let s = |b| std::str::from_utf8(b).map_err(|_| "Invalid UTF-8 in PLAIN response.");
+    let (z, c, p) = (s(z)?, s(c)?, s(p)?);
+    if c.is_empty() || p.is_empty() {
+        return Err("Empty login name or password.");
+    }
+    Ok((z, c, p))
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maildrop::MessageEntry;
+
+    fn session() -> Session {
+        Session::new(Arc::new(SessionConfig {
+            implementation: "popbridge test".into(),
+            ..SessionConfig::default()
+        }))
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            uid_validity: 0x6b08_0e83,
+            messages: vec![
+                MessageEntry { uid: 1, size: 100 },
+                MessageEntry { uid: 5, size: 20 },
+                MessageEntry { uid: 9, size: 3 },
+            ],
+        }
+    }
+
+    fn reply(a: Action) -> String {
+        match a {
+            Action::Reply(b) => String::from_utf8(b).unwrap(),
+            other => panic!("expected Reply, got {other:?}"),
+        }
+    }
+
+    fn line(s: &mut Session, l: &str) -> Action {
+        s.on_line(Ok(l.as_bytes()))
+    }
+
+    fn logged_in() -> Session {
+        let mut s = session();
+        assert_eq!(reply(line(&mut s, "USER bob")), "+OK\r\n");
+        assert!(matches!(line(&mut s, "PASS pw"), Action::Login { .. }));
+        assert_eq!(reply(s.on_login(Ok(snapshot()))), "+OK Logged in.\r\n");
+        s
+    }
+
+    #[test]
+    fn greeting_and_capa_per_state() {
+        let mut s = session();
+        assert_eq!(s.greeting(), b"+OK popbridge ready.\r\n");
+        let capa = reply(line(&mut s, "CAPA"));
+        assert_eq!(
+            capa,
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n\
+             PIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION popbridge test\r\n.\r\n"
+        );
+        let mut s = logged_in();
+        let capa = reply(line(&mut s, "capa"));
+        assert!(!capa.contains("USER") && !capa.contains("SASL"));
+        assert!(capa.contains("IMPLEMENTATION popbridge test\r\n.\r\n"));
+    }
+
+    #[test]
+    fn user_pass_flow() {
+        let mut s = session();
+        assert!(reply(line(&mut s, "PASS x")).starts_with("-ERR"));
+        assert!(reply(line(&mut s, "STAT")).starts_with("-ERR"));
+        line(&mut s, "USER Bob");
+        match line(&mut s, "PASS p w ") {
+            Action::Login { user, password } => {
+                assert_eq!(user, "Bob");
+                assert_eq!(password.as_str(), "p w ");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Lines during login are refused, not misinterpreted.
+        assert!(reply(line(&mut s, "USER eve")).starts_with("-ERR"));
+        assert_eq!(
+            reply(s.on_login(Err(MaildropError::Auth))),
+            "-ERR [AUTH] Authentication failed.\r\n"
+        );
+        // Still AUTHORIZATION, and the user was consumed.
+        assert!(!s.is_authenticated());
+        assert!(reply(line(&mut s, "PASS p")).starts_with("-ERR"));
+    }
+
+    #[test]
+    fn login_error_codes() {
+        for (e, code) in [
+            (MaildropError::Unavailable("x".into()), "-ERR [SYS/TEMP] "),
+            (MaildropError::Unsupported("x".into()), "-ERR [SYS/PERM] "),
+            (MaildropError::InUse, "-ERR [IN-USE] "),
+        ] {
+            let mut s = session();
+            line(&mut s, "USER a");
+            line(&mut s, "PASS b");
+            assert!(reply(s.on_login(Err(e))).starts_with(code));
+            assert!(!s.is_authenticated());
+        }
+    }
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn auth_plain_variants() {
+        let mut s = session();
+        assert_eq!(reply(line(&mut s, "AUTH")), "+OK\r\nPLAIN\r\n.\r\n");
+        let ir = b64(b"\0bob\0secret");
+        match line(&mut s, &format!("AUTH PLAIN {ir}")) {
+            Action::Login { user, password } => {
+                assert_eq!((user.as_str(), password.as_str()), ("bob", "secret"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Continuation with a raised line limit, authzid equal to authcid.
+        let mut s = session();
+        assert_eq!(reply(line(&mut s, "AUTH PLAIN")), "+ \r\n");
+        assert_eq!(s.max_line_len(), MAX_SASL_LINE);
+        let a = line(&mut s, &b64(b"bob\0bob\0pw"));
+        assert!(matches!(a, Action::Login { ref user, .. } if user == "bob"));
+        assert_eq!(s.max_line_len(), MAX_COMMAND_LINE);
+        // Cancel.
+        let mut s = session();
+        line(&mut s, "AUTH PLAIN");
+        assert!(reply(line(&mut s, "*")).starts_with("-ERR"));
+        assert_eq!(s.max_line_len(), MAX_COMMAND_LINE);
+        // Different authzid, bad base64, empty response, bad structure, other mechanism.
+        let mut s = session();
+        assert!(reply(line(
+            &mut s,
+            &format!("AUTH PLAIN {}", b64(b"admin\0bob\0pw"))
+        ))
+        .starts_with("-ERR [AUTH]"));
+        assert!(reply(line(&mut s, "AUTH PLAIN !!!")).starts_with("-ERR"));
+        assert!(reply(line(&mut s, "AUTH PLAIN =")).starts_with("-ERR [AUTH]"));
+        assert!(
+            reply(line(&mut s, &format!("AUTH PLAIN {}", b64(b"bob\0pw"))))
+                .starts_with("-ERR [AUTH]")
+        );
+        assert_eq!(
+            reply(line(&mut s, "AUTH CRAM-MD5")),
+            "-ERR Unsupported authentication mechanism.\r\n"
+        );
+        // Too long continuation.
+        line(&mut s, "AUTH PLAIN");
+        assert!(reply(s.on_line(Err(TooLong))).starts_with("-ERR"));
+        assert!(!s.is_authenticated());
+    }
+
+    #[test]
+    fn apop_is_explained() {
+        let mut s = session();
+        let r = reply(line(&mut s, "APOP bob 0123456789abcdef0123456789abcdef"));
+        assert!(r.starts_with("-ERR") && r.contains("proxy cannot verify APOP"));
+    }
+
+    #[test]
+    fn transaction_commands() {
+        let mut s = logged_in();
+        assert_eq!(reply(line(&mut s, "STAT")), "+OK 3 123\r\n");
+        assert_eq!(
+            reply(line(&mut s, "LIST")),
+            "+OK 3 messages (123 octets)\r\n1 100\r\n2 20\r\n3 3\r\n.\r\n"
+        );
+        assert_eq!(reply(line(&mut s, "LIST 2")), "+OK 2 20\r\n");
+        assert_eq!(reply(line(&mut s, "LIST 4")), "-ERR no such message\r\n");
+        assert_eq!(
+            reply(line(&mut s, "UIDL")),
+            "+OK\r\n1 000000016b080e83\r\n2 000000056b080e83\r\n3 000000096b080e83\r\n.\r\n"
+        );
+        assert_eq!(reply(line(&mut s, "UIDL 3")), "+OK 3 000000096b080e83\r\n");
+        assert_eq!(reply(line(&mut s, "DELE 2")), "+OK message 2 deleted\r\n");
+        assert_eq!(
+            reply(line(&mut s, "DELE 2")),
+            "-ERR message 2 already deleted\r\n"
+        );
+        assert_eq!(
+            reply(line(&mut s, "RETR 2")),
+            "-ERR message 2 already deleted\r\n"
+        );
+        assert_eq!(reply(line(&mut s, "STAT")), "+OK 2 103\r\n");
+        assert_eq!(
+            reply(line(&mut s, "LIST")),
+            "+OK 2 messages (103 octets)\r\n1 100\r\n3 3\r\n.\r\n"
+        );
+        assert!(!reply(line(&mut s, "UIDL")).contains("\r\n2 "));
+        match line(&mut s, "RETR 1") {
+            Action::Retrieve {
+                msg,
+                uid,
+                size,
+                top_lines,
+                ok_line,
+            } => {
+                assert_eq!((msg, uid, size, top_lines), (1, 1, 100, None));
+                assert_eq!(ok_line, b"+OK 100 octets\r\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            line(&mut s, "TOP 3 0"),
+            Action::Retrieve {
+                uid: 9,
+                top_lines: Some(0),
+                ..
+            }
+        ));
+        assert_eq!(reply(line(&mut s, "NOOP")), "+OK\r\n");
+        assert!(reply(line(&mut s, "USER x")).starts_with("-ERR"));
+        assert!(reply(line(&mut s, "AUTH PLAIN")).starts_with("-ERR"));
+        assert_eq!(
+            reply(line(&mut s, "RSET")),
+            "+OK maildrop has 3 messages (123 octets)\r\n"
+        );
+        line(&mut s, "DELE 3");
+        line(&mut s, "DELE 1");
+        match line(&mut s, "QUIT") {
+            Action::Commit { uids } => assert_eq!(uids, vec![1, 9]),
+            other => panic!("{other:?}"),
+        }
+        assert!(reply(line(&mut s, "STAT")).starts_with("-ERR"));
+        assert_eq!(
+            s.on_commit(Err(MaildropError::Unavailable("x".into()))),
+            b"-ERR [SYS/TEMP] some deleted messages not removed\r\n"
+        );
+    }
+
+    #[test]
+    fn quit_paths() {
+        let mut s = session();
+        assert!(matches!(line(&mut s, "QUIT"), Action::Close(b) if b.starts_with(b"+OK")));
+        let mut s = logged_in();
+        assert!(matches!(line(&mut s, "QUIT"), Action::Commit { uids } if uids.is_empty()));
+        assert_eq!(s.on_commit(Ok(())), b"+OK Logging out.\r\n");
+    }
+
+    #[test]
+    fn errors_and_cap() {
+        let mut s = session();
+        assert_eq!(reply(line(&mut s, "")), "-ERR Empty command.\r\n");
+        assert_eq!(reply(line(&mut s, "FOO")), "-ERR Unknown command.\r\n");
+        assert_eq!(
+            reply(line(&mut s, "RETR x")),
+            "-ERR RETR: invalid number.\r\n"
+        );
+        assert_eq!(reply(s.on_line(Err(TooLong))), "-ERR Line too long.\r\n");
+        for _ in 4..MAX_ERRORS - 1 {
+            assert!(reply(line(&mut s, "FOO")).starts_with("-ERR"));
+        }
+        assert!(!s.error_limit_reached());
+        assert!(matches!(line(&mut s, "FOO"), Action::Close(b) if b.starts_with(b"-ERR")));
+        assert!(s.error_limit_reached());
+    }
+
+    #[test]
+    fn retrieve_failure_replies() {
+        let mut s = logged_in();
+        assert_eq!(
+            s.on_retrieve_failed(2, &MaildropError::Gone),
+            b"-ERR message 2 no longer exists\r\n"
+        );
+        assert!(s
+            .on_retrieve_failed(2, &MaildropError::Unavailable("x".into()))
+            .starts_with(b"-ERR [SYS/TEMP]"));
+    }
+}

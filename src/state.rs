@@ -1,0 +1,206 @@
+//! Local state in sled, treated strictly as a cache: everything that decides what a client sees
+//! (UIDs, sizes, hidden flags) lives on the IMAP server, so deleting this directory loses no mail
+//! and shows no hidden mail again. Keys are versioned (`v1/...`) so a later layout can live
+//! beside this one, and a database that will not open is moved aside and rebuilt, not fatal.
+//!
+//! Today it remembers, per user and folder, the UIDVALIDITY last served, so a change (which
+//! makes every POP3 client download the whole mailbox again) is logged loudly.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open sled database in {path} even after moving the old one aside: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("cannot move unreadable state {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the store remembers about one user's maildrop folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxRecord {
+    pub uid_validity: u32,
+    pub last_seen_unix: u64,
+}
+
+pub struct StateStore {
+    db: sled::Db,
+}
+
+impl StateStore {
+    /// Open the database under `dir`, creating it if needed. If it exists but cannot be opened,
+    /// it is renamed to `<dir>.broken-<unix time>` with an error log line and a fresh one made.
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::CreateDir {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        match Self::open_at(dir) {
+            Ok(db) => Ok(StateStore { db }),
+            Err(first) => {
+                let aside = PathBuf::from(format!("{}.broken-{}", dir.display(), unix_now()));
+                tracing::error!(
+                    dir = %dir.display(),
+                    moved_to = %aside.display(),
+                    error = %first,
+                    "state database unreadable; moving it aside and rebuilding (it is only a cache: no mail is affected)"
+                );
+                std::fs::rename(dir, &aside).map_err(|source| StateError::MoveAside {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                let db = Self::open_at(dir).map_err(|source| StateError::Open {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                Ok(StateStore { db })
+            }
+        }
+    }
+
+    /// An in-memory store for tests.
+    pub fn temporary() -> Result<StateStore, sled::Error> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(StateStore { db })
+    }
+
+    fn open_at(dir: &Path) -> Result<sled::Db, sled::Error> {
+        sled::Config::new()
+            .path(dir)
+            // sled's default is 1 GiB; this is a small cache.
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+    }
+
+    /// Record that `user`'s `mailbox` was served with `uid_validity`; warn when it changed.
+    /// A failure to write is logged and otherwise ignored: the cache must never block mail.
+    pub fn observe_mailbox(&self, user: &str, mailbox: &str, uid_validity: u32) {
+        let key = mailbox_key(user, mailbox);
+        let record = MailboxRecord {
+            uid_validity,
+            last_seen_unix: unix_now(),
+        };
+        match self.db.insert(&key, encode(record).as_slice()) {
+            Ok(Some(old)) => {
+                if let Some(old) = decode(&old) {
+                    if old.uid_validity != uid_validity {
+                        tracing::warn!(
+                            user,
+                            mailbox,
+                            old = old.uid_validity,
+                            new = uid_validity,
+                            "UIDVALIDITY changed upstream: every UIDL of this maildrop changes and POP3 clients will download all of its mail again"
+                        );
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not update state cache"),
+        }
+    }
+
+    /// What was last recorded for `user`'s `mailbox`.
+    pub fn mailbox(&self, user: &str, mailbox: &str) -> Option<MailboxRecord> {
+        let value = self.db.get(mailbox_key(user, mailbox)).ok()??;
+        decode(&value)
+    }
+
+    /// Write everything to disk now (used at shutdown).
+    pub fn flush(&self) {
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "could not flush state cache");
+        }
+    }
+}
+
+/// `v1/mbox/<user>\0<mailbox>`: a NUL cannot occur in either part.
+fn mailbox_key(user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = b"v1/mbox/".to_vec();
+    key.extend_from_slice(user.to_lowercase().as_bytes());
+    key.push(0);
+    key.extend_from_slice(mailbox.as_bytes());
+    key
+}
+
+fn encode(r: MailboxRecord) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..4].copy_from_slice(&r.uid_validity.to_be_bytes());
+    out[4..].copy_from_slice(&r.last_seen_unix.to_be_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<MailboxRecord> {
+    let uid_validity = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    let last_seen_unix = u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
+    Some(MailboxRecord {
+        uid_validity,
+        last_seen_unix,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_user_is_case_insensitive() {
+        let s = StateStore::temporary().unwrap();
+        assert_eq!(s.mailbox("alice", "INBOX"), None);
+        s.observe_mailbox("Alice", "INBOX", 42);
+        let r = s.mailbox("alice", "INBOX").unwrap();
+        assert_eq!(r.uid_validity, 42);
+        assert!(r.last_seen_unix > 0);
+        assert_eq!(s.mailbox("alice", "Other"), None);
+        s.observe_mailbox("alice", "INBOX", 43);
+        assert_eq!(s.mailbox("alice", "INBOX").unwrap().uid_validity, 43);
+    }
+
+    #[test]
+    fn reopens_persisted_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = StateStore::open(&path).unwrap();
+            s.observe_mailbox("bob", "INBOX", 7);
+            s.flush();
+        }
+        let s = StateStore::open(&path).unwrap();
+        assert_eq!(s.mailbox("bob", "INBOX").unwrap().uid_validity, 7);
+    }
+
+    #[test]
+    fn unreadable_database_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // A plain file where sled expects a directory cannot be opened.
+        std::fs::write(&path, b"not a database").unwrap();
+        let s = StateStore::open(&path).unwrap();
+        s.observe_mailbox("carol", "INBOX", 1);
+        assert_eq!(s.mailbox("carol", "INBOX").unwrap().uid_validity, 1);
+        let moved: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("db.broken-"))
+            .collect();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(std::fs::read(moved[0].path()).unwrap(), b"not a database");
+    }
+}
