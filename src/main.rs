@@ -1,5 +1,6 @@
 //! The `popbridge` command: thin glue between the command line and the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,6 +53,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in files or journald.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match cli.command {

@@ -16,7 +16,7 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open sled database in {path} even after moving the old one aside: {source}")]
+    #[error("cannot open sled database in {path} (is another popbridge using it?): {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error("cannot move unreadable state {path} aside: {source}")]
     MoveAside {
@@ -48,6 +48,19 @@ impl StateStore {
         }
         match Self::open_at(dir) {
             Ok(db) => Ok(StateStore { db }),
+            // Held by another process (or not ours to touch): moving it aside would pull the
+            // directory out from under a running instance.
+            Err(sled::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::PermissionDenied
+                ) || e.to_string().contains("lock") =>
+            {
+                Err(StateError::Open {
+                    path: dir.to_owned(),
+                    source: sled::Error::Io(e),
+                })
+            }
             Err(first) => {
                 let aside = PathBuf::from(format!("{}.broken-{}", dir.display(), unix_now()));
                 tracing::error!(
@@ -182,8 +195,37 @@ mod tests {
             s.observe_mailbox("bob", "INBOX", 7);
             s.flush();
         }
-        let s = StateStore::open(&path).unwrap();
+        // sled releases its file lock from a background thread shortly after the drop.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            match StateStore::open(&path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("another popbridge"), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(s.mailbox("bob", "INBOX").unwrap().uid_validity, 7);
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "db")
+            .count();
+        assert_eq!(aside, 0, "a healthy database is never moved aside");
+    }
+
+    #[test]
+    fn a_database_in_use_is_an_error_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _held = StateStore::open(&path).unwrap();
+        let e = StateStore::open(&path)
+            .err()
+            .expect("second open must fail");
+        assert!(e.to_string().contains("another popbridge"), "{e}");
+        assert!(path.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -417,6 +417,13 @@ impl Maildrop for ImapMaildrop {
             true,
         )
         .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        if offset == 0 {
+            // Servers keep an expunged message readable in a session until that session is told
+            // of the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). NOOP lets the
+            // server deliver it, so a message another client expunged reads as Gone.
+            let noop = self.run(CommandBody::Noop, |_| {}).await?;
+            expect_ok("NOOP", noop)?;
+        }
         let mut piece: Option<Bytes> = None;
         let done = self
             .run(body, |u| {

@@ -1,0 +1,166 @@
+//! DELE only marks, RSET unmarks, and only QUIT applies the marks; each deletion mode checked
+//! upstream through a real IMAP client (imaplib).
+
+mod support;
+
+use support::imap_do::imap_do;
+use support::*;
+
+const MSGS: [&[u8]; 4] = [
+    b"Subject: one\r\n\r\nfirst\r\n",
+    b"Subject: two\r\n\r\nsecond\r\n",
+    b"Subject: three\r\n\r\nthird\r\n",
+    b"Subject: four\r\n\r\nfourth\r\n",
+];
+
+fn setup(extra: &str) -> (Dovecot, Popbridge) {
+    let dc = Dovecot::start();
+    dc.add_user("d", "dpw");
+    dc.seed("d", &MSGS);
+    let pb = Popbridge::start(&dc, extra);
+    (dc, pb)
+}
+
+fn uidl_lines(port: u16) -> Vec<String> {
+    let s = poplib(port, &["user d", "pass dpw", "uidl", "quit"]);
+    s.assert_all_ok();
+    String::from_utf8(s.step("uidl").data())
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state() {
+    let (dc, mut pb) = setup("");
+    let before = uidl_lines(pb.pop3_port());
+    assert_eq!(before.len(), 4);
+
+    let s = poplib(
+        pb.pop3_port(),
+        &["user d", "pass dpw", "dele 2", "dele 4", "quit"],
+    );
+    s.assert_all_ok();
+
+    let imap = dc.imap_state("d", "dpw", "INBOX");
+    assert_eq!(
+        imap.uids(),
+        vec![1, 2, 3, 4],
+        "hide must not remove mail upstream"
+    );
+    assert!(imap.message(2).unwrap().has_flag("$POP3Deleted"));
+    assert!(imap.message(4).unwrap().has_flag("$POP3Deleted"));
+    assert!(!imap.message(1).unwrap().has_flag("$POP3Deleted"));
+
+    let after = uidl_lines(pb.pop3_port());
+    assert_eq!(after, vec![before[0].clone(), before[2].clone()]);
+
+    // sled is only a cache: without it, hidden mail stays hidden and UIDLs stay the same.
+    std::fs::remove_dir_all(pb.state_dir()).unwrap();
+    pb.restart();
+    assert_eq!(uidl_lines(pb.pop3_port()), after);
+}
+
+#[test]
+fn expunge_removes_only_committed_messages_not_other_clients_deleted_mail() {
+    let (dc, pb) = setup("[deletion]\nmode = \"expunge\"");
+    // Another IMAP client marked UID 4 \Deleted but has not expunged it.
+    imap_do(
+        dc.imap_port(),
+        "d",
+        "dpw",
+        "INBOX",
+        &[&["uid", "STORE", "4", "+FLAGS", "(\\Deleted)"]],
+    );
+    let s = poplib(pb.pop3_port(), &["user d", "pass dpw", "dele 1", "quit"]);
+    s.assert_all_ok();
+    let imap = dc.imap_state("d", "dpw", "INBOX");
+    assert_eq!(imap.uids(), vec![2, 3, 4]);
+    assert!(imap.message(4).unwrap().has_flag("\\Deleted"));
+    assert_eq!(uidl_lines(pb.pop3_port()).len(), 3);
+}
+
+#[test]
+fn move_puts_mail_into_the_folder_creating_it() {
+    let (dc, pb) = setup("[deletion]\nmode = \"move\"\nmove_to = \"Deleted POP3\"");
+    assert!(!dc
+        .imap_state("d", "dpw", "INBOX")
+        .mailboxes
+        .contains_key("Deleted POP3"));
+    let s = poplib(
+        pb.pop3_port(),
+        &["user d", "pass dpw", "dele 1", "dele 3", "quit"],
+    );
+    s.assert_all_ok();
+    let inbox = dc.imap_state("d", "dpw", "INBOX");
+    assert_eq!(inbox.uids(), vec![2, 4]);
+    let moved = dc.imap_state("d", "dpw", "Deleted POP3");
+    assert_eq!(moved.messages.len(), 2);
+    let sizes: Vec<u64> = moved.messages.iter().map(|m| m.size).collect();
+    assert_eq!(sizes, vec![MSGS[0].len() as u64, MSGS[2].len() as u64]);
+}
+
+#[test]
+fn rset_and_dropped_connections_apply_nothing() {
+    let (dc, pb) = setup("[deletion]\nmode = \"expunge\"");
+    let s = poplib(
+        pb.pop3_port(),
+        &[
+            "user d", "pass dpw", "dele 1", "dele 2", "rset", "stat", "quit",
+        ],
+    );
+    s.assert_all_ok();
+    assert!(
+        s.step("stat").resp.starts_with("+OK 4 "),
+        "{}",
+        s.step("stat").resp
+    );
+
+    // DELE, then the connection drops without QUIT.
+    let s = poplib(pb.pop3_port(), &["user d", "pass dpw", "dele 3", "stat"]);
+    s.assert_all_ok();
+    assert!(s.step("stat").resp.starts_with("+OK 3 "));
+    assert!(pb.wait_for_log("outcome=ClientGone", std::time::Duration::from_secs(10)));
+
+    // Deleted messages are refused for the rest of their session.
+    let s = poplib(
+        pb.pop3_port(),
+        &[
+            "user d", "pass dpw", "dele 1", "retr 1", "dele 1", "list 1", "top 1 0", "quit",
+        ],
+    );
+    for name in ["retr 1", "list 1", "top 1 0"] {
+        assert!(!s.step(name).ok, "{name} of a deleted message must fail");
+    }
+    // QUIT in AUTHORIZATION state commits nothing either.
+    poplib(pb.pop3_port(), &["user d", "quit"]);
+
+    let imap = dc.imap_state("d", "dpw", "INBOX");
+    assert_eq!(
+        imap.uids(),
+        vec![2, 3, 4],
+        "only the committed DELE 1 applies"
+    );
+}
+
+#[test]
+fn retr_marks_seen_and_top_does_not() {
+    let (dc, pb) = setup("");
+    let s = poplib(
+        pb.pop3_port(),
+        &["user d", "pass dpw", "retr 1", "top 2 0", "quit"],
+    );
+    s.assert_all_ok();
+    let imap = dc.imap_state("d", "dpw", "INBOX");
+    assert!(imap.message(1).unwrap().has_flag("\\Seen"));
+    assert!(!imap.message(2).unwrap().has_flag("\\Seen"));
+
+    let (dc, pb) = setup("[pop3]\nmark_seen = false");
+    poplib(pb.pop3_port(), &["user d", "pass dpw", "retr 1", "quit"]).assert_all_ok();
+    assert!(!dc
+        .imap_state("d", "dpw", "INBOX")
+        .message(1)
+        .unwrap()
+        .has_flag("\\Seen"));
+}
