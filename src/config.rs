@@ -27,6 +27,15 @@ pub struct Config {
     pub state: StateConfig,
     #[serde(default)]
     pub deletion: DeletionConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// HTTP listener for /metrics, /healthz and /readyz; none when absent.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +211,9 @@ impl Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         UidlFormat::parse(&self.pop3.uidl_format)
             .map_err(|e| ("pop3.uidl_format", e.to_string()))?;
+        if self.metrics.listen.is_some() && self.metrics.listen == Some(self.pop3.listen) {
+            return Err(("metrics.listen", "must differ from pop3.listen".into()));
+        }
         if self.pop3.idle_timeout_secs == 0 {
             return Err(("pop3.idle_timeout_secs", "must be at least 1".into()));
         }

@@ -14,10 +14,14 @@
 //! | [`imap`] | upstream IMAP: connection driver, TLS, the IMAP-backed maildrop |
 //! | [`uidl`] | Dovecot-compatible UIDL format strings |
 //! | [`state`] | the sled cache |
+//! | [`metrics`] | Prometheus metrics (one process-wide registry) |
+//! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
 
 pub mod config;
+pub mod http;
 pub mod imap;
 pub mod maildrop;
+pub mod metrics;
 pub mod pop3;
 pub mod server;
 pub mod state;

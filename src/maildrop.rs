@@ -61,6 +61,9 @@ pub trait Maildrop: Send {
 
     /// Close the upstream connection politely (best effort).
     fn close(self) -> impl Future<Output = ()> + Send;
+
+    /// A RETR of `uid` completed: a hook for bookkeeping (repeated-download metrics).
+    fn retrieved(&mut self, _uid: u32) {}
 }
 
 /// One recorded call on a [`MemoryMaildrop`], for assertions in tests.

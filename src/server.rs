@@ -1,8 +1,9 @@
 //! The listener: accept loop, one task per POP3 session, and a graceful stop. Takes an already
 //! bound listener so tests can bind port 0.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -10,7 +11,9 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::http::{self, Health};
 use crate::imap::{ImapUpstream, UpstreamSetupError};
+use crate::metrics::{metrics, outcome_label};
 use crate::pop3::connection::{self, ConnectionLimits, MaildropLocks, Upstream};
 use crate::pop3::session::SessionConfig;
 use crate::state::{StateError, StateStore};
@@ -33,6 +36,9 @@ pub enum ServeError {
     Signal(std::io::Error),
 }
 
+/// The `listener` label of session metrics for the plain POP3 listener.
+const LISTENER: &str = "pop3";
+
 /// What every session of one listener shares.
 pub struct Bridge<U> {
     pub upstream: U,
@@ -41,15 +47,12 @@ pub struct Bridge<U> {
     pub locks: MaildropLocks,
 }
 
-impl Bridge<ImapUpstream> {
-    pub fn from_config(
-        config: &Config,
-        state: Option<Arc<StateStore>>,
-    ) -> Result<Self, ServeError> {
+impl Bridge<Arc<ImapUpstream>> {
+    pub fn from_config(config: &Config, upstream: Arc<ImapUpstream>) -> Result<Self, ServeError> {
         let uidl_format = UidlFormat::parse(&config.pop3.uidl_format)
             .map_err(|e| ServeError::Uidl(e.to_string()))?;
         Ok(Bridge {
-            upstream: ImapUpstream::new(config, state)?,
+            upstream,
             session: Arc::new(SessionConfig {
                 uidl_format,
                 mark_seen: config.pop3.mark_seen,
@@ -68,11 +71,31 @@ impl Bridge<ImapUpstream> {
 /// Run popbridge as configured until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let state = Arc::new(StateStore::open(&config.state.dir)?);
-    let bridge = Arc::new(Bridge::from_config(&config, Some(state.clone()))?);
+    let upstream = Arc::new(ImapUpstream::new(&config, Some(state.clone()))?);
+    let bridge = Arc::new(Bridge::from_config(&config, upstream.clone())?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let health = Health::new(upstream);
+    let metrics_task = match config.metrics.listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            tracing::info!(listen = %addr, "metrics and health endpoint listening");
+            Some(tokio::spawn(http::serve(
+                listener,
+                health.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
+
     let addr = config.pop3.listen;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
+    health.listening.store(true, Ordering::Release);
     tracing::info!(
         listen = %listener.local_addr().unwrap_or(addr),
         upstream = %format!("{}:{}", config.imap.host, config.imap.port()),
@@ -80,13 +103,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         deletion = ?config.deletion.mode,
         "popbridge listening"
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
     let drain = Duration::from_secs(config.pop3.shutdown_drain_secs);
     let server = tokio::spawn(run(listener, bridge, stop_rx, drain));
     wait_for_stop_signal().await?;
     tracing::info!(drain_secs = drain.as_secs(), "stopping: no new sessions");
+    health.listening.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     state.flush();
     tracing::info!("stopped");
     Ok(())
@@ -113,6 +139,7 @@ pub async fn run<U: Upstream + 'static>(
 ) {
     let (kill_tx, kill_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();
+    let mut next_id: u64 = 0;
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
@@ -125,19 +152,39 @@ pub async fn run<U: Upstream + 'static>(
                     }
                     let bridge = bridge.clone();
                     let kill = kill_rx.clone();
-                    sessions.spawn(async move {
-                        let outcome = connection::serve(
-                            socket,
-                            &bridge.upstream,
-                            &bridge.locks,
-                            &bridge.session,
-                            &bridge.limits,
-                            kill,
-                        )
-                        .instrument(tracing::info_span!("session", %peer))
-                        .await;
-                        tracing::debug!(%peer, ?outcome, "session ended");
-                    });
+                    next_id += 1;
+                    let span = tracing::info_span!(
+                        "session",
+                        id = next_id,
+                        %peer,
+                        user = tracing::field::Empty
+                    );
+                    sessions.spawn(
+                        async move {
+                            let m = metrics();
+                            m.sessions_started.with_label_values(&[LISTENER]).inc();
+                            let active = m.sessions_active.with_label_values(&[LISTENER]);
+                            active.inc();
+                            let started = Instant::now();
+                            let outcome = connection::serve(
+                                socket,
+                                &bridge.upstream,
+                                &bridge.locks,
+                                &bridge.session,
+                                &bridge.limits,
+                                kill,
+                            )
+                            .await;
+                            active.dec();
+                            m.sessions_ended
+                                .with_label_values(&[LISTENER, outcome_label(outcome)])
+                                .inc();
+                            m.session_duration
+                                .with_label_values(&[LISTENER])
+                                .observe(started.elapsed().as_secs_f64());
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -96,9 +96,10 @@ impl StateStore {
             .open()
     }
 
-    /// Record that `user`'s `mailbox` was served with `uid_validity`; warn when it changed.
-    /// A failure to write is logged and otherwise ignored: the cache must never block mail.
-    pub fn observe_mailbox(&self, user: &str, mailbox: &str, uid_validity: u32) {
+    /// Record that `user`'s `mailbox` was served with `uid_validity`; warn and return true
+    /// when it changed since the last session. A failure to write is logged and otherwise
+    /// ignored: the cache must never block mail.
+    pub fn observe_mailbox(&self, user: &str, mailbox: &str, uid_validity: u32) -> bool {
         let key = mailbox_key(user, mailbox);
         let record = MailboxRecord {
             uid_validity,
@@ -115,11 +116,33 @@ impl StateStore {
                             new = uid_validity,
                             "UIDVALIDITY changed upstream: every UIDL of this maildrop changes and POP3 clients will download all of its mail again"
                         );
+                        return true;
                     }
                 }
+                false
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "could not update state cache"),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not update state cache");
+                false
+            }
+        }
+    }
+
+    /// Record that `user` retrieved message `uid`; true if it had already done so in an
+    /// earlier session (the client is downloading the same mail twice).
+    pub fn note_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, uid: u32) -> bool {
+        let mut key = b"v1/retr/".to_vec();
+        key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
+        key.push(0);
+        key.extend_from_slice(&uid_validity.to_be_bytes());
+        key.extend_from_slice(&uid.to_be_bytes());
+        match self.db.insert(key, &[]) {
+            Ok(previous) => previous.is_some(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not update state cache");
+                false
+            }
         }
     }
 
@@ -182,8 +205,22 @@ mod tests {
         assert_eq!(r.uid_validity, 42);
         assert!(r.last_seen_unix > 0);
         assert_eq!(s.mailbox("alice", "Other"), None);
-        s.observe_mailbox("alice", "INBOX", 43);
+        assert!(!s.observe_mailbox("alice", "INBOX", 42), "unchanged");
+        assert!(s.observe_mailbox("alice", "INBOX", 43), "changed");
         assert_eq!(s.mailbox("alice", "INBOX").unwrap().uid_validity, 43);
+    }
+
+    #[test]
+    fn repeated_retrievals_are_noticed_per_user_and_uidvalidity() {
+        let s = StateStore::temporary().unwrap();
+        assert!(!s.note_retrieved("dave", "INBOX", 1, 5));
+        assert!(s.note_retrieved("Dave", "INBOX", 1, 5));
+        assert!(
+            !s.note_retrieved("dave", "INBOX", 2, 5),
+            "new UIDVALIDITY, new message"
+        );
+        assert!(!s.note_retrieved("erin", "INBOX", 1, 5), "another user");
+        assert!(!s.note_retrieved("dave", "Other", 1, 5), "another folder");
     }
 
     #[test]

@@ -354,8 +354,12 @@ fn tls_and_auth_against_dovecot() {
             "imap {tls}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v = json::parse(&out.stdout);
-        assert_eq!(v.get("messages").as_arr().len(), 1, "imap {tls}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v["messages"].as_array().map(Vec::len),
+            Some(1),
+            "imap {tls}: {v}"
+        );
     }
 
     let t = Instant::now();
@@ -513,10 +517,15 @@ fn edge_case_mailbox_is_complete() {
     assert_eq!(edge_case_messages(), all, "generated deterministically");
     let b64 = base64_wrapped(b"any carnal pleasure.");
     assert_eq!(b64, b"YW55IGNhcm5hbCBwbGVhc3VyZS4=\r\n");
+    // 76-column MIME lines: 57 input bytes per full line.
+    let wrapped = base64_wrapped(&[0xa5; 120]);
+    let lines: Vec<&[u8]> = wrapped.split(|b| *b == b'\n').collect();
     assert_eq!(
-        base64_decode("YW55IGNhcm5hbCBwbGVhc3VyZS4="),
-        b"any carnal pleasure."
+        lines.iter().map(|l| l.len()).collect::<Vec<_>>(),
+        vec![77, 77, 9, 0],
+        "76 characters + CR per line, last line short, CRLF after each"
     );
+    assert_eq!(json_quote("a\"b\\c\u{1}\n"), r#""a\"b\\c\u0001\n""#);
 }
 
 /// The config merge used by Popbridge::start (no popbridge binary needed).

@@ -5,7 +5,9 @@
 //! and write, and treats any failure (timeout included) as fatal to the connection, because a
 //! command cut off mid-write leaves the IMAP session in an unknown state.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::metrics::{metrics, Timer};
 
 use imap_next::client::{Client, Event, Options};
 use imap_next::imap_types::command::{Command, CommandBody};
@@ -43,6 +45,21 @@ pub enum ImapError {
     Broken,
     #[error("cannot build IMAP command: {0}")]
     Command(String),
+}
+
+impl ImapError {
+    /// The `kind` label of `popbridge_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImapError::Connect { .. } => "connect",
+            ImapError::Timeout(_) => "timeout",
+            ImapError::Closed | ImapError::Broken => "closed",
+            ImapError::Io(_) => "io",
+            ImapError::Tls(_) | ImapError::StartTlsRefused(_) => "tls",
+            ImapError::Malformed | ImapError::Command(_) => "protocol",
+            ImapError::Bye(_) => "bye",
+        }
+    }
 }
 
 /// A tagged completion: OK, NO or BAD, with its response code and text.
@@ -109,6 +126,23 @@ impl ImapConnection {
         transport: Transport<'_>,
         limits: ConnLimits,
     ) -> Result<ImapConnection, ImapError> {
+        let _timer = Timer::start(&metrics().upstream_connect_duration);
+        Self::connect_inner(host, port, transport, limits)
+            .await
+            .inspect_err(|e| {
+                metrics()
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc()
+            })
+    }
+
+    async fn connect_inner(
+        host: &str,
+        port: u16,
+        transport: Transport<'_>,
+        limits: ConnLimits,
+    ) -> Result<ImapConnection, ImapError> {
         let addr = format!("{host}:{port}");
         let tcp = tokio::time::timeout(limits.connect_timeout, TcpStream::connect((host, port)))
             .await
@@ -170,11 +204,38 @@ impl ImapConnection {
     pub async fn execute(
         &mut self,
         body: CommandBody<'static>,
-        mut on_untagged: impl FnMut(Untagged),
+        on_untagged: impl FnMut(Untagged),
     ) -> Result<Completion, ImapError> {
         if self.broken {
             return Err(ImapError::Broken);
         }
+        let started = Instant::now();
+        let name = body.name();
+        let result = self.execute_inner(body, on_untagged).await;
+        let m = metrics();
+        m.upstream_command_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            // After LOGOUT nothing more is wanted from the connection: a close is no error.
+            Err(_) if name == "LOGOUT" => {}
+            Err(e) => m.upstream_errors.with_label_values(&[e.kind()]).inc(),
+            // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
+            Ok(done) if !done.is_ok() && name != "LOGIN" => m
+                .upstream_errors
+                .with_label_values(&["command_failed"])
+                .inc(),
+            Ok(_) => {}
+        }
+        result
+    }
+
+    async fn execute_inner(
+        &mut self,
+        body: CommandBody<'static>,
+        mut on_untagged: impl FnMut(Untagged),
+    ) -> Result<Completion, ImapError> {
+        let logging_out = matches!(body, CommandBody::Logout);
         let tag = Tag::try_from(format!("P{}", self.next_tag))
             .map_err(|e| ImapError::Command(e.to_string()))?;
         self.next_tag = self.next_tag.wrapping_add(1);
@@ -203,6 +264,10 @@ impl ImapConnection {
                     };
                     return Ok(Completion { kind, code, text });
                 }
+                // The BYE that answers our LOGOUT is the expected goodbye, not a failure.
+                Event::StatusReceived {
+                    status: Status::Bye(_),
+                } if logging_out => self.broken = true,
                 Event::StatusReceived {
                     status: Status::Bye(bye),
                 } => return Err(self.fail(ImapError::Bye(bye.text.to_string()))),
@@ -253,7 +318,10 @@ impl ImapConnection {
                     let t = self.limits.io_timeout;
                     match tokio::time::timeout(t, self.io.read(&mut self.read_buf)).await {
                         Ok(Ok(0)) => return Err(self.fail(ImapError::Closed)),
-                        Ok(Ok(n)) => self.client.enqueue_input(&self.read_buf[..n]),
+                        Ok(Ok(n)) => {
+                            metrics().upstream_received_bytes.inc_by(n as u64);
+                            self.client.enqueue_input(&self.read_buf[..n]);
+                        }
                         Ok(Err(e)) => return Err(self.fail(e.into())),
                         Err(_) => return Err(self.fail(ImapError::Timeout(t))),
                     }

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use super::conn::{Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged};
 use crate::config::{Config, DeletionMode, Security};
 use crate::maildrop::{Maildrop, MaildropError, MessageEntry, Snapshot};
+use crate::metrics::{metrics, Timer};
 use crate::pop3::connection::Upstream;
 use crate::state::StateStore;
 
@@ -95,6 +96,14 @@ impl ImapUpstream {
         }
     }
 
+    /// Connect and read the greeting, without logging in: is the upstream there?
+    pub async fn probe(&self) -> Result<(), ImapError> {
+        let conn =
+            ImapConnection::connect(&self.host, self.port, self.transport(), self.limits).await?;
+        conn.logout().await;
+        Ok(())
+    }
+
     async fn open(
         &self,
         user: &str,
@@ -107,7 +116,9 @@ impl ImapUpstream {
 
         let login = CommandBody::login(user.to_owned(), password.to_owned())
             .map_err(|_| MaildropError::Auth)?;
+        let timer = Timer::start(&metrics().upstream_login_duration);
         let done = conn.execute(login, |_| {}).await.map_err(unavailable)?;
+        drop(timer);
         if !done.is_ok() {
             conn.logout().await;
             return Err(login_failure(&done));
@@ -225,11 +236,17 @@ impl ImapUpstream {
         };
 
         if let Some(state) = &self.state {
-            state.observe_mailbox(user, &self.mailbox, uid_validity);
+            if state.observe_mailbox(user, &self.mailbox, uid_validity) {
+                metrics().uidl_changed_sessions.inc();
+            }
         }
 
         let maildrop = ImapMaildrop {
             conn: Some(conn),
+            state: self.state.clone(),
+            user: user.to_owned(),
+            mailbox: self.mailbox.clone(),
+            uid_validity,
             deletion: self.deletion,
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
@@ -316,6 +333,10 @@ impl Upstream for ImapUpstream {
 pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
+    state: Option<Arc<StateStore>>,
+    user: String,
+    mailbox: String,
+    uid_validity: u32,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -472,7 +493,37 @@ impl Maildrop for ImapMaildrop {
         }
     }
 
+    fn retrieved(&mut self, uid: u32) {
+        if let Some(state) = &self.state {
+            if state.note_retrieved(&self.user, &self.mailbox, self.uid_validity, uid) {
+                metrics().retr_repeated.inc();
+            }
+        }
+    }
+
     async fn commit(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
+        self.commit_sets(uids).await?;
+        let mode = match self.deletion {
+            DeletionMode::Hide => "hide",
+            DeletionMode::Expunge => "expunge",
+            DeletionMode::Move => "move",
+        };
+        metrics()
+            .deletions
+            .with_label_values(&[mode])
+            .inc_by(uids.len() as u64);
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.logout().await;
+        }
+    }
+}
+
+impl ImapMaildrop {
+    async fn commit_sets(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
         for set in uid_set(uids)? {
             match self.deletion {
                 DeletionMode::Hide => {
@@ -493,12 +544,6 @@ impl Maildrop for ImapMaildrop {
             }
         }
         Ok(())
-    }
-
-    async fn close(mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.logout().await;
-        }
     }
 }
 

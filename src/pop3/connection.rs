@@ -4,15 +4,16 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use super::command::LineBuffer;
+use super::command::{LineBuffer, MAX_COMMAND_LINE};
 use super::response::DotStuffer;
 use super::session::{Action, Session, SessionConfig};
 use crate::maildrop::{Maildrop, MaildropError, Snapshot};
+use crate::metrics::{command_label, login_result_label, metrics};
 
 /// Logs in to the upstream mailbox store (IMAP in production, memory in tests).
 pub trait Upstream: Send + Sync {
@@ -23,6 +24,18 @@ pub trait Upstream: Send + Sync {
         user: &str,
         password: &str,
     ) -> impl Future<Output = Result<(Self::Maildrop, Snapshot), MaildropError>> + Send;
+}
+
+impl<T: Upstream> Upstream for Arc<T> {
+    type Maildrop = T::Maildrop;
+
+    fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<(Self::Maildrop, Snapshot), MaildropError>> + Send {
+        (**self).login(user, password)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +148,17 @@ struct Conn<'a, IO, U: Upstream> {
     session: Session,
     user: Option<String>,
     maildrop: Option<(U::Maildrop, MaildropLock)>,
+    /// Whether the answer to the command being handled began with +OK (for metrics).
+    reply_ok: Option<bool>,
+    stats: SessionStats,
+}
+
+/// What one session did, for its summary log line.
+#[derive(Debug, Default, Clone, Copy)]
+struct SessionStats {
+    retrieved: u32,
+    bytes_sent: u64,
+    deleted: usize,
 }
 
 /// Serves one client connection to its end. Deletions are committed only after QUIT.
@@ -160,16 +184,28 @@ where
         session: Session::new(Arc::clone(cfg)),
         user: None,
         maildrop: None,
+        reply_ok: None,
+        stats: SessionStats::default(),
     };
+    let started = Instant::now();
     let outcome = conn.run(shutdown).await;
     if let Some((md, _lock)) = conn.maildrop.take() {
         // No commit: only QUIT commits, and it already closed the maildrop.
         md.close().await;
     }
     let _ = conn.io.shutdown().await;
+    let SessionStats {
+        retrieved,
+        bytes_sent,
+        deleted,
+    } = conn.stats;
     info!(
         user = conn.user.as_deref().unwrap_or("-"),
         ?outcome,
+        duration_ms = started.elapsed().as_millis() as u64,
+        retrieved,
+        bytes_sent,
+        deleted,
         "pop3 session ended"
     );
     outcome
@@ -190,16 +226,32 @@ where
         loop {
             lines.set_limit(self.session.max_line_len());
             while let Some(line) = lines.next_line() {
-                let action = match line {
+                let started = Instant::now();
+                // A line while a SASL continuation is awaited is part of AUTH.
+                let in_sasl = self.session.max_line_len() > MAX_COMMAND_LINE;
+                let (action, label) = match line {
                     Ok(mut l) => {
+                        let label = if in_sasl { "AUTH" } else { command_label(&l) };
                         let a = self.session.on_line(Ok(&l));
                         // The line may have carried a password.
                         l.iter_mut().for_each(|b| *b = 0);
-                        a
+                        (a, label)
                     }
-                    Err(e) => self.session.on_line(Err(e)),
+                    Err(e) => (self.session.on_line(Err(e)), "OTHER"),
                 };
-                if let Flow::End(o) = self.perform(action).await {
+                self.reply_ok = None;
+                let flow = self.perform(action).await;
+                let m = metrics();
+                let outcome = if self.reply_ok == Some(true) {
+                    "ok"
+                } else {
+                    "err"
+                };
+                m.commands.with_label_values(&[label, outcome]).inc();
+                m.command_duration
+                    .with_label_values(&[label])
+                    .observe(started.elapsed().as_secs_f64());
+                if let Flow::End(o) = flow {
                     return o;
                 }
                 lines.set_limit(self.session.max_line_len());
@@ -224,6 +276,14 @@ where
         }
     }
 
+    /// Queue reply bytes for the client, noting whether the command's answer is +OK.
+    fn emit(&mut self, bytes: &[u8]) {
+        if self.reply_ok.is_none() {
+            self.reply_ok = bytes.first().map(|&b| b == b'+');
+        }
+        self.out.extend_from_slice(bytes);
+    }
+
     async fn flush(&mut self) -> Result<(), SessionOutcome> {
         if self.out.is_empty() {
             return Ok(());
@@ -236,6 +296,8 @@ where
             Err(_) => Err(SessionOutcome::Timeout),
             Ok(Err(_)) => Err(SessionOutcome::ClientGone),
             Ok(Ok(())) => {
+                metrics().client_sent_bytes.inc_by(self.out.len() as u64);
+                self.stats.bytes_sent += self.out.len() as u64;
                 self.out.clear();
                 Ok(())
             }
@@ -245,11 +307,11 @@ where
     async fn perform(&mut self, action: Action) -> Flow {
         match action {
             Action::Reply(b) => {
-                self.out.extend_from_slice(&b);
+                self.emit(&b);
                 Flow::Continue
             }
             Action::Close(b) => {
-                self.out.extend_from_slice(&b);
+                self.emit(&b);
                 let _ = self.flush().await;
                 Flow::End(if self.session.error_limit_reached() {
                     SessionOutcome::TooManyErrors
@@ -278,14 +340,19 @@ where
                     }
                 };
                 drop(password);
+                let label = login_result_label(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+                metrics().logins.with_label_values(&[label]).inc();
+                if let Some(user) = &self.user {
+                    tracing::Span::current().record("user", user.as_str());
+                }
                 match self.session.on_login(result) {
                     Action::Close(b) => {
-                        self.out.extend_from_slice(&b);
+                        self.emit(&b);
                         let _ = self.flush().await;
                         Flow::End(SessionOutcome::TooManyErrors)
                     }
                     Action::Reply(b) => {
-                        self.out.extend_from_slice(&b);
+                        self.emit(&b);
                         Flow::Continue
                     }
                     other => {
@@ -305,6 +372,9 @@ where
                 let result = match self.maildrop.take() {
                     Some((mut md, lock)) => {
                         let r = md.commit(&uids).await;
+                        if r.is_ok() {
+                            self.stats.deleted = uids.len();
+                        }
                         if let Err(e) = &r {
                             warn!(user = self.user.as_deref().unwrap_or("-"), error = %e, "commit failed");
                         }
@@ -315,7 +385,7 @@ where
                     None => Err(MaildropError::Unavailable("no maildrop".into())),
                 };
                 let reply = self.session.on_commit(result);
-                self.out.extend_from_slice(&reply);
+                self.emit(&reply);
                 let _ = self.flush().await;
                 Flow::End(SessionOutcome::Quit)
             }
@@ -334,7 +404,7 @@ where
             let reply = self
                 .session
                 .on_retrieve_failed(msg, &MaildropError::Unavailable("no maildrop".into()));
-            self.out.extend_from_slice(&reply);
+            self.emit(&reply);
             return Flow::Continue;
         };
         let mut data = match md.fetch(uid, 0, chunk).await {
@@ -343,7 +413,7 @@ where
                 let gone = e == MaildropError::Gone;
                 warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "fetch failed");
                 let reply = self.session.on_retrieve_failed(msg, &e);
-                self.out.extend_from_slice(&reply);
+                self.emit(&reply);
                 if gone && !self.session.error_limit_reached() {
                     return Flow::Continue;
                 }
@@ -358,7 +428,7 @@ where
         // Until something of this response is flushed, a failure can still become an -ERR.
         let mark = self.out.len();
         let mut flushed = false;
-        self.out.extend_from_slice(&ok_line);
+        self.emit(&ok_line);
         let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
         let mut offset = 0u64;
         loop {
@@ -391,7 +461,7 @@ where
                     }
                     self.out.truncate(mark);
                     let reply = self.session.on_retrieve_failed(msg, &e);
-                    self.out.extend_from_slice(&reply);
+                    self.emit(&reply);
                     if e == MaildropError::Gone && !self.session.error_limit_reached() {
                         return Flow::Continue;
                     }
@@ -402,7 +472,15 @@ where
         }
         stuffer.finish(&mut self.out);
         debug!(uid, octets = offset, "message sent");
-        if top_lines.is_none() && self.cfg.mark_seen {
+        if top_lines.is_some() {
+            return Flow::Continue;
+        }
+        metrics().messages_retrieved.inc();
+        self.stats.retrieved += 1;
+        if let Some((md, _)) = self.maildrop.as_mut() {
+            md.retrieved(uid);
+        }
+        if self.cfg.mark_seen {
             if let Some((md, _)) = self.maildrop.as_mut() {
                 if let Err(e) = md.mark_seen(uid).await {
                     warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "mark_seen failed");

@@ -1,10 +1,11 @@
 //! Integration-test harness: a private Dovecot (via `scripts/dovecot-sandbox`), a running
 //! `popbridge serve`, and real clients (Python's poplib and imaplib, curl).
 //!
-//! Use it from a test file with `mod support;`. Std + tempfile only.
+//! Use it from a test file with `mod support;`. Std, tempfile, serde(_json) and base64 only.
 //!
 //! ```ignore
 //! let dc = Dovecot::start();                       // panics if Dovecot is not installed
+//! // or Dovecot::start_with_conf("imap_capability = IMAP4rev1 IDLE") to append to dovecot.conf
 //! dc.add_user("alice", "pw");
 //! dc.seed("alice", &[b"Subject: hi\r\n\r\nhello\r\n"]);   // UIDs 1.. in this order
 //! let pb = Popbridge::start(&dc, "[deletion]\nmode = \"expunge\"\n");
@@ -29,6 +30,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod imap_do;
+pub mod prometheus;
 
 const INSTALL_HINT: &str = "run scripts/test, which installs it \
      (or: apt-get install -y dovecot-imapd dovecot-pop3d openssl python3 curl)";
@@ -134,6 +136,15 @@ pub struct Dovecot {
 impl Dovecot {
     /// Starts a sandbox with fresh ports (a few tries in case a port was taken meanwhile).
     pub fn start() -> Dovecot {
+        Dovecot::start_with_conf("")
+    }
+
+    /// [`Dovecot::start`] with `extra` appended to the generated `dovecot.conf` (passed to
+    /// `scripts/dovecot-sandbox start` as `DOVECOT_EXTRA_CONF`). Later settings win, so this
+    /// can override the defaults, e.g. `"imap_capability = IMAP4rev1 IDLE"` replaces the
+    /// capability list Dovecot advertises (before and after login; the commands themselves
+    /// keep working). Panics if Dovecot refuses the config.
+    pub fn start_with_conf(extra: &str) -> Dovecot {
         require_tools();
         let script = repo_root().join("scripts/dovecot-sandbox");
         let mut last_err = String::new();
@@ -151,6 +162,7 @@ impl Dovecot {
                 .args(["--imaps-port", &p[1].to_string()])
                 .args(["--pop3-port", &p[2].to_string()])
                 .args(["--pop3s-port", &p[3].to_string()])
+                .env("DOVECOT_EXTRA_CONF", extra)
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
             if out.status.success() {
@@ -726,17 +738,18 @@ impl PopOpts {
     }
 }
 
-/// One POP3 session run by `tests/clients/pop3_session.py`.
-#[derive(Debug, Clone)]
+/// One POP3 session run by `tests/clients/pop3_session.py` (deserialized from what it prints).
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct PopSession {
     /// The greeting line, raw.
+    #[serde(deserialize_with = "de_b64")]
     pub greeting: Vec<u8>,
     pub steps: Vec<PopStep>,
     /// A connection-level failure (EOF, reset, TLS error) that ended the script early.
     pub fatal: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct PopStep {
     /// The step as given, e.g. `"top 1 0"`.
     pub step: String,
@@ -745,9 +758,11 @@ pub struct PopStep {
     /// The status line (without CRLF) as text (latin-1).
     pub resp: String,
     /// Every byte the server sent for this step, exactly as received.
+    #[serde(deserialize_with = "de_b64")]
     pub raw: Vec<u8>,
     /// For multi-line replies, the lines poplib hands to an application: dot-unstuffed,
     /// without CRLF. `None` for one-line replies and with `no_lines`.
+    #[serde(deserialize_with = "de_b64_lines")]
     pub lines: Option<Vec<Vec<u8>>>,
     pub error: Option<String>,
 }
@@ -807,14 +822,7 @@ pub fn poplib(port: u16, steps: &[&str]) -> PopSession {
 
 pub fn poplib_with(opts: &PopOpts, steps: &[&str]) -> PopSession {
     let script = repo_root().join("tests/clients/pop3_session.py");
-    let steps_json = format!(
-        "[{}]",
-        steps
-            .iter()
-            .map(|s| json_quote(s))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let steps_json = serde_json::to_string(steps).expect("steps serialize");
     let mut cmd = Command::new("python3");
     cmd.arg(&script).args(["--port", &opts.port.to_string()]);
     match opts.tls {
@@ -839,28 +847,7 @@ pub fn poplib_with(opts: &PopOpts, steps: &[&str]) -> PopSession {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let v = json::parse(&out.stdout);
-    PopSession {
-        greeting: v.get("greeting").as_b64().unwrap_or_default(),
-        fatal: v.get("fatal").as_str().map(str::to_string),
-        steps: v
-            .get("steps")
-            .as_arr()
-            .iter()
-            .map(|s| PopStep {
-                step: s.get("step").as_str().unwrap_or_default().to_string(),
-                ok: s.get("ok").as_bool(),
-                resp: s.get("resp").as_str().unwrap_or_default().to_string(),
-                raw: s.get("raw").as_b64().unwrap_or_default(),
-                lines: s.get("lines").as_opt_arr().map(|ls| {
-                    ls.iter()
-                        .map(|l| l.as_b64().expect("line is base64"))
-                        .collect()
-                }),
-                error: s.get("error").as_str().map(str::to_string),
-            })
-            .collect(),
-    }
+    parse_json("pop3_session.py", &out.stdout)
 }
 
 /// The result of one curl run.
@@ -889,7 +876,7 @@ pub fn curl_pop3(url: &str, extra_args: &[&str]) -> CurlResult {
 }
 
 /// One message as imaplib sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct ImapMessage {
     pub uid: u32,
     /// Sorted, e.g. `["$POP3Deleted", "\\Seen"]`.
@@ -903,8 +890,9 @@ impl ImapMessage {
     }
 }
 
-/// An IMAP account as seen by `tests/clients/imap_state.py` (read-only EXAMINE).
-#[derive(Debug, Clone)]
+/// An IMAP account as seen by `tests/clients/imap_state.py` (read-only EXAMINE), deserialized
+/// from what it prints.
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct ImapState {
     /// Every selectable mailbox with its message count.
     pub mailboxes: BTreeMap<String, u64>,
@@ -941,46 +929,12 @@ pub fn imap_state(port: u16, user: &str, password: &str, mailbox: &str) -> ImapS
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let v = json::parse(&out.stdout);
-    ImapState {
-        mailboxes: v
-            .get("mailboxes")
-            .as_obj()
-            .iter()
-            .map(|(k, n)| (k.clone(), n.as_u64()))
-            .collect(),
-        uidvalidity: v.get("uidvalidity").as_u64() as u32,
-        uidnext: v.get("uidnext").as_u64() as u32,
-        messages: v
-            .get("messages")
-            .as_arr()
-            .iter()
-            .map(|m| ImapMessage {
-                uid: m.get("uid").as_u64() as u32,
-                flags: m
-                    .get("flags")
-                    .as_arr()
-                    .iter()
-                    .map(|f| f.as_str().unwrap_or_default().to_string())
-                    .collect(),
-                size: m.get("size").as_u64(),
-            })
-            .collect(),
-    }
+    parse_json("imap_state.py", &out.stdout)
 }
 
+/// `s` as a JSON string literal (quotes included).
 pub(crate) fn json_quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    serde_json::to_string(s).expect("a string always serializes")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -999,26 +953,12 @@ fn prng(seed: u64) -> impl FnMut() -> u64 {
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/// Standard base64 with padding, wrapped at 76 columns with CRLF.
+/// Standard base64 with padding, wrapped at 76 columns with CRLF (MIME body style).
 pub fn base64_wrapped(data: &[u8]) -> Vec<u8> {
-    let mut flat = Vec::with_capacity(data.len() * 4 / 3 + 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                flat.push(B64[((n >> (18 - 6 * i)) & 63) as usize]);
-            } else {
-                flat.push(b'=');
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(flat.len() + flat.len() / 38);
-    for line in flat.chunks(76) {
+    use base64::Engine;
+    let flat = base64::engine::general_purpose::STANDARD.encode(data);
+    let mut out = Vec::with_capacity(flat.len() + flat.len() / 38 + 2);
+    for line in flat.as_bytes().chunks(76) {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
@@ -1189,256 +1129,34 @@ pub fn edge_case_messages() -> Vec<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Minimal JSON (what the Python helpers print) and base64 decoding.
+// What the Python clients print (JSON, binary data as base64).
 
-pub mod json {
-    #[derive(Debug, Clone, PartialEq)]
-    pub enum Value {
-        Null,
-        Bool(bool),
-        Num(f64),
-        Str(String),
-        Arr(Vec<Value>),
-        Obj(Vec<(String, Value)>),
-    }
-
-    static NULL: Value = Value::Null;
-
-    impl Value {
-        /// The member `key` of an object, or Null.
-        pub fn get(&self, key: &str) -> &Value {
-            match self {
-                Value::Obj(m) => m.iter().find(|(k, _)| k == key).map_or(&NULL, |(_, v)| v),
-                _ => &NULL,
-            }
-        }
-        pub fn as_str(&self) -> Option<&str> {
-            match self {
-                Value::Str(s) => Some(s),
-                _ => None,
-            }
-        }
-        pub fn as_bool(&self) -> bool {
-            matches!(self, Value::Bool(true))
-        }
-        pub fn as_u64(&self) -> u64 {
-            match self {
-                Value::Num(n) => *n as u64,
-                other => panic!("expected a number, got {other:?}"),
-            }
-        }
-        pub fn as_arr(&self) -> &[Value] {
-            self.as_opt_arr().unwrap_or(&[])
-        }
-        pub fn as_opt_arr(&self) -> Option<&[Value]> {
-            match self {
-                Value::Arr(a) => Some(a),
-                _ => None,
-            }
-        }
-        pub fn as_obj(&self) -> &[(String, Value)] {
-            match self {
-                Value::Obj(m) => m,
-                _ => &[],
-            }
-        }
-        pub fn as_b64(&self) -> Option<Vec<u8>> {
-            self.as_str().map(super::base64_decode)
-        }
-    }
-
-    /// Parses one JSON document; panics with context on malformed input.
-    pub fn parse(input: &[u8]) -> Value {
-        let mut p = Parser { s: input, i: 0 };
-        let v = p.value();
-        p.ws();
-        assert!(
-            p.i == p.s.len(),
-            "trailing bytes after JSON at {}: {:?}",
-            p.i,
-            String::from_utf8_lossy(&p.s[p.i..(p.i + 80).min(p.s.len())])
-        );
-        v
-    }
-
-    struct Parser<'a> {
-        s: &'a [u8],
-        i: usize,
-    }
-
-    impl Parser<'_> {
-        fn ws(&mut self) {
-            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-        }
-        fn fail(&self, what: &str) -> ! {
-            panic!(
-                "bad JSON at byte {} ({what}): {:?}",
-                self.i,
-                String::from_utf8_lossy(
-                    &self.s[self.i.min(self.s.len())..(self.i + 60).min(self.s.len())]
-                )
-            )
-        }
-        fn eat(&mut self, lit: &[u8]) -> bool {
-            if self.s[self.i..].starts_with(lit) {
-                self.i += lit.len();
-                true
-            } else {
-                false
-            }
-        }
-        fn value(&mut self) -> Value {
-            self.ws();
-            match self.s.get(self.i) {
-                Some(b'{') => {
-                    self.i += 1;
-                    let mut m = Vec::new();
-                    self.ws();
-                    if self.eat(b"}") {
-                        return Value::Obj(m);
-                    }
-                    loop {
-                        self.ws();
-                        let k = self.string();
-                        self.ws();
-                        if !self.eat(b":") {
-                            self.fail("expected ':'");
-                        }
-                        let v = self.value();
-                        m.push((k, v));
-                        self.ws();
-                        if self.eat(b",") {
-                            continue;
-                        }
-                        if self.eat(b"}") {
-                            return Value::Obj(m);
-                        }
-                        self.fail("expected ',' or '}'");
-                    }
-                }
-                Some(b'[') => {
-                    self.i += 1;
-                    let mut a = Vec::new();
-                    self.ws();
-                    if self.eat(b"]") {
-                        return Value::Arr(a);
-                    }
-                    loop {
-                        a.push(self.value());
-                        self.ws();
-                        if self.eat(b",") {
-                            continue;
-                        }
-                        if self.eat(b"]") {
-                            return Value::Arr(a);
-                        }
-                        self.fail("expected ',' or ']'");
-                    }
-                }
-                Some(b'"') => Value::Str(self.string()),
-                Some(b't') if self.eat(b"true") => Value::Bool(true),
-                Some(b'f') if self.eat(b"false") => Value::Bool(false),
-                Some(b'n') if self.eat(b"null") => Value::Null,
-                Some(c) if *c == b'-' || c.is_ascii_digit() => {
-                    let start = self.i;
-                    while self.i < self.s.len()
-                        && matches!(
-                            self.s[self.i],
-                            b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                        )
-                    {
-                        self.i += 1;
-                    }
-                    let t = std::str::from_utf8(&self.s[start..self.i]).unwrap();
-                    Value::Num(t.parse().unwrap_or_else(|_| self.fail("bad number")))
-                }
-                _ => self.fail("unexpected input"),
-            }
-        }
-        fn hex4(&mut self) -> u32 {
-            let t = self
-                .s
-                .get(self.i..self.i + 4)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .unwrap_or_else(|| self.fail("bad \\u escape"));
-            self.i += 4;
-            t
-        }
-        fn string(&mut self) -> String {
-            if !self.eat(b"\"") {
-                self.fail("expected string");
-            }
-            let mut out: Vec<u8> = Vec::new();
-            loop {
-                // Fast path: copy a run of plain bytes (base64 payloads are long).
-                let start = self.i;
-                while self.i < self.s.len() && self.s[self.i] != b'"' && self.s[self.i] != b'\\' {
-                    self.i += 1;
-                }
-                out.extend_from_slice(&self.s[start..self.i]);
-                match self.s.get(self.i) {
-                    Some(b'"') => {
-                        self.i += 1;
-                        return String::from_utf8(out).unwrap_or_else(|_| self.fail("not UTF-8"));
-                    }
-                    Some(b'\\') => {
-                        self.i += 1;
-                        let c = *self.s.get(self.i).unwrap_or_else(|| self.fail("eof"));
-                        self.i += 1;
-                        let ch = match c {
-                            b'"' => '"',
-                            b'\\' => '\\',
-                            b'/' => '/',
-                            b'b' => '\u{8}',
-                            b'f' => '\u{c}',
-                            b'n' => '\n',
-                            b'r' => '\r',
-                            b't' => '\t',
-                            b'u' => {
-                                let mut u = self.hex4();
-                                if (0xd800..0xdc00).contains(&u) && self.eat(b"\\u") {
-                                    let lo = self.hex4();
-                                    u = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
-                                }
-                                char::from_u32(u).unwrap_or('\u{fffd}')
-                            }
-                            _ => self.fail("bad escape"),
-                        };
-                        let mut buf = [0u8; 4];
-                        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                    }
-                    _ => self.fail("unterminated string"),
-                }
-            }
-        }
-    }
+/// Parses the JSON a helper script printed into `T`; panics with the script's output on error.
+fn parse_json<T: serde::de::DeserializeOwned>(script: &str, stdout: &[u8]) -> T {
+    serde_json::from_slice(stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed unexpected JSON ({e}): {}",
+            String::from_utf8_lossy(&stdout[..stdout.len().min(400)])
+        )
+    })
 }
 
-/// Decodes standard base64 (padding optional, whitespace ignored); panics on other bytes.
-pub fn base64_decode(s: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for &c in s.as_bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b'\r' | b'\n' | b' ' => continue,
-            _ => panic!("bad base64 byte {c:#x}"),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
+/// Decodes standard base64 (with padding); panics on malformed input.
+fn b64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("bad base64 from a helper script ({e}): {s:.80}"))
+}
+
+/// serde `deserialize_with` for a base64 string field (`null` decodes to no bytes).
+fn de_b64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(s.as_deref().map(b64_decode).unwrap_or_default())
+}
+
+/// serde `deserialize_with` for `[B64...] | null`.
+fn de_b64_lines<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Vec<u8>>>, D::Error> {
+    let v: Option<Vec<String>> = serde::Deserialize::deserialize(d)?;
+    Ok(v.map(|ls| ls.iter().map(|l| b64_decode(l)).collect()))
 }

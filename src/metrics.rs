@@ -1,0 +1,405 @@
+//! Prometheus metrics: one process-wide registry, so deep code (the IMAP driver) can count
+//! without threading a handle through every call. Label values come from small fixed sets;
+//! never a user name or an address.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::maildrop::MaildropError;
+use crate::pop3::connection::SessionOutcome;
+
+/// Latency buckets from 0.5 ms to 60 s: loopback commands and slow upstreams both resolve.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Session lengths from a second to an hour.
+const SESSION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub sessions_active: IntGaugeVec,
+    pub sessions_started: IntCounterVec,
+    pub sessions_ended: IntCounterVec,
+    pub session_duration: HistogramVec,
+    pub logins: IntCounterVec,
+    pub commands: IntCounterVec,
+    pub command_duration: HistogramVec,
+    pub client_sent_bytes: IntCounter,
+    pub upstream_received_bytes: IntCounter,
+    pub messages_retrieved: IntCounter,
+    pub deletions: IntCounterVec,
+    pub upstream_connect_duration: Histogram,
+    pub upstream_login_duration: Histogram,
+    pub upstream_command_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_up: IntGauge,
+    pub uidl_changed_sessions: IntCounter,
+    pub retr_repeated: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        let sessions_active = IntGaugeVec::new(
+            Opts::new("popbridge_sessions_active", "POP3 sessions open now."),
+            &["listener"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(sessions_active.clone()))
+            .expect("unique metric");
+        let upstream_up = IntGauge::new(
+            "popbridge_upstream_up",
+            "1 if the upstream IMAP server answered the last readiness probe with a greeting.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(upstream_up.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "popbridge_build_info",
+                "Always 1; the version is in the label.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        r.register(Box::new(build_info)).expect("unique metric");
+        // process_start_time_seconds, process_open_fds, process_resident_memory_bytes, ...
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+
+        Metrics {
+            sessions_active,
+            sessions_started: counter_vec(
+                &r,
+                "popbridge_sessions_started_total",
+                "POP3 connections accepted.",
+                &["listener"],
+            ),
+            sessions_ended: counter_vec(
+                &r,
+                "popbridge_sessions_ended_total",
+                "POP3 sessions ended, by how they ended.",
+                &["listener", "outcome"],
+            ),
+            session_duration: histogram_vec(
+                &r,
+                "popbridge_session_duration_seconds",
+                "Length of POP3 sessions.",
+                &["listener"],
+                SESSION_BUCKETS,
+            ),
+            logins: counter_vec(
+                &r,
+                "popbridge_logins_total",
+                "POP3 login attempts, by result.",
+                &["result"],
+            ),
+            commands: counter_vec(
+                &r,
+                "popbridge_pop3_commands_total",
+                "POP3 commands answered, by command and outcome (+OK or -ERR).",
+                &["command", "outcome"],
+            ),
+            command_duration: histogram_vec(
+                &r,
+                "popbridge_pop3_command_duration_seconds",
+                "Time from a POP3 command's line to its complete answer being queued or sent.",
+                &["command"],
+                LATENCY_BUCKETS,
+            ),
+            client_sent_bytes: counter(
+                &r,
+                "popbridge_client_sent_bytes_total",
+                "Octets written to POP3 clients.",
+            ),
+            upstream_received_bytes: counter(
+                &r,
+                "popbridge_upstream_received_bytes_total",
+                "Octets read from upstream IMAP servers (after TLS).",
+            ),
+            messages_retrieved: counter(
+                &r,
+                "popbridge_messages_retrieved_total",
+                "Messages sent completely in answer to RETR.",
+            ),
+            deletions: counter_vec(
+                &r,
+                "popbridge_deletions_total",
+                "Messages deleted by a committed QUIT, by deletion mode.",
+                &["mode"],
+            ),
+            upstream_connect_duration: histogram(
+                &r,
+                "popbridge_upstream_connect_duration_seconds",
+                "Time to connect to the upstream: TCP, TLS or STARTTLS, and the greeting.",
+            ),
+            upstream_login_duration: histogram(
+                &r,
+                "popbridge_upstream_login_duration_seconds",
+                "Time of the upstream LOGIN command.",
+            ),
+            upstream_command_duration: histogram_vec(
+                &r,
+                "popbridge_upstream_command_duration_seconds",
+                "Time of upstream IMAP commands, by command.",
+                &["command"],
+                LATENCY_BUCKETS,
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "popbridge_upstream_errors_total",
+                "Upstream failures, by kind.",
+                &["kind"],
+            ),
+            upstream_up,
+            uidl_changed_sessions: counter(
+                &r,
+                "popbridge_uidl_changed_sessions_total",
+                "Sessions whose UIDLs changed since the user's previous session (UIDVALIDITY changed): the client will download everything again.",
+            ),
+            retr_repeated: counter(
+                &r,
+                "popbridge_retr_repeated_total",
+                "RETRs of a message the same user already retrieved in an earlier session.",
+            ),
+            registry: r,
+        }
+    }
+
+    /// Create every series of the fixed label sets at zero, so rates and alerts see a 0
+    /// instead of no data before the first event.
+    fn initialize_series(&self) {
+        self.sessions_active.with_label_values(&["pop3"]).set(0);
+        self.sessions_started.with_label_values(&["pop3"]);
+        for outcome in OUTCOMES {
+            self.sessions_ended.with_label_values(&["pop3", outcome]);
+        }
+        for result in LOGIN_RESULTS {
+            self.logins.with_label_values(&[result]);
+        }
+        for command in COMMANDS.iter().chain(&["OTHER"]) {
+            for outcome in ["ok", "err"] {
+                self.commands.with_label_values(&[command, outcome]);
+            }
+        }
+        for mode in ["hide", "expunge", "move"] {
+            self.deletions.with_label_values(&[mode]);
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            self.upstream_errors.with_label_values(&[kind]);
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics::new();
+    m.initialize_series();
+    m
+});
+
+const OUTCOMES: [&str; 6] = [
+    "quit",
+    "timeout",
+    "client_gone",
+    "upstream_error",
+    "shutdown",
+    "too_many_errors",
+];
+const LOGIN_RESULTS: [&str; 5] = [
+    "ok",
+    "bad_credentials",
+    "upstream_unavailable",
+    "refused",
+    "in_use",
+];
+const UPSTREAM_ERROR_KINDS: [&str; 8] = [
+    "connect",
+    "timeout",
+    "closed",
+    "tls",
+    "protocol",
+    "bye",
+    "io",
+    "command_failed",
+];
+const COMMANDS: [&str; 15] = [
+    "USER", "PASS", "APOP", "AUTH", "CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
+    "TOP", "UIDL", "STLS",
+];
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+pub fn outcome_label(o: SessionOutcome) -> &'static str {
+    match o {
+        SessionOutcome::Quit => "quit",
+        SessionOutcome::Timeout => "timeout",
+        SessionOutcome::ClientGone => "client_gone",
+        SessionOutcome::UpstreamError => "upstream_error",
+        SessionOutcome::Shutdown => "shutdown",
+        SessionOutcome::TooManyErrors => "too_many_errors",
+    }
+}
+
+pub fn login_result_label(r: &Result<(), MaildropError>) -> &'static str {
+    match r {
+        Ok(()) => "ok",
+        Err(MaildropError::Auth) => "bad_credentials",
+        Err(MaildropError::Unavailable(_)) | Err(MaildropError::Gone) => "upstream_unavailable",
+        Err(MaildropError::Unsupported(_)) => "refused",
+        Err(MaildropError::InUse) => "in_use",
+    }
+}
+
+/// The command label of a POP3 line: its keyword if it is one we know, else `OTHER`, so a
+/// client sending garbage cannot create new series.
+pub fn command_label(line: &[u8]) -> &'static str {
+    let word = line.split(|&b| b == b' ').next().unwrap_or_default();
+    COMMANDS
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(word))
+        .copied()
+        .unwrap_or("OTHER")
+}
+
+/// Observe the time since `start` into `h` when dropped or finished.
+pub struct Timer<'a> {
+    start: Instant,
+    histogram: &'a Histogram,
+}
+
+impl<'a> Timer<'a> {
+    pub fn start(histogram: &'a Histogram) -> Self {
+        Timer {
+            start: Instant::now(),
+            histogram,
+        }
+    }
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_and_login_labels_are_preinitialized() {
+        use SessionOutcome::*;
+        for o in [
+            Quit,
+            Timeout,
+            ClientGone,
+            UpstreamError,
+            Shutdown,
+            TooManyErrors,
+        ] {
+            assert!(OUTCOMES.contains(&outcome_label(o)));
+        }
+        for e in [
+            Ok(()),
+            Err(MaildropError::Auth),
+            Err(MaildropError::InUse),
+            Err(MaildropError::Unsupported(String::new())),
+            Err(MaildropError::Unavailable(String::new())),
+        ] {
+            assert!(LOGIN_RESULTS.contains(&login_result_label(&e)));
+        }
+        let text = String::from_utf8(metrics().render()).unwrap();
+        assert!(
+            text.contains("popbridge_upstream_errors_total{kind=\"tls\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn command_labels_are_bounded() {
+        assert_eq!(command_label(b"retr 1"), "RETR");
+        assert_eq!(command_label(b"PASS secret words"), "PASS");
+        assert_eq!(command_label(b"top"), "TOP");
+        assert_eq!(command_label(b"XYZZY"), "OTHER");
+        assert_eq!(command_label(b"\xff\xfe"), "OTHER");
+        assert_eq!(command_label(b""), "OTHER");
+    }
+
+    #[test]
+    fn render_has_every_family_and_no_password_label() {
+        let m = metrics();
+        m.logins.with_label_values(&["ok"]).inc();
+        m.sessions_active.with_label_values(&["pop3"]).set(0);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "popbridge_build_info",
+            "popbridge_logins_total",
+            "popbridge_sessions_active",
+            "popbridge_upstream_up",
+            "popbridge_client_sent_bytes_total",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+}
