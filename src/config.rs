@@ -55,6 +55,37 @@ pub struct Pop3Config {
     /// How long a stopping server waits for running sessions before closing them.
     #[serde(default = "default_drain")]
     pub shutdown_drain_secs: u64,
+    /// Implicit-TLS listener (POP3S); needs `[pop3.tls]`.
+    pub listen_tls: Option<SocketAddr>,
+    /// Whether passwords may cross a connection without TLS.
+    #[serde(default = "default_plaintext_auth")]
+    pub plaintext_auth: PlaintextAuth,
+    /// With `plaintext_auth = "tls_only"`, still allow passwords from loopback clients.
+    #[serde(default)]
+    pub plaintext_auth_loopback: bool,
+    /// Deadline for a client's TLS handshake (POP3S or after STLS).
+    #[serde(default = "default_handshake_timeout")]
+    pub tls_handshake_timeout_secs: u64,
+    /// Certificate for POP3S and STLS; STLS is offered on `listen` when present.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlaintextAuth {
+    /// USER/PASS and AUTH PLAIN only over TLS (POP3S or after STLS).
+    TlsOnly,
+    /// Passwords are accepted on plain connections too.
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +184,12 @@ fn default_idle_timeout() -> u64 {
 fn default_drain() -> u64 {
     30
 }
+fn default_plaintext_auth() -> PlaintextAuth {
+    PlaintextAuth::TlsOnly
+}
+fn default_handshake_timeout() -> u64 {
+    60
+}
 fn default_security() -> Security {
     Security::Tls
 }
@@ -213,6 +250,34 @@ impl Config {
             .map_err(|e| ("pop3.uidl_format", e.to_string()))?;
         if self.metrics.listen.is_some() && self.metrics.listen == Some(self.pop3.listen) {
             return Err(("metrics.listen", "must differ from pop3.listen".into()));
+        }
+        if let Some(tls) = &self.pop3.tls {
+            crate::client_tls::load_certified_key(&tls.cert, &tls.key)
+                .map_err(|e| ("pop3.tls", e.to_string()))?;
+        }
+        if self.pop3.listen_tls.is_some() && self.pop3.tls.is_none() {
+            return Err((
+                "pop3.listen_tls",
+                "needs a certificate: add [pop3.tls] with cert and key".into(),
+            ));
+        }
+        if self.pop3.listen_tls == Some(self.pop3.listen) {
+            return Err(("pop3.listen_tls", "must differ from pop3.listen".into()));
+        }
+        if self.pop3.plaintext_auth == PlaintextAuth::TlsOnly
+            && self.pop3.tls.is_none()
+            && !self.pop3.plaintext_auth_loopback
+        {
+            return Err((
+                "pop3.plaintext_auth",
+                "is \"tls_only\" (the default) but no [pop3.tls] certificate is configured, so every login would be refused: add [pop3.tls], or set plaintext_auth = \"always\" (or plaintext_auth_loopback = true) for a trusted network".into(),
+            ));
+        }
+        if self.pop3.tls_handshake_timeout_secs == 0 {
+            return Err((
+                "pop3.tls_handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
         }
         if self.pop3.idle_timeout_secs == 0 {
             return Err(("pop3.idle_timeout_secs", "must be at least 1".into()));
@@ -311,6 +376,7 @@ mod tests {
     const MINIMAL: &str = r#"
 [pop3]
 listen = "127.0.0.1:1110"
+plaintext_auth = "always"
 [imap]
 host = "127.0.0.1"
 security = "none"
@@ -382,6 +448,28 @@ dir = "/tmp/x"
     }
 
     #[test]
+    fn tls_only_without_certificate_is_refused() {
+        let e = parse(&MINIMAL.replace("plaintext_auth = \"always\"", "")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("pop3.plaintext_auth"), "{e}");
+        let c = parse(&MINIMAL.replace(
+            "plaintext_auth = \"always\"",
+            "plaintext_auth_loopback = true",
+        ))
+        .unwrap();
+        assert_eq!(c.pop3.plaintext_auth, PlaintextAuth::TlsOnly);
+        let e = parse(&MINIMAL.replace("[imap]", "listen_tls = \"127.0.0.1:1995\"\n[imap]"))
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("pop3.listen_tls"), "{e}");
+        let e = parse(&MINIMAL.replace(
+            "[imap]",
+            "[pop3.tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n[imap]",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("pop3.tls"), "{e}");
+        assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
+    }
+
+    #[test]
     fn missing_section_is_reported() {
         let e = parse("[pop3]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(e.to_string().contains("imap"), "{e}");
@@ -391,8 +479,19 @@ dir = "/tmp/x"
     fn example_config_in_repo_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/popbridge.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        // The example points ca_file at a placeholder path; everything else must validate.
-        let text = text.replace("ca_file =", "# ca_file =");
-        Config::parse(&path, &text).unwrap();
+        // The example points at placeholder certificate paths (tests/cli.rs checks it with
+        // real files); everything else must validate as written.
+        let text = text
+            .replace("ca_file =", "# ca_file =")
+            .replace("[pop3.tls]", "# [pop3.tls]")
+            .replace("\ncert =", "\n# cert =")
+            .replace("\nkey =", "\n# key =")
+            .replace("\nlisten_tls =", "\n# listen_tls =")
+            .replace(
+                "plaintext_auth = \"tls_only\"",
+                "plaintext_auth = \"always\"",
+            );
+        let c = Config::parse(&path, &text).unwrap();
+        assert!(c.metrics.listen.is_some());
     }
 }

@@ -17,6 +17,7 @@
 //! | [`metrics`] | Prometheus metrics (one process-wide registry) |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
 
+pub mod client_tls;
 pub mod config;
 pub mod http;
 pub mod imap;

@@ -10,14 +10,21 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::client_tls::{CertError, ReloadableCert};
 use crate::config::Config;
+use crate::config::PlaintextAuth;
 use crate::http::{self, Health};
 use crate::imap::{ImapUpstream, UpstreamSetupError};
 use crate::metrics::{metrics, outcome_label};
-use crate::pop3::connection::{self, ConnectionLimits, MaildropLocks, Upstream};
+use crate::pop3::connection::{
+    self, ClientTls, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
+};
 use crate::pop3::session::SessionConfig;
+use crate::pop3::stream::ClientStream;
 use crate::state::{StateError, StateStore};
 use crate::uidl::UidlFormat;
+use std::net::SocketAddr;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -32,12 +39,17 @@ pub enum ServeError {
     Upstream(#[from] UpstreamSetupError),
     #[error("invalid pop3.uidl_format: {0}")]
     Uidl(String),
+    #[error("client TLS: {0}")]
+    Cert(#[from] CertError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
 
 /// The `listener` label of session metrics for the plain POP3 listener.
 const LISTENER: &str = "pop3";
+
+/// How often certificate files are checked for a renewal.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What every session of one listener shares.
 pub struct Bridge<U> {
@@ -91,25 +103,66 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
 
-    let addr = config.pop3.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    health.listening.store(true, Ordering::Release);
-    tracing::info!(
-        listen = %listener.local_addr().unwrap_or(addr),
-        upstream = %format!("{}:{}", config.imap.host, config.imap.port()),
-        mailbox = %config.imap.mailbox,
-        deletion = ?config.deletion.mode,
-        "popbridge listening"
-    );
+    let cert = match &config.pop3.tls {
+        Some(tls) => {
+            let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
+            cert.clone().watch(CERT_CHECK_INTERVAL);
+            Some(cert)
+        }
+        None => None,
+    };
+    let acceptor = cert.as_ref().map(|c| c.acceptor()).transpose()?;
+    let handshake_timeout = Duration::from_secs(config.pop3.tls_handshake_timeout_secs);
+    let policy = |name: &'static str, implicit_tls: Option<TlsAcceptor>| {
+        Arc::new(ListenerSpec {
+            name,
+            stls: if implicit_tls.is_some() {
+                None
+            } else {
+                acceptor.clone()
+            },
+            implicit_tls,
+            plaintext_always: config.pop3.plaintext_auth == PlaintextAuth::Always,
+            plaintext_loopback: config.pop3.plaintext_auth_loopback,
+            handshake_timeout,
+        })
+    };
+    let mut listeners = vec![(config.pop3.listen, policy("pop3", None))];
+    if let (Some(addr), Some(acceptor)) = (config.pop3.listen_tls, &acceptor) {
+        listeners.push((addr, policy("pop3s", Some(acceptor.clone()))));
+    }
+
     let drain = Duration::from_secs(config.pop3.shutdown_drain_secs);
-    let server = tokio::spawn(run(listener, bridge, stop_rx, drain));
-    wait_for_stop_signal().await?;
+    let mut servers = Vec::new();
+    for (addr, spec) in listeners {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        tracing::info!(
+            listener = spec.name,
+            listen = %listener.local_addr().unwrap_or(addr),
+            stls = spec.stls.is_some(),
+            upstream = %format!("{}:{}", config.imap.host, config.imap.port()),
+            mailbox = %config.imap.mailbox,
+            deletion = ?config.deletion.mode,
+            "popbridge listening"
+        );
+        servers.push(tokio::spawn(run(
+            listener,
+            spec,
+            bridge.clone(),
+            stop_rx.clone(),
+            drain,
+        )));
+    }
+    health.listening.store(true, Ordering::Release);
+    wait_for_stop_signal(cert.as_deref()).await?;
     tracing::info!(drain_secs = drain.as_secs(), "stopping: no new sessions");
     health.listening.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    let _ = server.await;
+    for server in servers {
+        let _ = server.await;
+    }
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
@@ -118,21 +171,66 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> Result<(), ServeError> {
+/// Wait for SIGINT or SIGTERM; on SIGHUP reload the client certificate and keep waiting.
+async fn wait_for_stop_signal(cert: Option<&ReloadableCert>) -> Result<(), ServeError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match cert.map(ReloadableCert::reload) {
+                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: cannot load TLS certificate; keeping the old one"),
+                None => tracing::info!("SIGHUP: no TLS certificate configured, nothing to reload"),
+            },
+        }
     }
-    Ok(())
+}
+
+/// How one listening socket treats its clients.
+pub struct ListenerSpec {
+    /// The `listener` label in metrics and logs: `pop3` or `pop3s`.
+    pub name: &'static str,
+    /// TLS from the first byte (POP3S).
+    pub implicit_tls: Option<TlsAcceptor>,
+    /// STLS on offer (plain listener with a certificate).
+    pub stls: Option<TlsAcceptor>,
+    pub plaintext_always: bool,
+    pub plaintext_loopback: bool,
+    pub handshake_timeout: Duration,
+}
+
+impl ListenerSpec {
+    /// A plain listener that takes passwords: a trusted network.
+    pub fn plain_trusted() -> ListenerSpec {
+        ListenerSpec {
+            name: LISTENER,
+            implicit_tls: None,
+            stls: None,
+            plaintext_always: true,
+            plaintext_loopback: true,
+            handshake_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn client_tls(&self, peer: SocketAddr) -> ClientTls {
+        ClientTls {
+            stls: self.stls.clone(),
+            plaintext_auth: self.plaintext_always
+                || (self.plaintext_loopback && peer.ip().is_loopback()),
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
 }
 
 /// Accept POP3 clients on `listener` until `stop` turns true; then wait up to `drain` for the
 /// running sessions, and close the rest without applying their deletions.
 pub async fn run<U: Upstream + 'static>(
     listener: TcpListener,
+    spec: Arc<ListenerSpec>,
     bridge: Arc<Bridge<U>>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
@@ -155,32 +253,56 @@ pub async fn run<U: Upstream + 'static>(
                     next_id += 1;
                     let span = tracing::info_span!(
                         "session",
+                        listener = spec.name,
                         id = next_id,
                         %peer,
                         user = tracing::field::Empty
                     );
+                    let spec = spec.clone();
                     sessions.spawn(
                         async move {
                             let m = metrics();
-                            m.sessions_started.with_label_values(&[LISTENER]).inc();
-                            let active = m.sessions_active.with_label_values(&[LISTENER]);
+                            let listener = spec.name;
+                            m.sessions_started.with_label_values(&[listener]).inc();
+                            let active = m.sessions_active.with_label_values(&[listener]);
                             active.inc();
                             let started = Instant::now();
-                            let outcome = connection::serve(
-                                socket,
-                                &bridge.upstream,
-                                &bridge.locks,
-                                &bridge.session,
-                                &bridge.limits,
-                                kill,
-                            )
-                            .await;
+                            let tls = spec.client_tls(peer);
+                            let outcome = match &spec.implicit_tls {
+                                None => Ok(ClientStream::Plain(socket)),
+                                Some(acceptor) => {
+                                    let handshake = acceptor.accept(socket);
+                                    match tokio::time::timeout(spec.handshake_timeout, handshake).await {
+                                        Ok(Ok(tls)) => Ok(ClientStream::Tls(Box::new(tls))),
+                                        Ok(Err(e)) => {
+                                            tracing::info!(error = %e, "TLS handshake failed");
+                                            Err(SessionOutcome::ClientGone)
+                                        }
+                                        Err(_) => Err(SessionOutcome::Timeout),
+                                    }
+                                }
+                            };
+                            let outcome = match outcome {
+                                Ok(io) => {
+                                    connection::serve_client(
+                                        io,
+                                        &tls,
+                                        &bridge.upstream,
+                                        &bridge.locks,
+                                        &bridge.session,
+                                        &bridge.limits,
+                                        kill,
+                                    )
+                                    .await
+                                }
+                                Err(o) => o,
+                            };
                             active.dec();
                             m.sessions_ended
-                                .with_label_values(&[LISTENER, outcome_label(outcome)])
+                                .with_label_values(&[listener, outcome_label(outcome)])
                                 .inc();
                             m.session_duration
-                                .with_label_values(&[LISTENER])
+                                .with_label_values(&[listener])
                                 .observe(started.elapsed().as_secs_f64());
                         }
                         .instrument(span),

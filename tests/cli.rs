@@ -20,7 +20,7 @@ fn write(dir: &tempfile::TempDir, text: &str) -> String {
     path.display().to_string()
 }
 
-const VALID: &str = "[pop3]\nlisten = \"127.0.0.1:1110\"\n[imap]\nhost = \"127.0.0.1\"\nsecurity = \"none\"\n[state]\ndir = \"/tmp/pb-cli-state\"\n";
+const VALID: &str = "[pop3]\nlisten = \"127.0.0.1:1110\"\nplaintext_auth = \"always\"\n[imap]\nhost = \"127.0.0.1\"\nsecurity = \"none\"\n[state]\ndir = \"/tmp/pb-cli-state\"\n";
 
 #[test]
 fn help_documents_every_flag() {
@@ -54,6 +54,35 @@ fn check_config_accepts_valid_and_the_shipped_example() {
     .replace(
         "/etc/popbridge/upstream-ca.pem",
         "/etc/ssl/certs/ca-certificates.crt",
+    )
+    .replace(
+        "/etc/popbridge/pop3-cert.pem",
+        &format!("{}/cert.pem", dir.path().display()),
+    )
+    .replace(
+        "/etc/popbridge/pop3-key.pem",
+        &format!("{}/key.pem", dir.path().display()),
+    );
+    let openssl = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(dir.path().join("key.pem"))
+        .arg("-out")
+        .arg(dir.path().join("cert.pem"))
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        openssl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&openssl.stderr)
     );
     let path = write(&dir, &example);
     let (code, _, err) = popbridge(&["check-config", "--config", &path]);

@@ -11,9 +11,11 @@ use tracing::{debug, info, warn};
 
 use super::command::{LineBuffer, MAX_COMMAND_LINE};
 use super::response::DotStuffer;
-use super::session::{Action, Session, SessionConfig};
+use super::session::{Action, Security, Session, SessionConfig};
+use super::stream::ClientStream;
 use crate::maildrop::{Maildrop, MaildropError, Snapshot};
 use crate::metrics::{command_label, login_result_label, metrics};
+use tokio_rustls::TlsAcceptor;
 
 /// Logs in to the upstream mailbox store (IMAP in production, memory in tests).
 pub trait Upstream: Send + Sync {
@@ -136,10 +138,35 @@ const FLUSH_AT: usize = 64 * 1024;
 enum Flow {
     Continue,
     End(SessionOutcome),
+    /// STLS was answered with +OK: switch to TLS before reading another byte.
+    StartTls,
+}
+
+/// What a listener offers its clients about TLS and passwords.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// Acceptor for STLS on a plain connection; `None` means STLS is not offered.
+    pub stls: Option<TlsAcceptor>,
+    /// Whether policy allows USER/PASS and AUTH PLAIN on this connection without TLS.
+    pub plaintext_auth: bool,
+    /// Deadline for the TLS handshake after STLS.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ClientTls {
+    /// No TLS, passwords allowed: a trusted network (and the unit tests).
+    fn default() -> Self {
+        ClientTls {
+            stls: None,
+            plaintext_auth: true,
+            handshake_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 struct Conn<'a, IO, U: Upstream> {
-    io: IO,
+    io: ClientStream<IO>,
+    tls: &'a ClientTls,
     out: Vec<u8>,
     upstream: &'a U,
     locks: &'a MaildropLocks,
@@ -161,7 +188,7 @@ struct SessionStats {
     deleted: usize,
 }
 
-/// Serves one client connection to its end. Deletions are committed only after QUIT.
+/// Serves one plain client connection, no TLS on offer, passwords allowed.
 pub async fn serve<IO, U>(
     io: IO,
     upstream: &U,
@@ -174,14 +201,40 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
     U: Upstream,
 {
+    let tls = ClientTls::default();
+    let io = ClientStream::Plain(io);
+    serve_client(io, &tls, upstream, locks, cfg, limits, shutdown).await
+}
+
+/// Serves one client connection (plain or TLS) to its end. Deletions are committed only after
+/// QUIT.
+pub async fn serve_client<IO, U>(
+    io: ClientStream<IO>,
+    tls: &ClientTls,
+    upstream: &U,
+    locks: &MaildropLocks,
+    cfg: &Arc<SessionConfig>,
+    limits: &ConnectionLimits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> SessionOutcome
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+    U: Upstream,
+{
+    let security = Security {
+        tls: io.is_tls(),
+        stls: tls.stls.is_some() && !io.is_tls(),
+        plaintext_auth: tls.plaintext_auth,
+    };
     let mut conn = Conn {
         io,
+        tls,
         out: Vec::new(),
         upstream,
         locks,
         cfg,
         limits,
-        session: Session::new(Arc::clone(cfg)),
+        session: Session::new(Arc::clone(cfg)).with_security(security),
         user: None,
         maildrop: None,
         reply_ok: None,
@@ -251,8 +304,22 @@ where
                 m.command_duration
                     .with_label_values(&[label])
                     .observe(started.elapsed().as_secs_f64());
-                if let Flow::End(o) = flow {
-                    return o;
+                match flow {
+                    Flow::Continue => {}
+                    Flow::End(o) => return o,
+                    Flow::StartTls => {
+                        // Whatever the client pipelined behind STLS was sent in the clear and
+                        // must not be executed as if it came through TLS (CVE-2011-0411).
+                        let discarded = lines.buffered();
+                        if discarded > 0 {
+                            info!(discarded, "discarded bytes pipelined after STLS");
+                        }
+                        lines = LineBuffer::new();
+                        if let Err(o) = self.start_tls().await {
+                            return o;
+                        }
+                        self.session.on_tls_established();
+                    }
                 }
                 lines.set_limit(self.session.max_line_len());
             }
@@ -273,6 +340,29 @@ where
             };
             lines.push(&buf[..n]);
             buf[..n].iter_mut().for_each(|b| *b = 0);
+        }
+    }
+
+    /// Hand the plain connection to a TLS handshake and continue over TLS.
+    async fn start_tls(&mut self) -> Result<(), SessionOutcome> {
+        let Some(acceptor) = self.tls.stls.clone() else {
+            return Err(SessionOutcome::ClientGone);
+        };
+        let ClientStream::Plain(plain) = std::mem::replace(&mut self.io, ClientStream::Detached)
+        else {
+            return Err(SessionOutcome::ClientGone);
+        };
+        match tokio::time::timeout(self.tls.handshake_timeout, acceptor.accept(plain)).await {
+            Ok(Ok(tls)) => {
+                self.io = ClientStream::Tls(Box::new(tls));
+                debug!("STLS handshake done");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                info!(error = %e, "STLS handshake failed");
+                Err(SessionOutcome::ClientGone)
+            }
+            Err(_) => Err(SessionOutcome::Timeout),
         }
     }
 
@@ -359,6 +449,13 @@ where
                         warn!(?other, "unexpected action after login");
                         Flow::Continue
                     }
+                }
+            }
+            Action::StartTls(b) => {
+                self.emit(&b);
+                match self.flush().await {
+                    Ok(()) => Flow::StartTls,
+                    Err(o) => Flow::End(o),
                 }
             }
             Action::Retrieve {

@@ -6,6 +6,7 @@ pub mod command;
 pub mod connection;
 pub mod response;
 pub mod session;
+pub mod stream;
 
 pub use command::{Command, CommandError, LineBuffer, Password, TooLong};
 pub use connection::{

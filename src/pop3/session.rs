@@ -58,6 +58,10 @@ pub enum Action {
     /// QUIT in TRANSACTION: apply the deletions, then call [`Session::on_commit`], write its
     /// reply and close.
     Commit { uids: Vec<u32> },
+    /// STLS accepted: write these bytes, discard anything the client pipelined behind STLS
+    /// (it must never be read as if it came through TLS: CVE-2011-0411), run the TLS
+    /// handshake, then call [`Session::on_tls_established`].
+    StartTls(Vec<u8>),
     /// Write these bytes and close without committing.
     Close(Vec<u8>),
 }
@@ -83,7 +87,39 @@ pub struct Session {
     cfg: Arc<SessionConfig>,
     state: State,
     errors: u32,
+    security: Security,
 }
+
+/// What the connection offers: is it encrypted, can it become so, may passwords cross it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Security {
+    /// The connection is TLS (POP3S, or after STLS).
+    pub tls: bool,
+    /// STLS can be offered (a certificate is configured and TLS is not yet on).
+    pub stls: bool,
+    /// Policy allows USER/PASS and AUTH PLAIN without TLS on this connection.
+    pub plaintext_auth: bool,
+}
+
+impl Default for Security {
+    /// A plain connection where passwords are allowed (tests and trusted networks).
+    fn default() -> Self {
+        Security {
+            tls: false,
+            stls: false,
+            plaintext_auth: true,
+        }
+    }
+}
+
+impl Security {
+    fn auth_allowed(&self) -> bool {
+        self.tls || self.plaintext_auth
+    }
+}
+
+const PLAINTEXT_REFUSED: &str =
+    "Plaintext authentication disallowed on non-secure connections: use STLS or POP3S first.";
 
 fn auth_state() -> State {
     State::Authorization {
@@ -99,7 +135,21 @@ impl Session {
             cfg,
             state: auth_state(),
             errors: 0,
+            security: Security::default(),
         }
+    }
+
+    /// Set what the connection offers; before the greeting.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// The TLS handshake after STLS succeeded: RFC 2595 starts AUTHORIZATION afresh.
+    pub fn on_tls_established(&mut self) {
+        self.security.tls = true;
+        self.security.stls = false;
+        self.state = auth_state();
     }
 
     pub fn greeting(&self) -> Vec<u8> {
@@ -170,6 +220,21 @@ impl Session {
                 login_pending: true,
                 ..
             } => self.fail(err(None, "Login in progress.")),
+            State::Authorization { .. }
+                if !self.security.auth_allowed()
+                    && matches!(cmd, Command::User(_) | Command::Pass(_) | Command::Auth { .. }) =>
+            {
+                self.fail(err(Some(RespCode::Auth), PLAINTEXT_REFUSED))
+            }
+            State::Authorization { .. } if matches!(cmd, Command::Stls) => {
+                if self.security.tls {
+                    self.fail(err(None, "Already using TLS."))
+                } else if !self.security.stls {
+                    self.fail(err(None, "STLS not available."))
+                } else {
+                    Action::StartTls(ok("Begin TLS negotiation now."))
+                }
+            }
             State::Authorization { user, .. } => match cmd {
                 Command::User(name) => {
                     *user = Some(name);
@@ -207,7 +272,6 @@ impl Session {
                     self.state = State::Update;
                     Action::Close(ok("Logging out."))
                 }
-                Command::Stls => self.fail(err(None, "STLS not available.")),
                 _ => self.fail(err(None, "Unknown command in AUTHORIZATION state.")),
             },
             State::Transaction { snapshot, deleted } => {
@@ -324,8 +388,14 @@ impl Session {
             "PIPELINING".to_owned(),
         ];
         if !self.is_authenticated() {
-            lines.push("USER".to_owned());
-            lines.push("SASL PLAIN".to_owned());
+            if self.security.stls && !self.security.tls {
+                lines.push("STLS".to_owned());
+            }
+            // RFC 2595: do not advertise what would be refused without TLS.
+            if self.security.auth_allowed() {
+                lines.push("USER".to_owned());
+                lines.push("SASL PLAIN".to_owned());
+            }
         }
         lines.push(format!("IMPLEMENTATION {}", self.cfg.implementation));
         multiline("Capability list follows", lines)

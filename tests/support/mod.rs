@@ -617,6 +617,7 @@ fn default_sections(dovecot: &Dovecot, port: u16, state: &Path) -> Sections {
                 ("mark_seen", "true".into()),
                 ("uidl_format", toml_str("%08Xu%08Xv")),
                 ("idle_timeout_secs", "600".into()),
+                ("plaintext_auth_loopback", "true".into()),
             ]),
         ),
         (
