@@ -29,6 +29,38 @@ pub struct Config {
     pub deletion: DeletionConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections open at once, all listeners together.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_ip: usize,
+    /// From connect to a successful login, however active the client is.
+    pub auth_timeout_secs: u64,
+    /// Delay before answering the second failed login in a row; doubles after each failure.
+    pub auth_penalty_base_ms: u64,
+    /// Longest delay after a failed login.
+    pub auth_penalty_max_secs: u64,
+    /// Failures older than this are forgotten.
+    pub auth_penalty_window_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 1000,
+            max_connections_per_ip: 20,
+            auth_timeout_secs: 60,
+            auth_penalty_base_ms: 2000,
+            auth_penalty_max_secs: 15,
+            auth_penalty_window_secs: 900,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -277,6 +309,29 @@ impl Config {
             return Err((
                 "pop3.tls_handshake_timeout_secs",
                 "must be at least 1".into(),
+            ));
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip as u64,
+            ),
+            ("limits.auth_timeout_secs", l.auth_timeout_secs),
+            (
+                "limits.auth_penalty_window_secs",
+                l.auth_penalty_window_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if l.max_connections_per_ip > l.max_connections {
+            return Err((
+                "limits.max_connections_per_ip",
+                "must not exceed limits.max_connections".into(),
             ));
         }
         if self.pop3.idle_timeout_secs == 0 {

@@ -21,6 +21,7 @@ pub mod client_tls;
 pub mod config;
 pub mod http;
 pub mod imap;
+pub mod limits;
 pub mod maildrop;
 pub mod metrics;
 pub mod pop3;

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub upstream_command_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_up: IntGauge,
+    pub connections_rejected: IntCounterVec,
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
 }
@@ -200,6 +201,12 @@ impl Metrics {
                 &["kind"],
             ),
             upstream_up,
+            connections_rejected: counter_vec(
+                &r,
+                "popbridge_connections_rejected_total",
+                "Connections turned away at a connection limit, by which limit.",
+                &["reason"],
+            ),
             uidl_changed_sessions: counter(
                 &r,
                 "popbridge_uidl_changed_sessions_total",
@@ -232,6 +239,9 @@ impl Metrics {
         }
         for mode in ["hide", "expunge", "move"] {
             self.deletions.with_label_values(&[mode]);
+        }
+        for reason in ["total", "per_ip"] {
+            self.connections_rejected.with_label_values(&[reason]);
         }
         for kind in UPSTREAM_ERROR_KINDS {
             self.upstream_errors.with_label_values(&[kind]);

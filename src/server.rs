@@ -15,9 +15,10 @@ use crate::config::Config;
 use crate::config::PlaintextAuth;
 use crate::http::{self, Health};
 use crate::imap::{ImapUpstream, UpstreamSetupError};
+use crate::limits::{AuthPenalty, ConnectionLimiter, Rejected};
 use crate::metrics::{metrics, outcome_label};
 use crate::pop3::connection::{
-    self, ClientTls, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
+    self, ClientPolicy, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
 };
 use crate::pop3::session::SessionConfig;
 use crate::pop3::stream::ClientStream;
@@ -113,6 +114,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     };
     let acceptor = cert.as_ref().map(|c| c.acceptor()).transpose()?;
     let handshake_timeout = Duration::from_secs(config.pop3.tls_handshake_timeout_secs);
+    let limits = &config.limits;
+    let connections = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    let penalty = AuthPenalty::new(
+        Duration::from_millis(limits.auth_penalty_base_ms),
+        Duration::from_secs(limits.auth_penalty_max_secs),
+        Duration::from_secs(limits.auth_penalty_window_secs),
+    );
     let policy = |name: &'static str, implicit_tls: Option<TlsAcceptor>| {
         Arc::new(ListenerSpec {
             name,
@@ -125,6 +133,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             plaintext_always: config.pop3.plaintext_auth == PlaintextAuth::Always,
             plaintext_loopback: config.pop3.plaintext_auth_loopback,
             handshake_timeout,
+            auth_timeout: Duration::from_secs(config.limits.auth_timeout_secs),
+            penalty: Some(penalty.clone()),
+            connections: connections.clone(),
         })
     };
     let mut listeners = vec![(config.pop3.listen, policy("pop3", None))];
@@ -201,6 +212,10 @@ pub struct ListenerSpec {
     pub plaintext_always: bool,
     pub plaintext_loopback: bool,
     pub handshake_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub penalty: Option<Arc<AuthPenalty>>,
+    /// Shared by all listeners: connections in total and per client address.
+    pub connections: Arc<ConnectionLimiter>,
 }
 
 impl ListenerSpec {
@@ -213,15 +228,21 @@ impl ListenerSpec {
             plaintext_always: true,
             plaintext_loopback: true,
             handshake_timeout: Duration::from_secs(60),
+            auth_timeout: Duration::from_secs(60),
+            penalty: None,
+            connections: ConnectionLimiter::new(usize::MAX, usize::MAX),
         }
     }
 
-    fn client_tls(&self, peer: SocketAddr) -> ClientTls {
-        ClientTls {
+    fn client_policy(&self, peer: SocketAddr) -> ClientPolicy {
+        ClientPolicy {
             stls: self.stls.clone(),
             plaintext_auth: self.plaintext_always
                 || (self.plaintext_loopback && peer.ip().is_loopback()),
             handshake_timeout: self.handshake_timeout,
+            auth_timeout: self.auth_timeout,
+            peer: Some(peer.ip()),
+            penalty: self.penalty.clone(),
         }
     }
 }
@@ -244,6 +265,23 @@ pub async fn run<U: Upstream + 'static>(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
+                    let slot = match spec.connections.try_acquire(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            let reason = match why {
+                                Rejected::Total => "total",
+                                Rejected::PerIp => "per_ip",
+                            };
+                            metrics().connections_rejected.with_label_values(&[reason]).inc();
+                            tracing::info!(%peer, listener = spec.name, reason, "connection refused: limit reached");
+                            // Never blocks: a fresh socket's send buffer is empty. A POP3S
+                            // client would not understand plaintext, so it is just closed.
+                            if spec.implicit_tls.is_none() {
+                                let _ = socket.try_write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
+                            }
+                            continue;
+                        }
+                    };
                     // Small responses must not wait for the client's delayed ACK.
                     if let Err(e) = socket.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
@@ -261,13 +299,14 @@ pub async fn run<U: Upstream + 'static>(
                     let spec = spec.clone();
                     sessions.spawn(
                         async move {
+                            let _slot = slot;
                             let m = metrics();
                             let listener = spec.name;
                             m.sessions_started.with_label_values(&[listener]).inc();
                             let active = m.sessions_active.with_label_values(&[listener]);
                             active.inc();
                             let started = Instant::now();
-                            let tls = spec.client_tls(peer);
+                            let tls = spec.client_policy(peer);
                             let outcome = match &spec.implicit_tls {
                                 None => Ok(ClientStream::Plain(socket)),
                                 Some(acceptor) => {

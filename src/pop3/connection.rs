@@ -13,8 +13,10 @@ use super::command::{LineBuffer, MAX_COMMAND_LINE};
 use super::response::DotStuffer;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
+use crate::limits::AuthPenalty;
 use crate::maildrop::{Maildrop, MaildropError, Snapshot};
 use crate::metrics::{command_label, login_result_label, metrics};
+use std::net::IpAddr;
 use tokio_rustls::TlsAcceptor;
 
 /// Logs in to the upstream mailbox store (IMAP in production, memory in tests).
@@ -142,31 +144,41 @@ enum Flow {
     StartTls,
 }
 
-/// What a listener offers its clients about TLS and passwords.
+/// What a listener offers one client: TLS, whether passwords may cross without it, and the
+/// limits that bound how long an unauthenticated client may stay and how fast it may guess.
 #[derive(Clone)]
-pub struct ClientTls {
+pub struct ClientPolicy {
     /// Acceptor for STLS on a plain connection; `None` means STLS is not offered.
     pub stls: Option<TlsAcceptor>,
     /// Whether policy allows USER/PASS and AUTH PLAIN on this connection without TLS.
     pub plaintext_auth: bool,
     /// Deadline for the TLS handshake after STLS.
     pub handshake_timeout: Duration,
+    /// From connect to a successful login, however busy the client keeps the line.
+    pub auth_timeout: Duration,
+    /// The client's address, for the login penalty.
+    pub peer: Option<IpAddr>,
+    /// Growing delay after failed logins; `None` disables it.
+    pub penalty: Option<Arc<AuthPenalty>>,
 }
 
-impl Default for ClientTls {
-    /// No TLS, passwords allowed: a trusted network (and the unit tests).
+impl Default for ClientPolicy {
+    /// No TLS, passwords allowed, no penalty: a trusted network (and the unit tests).
     fn default() -> Self {
-        ClientTls {
+        ClientPolicy {
             stls: None,
             plaintext_auth: true,
             handshake_timeout: Duration::from_secs(60),
+            auth_timeout: Duration::from_secs(60),
+            peer: None,
+            penalty: None,
         }
     }
 }
 
 struct Conn<'a, IO, U: Upstream> {
     io: ClientStream<IO>,
-    tls: &'a ClientTls,
+    tls: &'a ClientPolicy,
     out: Vec<u8>,
     upstream: &'a U,
     locks: &'a MaildropLocks,
@@ -201,7 +213,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
     U: Upstream,
 {
-    let tls = ClientTls::default();
+    let tls = ClientPolicy::default();
     let io = ClientStream::Plain(io);
     serve_client(io, &tls, upstream, locks, cfg, limits, shutdown).await
 }
@@ -210,7 +222,7 @@ where
 /// QUIT.
 pub async fn serve_client<IO, U>(
     io: ClientStream<IO>,
-    tls: &ClientTls,
+    tls: &ClientPolicy,
     upstream: &U,
     locks: &MaildropLocks,
     cfg: &Arc<SessionConfig>,
@@ -276,10 +288,13 @@ where
         }
         let mut lines = LineBuffer::new();
         let mut buf = vec![0u8; 16 * 1024];
+        let auth_deadline = Instant::now() + self.tls.auth_timeout;
+        let mut last_command = Instant::now();
         loop {
             lines.set_limit(self.session.max_line_len());
             while let Some(line) = lines.next_line() {
                 let started = Instant::now();
+                last_command = started;
                 // A line while a SASL continuation is awaited is part of AUTH.
                 let in_sasl = self.session.max_line_len() > MAX_COMMAND_LINE;
                 let (action, label) = match line {
@@ -330,8 +345,18 @@ where
                 return SessionOutcome::Shutdown;
             }
             let room = lines.room().min(buf.len());
+            // Idle time counts from the last complete command, not the last byte, so a client
+            // trickling a byte at a time cannot hold its slot; before login the whole
+            // authorization phase has a deadline too.
+            let mut wait = self
+                .limits
+                .idle_timeout
+                .saturating_sub(last_command.elapsed());
+            if !self.session.is_authenticated() {
+                wait = wait.min(auth_deadline.saturating_duration_since(Instant::now()));
+            }
             let n = tokio::select! {
-                r = tokio::time::timeout(self.limits.idle_timeout, self.io.read(&mut buf[..room])) => match r {
+                r = tokio::time::timeout(wait, self.io.read(&mut buf[..room])) => match r {
                     Err(_) => return SessionOutcome::Timeout,
                     Ok(Err(_)) | Ok(Ok(0)) => return SessionOutcome::ClientGone,
                     Ok(Ok(n)) => n,
@@ -414,7 +439,7 @@ where
                     Ok((md, snapshot)) => match self.locks.try_lock(&user) {
                         Some(lock) => {
                             info!(user = %user, messages = snapshot.messages.len(), "pop3 login");
-                            self.user = Some(user);
+                            self.user = Some(user.clone());
                             self.maildrop = Some((md, lock));
                             Ok(snapshot)
                         }
@@ -429,6 +454,19 @@ where
                         Err(e)
                     }
                 };
+                if let Some(penalty) = &self.tls.penalty {
+                    match &result {
+                        Ok(_) => penalty.succeeded(self.tls.peer, &user),
+                        Err(MaildropError::Auth) => {
+                            let (delay, failures) = penalty.failed(self.tls.peer, &user);
+                            if !delay.is_zero() {
+                                info!(user = %user, failures, delay_ms = delay.as_millis() as u64, "login penalty");
+                                tokio::time::sleep(delay).await;
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
                 drop(password);
                 let label = login_result_label(&result.as_ref().map(|_| ()).map_err(Clone::clone));
                 metrics().logins.with_label_values(&[label]).inc();
