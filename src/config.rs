@@ -31,6 +31,29 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolConfig {
+    /// Listeners (`pop3`, `pop3s`) whose connections start with a PROXY v1/v2 header.
+    pub listeners: Vec<String>,
+    /// Only these source networks may send a header; anyone else is disconnected.
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Deadline for the header after connect.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        ProxyProtocolConfig {
+            listeners: Vec::new(),
+            trusted_networks: Vec::new(),
+            header_timeout_secs: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +331,38 @@ impl Config {
         if self.pop3.tls_handshake_timeout_secs == 0 {
             return Err((
                 "pop3.tls_handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        let pp = &self.proxy_protocol;
+        for name in &pp.listeners {
+            match name.as_str() {
+                "pop3" => {}
+                "pop3s" if self.pop3.listen_tls.is_some() => {}
+                "pop3s" => {
+                    return Err((
+                        "proxy_protocol.listeners",
+                        "names pop3s but pop3.listen_tls is not set".into(),
+                    ))
+                }
+                other => {
+                    return Err((
+                        "proxy_protocol.listeners",
+                        format!("unknown listener {other:?} (expected \"pop3\" or \"pop3s\")"),
+                    ))
+                }
+            }
+        }
+        if !pp.listeners.is_empty() && pp.trusted_networks.is_empty() {
+            return Err((
+                "proxy_protocol.trusted_networks",
+                "must list the load balancers' networks when proxy_protocol.listeners is set"
+                    .into(),
+            ));
+        }
+        if pp.header_timeout_secs == 0 {
+            return Err((
+                "proxy_protocol.header_timeout_secs",
                 "must be at least 1".into(),
             ));
         }

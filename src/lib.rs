@@ -25,6 +25,7 @@ pub mod limits;
 pub mod maildrop;
 pub mod metrics;
 pub mod pop3;
+pub mod proxy_protocol;
 pub mod server;
 pub mod state;
 pub mod uidl;

@@ -204,7 +204,7 @@ impl Metrics {
             connections_rejected: counter_vec(
                 &r,
                 "popbridge_connections_rejected_total",
-                "Connections turned away at a connection limit, by which limit.",
+                "Connections turned away: at a connection limit (total, per_ip) or for PROXY protocol (untrusted_proxy, bad_proxy_header).",
                 &["reason"],
             ),
             uidl_changed_sessions: counter(
@@ -240,7 +240,7 @@ impl Metrics {
         for mode in ["hide", "expunge", "move"] {
             self.deletions.with_label_values(&[mode]);
         }
-        for reason in ["total", "per_ip"] {
+        for reason in ["total", "per_ip", "untrusted_proxy", "bad_proxy_header"] {
             self.connections_rejected.with_label_values(&[reason]);
         }
         for kind in UPSTREAM_ERROR_KINDS {

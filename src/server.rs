@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -15,13 +15,14 @@ use crate::config::Config;
 use crate::config::PlaintextAuth;
 use crate::http::{self, Health};
 use crate::imap::{ImapUpstream, UpstreamSetupError};
-use crate::limits::{AuthPenalty, ConnectionLimiter, Rejected};
+use crate::limits::{AuthPenalty, ConnectionLimiter, ConnectionSlot, Rejected};
 use crate::metrics::{metrics, outcome_label};
 use crate::pop3::connection::{
     self, ClientPolicy, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
 };
 use crate::pop3::session::SessionConfig;
 use crate::pop3::stream::ClientStream;
+use crate::proxy_protocol;
 use crate::state::{StateError, StateStore};
 use crate::uidl::UidlFormat;
 use std::net::SocketAddr;
@@ -116,6 +117,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let handshake_timeout = Duration::from_secs(config.pop3.tls_handshake_timeout_secs);
     let limits = &config.limits;
     let connections = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    let proxy = Arc::new(ProxySettings {
+        trusted: config.proxy_protocol.trusted_networks.clone(),
+        header_timeout: Duration::from_secs(config.proxy_protocol.header_timeout_secs),
+    });
     let penalty = AuthPenalty::new(
         Duration::from_millis(limits.auth_penalty_base_ms),
         Duration::from_secs(limits.auth_penalty_max_secs),
@@ -136,6 +141,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             auth_timeout: Duration::from_secs(config.limits.auth_timeout_secs),
             penalty: Some(penalty.clone()),
             connections: connections.clone(),
+            proxy: config
+                .proxy_protocol
+                .listeners
+                .iter()
+                .any(|l| l == name)
+                .then(|| proxy.clone()),
         })
     };
     let mut listeners = vec![(config.pop3.listen, policy("pop3", None))];
@@ -216,9 +227,73 @@ pub struct ListenerSpec {
     pub penalty: Option<Arc<AuthPenalty>>,
     /// Shared by all listeners: connections in total and per client address.
     pub connections: Arc<ConnectionLimiter>,
+    /// Connections start with a PROXY protocol header.
+    pub proxy: Option<Arc<ProxySettings>>,
+}
+
+/// PROXY protocol on one listener.
+pub struct ProxySettings {
+    pub trusted: Vec<ipnet::IpNet>,
+    pub header_timeout: Duration,
 }
 
 impl ListenerSpec {
+    /// The client's real address: the TCP peer, or what a trusted proxy's PROXY header says.
+    /// `None` when the connection must be dropped (untrusted source, bad header).
+    async fn client_address(&self, socket: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let Some(proxy) = &self.proxy else {
+            return Some(peer);
+        };
+        let reject = |reason: &'static str| {
+            metrics()
+                .connections_rejected
+                .with_label_values(&[reason])
+                .inc();
+        };
+        if !proxy.trusted.iter().any(|net| net.contains(&peer.ip())) {
+            tracing::warn!(%peer, "PROXY protocol connection from an untrusted address refused");
+            reject("untrusted_proxy");
+            return None;
+        }
+        match proxy_protocol::read_header(socket, proxy.header_timeout).await {
+            Ok(addr) => {
+                let client = addr.unwrap_or(peer);
+                tracing::Span::current().record("client", tracing::field::display(client));
+                Some(client)
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "bad PROXY protocol header");
+                reject("bad_proxy_header");
+                None
+            }
+        }
+    }
+
+    /// Take a connection slot for `client`, or answer that the limit is reached.
+    fn admit(&self, socket: &TcpStream, client: SocketAddr) -> Option<ConnectionSlot> {
+        match self.connections.try_acquire(client.ip()) {
+            Ok(slot) => Some(slot),
+            Err(why) => {
+                let reason = match why {
+                    Rejected::Total => "total",
+                    Rejected::PerIp => "per_ip",
+                };
+                metrics()
+                    .connections_rejected
+                    .with_label_values(&[reason])
+                    .inc();
+                tracing::info!(%client, listener = self.name, reason, "connection refused: limit reached");
+                // Never blocks: a fresh socket's send buffer is empty. A POP3S client would not
+                // understand plaintext, so it is just closed.
+                if self.implicit_tls.is_none() {
+                    let _ = socket
+                        .try_write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
+                }
+                None
+            }
+        }
+    }
+
     /// A plain listener that takes passwords: a trusted network.
     pub fn plain_trusted() -> ListenerSpec {
         ListenerSpec {
@@ -231,6 +306,7 @@ impl ListenerSpec {
             auth_timeout: Duration::from_secs(60),
             penalty: None,
             connections: ConnectionLimiter::new(usize::MAX, usize::MAX),
+            proxy: None,
         }
     }
 
@@ -265,23 +341,6 @@ pub async fn run<U: Upstream + 'static>(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    let slot = match spec.connections.try_acquire(peer.ip()) {
-                        Ok(slot) => slot,
-                        Err(why) => {
-                            let reason = match why {
-                                Rejected::Total => "total",
-                                Rejected::PerIp => "per_ip",
-                            };
-                            metrics().connections_rejected.with_label_values(&[reason]).inc();
-                            tracing::info!(%peer, listener = spec.name, reason, "connection refused: limit reached");
-                            // Never blocks: a fresh socket's send buffer is empty. A POP3S
-                            // client would not understand plaintext, so it is just closed.
-                            if spec.implicit_tls.is_none() {
-                                let _ = socket.try_write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
-                            }
-                            continue;
-                        }
-                    };
                     // Small responses must not wait for the client's delayed ACK.
                     if let Err(e) = socket.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
@@ -294,19 +353,26 @@ pub async fn run<U: Upstream + 'static>(
                         listener = spec.name,
                         id = next_id,
                         %peer,
+                        client = tracing::field::Empty,
                         user = tracing::field::Empty
                     );
                     let spec = spec.clone();
                     sessions.spawn(
                         async move {
-                            let _slot = slot;
+                            let mut socket = socket;
+                            let Some(client) = spec.client_address(&mut socket, peer).await else {
+                                return;
+                            };
+                            let Some(_slot) = spec.admit(&socket, client) else {
+                                return;
+                            };
                             let m = metrics();
                             let listener = spec.name;
                             m.sessions_started.with_label_values(&[listener]).inc();
                             let active = m.sessions_active.with_label_values(&[listener]);
                             active.inc();
                             let started = Instant::now();
-                            let tls = spec.client_policy(peer);
+                            let tls = spec.client_policy(client);
                             let outcome = match &spec.implicit_tls {
                                 None => Ok(ClientStream::Plain(socket)),
                                 Some(acceptor) => {
