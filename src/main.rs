@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use popbridge::config::Config;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// A POP3 server whose maildrop is a folder on an upstream IMAP server.
@@ -60,13 +63,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // imap-next traces every IMAP fragment it reads and writes: LOGIN passwords and message
+    // bodies. No filter a user writes may turn that on, so its events are dropped here.
+    let no_wire_data = filter_fn(|meta| !meta.target().starts_with("imap_next"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match cli.log_format {
         // Colour codes only for a person at a terminal, never in files or journald.
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(no_wire_data)
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .finish()
+            .with(no_wire_data)
+            .init(),
     }
 
     match cli.command {
