@@ -206,83 +206,118 @@ impl ImapConnection {
         body: CommandBody<'static>,
         on_untagged: impl FnMut(Untagged),
     ) -> Result<Completion, ImapError> {
+        let mut done = self.execute_all(vec![body], on_untagged).await?;
+        done.pop().ok_or(ImapError::Malformed)
+    }
+
+    /// Send `bodies` back to back (IMAP pipelining: one round trip instead of one each) and
+    /// collect their tagged completions in order, handing every untagged response to
+    /// `on_untagged` as it arrives.
+    pub async fn execute_all(
+        &mut self,
+        bodies: Vec<CommandBody<'static>>,
+        mut on_untagged: impl FnMut(Untagged),
+    ) -> Result<Vec<Completion>, ImapError> {
         if self.broken {
             return Err(ImapError::Broken);
         }
         let started = Instant::now();
-        let name = body.name();
-        let result = self.execute_inner(body, on_untagged).await;
-        let m = metrics();
-        m.upstream_command_duration
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
-        match &result {
-            // After LOGOUT nothing more is wanted from the connection: a close is no error.
-            Err(_) if name == "LOGOUT" => {}
-            Err(e) => m.upstream_errors.with_label_values(&[e.kind()]).inc(),
-            // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
-            Ok(done) if !done.is_ok() && name != "LOGIN" => m
-                .upstream_errors
-                .with_label_values(&["command_failed"])
-                .inc(),
-            Ok(_) => {}
+        let mut pending = Vec::with_capacity(bodies.len());
+        let mut logging_out = false;
+        for body in bodies {
+            logging_out |= matches!(body, CommandBody::Logout);
+            let name = body.name();
+            let tag = Tag::try_from(format!("P{}", self.next_tag))
+                .map_err(|e| ImapError::Command(e.to_string()))?;
+            self.next_tag = self.next_tag.wrapping_add(1);
+            let handle = self.client.enqueue_command(Command {
+                tag: tag.clone(),
+                body,
+            });
+            pending.push((name, tag, handle, None::<Completion>));
         }
-        result
-    }
-
-    async fn execute_inner(
-        &mut self,
-        body: CommandBody<'static>,
-        mut on_untagged: impl FnMut(Untagged),
-    ) -> Result<Completion, ImapError> {
-        let logging_out = matches!(body, CommandBody::Logout);
-        let tag = Tag::try_from(format!("P{}", self.next_tag))
-            .map_err(|e| ImapError::Command(e.to_string()))?;
-        self.next_tag = self.next_tag.wrapping_add(1);
-        let handle = self.client.enqueue_command(Command {
-            tag: tag.clone(),
-            body,
-        });
+        let m = metrics();
         loop {
-            match self.next_event().await? {
+            if pending.iter().all(|p| p.3.is_some()) {
+                break;
+            }
+            let event = match self.next_event().await {
+                Ok(e) => e,
+                Err(e) => {
+                    if !logging_out {
+                        m.upstream_errors.with_label_values(&[e.kind()]).inc();
+                    }
+                    return Err(e);
+                }
+            };
+            let (index, completion) = match event {
                 Event::StatusReceived {
                     status: Status::Tagged(tagged),
-                } if tagged.tag == tag => {
-                    return Ok(Completion {
-                        kind: tagged.body.kind,
-                        code: tagged.body.code,
-                        text: tagged.body.text.to_string(),
-                    });
-                }
-                Event::CommandRejected {
-                    handle: h, status, ..
-                } if h == handle => {
+                } => match pending.iter().position(|p| p.1 == tagged.tag) {
+                    Some(i) => (
+                        i,
+                        Completion {
+                            kind: tagged.body.kind,
+                            code: tagged.body.code,
+                            text: tagged.body.text.to_string(),
+                        },
+                    ),
+                    None => continue,
+                },
+                Event::CommandRejected { handle, status, .. } => {
+                    let Some(i) = pending.iter().position(|p| p.2 == handle) else {
+                        continue;
+                    };
                     let (kind, code, text) = match status {
                         Status::Tagged(t) => (t.body.kind, t.body.code, t.body.text.to_string()),
                         Status::Untagged(b) => (b.kind, b.code, b.text.to_string()),
                         Status::Bye(b) => return Err(self.fail(ImapError::Bye(b.text.to_string()))),
                     };
-                    return Ok(Completion { kind, code, text });
+                    (i, Completion { kind, code, text })
                 }
                 // The BYE that answers our LOGOUT is the expected goodbye, not a failure.
                 Event::StatusReceived {
                     status: Status::Bye(_),
-                } if logging_out => self.broken = true,
+                } if logging_out => {
+                    self.broken = true;
+                    continue;
+                }
                 Event::StatusReceived {
                     status: Status::Bye(bye),
-                } => return Err(self.fail(ImapError::Bye(bye.text.to_string()))),
+                } => {
+                    m.upstream_errors.with_label_values(&["bye"]).inc();
+                    return Err(self.fail(ImapError::Bye(bye.text.to_string())));
+                }
                 Event::StatusReceived {
                     status: Status::Untagged(body),
-                } => on_untagged(Untagged::Status {
-                    kind: body.kind,
-                    code: body.code,
-                }),
-                Event::DataReceived { data } => on_untagged(Untagged::Data(data)),
-                // A stray tagged status, our own command being sent, or a continuation request
-                // we never asked for (we send no AUTHENTICATE or IDLE): nothing to do.
-                _ => {}
+                } => {
+                    on_untagged(Untagged::Status {
+                        kind: body.kind,
+                        code: body.code,
+                    });
+                    continue;
+                }
+                Event::DataReceived { data } => {
+                    on_untagged(Untagged::Data(data));
+                    continue;
+                }
+                // Our own command being sent, or a continuation request we never asked for
+                // (we send no AUTHENTICATE or IDLE): nothing to do.
+                _ => continue,
+            };
+            let name = pending[index].0;
+            m.upstream_command_duration
+                .with_label_values(&[name])
+                .observe(started.elapsed().as_secs_f64());
+            // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
+            if !completion.is_ok() && name != "LOGIN" {
+                m.upstream_errors
+                    .with_label_values(&["command_failed"])
+                    .inc();
             }
+            pending[index].3 = Some(completion);
         }
+        Ok(pending.into_iter().filter_map(|p| p.3).collect())
     }
 
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.

@@ -251,6 +251,7 @@ impl ImapUpstream {
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
             has_move,
+            pending_seen: Vec::new(),
         };
         Ok((
             maildrop,
@@ -341,6 +342,8 @@ pub struct ImapMaildrop {
     move_to: String,
     hide_keyword: String,
     has_move: bool,
+    /// Retrieved messages still to be flagged `\Seen`.
+    pending_seen: Vec<u32>,
 }
 
 impl ImapMaildrop {
@@ -349,12 +352,45 @@ impl ImapMaildrop {
         body: CommandBody<'static>,
         on_untagged: impl FnMut(Untagged),
     ) -> Result<Completion, MaildropError> {
+        let mut done = self.run_all(vec![body], on_untagged).await?;
+        done.pop()
+            .ok_or_else(|| MaildropError::Unavailable("no completion".into()))
+    }
+
+    /// Run commands pipelined, preceded by any `\Seen` flags still owed for retrieved messages
+    /// (sent with the next command instead of costing a round trip of their own).
+    async fn run_all(
+        &mut self,
+        bodies: Vec<CommandBody<'static>>,
+        on_untagged: impl FnMut(Untagged),
+    ) -> Result<Vec<Completion>, MaildropError> {
+        let seen = std::mem::take(&mut self.pending_seen);
+        let mut all = Vec::with_capacity(bodies.len() + 1);
+        for set in uid_set(&seen)? {
+            all.push(
+                CommandBody::store(
+                    set,
+                    StoreType::Add,
+                    StoreResponse::Silent,
+                    vec![Flag::Seen],
+                    true,
+                )
+                .map_err(|e| MaildropError::Unavailable(e.to_string()))?,
+            );
+        }
+        let owed = all.len();
+        all.extend(bodies);
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| MaildropError::Unavailable("upstream connection lost".into()))?;
-        match conn.execute(body, on_untagged).await {
-            Ok(done) => Ok(done),
+        match conn.execute_all(all, on_untagged).await {
+            Ok(mut done) => {
+                for failed in done.iter().take(owed).filter(|d| !d.is_ok()) {
+                    tracing::warn!(text = %failed.text, "could not flag retrieved messages \\Seen");
+                }
+                Ok(done.split_off(owed.min(done.len())))
+            }
             Err(e) => {
                 self.conn = None;
                 Err(unavailable(e))
@@ -438,16 +474,18 @@ impl Maildrop for ImapMaildrop {
             true,
         )
         .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
-        if offset == 0 {
-            // Servers keep an expunged message readable in a session until that session is told
-            // of the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). NOOP lets the
-            // server deliver it, so a message another client expunged reads as Gone.
-            let noop = self.run(CommandBody::Noop, |_| {}).await?;
-            expect_ok("NOOP", noop)?;
-        }
+        // Servers keep an expunged message readable in a session until that session is told of
+        // the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP first lets the
+        // server deliver it, so a message another client expunged reads as Gone; pipelined with
+        // the FETCH, it costs no extra round trip.
+        let bodies = if offset == 0 {
+            vec![CommandBody::Noop, body]
+        } else {
+            vec![body]
+        };
         let mut piece: Option<Bytes> = None;
-        let done = self
-            .run(body, |u| {
+        let mut done = self
+            .run_all(bodies, |u| {
                 let Untagged::Data(Data::Fetch { items, .. }) = u else {
                     return;
                 };
@@ -474,6 +512,9 @@ impl Maildrop for ImapMaildrop {
                 }
             })
             .await?;
+        let done = done
+            .pop()
+            .ok_or_else(|| MaildropError::Unavailable("no completion".into()))?;
         match piece {
             Some(bytes) => Ok(bytes),
             // No data for the UID: the message was expunged by another client since login.
@@ -485,12 +526,11 @@ impl Maildrop for ImapMaildrop {
         }
     }
 
+    /// Owed until the next upstream command (or the end of the session), so a RETR costs one
+    /// round trip, not two.
     async fn mark_seen(&mut self, uid: u32) -> Result<(), MaildropError> {
-        let set = uid_set(&[uid])?;
-        match set.first() {
-            Some(set) => self.store(set, Flag::Seen).await,
-            None => Ok(()),
-        }
+        self.pending_seen.push(uid);
+        Ok(())
     }
 
     fn retrieved(&mut self, uid: u32) {
@@ -516,6 +556,11 @@ impl Maildrop for ImapMaildrop {
     }
 
     async fn close(mut self) {
+        if !self.pending_seen.is_empty() {
+            if let Err(e) = self.run_all(Vec::new(), |_| {}).await {
+                tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
+            }
+        }
         if let Some(conn) = self.conn.take() {
             conn.logout().await;
         }
