@@ -146,6 +146,48 @@ impl StateStore {
         }
     }
 
+    /// Cached message sizes of `user`'s `mailbox` under `uid_validity`, sorted by UID; empty
+    /// when unknown or recorded under another UIDVALIDITY (then every UID is another message).
+    pub fn sizes(&self, user: &str, mailbox: &str, uid_validity: u32) -> Vec<(u32, u32)> {
+        let Ok(Some(blob)) = self.db.get(sizes_key(user, mailbox)) else {
+            return Vec::new();
+        };
+        let Some((head, body)) = blob.split_first_chunk::<4>() else {
+            return Vec::new();
+        };
+        if u32::from_be_bytes(*head) != uid_validity || body.len() % 8 != 0 {
+            return Vec::new();
+        }
+        let pairs: Vec<(u32, u32)> = body
+            .chunks_exact(8)
+            .map(|c| {
+                (
+                    u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
+                    u32::from_be_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect();
+        // Only ever written sorted; anything else is damage, and damage means "unknown".
+        if pairs.windows(2).all(|w| w[0].0 < w[1].0) {
+            pairs
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Replace the cached sizes of `user`'s `mailbox` (pairs sorted by UID).
+    pub fn store_sizes(&self, user: &str, mailbox: &str, uid_validity: u32, sizes: &[(u32, u32)]) {
+        let mut blob = Vec::with_capacity(4 + sizes.len() * 8);
+        blob.extend_from_slice(&uid_validity.to_be_bytes());
+        for (uid, size) in sizes {
+            blob.extend_from_slice(&uid.to_be_bytes());
+            blob.extend_from_slice(&size.to_be_bytes());
+        }
+        if let Err(e) = self.db.insert(sizes_key(user, mailbox), blob) {
+            tracing::warn!(error = %e, "could not update state cache");
+        }
+    }
+
     /// What was last recorded for `user`'s `mailbox`.
     pub fn mailbox(&self, user: &str, mailbox: &str) -> Option<MailboxRecord> {
         let value = self.db.get(mailbox_key(user, mailbox)).ok()??;
@@ -166,6 +208,13 @@ fn mailbox_key(user: &str, mailbox: &str) -> Vec<u8> {
     key.extend_from_slice(user.to_lowercase().as_bytes());
     key.push(0);
     key.extend_from_slice(mailbox.as_bytes());
+    key
+}
+
+/// `v1/sizes/<user>\0<mailbox>`: UIDVALIDITY, then (UID, RFC822.SIZE) pairs.
+fn sizes_key(user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = b"v1/sizes/".to_vec();
+    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
     key
 }
 
@@ -221,6 +270,21 @@ mod tests {
         );
         assert!(!s.note_retrieved("erin", "INBOX", 1, 5), "another user");
         assert!(!s.note_retrieved("dave", "Other", 1, 5), "another folder");
+    }
+
+    #[test]
+    fn sizes_round_trip_and_are_dropped_on_uidvalidity_change_or_damage() {
+        let s = StateStore::temporary().unwrap();
+        assert!(s.sizes("u", "INBOX", 7).is_empty());
+        s.store_sizes("u", "INBOX", 7, &[(1, 100), (5, 2000)]);
+        assert_eq!(s.sizes("U", "INBOX", 7), vec![(1, 100), (5, 2000)]);
+        assert!(s.sizes("u", "INBOX", 8).is_empty(), "another UIDVALIDITY");
+        assert!(s.sizes("u", "Other", 7).is_empty(), "another folder");
+        s.db.insert(sizes_key("u", "INBOX"), &[0, 0, 0, 7, 1, 2, 3][..])
+            .unwrap();
+        assert!(s.sizes("u", "INBOX", 7).is_empty(), "truncated blob");
+        s.store_sizes("u", "INBOX", 7, &[(5, 1), (1, 1)]);
+        assert!(s.sizes("u", "INBOX", 7).is_empty(), "unsorted blob");
     }
 
     #[test]

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use imap_next::imap_types::command::CommandBody;
-use imap_next::imap_types::core::Atom;
+use imap_next::imap_types::core::{Atom, Vec1};
 use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
-use imap_next::imap_types::flag::{Flag, FlagFetch, FlagPerm, StoreResponse, StoreType};
+use imap_next::imap_types::flag::{Flag, FlagPerm, StoreResponse, StoreType};
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data, StatusKind};
+use imap_next::imap_types::search::SearchKey;
 use imap_next::imap_types::sequence::SequenceSet;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -76,7 +77,8 @@ impl ImapUpstream {
                 connect_timeout: Duration::from_secs(imap.connect_timeout_secs),
                 io_timeout: Duration::from_secs(imap.command_timeout_secs),
                 // A piece plus the FETCH framing around it, with room to spare.
-                max_response_size: imap.fetch_chunk_bytes.saturating_mul(2).max(1 << 20),
+                // A FETCH piece and its framing, or the one-line UID SEARCH of a huge mailbox.
+                max_response_size: imap.fetch_chunk_bytes.saturating_mul(2).max(16 << 20),
             },
             state,
         })
@@ -232,7 +234,7 @@ impl ImapUpstream {
         let messages = if exists == 0 {
             Vec::new()
         } else {
-            self.list(&mut conn).await?
+            self.list(&mut conn, user, uid_validity).await?
         };
 
         if let Some(state) = &self.state {
@@ -262,46 +264,28 @@ impl ImapUpstream {
         ))
     }
 
-    /// `UID FETCH 1:* (UID RFC822.SIZE FLAGS)`, without the messages POP3 must not see.
-    async fn list(&self, conn: &mut ImapConnection) -> Result<Vec<MessageEntry>, MaildropError> {
-        let hide = self.hide_keyword.to_ascii_lowercase();
-        let mut messages = Vec::new();
-        let fetch = CommandBody::fetch(
-            "1:*",
-            vec![
-                MessageDataItemName::Uid,
-                MessageDataItemName::Rfc822Size,
-                MessageDataItemName::Flags,
-            ],
-            true,
-        )
-        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+    /// The messages POP3 may see, with their sizes. The server answers which UIDs exist and
+    /// are not hidden (`UID SEARCH`, one line) every time; only sizes, which never change for
+    /// a UID, come from the cache, and only unknown ones are fetched. So the cache can never
+    /// show a deleted or hidden message, and losing it only costs one full size fetch.
+    async fn list(
+        &self,
+        conn: &mut ImapConnection,
+        user: &str,
+        uid_validity: u32,
+    ) -> Result<Vec<MessageEntry>, MaildropError> {
+        let criteria = if self.deletion == DeletionMode::Hide {
+            let atom = Atom::try_from(self.hide_keyword.clone())
+                .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
+            SearchKey::Not(Box::new(SearchKey::Keyword(atom)))
+        } else {
+            SearchKey::All
+        };
+        let mut uids: Vec<u32> = Vec::new();
         let done = conn
-            .execute(fetch, |u| {
-                let Untagged::Data(Data::Fetch { items, .. }) = u else {
-                    return;
-                };
-                let (mut uid, mut size, mut hidden) = (None, None, false);
-                for item in items.as_ref() {
-                    match item {
-                        MessageDataItem::Uid(u) => uid = Some(u.get()),
-                        MessageDataItem::Rfc822Size(s) => size = Some(u64::from(*s)),
-                        MessageDataItem::Flags(flags) => {
-                            hidden = flags.iter().any(|f| match f {
-                                FlagFetch::Flag(f @ Flag::Keyword(_)) => {
-                                    f.to_string().eq_ignore_ascii_case(&hide)
-                                }
-                                _ => false,
-                            })
-                        }
-                        _ => {}
-                    }
-                }
-                // Unsolicited FETCHes (flag changes by other clients) lack a size: skip them.
-                if let (Some(uid), Some(size)) = (uid, size) {
-                    if self.deletion != DeletionMode::Hide || !hidden {
-                        messages.push(MessageEntry { uid, size });
-                    }
+            .execute(CommandBody::search(None, Vec1::from(criteria), true), |u| {
+                if let Untagged::Data(Data::Search(found, ..)) = u {
+                    uids.extend(found.iter().map(|u| u.get()));
                 }
             })
             .await
@@ -312,9 +296,90 @@ impl ImapUpstream {
                 done.text
             )));
         }
-        messages.sort_by_key(|m| m.uid);
-        messages.dedup_by_key(|m| m.uid);
-        Ok(messages)
+        uids.sort_unstable();
+        uids.dedup();
+
+        let cached = self
+            .state
+            .as_ref()
+            .map(|s| s.sizes(user, &self.mailbox, uid_validity))
+            .unwrap_or_default();
+        let known = |uid: u32| {
+            cached
+                .binary_search_by_key(&uid, |&(u, _)| u)
+                .ok()
+                .map(|i| cached[i].1)
+        };
+        let missing: Vec<u32> = uids
+            .iter()
+            .copied()
+            .filter(|&u| known(u).is_none())
+            .collect();
+        let mut fetched: Vec<(u32, u32)> = Vec::with_capacity(missing.len());
+        if !missing.is_empty() {
+            let fetches = uid_set(&missing)?
+                .into_iter()
+                .map(|set| {
+                    CommandBody::fetch(
+                        set,
+                        vec![MessageDataItemName::Uid, MessageDataItemName::Rfc822Size],
+                        true,
+                    )
+                    .map_err(|e| MaildropError::Unavailable(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let done = conn
+                .execute_all(fetches, |u| {
+                    let Untagged::Data(Data::Fetch { items, .. }) = u else {
+                        return;
+                    };
+                    let (mut uid, mut size) = (None, None);
+                    for item in items.as_ref() {
+                        match item {
+                            MessageDataItem::Uid(u) => uid = Some(u.get()),
+                            MessageDataItem::Rfc822Size(s) => size = Some(*s),
+                            _ => {}
+                        }
+                    }
+                    // Unsolicited FETCHes (flag changes by other clients) lack a size.
+                    if let (Some(uid), Some(size)) = (uid, size) {
+                        fetched.push((uid, size));
+                    }
+                })
+                .await
+                .map_err(unavailable)?;
+            if let Some(failed) = done.iter().find(|d| !d.is_ok()) {
+                return Err(MaildropError::Unavailable(format!(
+                    "listing sizes failed: {}",
+                    failed.text
+                )));
+            }
+            fetched.sort_unstable();
+            fetched.dedup_by_key(|e| e.0);
+        }
+        let fresh = |uid: u32| {
+            fetched
+                .binary_search_by_key(&uid, |&(u, _)| u)
+                .ok()
+                .map(|i| fetched[i].1)
+        };
+        // A UID expunged between SEARCH and FETCH has no size: it is simply not listed.
+        let listing: Vec<(u32, u32)> = uids
+            .iter()
+            .filter_map(|&u| known(u).or_else(|| fresh(u)).map(|size| (u, size)))
+            .collect();
+        if let Some(state) = &self.state {
+            if listing.len() != cached.len() || !fetched.is_empty() {
+                state.store_sizes(user, &self.mailbox, uid_validity, &listing);
+            }
+        }
+        Ok(listing
+            .into_iter()
+            .map(|(uid, size)| MessageEntry {
+                uid,
+                size: u64::from(size),
+            })
+            .collect())
     }
 }
 
@@ -474,15 +539,16 @@ impl Maildrop for ImapMaildrop {
             true,
         )
         .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
-        // Servers keep an expunged message readable in a session until that session is told of
-        // the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP first lets the
-        // server deliver it, so a message another client expunged reads as Gone; pipelined with
-        // the FETCH, it costs no extra round trip.
-        let bodies = if offset == 0 {
-            vec![CommandBody::Noop, body]
-        } else {
-            vec![body]
-        };
+        if offset == 0 {
+            // Servers keep an expunged message readable in a session until that session is
+            // told of the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP
+            // first lets the server deliver it, so a message another client expunged reads as
+            // Gone. It must complete before the FETCH is sent: Dovecot does not apply the
+            // expunge to a FETCH pipelined behind the NOOP (tests/errors.rs found that).
+            let noop = self.run(CommandBody::Noop, |_| {}).await?;
+            expect_ok("NOOP", noop)?;
+        }
+        let bodies = vec![body];
         let mut piece: Option<Bytes> = None;
         let mut done = self
             .run_all(bodies, |u| {
