@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 pub mod imap_do;
 pub mod prometheus;
+pub mod relay;
 
 const INSTALL_HINT: &str = "run scripts/test, which installs it \
      (or: apt-get install -y dovecot-imapd dovecot-pop3d openssl python3 curl)";

@@ -1,0 +1,159 @@
+//! Upstream faults injected by a relay between popbridge and Dovecot: the client gets a clear
+//! error or a closed connection, never a lie, and nothing is deleted that a QUIT did not commit.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::relay::{Fault, Relay, Trigger};
+use support::*;
+
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut c = Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        };
+        assert!(c.line().starts_with("+OK"));
+        c
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        let _ = self.r.read_line(&mut l);
+        l
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        if self.w.write_all(format!("{c}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        self.line()
+    }
+}
+
+fn setup(trigger: Trigger, fault: Fault, extra: &str) -> (Dovecot, Relay, Popbridge) {
+    let dc = Dovecot::start();
+    dc.add_user("f", "fpw");
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    let mut big_msg = b"Subject: big\r\n\r\n".to_vec();
+    for line in big.chunks(76) {
+        big_msg.extend_from_slice(line);
+        big_msg.extend_from_slice(b"\r\n");
+    }
+    dc.seed(
+        "f",
+        &[
+            b"Subject: 1\r\n\r\none\r\n",
+            b"Subject: 2\r\n\r\ntwo\r\n",
+            b"Subject: 3\r\n\r\nthree\r\n",
+            &big_msg,
+        ],
+    );
+    let relay = Relay::start(dc.imap_port(), trigger, fault);
+    let pb = Popbridge::start(
+        &dc,
+        &format!(
+            "[imap]\nport = {}\ncommand_timeout_secs = 2\n[deletion]\nmode = \"expunge\"\n{extra}",
+            relay.port()
+        ),
+    );
+    (dc, relay, pb)
+}
+
+#[test]
+fn cut_during_login_is_sys_temp() {
+    // The greeting gets through, the LOGIN answer does not.
+    let (_dc, relay, pb) = setup(Trigger::ClientSends("LOGIN".into()), Fault::Cut, "");
+    let mut c = Client::connect(pb.pop3_port());
+    c.cmd("USER f");
+    let r = c.cmd("PASS fpw");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert_eq!(relay.fired(), 1);
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+}
+
+#[test]
+fn cut_mid_retr_closes_the_session_and_deletes_nothing() {
+    // Enough upstream bytes for login, listing and the first piece of the big message.
+    let (dc, relay, pb) = setup(Trigger::UpstreamBytes(400_000), Fault::Cut, "");
+    let mut c = Client::connect(pb.pop3_port());
+    c.cmd("USER f");
+    assert!(c.cmd("PASS fpw").starts_with("+OK"));
+    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    let r = c.cmd("RETR 4");
+    assert!(r.starts_with("+OK"), "{r}");
+    // The body stops short and the connection closes: no terminating line ever comes.
+    let mut rest = Vec::new();
+    let _ = c.r.read_to_end(&mut rest);
+    assert!(
+        !rest.ends_with(b"\r\n.\r\n"),
+        "a truncated message must not look complete"
+    );
+    assert!(rest.len() < 3 * 1024 * 1024);
+    assert_eq!(relay.fired(), 1);
+    relay.set(Trigger::Never, Fault::Cut);
+    assert_eq!(dc.imap_state("f", "fpw", "INBOX").uids(), vec![1, 2, 3, 4]);
+    assert!(
+        pb.wait_for_log("outcome=UpstreamError", Duration::from_secs(5)),
+        "{}",
+        pb.log()
+    );
+}
+
+#[test]
+fn a_silent_upstream_hits_the_deadline() {
+    // Everything until the first FETCH of a message body, then silence.
+    let (_dc, relay, pb) = setup(Trigger::ClientSends("BODY.PEEK".into()), Fault::Stall, "");
+    let mut c = Client::connect(pb.pop3_port());
+    c.cmd("USER f");
+    assert!(c.cmd("PASS fpw").starts_with("+OK"));
+    let started = Instant::now();
+    let r = c.cmd("RETR 1");
+    let took = started.elapsed();
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "answered before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "deadline not enforced: {took:?}"
+    );
+    assert_eq!(relay.fired(), 1);
+}
+
+#[test]
+fn cut_during_update_never_reports_success_and_leaves_a_consistent_mailbox() {
+    let (dc, relay, pb) = setup(Trigger::ClientSends("UID EXPUNGE".into()), Fault::Cut, "");
+    let mut c = Client::connect(pb.pop3_port());
+    c.cmd("USER f");
+    assert!(c.cmd("PASS fpw").starts_with("+OK"));
+    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    assert!(c.cmd("DELE 3").starts_with("+OK"));
+    let r = c.cmd("QUIT");
+    assert!(
+        r.starts_with("-ERR [SYS/TEMP]"),
+        "QUIT must not claim success: {r}"
+    );
+    assert_eq!(relay.fired(), 1);
+
+    // A later session sees each marked message either gone or still there, and every
+    // unmarked one untouched.
+    relay.set(Trigger::Never, Fault::Cut);
+    let uids = dc.imap_state("f", "fpw", "INBOX").uids();
+    assert!(
+        uids.contains(&2) && uids.contains(&4),
+        "unmarked messages touched: {uids:?}"
+    );
+    assert!(uids.iter().all(|u| [1, 2, 3, 4].contains(u)), "{uids:?}");
+    let s = poplib(pb.pop3_port(), &["user f", "pass fpw", "stat", "quit"]);
+    s.assert_all_ok();
+}

@@ -1,0 +1,194 @@
+//! A fault-injecting TCP relay between popbridge and the upstream: it forwards bytes both ways
+//! until a chosen fault: cut both connections, or stall (stop forwarding, keep them open),
+//! when a byte count is reached or when the client side sends a given pattern.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// When the fault strikes.
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    /// Never: a transparent relay.
+    Never,
+    /// After this many bytes from the upstream (server to client), counted per connection.
+    UpstreamBytes(u64),
+    /// When the client side's bytes (per connection) contain this text; the matching chunk is
+    /// not forwarded.
+    ClientSends(String),
+}
+
+/// What the fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Close both connections.
+    Cut,
+    /// Stop forwarding in both directions but keep the connections open.
+    Stall,
+}
+
+pub struct Relay {
+    port: u16,
+    fired: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    rule: Arc<Mutex<(Trigger, Fault)>>,
+}
+
+impl Relay {
+    /// Relay 127.0.0.1:<new port> to 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16, trigger: Trigger, fault: Fault) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fired = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rule = Arc::new(Mutex::new((trigger, fault)));
+        {
+            let (fired, stop, rule) = (fired.clone(), stop.clone(), rule.clone());
+            thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        continue;
+                    };
+                    let rule = rule.lock().unwrap().clone();
+                    spawn_pair(client, server, rule, fired.clone());
+                }
+            });
+        }
+        Relay {
+            port,
+            fired,
+            stop,
+            rule,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many connections the fault has struck so far.
+    pub fn fired(&self) -> u64 {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Change the rule for connections accepted from now on.
+    pub fn set(&self, trigger: Trigger, fault: Fault) {
+        *self.rule.lock().unwrap() = (trigger, fault);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fired: Arc<AtomicU64>) {
+    let (trigger, fault) = rule;
+    let struck = Arc::new(AtomicBool::new(false));
+    let strike = {
+        let (c, s, struck, fired) = (
+            client.try_clone().unwrap(),
+            server.try_clone().unwrap(),
+            struck.clone(),
+            fired.clone(),
+        );
+        move || {
+            if !struck.swap(true, Ordering::SeqCst) {
+                fired.fetch_add(1, Ordering::SeqCst);
+                if fault == Fault::Cut {
+                    let _ = c.shutdown(Shutdown::Both);
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    };
+    let strike = Arc::new(strike);
+
+    // Upstream to client.
+    {
+        let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        let (trigger, struck, strike) = (trigger.clone(), struck.clone(), strike.clone());
+        thread::spawn(move || {
+            let mut sent = 0u64;
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if struck.load(Ordering::SeqCst) {
+                    if fault == Fault::Stall {
+                        continue;
+                    }
+                    break;
+                }
+                let mut chunk = &buf[..n];
+                if let Trigger::UpstreamBytes(limit) = trigger {
+                    let room = limit.saturating_sub(sent) as usize;
+                    if chunk.len() >= room {
+                        chunk = &chunk[..room];
+                        let _ = to.write_all(chunk);
+                        sent += chunk.len() as u64;
+                        strike();
+                        continue;
+                    }
+                }
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+            }
+            if fault == Fault::Cut || !struck.load(Ordering::SeqCst) {
+                let _ = to.shutdown(Shutdown::Write);
+            }
+        });
+    }
+    // Client to upstream.
+    {
+        let (mut from, mut to) = (client, server);
+        thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if struck.load(Ordering::SeqCst) {
+                    if fault == Fault::Stall {
+                        continue;
+                    }
+                    break;
+                }
+                if let Trigger::ClientSends(pattern) = &trigger {
+                    seen.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&seen).contains(pattern.as_str()) {
+                        strike();
+                        continue;
+                    }
+                    // Keep only a tail long enough to match across chunk boundaries.
+                    let keep = pattern.len().max(1) * 4;
+                    if seen.len() > keep {
+                        seen.drain(..seen.len() - keep);
+                    }
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            if fault == Fault::Cut || !struck.load(Ordering::SeqCst) {
+                let _ = to.shutdown(Shutdown::Write);
+            }
+        });
+    }
+    // A stalled pair lives until the peers give up; nothing to join.
+}
