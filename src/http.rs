@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::imap::ImapUpstream;
 use crate::metrics::metrics;
+use crate::server::Live;
 
 /// How often the upstream is probed in the background for `popbridge_upstream_up`.
 const PROBE_INTERVAL: Duration = Duration::from_secs(15);
@@ -25,20 +26,22 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(15);
 pub struct Health {
     /// Set once every POP3 listener is bound.
     pub listening: AtomicBool,
-    pub upstream: Arc<ImapUpstream>,
+    /// Replaced when a SIGHUP reloads the configuration.
+    pub upstream: Live<ImapUpstream>,
 }
 
 impl Health {
     pub fn new(upstream: Arc<ImapUpstream>) -> Arc<Health> {
         Arc::new(Health {
             listening: AtomicBool::new(false),
-            upstream,
+            upstream: Live::new(upstream),
         })
     }
 
     /// Probe the upstream now and record the answer in `popbridge_upstream_up`.
     async fn probe(&self) -> Result<(), String> {
-        let result = self.upstream.probe().await.map_err(|e| e.to_string());
+        let upstream = self.upstream.get();
+        let result = upstream.probe().await.map_err(|e| e.to_string());
         metrics().upstream_up.set(i64::from(result.is_ok()));
         result
     }

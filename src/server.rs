@@ -1,8 +1,9 @@
 //! The listener: accept loop, one task per POP3 session, and a graceful stop. Takes an already
 //! bound listener so tests can bind port 0.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -62,7 +63,11 @@ pub struct Bridge<U> {
 }
 
 impl Bridge<Arc<ImapUpstream>> {
-    pub fn from_config(config: &Config, upstream: Arc<ImapUpstream>) -> Result<Self, ServeError> {
+    pub fn from_config(
+        config: &Config,
+        upstream: Arc<ImapUpstream>,
+        locks: MaildropLocks,
+    ) -> Result<Self, ServeError> {
         let uidl_format = UidlFormat::parse(&config.pop3.uidl_format)
             .map_err(|e| ServeError::Uidl(e.to_string()))?;
         Ok(Bridge {
@@ -77,19 +82,154 @@ impl Bridge<Arc<ImapUpstream>> {
                 idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
                 fetch_chunk: config.imap.fetch_chunk_bytes,
             },
-            locks: MaildropLocks::default(),
+            locks,
         })
     }
 }
 
-/// Run popbridge as configured until SIGINT or SIGTERM.
-pub async fn serve(config: Config) -> Result<(), ServeError> {
-    let state = Arc::new(StateStore::open(&config.state.dir)?);
-    let upstream = Arc::new(ImapUpstream::new(&config, Some(state.clone()))?);
-    let bridge = Arc::new(Bridge::from_config(&config, upstream.clone())?);
+/// A value that new sessions read and a SIGHUP replaces; running sessions keep the one they
+/// started with.
+pub struct Live<T>(RwLock<Arc<T>>);
+
+impl<T> Live<T> {
+    pub fn new(value: Arc<T>) -> Self {
+        Live(RwLock::new(value))
+    }
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn set(&self, value: Arc<T>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+/// What lives for the whole process, across configuration reloads.
+struct Shared {
+    state: Arc<StateStore>,
+    /// One maildrop lock table for old and new sessions alike.
+    locks: MaildropLocks,
+    connections: Arc<ConnectionLimiter>,
+    penalty: Arc<AuthPenalty>,
+    acceptor: Option<TlsAcceptor>,
+}
+
+/// What a configuration builds: the bridge and the listener policies for new sessions.
+struct Generation {
+    upstream: Arc<ImapUpstream>,
+    bridge: Arc<Bridge<Arc<ImapUpstream>>>,
+    pop3: Arc<ListenerSpec>,
+    pop3s: Option<Arc<ListenerSpec>>,
+}
+
+impl Generation {
+    fn build(config: &Config, shared: &Shared) -> Result<Generation, ServeError> {
+        let upstream = Arc::new(ImapUpstream::new(config, Some(shared.state.clone()))?);
+        let bridge = Arc::new(Bridge::from_config(
+            config,
+            upstream.clone(),
+            shared.locks.clone(),
+        )?);
+        let proxy = Arc::new(ProxySettings {
+            trusted: config.proxy_protocol.trusted_networks.clone(),
+            header_timeout: Duration::from_secs(config.proxy_protocol.header_timeout_secs),
+        });
+        let spec = |name: &'static str, implicit_tls: Option<TlsAcceptor>| {
+            Arc::new(ListenerSpec {
+                name,
+                stls: if implicit_tls.is_some() {
+                    None
+                } else {
+                    shared.acceptor.clone()
+                },
+                implicit_tls,
+                plaintext_always: config.pop3.plaintext_auth == PlaintextAuth::Always,
+                plaintext_loopback: config.pop3.plaintext_auth_loopback,
+                handshake_timeout: Duration::from_secs(config.pop3.tls_handshake_timeout_secs),
+                auth_timeout: Duration::from_secs(config.limits.auth_timeout_secs),
+                penalty: Some(shared.penalty.clone()),
+                connections: shared.connections.clone(),
+                proxy: config
+                    .proxy_protocol
+                    .listeners
+                    .iter()
+                    .any(|l| l == name)
+                    .then(|| proxy.clone()),
+            })
+        };
+        Ok(Generation {
+            upstream,
+            bridge,
+            pop3: spec("pop3", None),
+            pop3s: shared.acceptor.clone().map(|a| spec("pop3s", Some(a))),
+        })
+    }
+}
+
+/// Keys a running process cannot change: sockets, the state directory, certificate paths
+/// and the shared limit tables. A reload that changes them keeps the old values and says so.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.pop3.listen != new.pop3.listen {
+        changed.push("pop3.listen");
+    }
+    if old.pop3.listen_tls != new.pop3.listen_tls {
+        changed.push("pop3.listen_tls");
+    }
+    let paths = |c: &Config| c.pop3.tls.as_ref().map(|t| (t.cert.clone(), t.key.clone()));
+    if paths(old) != paths(new) {
+        changed.push("pop3.tls");
+    }
+    if old.metrics.listen != new.metrics.listen {
+        changed.push("metrics.listen");
+    }
+    if old.state.dir != new.state.dir {
+        changed.push("state.dir");
+    }
+    let l = (&old.limits, &new.limits);
+    if (l.0.max_connections, l.0.max_connections_per_ip)
+        != (l.1.max_connections, l.1.max_connections_per_ip)
+        || (
+            l.0.auth_penalty_base_ms,
+            l.0.auth_penalty_max_secs,
+            l.0.auth_penalty_window_secs,
+        ) != (
+            l.1.auth_penalty_base_ms,
+            l.1.auth_penalty_max_secs,
+            l.1.auth_penalty_window_secs,
+        )
+    {
+        changed.push("limits (connection caps and login penalty)");
+    }
+    changed
+}
+
+/// Run popbridge as configured until SIGINT or SIGTERM; SIGHUP reloads `path`.
+pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
+    let cert = match &config.pop3.tls {
+        Some(tls) => {
+            let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
+            cert.clone().watch(CERT_CHECK_INTERVAL);
+            Some(cert)
+        }
+        None => None,
+    };
+    let limits = &config.limits;
+    let shared = Shared {
+        state: Arc::new(StateStore::open(&config.state.dir)?),
+        locks: MaildropLocks::default(),
+        connections: ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip),
+        penalty: AuthPenalty::new(
+            Duration::from_millis(limits.auth_penalty_base_ms),
+            Duration::from_secs(limits.auth_penalty_max_secs),
+            Duration::from_secs(limits.auth_penalty_window_secs),
+        ),
+        acceptor: cert.as_ref().map(|c| c.acceptor()).transpose()?,
+    };
+    let generation = Generation::build(&config, &shared)?;
+    let bridge = Arc::new(Live::new(generation.bridge));
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let health = Health::new(upstream);
+    let health = Health::new(generation.upstream);
     let metrics_task = match config.metrics.listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
@@ -105,53 +245,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
 
-    let cert = match &config.pop3.tls {
-        Some(tls) => {
-            let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
-            cert.clone().watch(CERT_CHECK_INTERVAL);
-            Some(cert)
-        }
-        None => None,
-    };
-    let acceptor = cert.as_ref().map(|c| c.acceptor()).transpose()?;
-    let handshake_timeout = Duration::from_secs(config.pop3.tls_handshake_timeout_secs);
-    let limits = &config.limits;
-    let connections = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
-    let proxy = Arc::new(ProxySettings {
-        trusted: config.proxy_protocol.trusted_networks.clone(),
-        header_timeout: Duration::from_secs(config.proxy_protocol.header_timeout_secs),
-    });
-    let penalty = AuthPenalty::new(
-        Duration::from_millis(limits.auth_penalty_base_ms),
-        Duration::from_secs(limits.auth_penalty_max_secs),
-        Duration::from_secs(limits.auth_penalty_window_secs),
-    );
-    let policy = |name: &'static str, implicit_tls: Option<TlsAcceptor>| {
-        Arc::new(ListenerSpec {
-            name,
-            stls: if implicit_tls.is_some() {
-                None
-            } else {
-                acceptor.clone()
-            },
-            implicit_tls,
-            plaintext_always: config.pop3.plaintext_auth == PlaintextAuth::Always,
-            plaintext_loopback: config.pop3.plaintext_auth_loopback,
-            handshake_timeout,
-            auth_timeout: Duration::from_secs(config.limits.auth_timeout_secs),
-            penalty: Some(penalty.clone()),
-            connections: connections.clone(),
-            proxy: config
-                .proxy_protocol
-                .listeners
-                .iter()
-                .any(|l| l == name)
-                .then(|| proxy.clone()),
-        })
-    };
-    let mut listeners = vec![(config.pop3.listen, policy("pop3", None))];
-    if let (Some(addr), Some(acceptor)) = (config.pop3.listen_tls, &acceptor) {
-        listeners.push((addr, policy("pop3s", Some(acceptor.clone()))));
+    let pop3_spec = Arc::new(Live::new(generation.pop3));
+    let pop3s_spec = generation.pop3s.map(|s| Arc::new(Live::new(s)));
+    let mut listeners = vec![(config.pop3.listen, pop3_spec.clone())];
+    if let (Some(addr), Some(spec)) = (config.pop3.listen_tls, &pop3s_spec) {
+        listeners.push((addr, spec.clone()));
     }
 
     let drain = Duration::from_secs(config.pop3.shutdown_drain_secs);
@@ -160,10 +258,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
+        let current = spec.get();
         tracing::info!(
-            listener = spec.name,
+            listener = current.name,
             listen = %listener.local_addr().unwrap_or(addr),
-            stls = spec.stls.is_some(),
+            stls = current.stls.is_some(),
             upstream = %format!("{}:{}", config.imap.host, config.imap.port()),
             mailbox = %config.imap.mailbox,
             deletion = ?config.deletion.mode,
@@ -178,7 +277,37 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         )));
     }
     health.listening.store(true, Ordering::Release);
-    wait_for_stop_signal(cert.as_deref()).await?;
+
+    let mut running = config;
+    let reload = |running: &mut Config| {
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one");
+                return;
+            }
+        };
+        let pinned = restart_only_changes(running, &new);
+        if !pinned.is_empty() {
+            tracing::warn!(keys = ?pinned, "SIGHUP: these settings only change with a restart; keeping their old values");
+        }
+        match Generation::build(&new, &shared) {
+            Ok(g) => {
+                bridge.set(g.bridge);
+                pop3_spec.set(g.pop3);
+                if let (Some(live), Some(spec)) = (&pop3s_spec, g.pop3s) {
+                    live.set(spec);
+                }
+                health.upstream.set(g.upstream);
+                tracing::info!(path = %path.display(), "SIGHUP: configuration reloaded; new sessions use it");
+                *running = new;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one");
+            }
+        }
+    };
+    wait_for_stop_signal(cert.as_deref(), || reload(&mut running)).await?;
     tracing::info!(drain_secs = drain.as_secs(), "stopping: no new sessions");
     health.listening.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
@@ -188,13 +317,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
-    state.flush();
+    shared.state.flush();
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Wait for SIGINT or SIGTERM; on SIGHUP reload the client certificate and keep waiting.
-async fn wait_for_stop_signal(cert: Option<&ReloadableCert>) -> Result<(), ServeError> {
+async fn wait_for_stop_signal(
+    cert: Option<&ReloadableCert>,
+    mut on_hangup: impl FnMut(),
+) -> Result<(), ServeError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
@@ -203,11 +335,14 @@ async fn wait_for_stop_signal(cert: Option<&ReloadableCert>) -> Result<(), Serve
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match cert.map(ReloadableCert::reload) {
-                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: cannot load TLS certificate; keeping the old one"),
-                None => tracing::info!("SIGHUP: no TLS certificate configured, nothing to reload"),
-            },
+            _ = hup.recv() => {
+                match cert.map(ReloadableCert::reload) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: cannot load TLS certificate; keeping the old one"),
+                    None => {}
+                }
+                on_hangup();
+            }
         }
     }
 }
@@ -327,8 +462,8 @@ impl ListenerSpec {
 /// running sessions, and close the rest without applying their deletions.
 pub async fn run<U: Upstream + 'static>(
     listener: TcpListener,
-    spec: Arc<ListenerSpec>,
-    bridge: Arc<Bridge<U>>,
+    spec: Arc<Live<ListenerSpec>>,
+    bridge: Arc<Live<Bridge<U>>>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -341,11 +476,13 @@ pub async fn run<U: Upstream + 'static>(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
+                    // The configuration in force when the client connected, for all its session.
+                    let spec = spec.get();
+                    let bridge = bridge.get();
                     // Small responses must not wait for the client's delayed ACK.
                     if let Err(e) = socket.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                     }
-                    let bridge = bridge.clone();
                     let kill = kill_rx.clone();
                     next_id += 1;
                     let span = tracing::info_span!(
@@ -356,7 +493,6 @@ pub async fn run<U: Upstream + 'static>(
                         client = tracing::field::Empty,
                         user = tracing::field::Empty
                     );
-                    let spec = spec.clone();
                     sessions.spawn(
                         async move {
                             let mut socket = socket;
