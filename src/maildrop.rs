@@ -44,6 +44,11 @@ pub enum MaildropError {
 
 /// An open, authenticated maildrop. One per POP3 session.
 pub trait Maildrop: Send {
+    /// The mailbox as it stands now: message numbers, sizes and UIDLs for the whole session.
+    /// Taken only once the session holds the maildrop lock, so a session that just committed
+    /// deletions and released it can never be listed from before its commit.
+    fn snapshot(&mut self) -> impl Future<Output = Result<Snapshot, MaildropError>> + Send;
+
     /// Up to `len` octets of message `uid` starting at `offset`. An empty result means the end of
     /// the message; [`MaildropError::Gone`] means the message was expunged upstream.
     fn fetch(
@@ -194,11 +199,7 @@ impl MemoryUpstream {
             .unwrap_or_default()
     }
 
-    fn login_now(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> Result<(MemoryMaildrop, Snapshot), MaildropError> {
+    fn login_now(&self, user: &str, password: &str) -> Result<MemoryMaildrop, MaildropError> {
         let mut st = locked(&self.state);
         st.events
             .push((user.to_owned(), MemoryEvent::Login(user.to_owned())));
@@ -209,24 +210,10 @@ impl MemoryUpstream {
         if u.password != password {
             return Err(MaildropError::Auth);
         }
-        let snapshot = Snapshot {
-            uid_validity: u.uid_validity,
-            messages: u
-                .messages
-                .iter()
-                .map(|(&uid, b)| MessageEntry {
-                    uid,
-                    size: b.len() as u64,
-                })
-                .collect(),
-        };
-        Ok((
-            MemoryMaildrop {
-                user: user.to_owned(),
-                state: std::sync::Arc::clone(&self.state),
-            },
-            snapshot,
-        ))
+        Ok(MemoryMaildrop {
+            user: user.to_owned(),
+            state: std::sync::Arc::clone(&self.state),
+        })
     }
 }
 
@@ -237,7 +224,7 @@ impl crate::pop3::connection::Upstream for MemoryUpstream {
         &self,
         user: &str,
         password: &str,
-    ) -> impl Future<Output = Result<(MemoryMaildrop, Snapshot), MaildropError>> + Send {
+    ) -> impl Future<Output = Result<MemoryMaildrop, MaildropError>> + Send {
         let r = self.login_now(user, password);
         async move { r }
     }
@@ -274,6 +261,26 @@ impl MemoryMaildrop {
 }
 
 impl Maildrop for MemoryMaildrop {
+    fn snapshot(&mut self) -> impl Future<Output = Result<Snapshot, MaildropError>> + Send {
+        let st = locked(&self.state);
+        let r = st
+            .users
+            .get(&self.user)
+            .map(|u| Snapshot {
+                uid_validity: u.uid_validity,
+                messages: u
+                    .messages
+                    .iter()
+                    .map(|(&uid, b)| MessageEntry {
+                        uid,
+                        size: b.len() as u64,
+                    })
+                    .collect(),
+            })
+            .ok_or(MaildropError::Auth);
+        async move { r }
+    }
+
     fn fetch(
         &mut self,
         uid: u32,

@@ -106,11 +106,7 @@ impl ImapUpstream {
         Ok(())
     }
 
-    async fn open(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> Result<(ImapMaildrop, Snapshot), MaildropError> {
+    async fn open(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
         let mut conn =
             ImapConnection::connect(&self.host, self.port, self.transport(), self.limits)
                 .await
@@ -231,49 +227,35 @@ impl ImapUpstream {
             }
         }
 
-        let messages = if exists == 0 {
-            Vec::new()
-        } else {
-            self.list(&mut conn, user, uid_validity).await?
-        };
-
-        if let Some(state) = &self.state {
-            if state.observe_mailbox(user, &self.mailbox, uid_validity) {
-                metrics().uidl_changed_sessions.inc();
-            }
-        }
-
-        let maildrop = ImapMaildrop {
+        Ok(ImapMaildrop {
             conn: Some(conn),
             state: self.state.clone(),
             user: user.to_owned(),
             mailbox: self.mailbox.clone(),
             uid_validity,
+            empty: exists == 0,
             deletion: self.deletion,
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
             has_move,
             pending_seen: Vec::new(),
-        };
-        Ok((
-            maildrop,
-            Snapshot {
-                uid_validity,
-                messages,
-            },
-        ))
+        })
     }
+}
 
+impl ImapMaildrop {
     /// The messages POP3 may see, with their sizes. The server answers which UIDs exist and
     /// are not hidden (`UID SEARCH`, one line) every time; only sizes, which never change for
     /// a UID, come from the cache, and only unknown ones are fetched. So the cache can never
     /// show a deleted or hidden message, and losing it only costs one full size fetch.
-    async fn list(
-        &self,
-        conn: &mut ImapConnection,
-        user: &str,
-        uid_validity: u32,
-    ) -> Result<Vec<MessageEntry>, MaildropError> {
+    async fn list(&mut self) -> Result<Vec<MessageEntry>, MaildropError> {
+        let (user, uid_validity) = (self.user.clone(), self.uid_validity);
+        let user = user.as_str();
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(MaildropError::Unavailable(
+                "upstream connection lost".into(),
+            ));
+        };
         let criteria = if self.deletion == DeletionMode::Hide {
             let atom = Atom::try_from(self.hide_keyword.clone())
                 .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
@@ -386,11 +368,7 @@ impl ImapUpstream {
 impl Upstream for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
-    async fn login(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> Result<(ImapMaildrop, Snapshot), MaildropError> {
+    async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
         self.open(user, password).await
     }
 }
@@ -403,6 +381,8 @@ pub struct ImapMaildrop {
     user: String,
     mailbox: String,
     uid_validity: u32,
+    /// SELECT reported no messages: nothing to list.
+    empty: bool,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -518,6 +498,23 @@ impl ImapMaildrop {
 }
 
 impl Maildrop for ImapMaildrop {
+    async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {
+        let messages = if self.empty {
+            Vec::new()
+        } else {
+            self.list().await?
+        };
+        if let Some(state) = &self.state {
+            if state.observe_mailbox(&self.user, &self.mailbox, self.uid_validity) {
+                metrics().uidl_changed_sessions.inc();
+            }
+        }
+        Ok(Snapshot {
+            uid_validity: self.uid_validity,
+            messages,
+        })
+    }
+
     async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
         let (Some(uid_nz), Some(len), Ok(offset32)) = (
             NonZeroU32::new(uid),

@@ -14,7 +14,7 @@ use super::response::DotStuffer;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
 use crate::limits::AuthPenalty;
-use crate::maildrop::{Maildrop, MaildropError, Snapshot};
+use crate::maildrop::{Maildrop, MaildropError};
 use crate::metrics::{command_label, login_result_label, metrics};
 use std::net::IpAddr;
 use tokio_rustls::TlsAcceptor;
@@ -23,11 +23,13 @@ use tokio_rustls::TlsAcceptor;
 pub trait Upstream: Send + Sync {
     type Maildrop: Maildrop;
 
+    /// Authenticate and open the maildrop, without listing it yet (see
+    /// [`Maildrop::snapshot`]).
     fn login(
         &self,
         user: &str,
         password: &str,
-    ) -> impl Future<Output = Result<(Self::Maildrop, Snapshot), MaildropError>> + Send;
+    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
 }
 
 impl<T: Upstream> Upstream for Arc<T> {
@@ -37,7 +39,7 @@ impl<T: Upstream> Upstream for Arc<T> {
         &self,
         user: &str,
         password: &str,
-    ) -> impl Future<Output = Result<(Self::Maildrop, Snapshot), MaildropError>> + Send {
+    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send {
         (**self).login(user, password)
     }
 }
@@ -436,13 +438,22 @@ where
             }
             Action::Login { user, password } => {
                 let result = match self.upstream.login(&user, password.as_str()).await {
-                    Ok((md, snapshot)) => match self.locks.try_lock(&user) {
-                        Some(lock) => {
-                            info!(user = %user, messages = snapshot.messages.len(), "pop3 login");
-                            self.user = Some(user.clone());
-                            self.maildrop = Some((md, lock));
-                            Ok(snapshot)
-                        }
+                    Ok(mut md) => match self.locks.try_lock(&user) {
+                        // The listing is taken under the lock: a session that committed and
+                        // released it a moment ago is already reflected upstream.
+                        Some(lock) => match md.snapshot().await {
+                            Ok(snapshot) => {
+                                info!(user = %user, messages = snapshot.messages.len(), "pop3 login");
+                                self.user = Some(user.clone());
+                                self.maildrop = Some((md, lock));
+                                Ok(snapshot)
+                            }
+                            Err(e) => {
+                                info!(user = %user, error = %e, "pop3 login failed: listing");
+                                md.close().await;
+                                Err(e)
+                            }
+                        },
                         None => {
                             info!(user = %user, "pop3 login refused: maildrop in use");
                             md.close().await;
