@@ -110,6 +110,9 @@ pub struct Pop3Config {
     /// How long a stopping server waits for running sessions before closing them.
     #[serde(default = "default_drain")]
     pub shutdown_drain_secs: u64,
+    /// Accept queue length of the POP3 listeners (the kernel caps it at net.core.somaxconn).
+    #[serde(default = "default_backlog")]
+    pub listen_backlog: u32,
     /// Implicit-TLS listener (POP3S); needs `[pop3.tls]`.
     pub listen_tls: Option<SocketAddr>,
     /// Whether passwords may cross a connection without TLS.
@@ -239,6 +242,9 @@ fn default_idle_timeout() -> u64 {
 fn default_drain() -> u64 {
     30
 }
+fn default_backlog() -> u32 {
+    1024
+}
 fn default_plaintext_auth() -> PlaintextAuth {
     PlaintextAuth::TlsOnly
 }
@@ -258,7 +264,7 @@ fn default_command_timeout() -> u64 {
     60
 }
 fn default_fetch_chunk() -> u32 {
-    256 * 1024
+    1024 * 1024
 }
 fn default_mode() -> DeletionMode {
     DeletionMode::Hide
@@ -327,6 +333,9 @@ impl Config {
                 "pop3.plaintext_auth",
                 "is \"tls_only\" (the default) but no [pop3.tls] certificate is configured, so every login would be refused: add [pop3.tls], or set plaintext_auth = \"always\" (or plaintext_auth_loopback = true) for a trusted network".into(),
             ));
+        }
+        if self.pop3.listen_backlog == 0 {
+            return Err(("pop3.listen_backlog", "must be at least 1".into()));
         }
         if self.pop3.tls_handshake_timeout_secs == 0 {
             return Err((

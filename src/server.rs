@@ -87,6 +87,21 @@ impl Bridge<Arc<ImapUpstream>> {
     }
 }
 
+/// A listening socket with an explicit accept backlog. Tokio's default of 128 overflows when
+/// hundreds of clients connect at once (a cron-driven fleet, a load balancer failing over),
+/// and with SYN cookies an overflowed client believes it is connected and waits forever for a
+/// greeting that never comes.
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A value that new sessions read and a SIGHUP replaces; running sessions keep the one they
 /// started with.
 pub struct Live<T>(RwLock<Arc<T>>);
@@ -255,8 +270,7 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     let drain = Duration::from_secs(config.pop3.shutdown_drain_secs);
     let mut servers = Vec::new();
     for (addr, spec) in listeners {
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = bind(addr, config.pop3.listen_backlog)
             .map_err(|source| ServeError::Bind { addr, source })?;
         let current = spec.get();
         tracing::info!(

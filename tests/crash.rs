@@ -4,12 +4,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+use support::raw::RawPop3;
 use support::*;
+
+fn session(port: u16) -> RawPop3 {
+    let mut c = RawPop3::ready(port);
+    c.login("k", "kpw");
+    c
+}
 
 fn uidls(port: u16) -> Vec<String> {
     let s = poplib(port, &["user k", "pass kpw", "uidl", "quit"]);
@@ -19,29 +25,6 @@ fn uidls(port: u16) -> Vec<String> {
         .lines()
         .map(|l| l.split(' ').nth(1).unwrap().to_string())
         .collect()
-}
-
-fn session(port: u16) -> (BufReader<TcpStream>, TcpStream) {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    for cmd in ["USER k", "PASS kpw"] {
-        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        assert!(line.starts_with("+OK"), "{cmd}: {line}");
-    }
-    (r, w)
-}
-
-fn cmd(c: &mut (BufReader<TcpStream>, TcpStream), line: &str) -> String {
-    c.1.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-    let mut l = String::new();
-    let _ = c.0.read_line(&mut l);
-    l
 }
 
 #[test]
@@ -60,7 +43,7 @@ fn sigkill_rounds_lose_nothing_and_show_nothing_hidden() {
     for round in 0..4 {
         // A session marks the first message and never QUITs: popbridge is killed under it.
         let mut doomed = session(pb.pop3_port());
-        assert!(cmd(&mut doomed, "DELE 1").starts_with("+OK"));
+        assert!(doomed.cmd("DELE 1").starts_with("+OK"));
         let pid = pb.pid().to_string();
         assert!(Command::new("kill")
             .args(["-KILL", &pid])
@@ -85,8 +68,8 @@ fn sigkill_rounds_lose_nothing_and_show_nothing_hidden() {
 
         // A session that commits: the first visible message is hidden for good.
         let mut committed = session(pb.pop3_port());
-        assert!(cmd(&mut committed, "DELE 1").starts_with("+OK"));
-        assert!(cmd(&mut committed, "QUIT").starts_with("+OK"));
+        assert!(committed.cmd("DELE 1").starts_with("+OK"));
+        assert!(committed.cmd("QUIT").starts_with("+OK"));
         expected.remove(0);
         assert_eq!(
             uidls(pb.pop3_port()),
@@ -112,7 +95,7 @@ fn sigterm_drains_running_sessions_then_closes_without_commit() {
     );
     let pb = Popbridge::start(&dc, "[pop3]\nshutdown_drain_secs = 2");
     let mut running = session(pb.pop3_port());
-    assert!(cmd(&mut running, "DELE 1").starts_with("+OK"));
+    assert!(running.cmd("DELE 1").starts_with("+OK"));
     let pid = pb.pid().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -127,8 +110,8 @@ fn sigterm_drains_running_sessions_then_closes_without_commit() {
         "still accepting"
     );
     // ... but the running one may finish, and its QUIT commits.
-    assert!(cmd(&mut running, "STAT").starts_with("+OK 1 "));
-    assert!(cmd(&mut running, "QUIT").starts_with("+OK"));
+    assert!(running.cmd("STAT").starts_with("+OK 1 "));
+    assert!(running.cmd("QUIT").starts_with("+OK"));
     assert!(
         pb.wait_for_log("stopped", Duration::from_secs(10)),
         "{}",
@@ -145,7 +128,7 @@ fn sigterm_closes_idle_sessions_after_the_drain_without_commit() {
     dc.seed("k", &[b"Subject: a\r\n\r\na\r\n"]);
     let pb = Popbridge::start(&dc, "[pop3]\nshutdown_drain_secs = 1");
     let mut idle = session(pb.pop3_port());
-    assert!(cmd(&mut idle, "DELE 1").starts_with("+OK"));
+    assert!(idle.cmd("DELE 1").starts_with("+OK"));
     let pid = pb.pid().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

@@ -3,59 +3,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::time::Duration;
 
 use support::imap_do::imap_do;
+use support::raw::RawPop3 as Raw;
 use support::*;
-
-/// A bare POP3 connection for tests that need control over timing and bytes.
-struct Raw {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut raw = Raw {
-            writer: s.try_clone().unwrap(),
-            reader: BufReader::new(s),
-        };
-        assert!(raw.line().starts_with("+OK"));
-        raw
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.reader.read_line(&mut l).unwrap();
-        l
-    }
-    fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).unwrap();
-    }
-    fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes());
-        self.line()
-    }
-    /// The rest of a multi-line reply, terminator excluded.
-    fn multi(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            let l = self.line();
-            if l == ".\r\n" || l.is_empty() {
-                return out;
-            }
-            out.push(l);
-        }
-    }
-    fn login(&mut self, user: &str, pw: &str) {
-        assert!(self.cmd(&format!("USER {user}")).starts_with("+OK"));
-        let r = self.cmd(&format!("PASS {pw}"));
-        assert!(r.starts_with("+OK"), "{r}");
-    }
-}
 
 fn setup(extra: &str) -> (Dovecot, Popbridge) {
     let dc = Dovecot::start();
@@ -75,7 +28,7 @@ fn setup(extra: &str) -> (Dovecot, Popbridge) {
 #[test]
 fn bad_credentials_get_auth_code_and_the_session_goes_on() {
     let (_dc, pb) = setup("");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     assert!(c.cmd("USER e").starts_with("+OK"));
     let r = c.cmd("PASS wrong");
     assert!(r.starts_with("-ERR [AUTH] "), "{r}");
@@ -100,7 +53,7 @@ fn upstream_down_gets_sys_temp() {
     dc.add_user("e", "epw");
     let closed = free_ports(1)[0];
     let pb = Popbridge::start(&dc, &format!("[imap]\nport = {closed}"));
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     c.cmd("USER e");
     let r = c.cmd("PASS epw");
     assert!(r.starts_with("-ERR [SYS/TEMP] "), "{r}");
@@ -111,7 +64,7 @@ fn upstream_down_gets_sys_temp() {
 #[test]
 fn second_session_of_the_same_user_gets_in_use() {
     let (_dc, pb) = setup("");
-    let mut first = Raw::connect(pb.pop3_port());
+    let mut first = Raw::ready(pb.pop3_port());
     first.login("e", "epw");
     let second = poplib(pb.pop3_port(), &["user e", "pass epw"]);
     let pass = second.step("pass epw");
@@ -127,7 +80,7 @@ fn second_session_of_the_same_user_gets_in_use() {
 #[test]
 fn fifty_pipelined_commands_get_fifty_answers_in_order() {
     let (_dc, pb) = setup("");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     let mut batch = String::from("USER e\r\nPASS epw\r\n");
     let mut expect = vec!["+OK".to_string(), "+OK".to_string()];
     for i in 0..46 {
@@ -170,7 +123,7 @@ fn fifty_pipelined_commands_get_fifty_answers_in_order() {
 #[test]
 fn bad_input_gets_err_and_the_session_continues() {
     let (_dc, pb) = setup("");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     let long = format!("USER {}", "x".repeat(300));
     assert!(c.cmd(&long).starts_with("-ERR"), "over-long line");
     assert!(c.cmd("FROB").starts_with("-ERR"), "unknown command");
@@ -198,7 +151,7 @@ fn auth_plain_with_initial_response_and_continuation() {
     use base64::Engine;
     let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
     let (_dc, pb) = setup("");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     assert!(c.cmd("CAPA").starts_with("+OK"));
     let capa = c.multi().concat();
     for cap in [
@@ -238,7 +191,7 @@ fn auth_plain_with_initial_response_and_continuation() {
 fn snapshot_is_fixed_for_the_session() {
     use base64::Engine;
     let (dc, pb) = setup("");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     c.login("e", "epw");
     assert!(c.cmd("STAT").starts_with("+OK 3 "));
     // Meanwhile another IMAP client adds one message and expunges message 2.
@@ -280,7 +233,7 @@ fn snapshot_is_fixed_for_the_session() {
 #[test]
 fn idle_clients_are_logged_out_without_commit() {
     let (dc, pb) = setup("[pop3]\nidle_timeout_secs = 1\n[deletion]\nmode = \"expunge\"");
-    let mut c = Raw::connect(pb.pop3_port());
+    let mut c = Raw::ready(pb.pop3_port());
     c.login("e", "epw");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
     std::thread::sleep(Duration::from_millis(2500));

@@ -3,41 +3,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::time::{Duration, Instant};
 
+use support::raw::RawPop3;
 use support::relay::{Fault, Relay, Trigger};
 use support::*;
-
-struct Client {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Client {
-    fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = Client {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
-        assert!(c.line().starts_with("+OK"));
-        c
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        let _ = self.r.read_line(&mut l);
-        l
-    }
-    fn cmd(&mut self, c: &str) -> String {
-        if self.w.write_all(format!("{c}\r\n").as_bytes()).is_err() {
-            return String::new();
-        }
-        self.line()
-    }
-}
 
 fn setup(trigger: Trigger, fault: Fault, extra: &str) -> (Dovecot, Relay, Popbridge) {
     let dc = Dovecot::start();
@@ -72,7 +43,7 @@ fn setup(trigger: Trigger, fault: Fault, extra: &str) -> (Dovecot, Relay, Popbri
 fn cut_during_login_is_sys_temp() {
     // The greeting gets through, the LOGIN answer does not.
     let (_dc, relay, pb) = setup(Trigger::ClientSends("LOGIN".into()), Fault::Cut, "");
-    let mut c = Client::connect(pb.pop3_port());
+    let mut c = RawPop3::ready(pb.pop3_port());
     c.cmd("USER f");
     let r = c.cmd("PASS fpw");
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
@@ -83,8 +54,12 @@ fn cut_during_login_is_sys_temp() {
 #[test]
 fn cut_mid_retr_closes_the_session_and_deletes_nothing() {
     // Enough upstream bytes for login, listing and the first piece of the big message.
-    let (dc, relay, pb) = setup(Trigger::UpstreamBytes(400_000), Fault::Cut, "");
-    let mut c = Client::connect(pb.pop3_port());
+    let (dc, relay, pb) = setup(
+        Trigger::UpstreamBytes(400_000),
+        Fault::Cut,
+        "[imap]\nfetch_chunk_bytes = 262144",
+    );
+    let mut c = RawPop3::ready(pb.pop3_port());
     c.cmd("USER f");
     assert!(c.cmd("PASS fpw").starts_with("+OK"));
     assert!(c.cmd("DELE 1").starts_with("+OK"));
@@ -92,7 +67,7 @@ fn cut_mid_retr_closes_the_session_and_deletes_nothing() {
     assert!(r.starts_with("+OK"), "{r}");
     // The body stops short and the connection closes: no terminating line ever comes.
     let mut rest = Vec::new();
-    let _ = c.r.read_to_end(&mut rest);
+    let _ = c.reader.read_to_end(&mut rest);
     assert!(
         !rest.ends_with(b"\r\n.\r\n"),
         "a truncated message must not look complete"
@@ -112,7 +87,7 @@ fn cut_mid_retr_closes_the_session_and_deletes_nothing() {
 fn a_silent_upstream_hits_the_deadline() {
     // Everything until the first FETCH of a message body, then silence.
     let (_dc, relay, pb) = setup(Trigger::ClientSends("BODY.PEEK".into()), Fault::Stall, "");
-    let mut c = Client::connect(pb.pop3_port());
+    let mut c = RawPop3::ready(pb.pop3_port());
     c.cmd("USER f");
     assert!(c.cmd("PASS fpw").starts_with("+OK"));
     let started = Instant::now();
@@ -133,7 +108,7 @@ fn a_silent_upstream_hits_the_deadline() {
 #[test]
 fn cut_during_update_never_reports_success_and_leaves_a_consistent_mailbox() {
     let (dc, relay, pb) = setup(Trigger::ClientSends("UID EXPUNGE".into()), Fault::Cut, "");
-    let mut c = Client::connect(pb.pop3_port());
+    let mut c = RawPop3::ready(pb.pop3_port());
     c.cmd("USER f");
     assert!(c.cmd("PASS fpw").starts_with("+OK"));
     assert!(c.cmd("DELE 1").starts_with("+OK"));

@@ -7,11 +7,11 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use support::prometheus::*;
+use support::raw::RawPop3 as Raw;
 use support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -847,50 +847,6 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 // ---------------------------------------------------------------------------------------------
 // Live popbridge
 
-/// A bare POP3 connection, for sessions held open or cut off on purpose.
-struct Raw {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut raw = Raw {
-            writer: s.try_clone().unwrap(),
-            reader: BufReader::new(s),
-        };
-        let greeting = raw.line();
-        assert!(greeting.starts_with("+OK"), "greeting: {greeting:?}");
-        raw
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        let _ = self.reader.read_line(&mut l);
-        l
-    }
-    fn cmd(&mut self, line: &str) -> String {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-        self.line()
-    }
-    /// Reads until the server closes the connection (or resets it); false if it is still
-    /// open after `t`.
-    fn wait_closed(&mut self, t: Duration) -> bool {
-        self.reader.get_ref().set_read_timeout(Some(t)).unwrap();
-        let mut sink = Vec::new();
-        match self.reader.read_to_end(&mut sink) {
-            Ok(_) => true,
-            Err(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-        }
-    }
-}
-
 fn scrape(port: u16) -> Exposition {
     let (status, body) = http_get(port, "/metrics").expect("GET /metrics");
     assert_eq!(status, 200, "GET /metrics: {body}");
@@ -1314,7 +1270,7 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
     assert!(st.message(2).is_some_and(|m| m.has_flag("$POP3Deleted")));
 
     // 5. A second session while one is open: in_use; sessions_active counts the open one.
-    let mut held = Raw::connect(pa);
+    let mut held = Raw::ready(pa);
     assert!(held.cmd("USER alice").starts_with("+OK"));
     assert!(held.cmd("PASS pw").starts_with("+OK"));
     let during = scrape(ma);
@@ -1340,10 +1296,10 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
     );
 
     // 6. A client that goes away without QUIT; one that sends nothing but garbage.
-    let mut gone = Raw::connect(pa);
+    let mut gone = Raw::ready(pa);
     assert!(gone.cmd("USER alice").starts_with("+OK"));
     drop(gone);
-    let mut noisy = Raw::connect(pa);
+    let mut noisy = Raw::ready(pa);
     for _ in 0..25 {
         let _ = noisy.writer.write_all(b"XYZZY\r\n");
     }
@@ -1427,7 +1383,7 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
     let b0 = scrape_idle(mb);
     let s = poplib(b.pop3_port(), &["user alice", "pass pw", "quit"]);
     assert!(!s.step("pass pw").ok);
-    let mut idle = Raw::connect(b.pop3_port());
+    let mut idle = Raw::ready(b.pop3_port());
     assert!(
         idle.wait_closed(Duration::from_secs(10)),
         "idle timeout of 1 s did not close the session"

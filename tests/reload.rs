@@ -3,11 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+use support::raw::RawPop3;
 use support::*;
 
 fn hup(pb: &Popbridge) {
@@ -17,13 +16,6 @@ fn hup(pb: &Popbridge) {
         .status()
         .unwrap()
         .success());
-}
-
-fn cmd(r: &mut BufReader<TcpStream>, w: &mut TcpStream, line: &str) -> String {
-    w.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-    let mut l = String::new();
-    r.read_line(&mut l).unwrap();
-    l
 }
 
 #[test]
@@ -42,14 +34,9 @@ fn sighup_applies_new_config_to_new_sessions_and_keeps_running_ones() {
     let pb = Popbridge::start(&dc, "");
 
     // A session running under the old configuration (deletion mode hide).
-    let s = TcpStream::connect(("127.0.0.1", pb.pop3_port())).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut r, mut w) = (BufReader::new(s.try_clone().unwrap()), s);
-    let mut greeting = String::new();
-    r.read_line(&mut greeting).unwrap();
-    assert!(cmd(&mut r, &mut w, "USER r").starts_with("+OK"));
-    assert!(cmd(&mut r, &mut w, "PASS rpw").starts_with("+OK"));
-    assert!(cmd(&mut r, &mut w, "DELE 1").starts_with("+OK"));
+    let mut c = RawPop3::ready(pb.pop3_port());
+    c.login("r", "rpw");
+    assert!(c.cmd("DELE 1").starts_with("+OK"));
 
     // A broken edit: the old configuration stays, and the log names the key.
     let path = pb.config_path();
@@ -73,8 +60,8 @@ fn sighup_applies_new_config_to_new_sessions_and_keeps_running_ones() {
     );
 
     // The running session was not dropped, and finishes under its own (old) rules: hide.
-    assert!(cmd(&mut r, &mut w, "STAT").starts_with("+OK 1 "));
-    assert!(cmd(&mut r, &mut w, "QUIT").starts_with("+OK"));
+    assert!(c.cmd("STAT").starts_with("+OK 1 "));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
     let imap = dc.imap_state("r", "rpw", "INBOX");
     assert_eq!(imap.uids(), vec![1, 2]);
     assert!(imap.message(1).unwrap().has_flag("$POP3Deleted"));

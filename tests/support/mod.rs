@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 pub mod imap_do;
 pub mod prometheus;
+pub mod raw;
 pub mod relay;
 
 const INSTALL_HINT: &str = "run scripts/test, which installs it \

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 
 /// How long any single read or write may block before the session counts as failed.
-const IO_TIMEOUT: Duration = Duration::from_secs(300);
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for the greeting after the TCP connection is up.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A transport: plain TCP or TLS over TCP.
 pub enum Transport {
@@ -58,6 +60,8 @@ pub struct Download {
     pub listing: u64,
     /// Per-RETR latency (command written → terminator read), with the message size.
     pub retr: Vec<(u64, Duration)>,
+    /// Connect → `+OK` to PASS.
+    pub login: Duration,
     pub elapsed: Duration,
 }
 
@@ -117,8 +121,35 @@ impl Client {
             io: BufReader::with_capacity(64 * 1024, transport),
             line: Vec::with_capacity(1024),
         };
-        c.status("greeting")?;
+        // A server-speaks-first protocol: a connection the kernel completed but the server
+        // never accepted (listen-queue overflow, SYN cookies) just sits silent. Name it.
+        c.set_read_timeout(GREETING_TIMEOUT)?;
+        match c.status("greeting") {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "no greeting within {} s (connected, but never served: listen backlog overflow?)",
+                        GREETING_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            r => r?,
+        };
+        c.set_read_timeout(IO_TIMEOUT)?;
         Ok(c)
+    }
+
+    fn set_read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        match self.io.get_ref() {
+            Transport::Plain(s) => s.set_read_timeout(Some(t)),
+            Transport::Tls(s) => s.sock.set_read_timeout(Some(t)),
+        }
     }
 
     fn send(&mut self, cmd: &str) -> io::Result<()> {
@@ -220,12 +251,14 @@ pub fn download_all(ep: &Endpoint, user: &str, pw: &str) -> io::Result<Download>
     let t0 = Instant::now();
     let mut c = Client::connect(ep)?;
     c.login(user, pw)?;
+    let login = t0.elapsed();
     let (n, _) = c.stat()?;
     let mut listing = Mix::new();
     c.listing("UIDL", &mut listing)?;
     let mut content = Mix::new();
     let mut d = Download {
         retr: Vec::with_capacity(n as usize),
+        login,
         ..Download::default()
     };
     for i in 1..=n {
@@ -247,6 +280,7 @@ pub fn list_only(ep: &Endpoint, user: &str, pw: &str) -> io::Result<Download> {
     let t0 = Instant::now();
     let mut c = Client::connect(ep)?;
     c.login(user, pw)?;
+    let login = t0.elapsed();
     let (n, octets) = c.stat()?;
     let mut listing = Mix::new();
     let a = c.listing("UIDL", &mut listing)?;
@@ -258,6 +292,7 @@ pub fn list_only(ep: &Endpoint, user: &str, pw: &str) -> io::Result<Download> {
         content: a + b,
         listing: listing.value(),
         retr: Vec::new(),
+        login,
         elapsed: t0.elapsed(),
     })
 }
