@@ -69,6 +69,10 @@ pub trait Maildrop: Send {
 
     /// A RETR of `uid` completed: a hook for bookkeeping (repeated-download metrics).
     fn retrieved(&mut self, _uid: u32) {}
+
+    /// The messages (UID, size) the client will probably ask for after the one about to be
+    /// fetched; a maildrop may fetch small ones ahead in the same round trip.
+    fn read_ahead_hint(&mut self, _upcoming: &[(u32, u64)]) {}
 }
 
 /// One recorded call on a [`MemoryMaildrop`], for assertions in tests.

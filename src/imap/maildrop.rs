@@ -2,7 +2,7 @@
 //! UIDs and sizes, message bytes in `BODY.PEEK[]<offset.length>` pieces, and the deletion policy
 //! applied with UID commands only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,6 +239,8 @@ impl ImapUpstream {
             hide_keyword: self.hide_keyword.clone(),
             has_move,
             pending_seen: Vec::new(),
+            ahead_hint: Vec::new(),
+            ahead: HashMap::new(),
         })
     }
 }
@@ -389,7 +391,16 @@ pub struct ImapMaildrop {
     has_move: bool,
     /// Retrieved messages still to be flagged `\Seen`.
     pending_seen: Vec<u32>,
+    /// What the session expects to be asked for next: (UID, size).
+    ahead_hint: Vec<(u32, u64)>,
+    /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
+    ahead: HashMap<u32, Bytes>,
 }
+
+/// Read ahead at most this many bytes per session ...
+const READ_AHEAD_BYTES: u64 = 256 * 1024;
+/// ... and only messages up to this size (bigger ones are streamed anyway).
+const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
 
 impl ImapMaildrop {
     async fn run(
@@ -516,27 +527,20 @@ impl Maildrop for ImapMaildrop {
     }
 
     async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
-        let (Some(uid_nz), Some(len), Ok(offset32)) = (
+        let (Some(_), Some(len_nz), Ok(offset32)) = (
             NonZeroU32::new(uid),
             NonZeroU32::new(len),
             u32::try_from(offset),
         ) else {
             return Ok(Bytes::new());
         };
-        let body = CommandBody::fetch(
-            uid_nz,
-            vec![
-                MessageDataItemName::Uid,
-                MessageDataItemName::BodyExt {
-                    section: None,
-                    partial: Some((offset32, len)),
-                    peek: true,
-                },
-            ],
-            true,
-        )
-        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        let mut wanted = vec![uid];
         if offset == 0 {
+            if let Some(whole) = self.ahead.remove(&uid) {
+                return Ok(whole);
+            }
+            // Whatever was read ahead and not asked for is stale now.
+            self.ahead.clear();
             // Servers keep an expunged message readable in a session until that session is
             // told of the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP
             // first lets the server deliver it, so a message another client expunged reads as
@@ -544,40 +548,77 @@ impl Maildrop for ImapMaildrop {
             // expunge to a FETCH pipelined behind the NOOP (tests/errors.rs found that).
             let noop = self.run(CommandBody::Noop, |_| {}).await?;
             expect_ok("NOOP", noop)?;
+            // Small messages the client will probably ask for next come along in the same
+            // FETCH: a one-command-at-a-time client then costs one upstream round trip per
+            // window of messages instead of two per message. Bounded in count and bytes.
+            let mut budget = READ_AHEAD_BYTES;
+            for &(next, size) in &self.ahead_hint {
+                if next == uid || size > READ_AHEAD_MAX_MESSAGE || size >= u64::from(len) {
+                    continue;
+                }
+                let Some(left) = budget.checked_sub(size) else {
+                    break;
+                };
+                budget = left;
+                wanted.push(next);
+            }
         }
-        let bodies = vec![body];
-        let mut piece: Option<Bytes> = None;
-        let mut done = self
-            .run_all(bodies, |u| {
+        let set = uid_set(&wanted)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| MaildropError::Unavailable("empty UID set".into()))?;
+        let body = CommandBody::fetch(
+            set,
+            vec![
+                MessageDataItemName::Uid,
+                MessageDataItemName::BodyExt {
+                    section: None,
+                    partial: Some((offset32, len_nz)),
+                    peek: true,
+                },
+            ],
+            true,
+        )
+        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        let mut pieces: HashMap<u32, Bytes> = HashMap::with_capacity(wanted.len());
+        let done = self
+            .run(body, |u| {
                 let Untagged::Data(Data::Fetch { items, .. }) = u else {
                     return;
                 };
-                let items = items.into_iter().collect::<Vec<_>>();
-                let this_uid = items
-                    .iter()
-                    .any(|i| matches!(i, MessageDataItem::Uid(u) if u.get() == uid));
-                if !this_uid {
-                    return;
+                let mut this_uid = None;
+                let mut data = None;
+                for item in items.into_iter() {
+                    match item {
+                        MessageDataItem::Uid(u) => this_uid = Some(u.get()),
+                        MessageDataItem::BodyExt {
+                            section: None,
+                            data: d,
+                            ..
+                        } => {
+                            data = Some(
+                                d.into_option()
+                                    .map(|c| Bytes::from(c.into_owned()))
+                                    .unwrap_or_default(),
+                            )
+                        }
+                        _ => {}
+                    }
                 }
-                for item in items {
-                    if let MessageDataItem::BodyExt {
-                        section: None,
-                        data,
-                        ..
-                    } = item
-                    {
-                        piece = Some(
-                            data.into_option()
-                                .map(|c| Bytes::from(c.into_owned()))
-                                .unwrap_or_default(),
-                        );
+                // Unsolicited FETCHes (flag updates) and UIDs we did not ask for are ignored.
+                if let (Some(u), Some(d)) = (this_uid, data) {
+                    if wanted.contains(&u) {
+                        pieces.insert(u, d);
                     }
                 }
             })
             .await?;
-        let done = done
-            .pop()
-            .ok_or_else(|| MaildropError::Unavailable("no completion".into()))?;
+        let piece = pieces.remove(&uid);
+        // Keep only read-ahead pieces that are whole messages (shorter than asked).
+        self.ahead = pieces
+            .into_iter()
+            .filter(|(_, b)| b.len() < len as usize)
+            .collect();
         match piece {
             Some(bytes) => Ok(bytes),
             // No data for the UID: the message was expunged by another client since login.
@@ -587,6 +628,11 @@ impl Maildrop for ImapMaildrop {
                 done.text
             ))),
         }
+    }
+
+    fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
+        self.ahead_hint.clear();
+        self.ahead_hint.extend_from_slice(upcoming);
     }
 
     /// Owed until the next upstream command (or the end of the session), so a RETR costs one

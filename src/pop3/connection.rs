@@ -136,6 +136,9 @@ async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// How many following messages the maildrop is told about before a RETR/TOP.
+const READ_AHEAD_MESSAGES: usize = 16;
+
 /// Flush the output buffer when it grows past this while streaming a body.
 const FLUSH_AT: usize = 64 * 1024;
 
@@ -553,6 +556,7 @@ where
             self.emit(&reply);
             return Flow::Continue;
         };
+        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
         let mut data = match md.fetch(uid, 0, chunk).await {
             Ok(d) => d,
             Err(e) => {

@@ -356,6 +356,23 @@ impl Session {
 
     /// Reply for a RETR/TOP whose first fetch failed before anything was written. `Gone` keeps
     /// the session going; for other errors the driver closes after writing this.
+    /// The messages after `msg` that are not marked deleted, as (UID, size), at most `max`:
+    /// what a one-command-at-a-time client is likely to ask for next (read-ahead hints).
+    pub fn upcoming(&self, msg: u32, max: usize) -> Vec<(u32, u64)> {
+        let State::Transaction { snapshot, deleted } = &self.state else {
+            return Vec::new();
+        };
+        snapshot
+            .messages
+            .iter()
+            .zip(deleted.iter())
+            .skip(msg as usize)
+            .filter(|(_, &d)| !d)
+            .take(max)
+            .map(|(m, _)| (m.uid, m.size))
+            .collect()
+    }
+
     pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> Vec<u8> {
         let reply = match e {
             MaildropError::Gone => err(None, &format!("message {msg} no longer exists")),
