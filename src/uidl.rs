@@ -190,7 +190,8 @@ impl UidlFormat {
                 // u32::MAX: 10 decimal digits, 8 hex digits.
                 Piece::Var { width, hex, .. } => (*width).max(if *hex { 8 } else { 10 }),
             })
-            .sum();
+            // Saturating: absurd widths must be refused, not wrapped into a small total.
+            .fold(0usize, usize::saturating_add);
         if max_len > MAX_UIDL_LEN {
             return Err(UidlFormatError::TooLong(max_len));
         }
@@ -323,5 +324,20 @@ mod tests {
                 assert!(legal(&s), "{fmt} -> {s:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// fuzz/artifacts/uidl_format/crash-1bf83f1e…: a width so large it wraps when summed.
+    #[test]
+    fn huge_width_is_rejected_not_wrapped() {
+        let src = "1v.%%v.%003355443400000000000000017956901115u%u.%u";
+        assert!(matches!(
+            UidlFormat::parse(src),
+            Err(UidlFormatError::TooLong(_))
+        ));
     }
 }
