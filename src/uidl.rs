@@ -334,10 +334,15 @@ mod fuzz_regressions {
     /// fuzz/artifacts/uidl_format/crash-1bf83f1e…: a width so large it wraps when summed.
     #[test]
     fn huge_width_is_rejected_not_wrapped() {
-        let src = "1v.%%v.%003355443400000000000000017956901115u%u.%u";
-        assert!(matches!(
-            UidlFormat::parse(src),
-            Err(UidlFormatError::TooLong(_))
-        ));
+        for src in [
+            "1v.%%v.%003355443400000000000000017956901115u%u.%u",
+            // fuzz/regressions/uidl_format/width-sum-overflow-min
+            "a%099999999999999999999u",
+        ] {
+            assert!(
+                matches!(UidlFormat::parse(src), Err(UidlFormatError::TooLong(_))),
+                "{src}"
+            );
+        }
     }
 }
