@@ -1,5 +1,7 @@
 //! The command line: help, check-config's verdicts, and serve refusing a bad config.
 
+mod support;
+
 use std::process::Command;
 
 fn popbridge(args: &[&str]) -> (i32, String, String) {
@@ -63,27 +65,7 @@ fn check_config_accepts_valid_and_the_shipped_example() {
         "/etc/popbridge/pop3-key.pem",
         &format!("{}/key.pem", dir.path().display()),
     );
-    let openssl = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .arg("-keyout")
-        .arg(dir.path().join("key.pem"))
-        .arg("-out")
-        .arg(dir.path().join("cert.pem"))
-        .output()
-        .expect("openssl (scripts/test installs it)");
-    assert!(
-        openssl.status.success(),
-        "{}",
-        String::from_utf8_lossy(&openssl.stderr)
-    );
+    support::self_signed_cert(&dir.path().join("cert.pem"), &dir.path().join("key.pem"));
     let path = write(&dir, &example);
     let (code, _, err) = popbridge(&["check-config", "--config", &path]);
     assert_eq!(code, 0, "{err}");

@@ -205,23 +205,7 @@ fn certificate_is_reloaded_on_sighup_and_a_bad_one_is_refused() {
 
     // A renewed certificate: a fresh self-signed one for localhost.
     let (new_cert, new_key) = (dir.path().join("new.pem"), dir.path().join("new.key"));
-    let gen = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .arg("-keyout")
-        .arg(&new_key)
-        .arg("-out")
-        .arg(&new_cert)
-        .output()
-        .unwrap();
-    assert!(gen.status.success());
+    self_signed_cert(&new_cert, &new_key);
 
     // First a broken renewal (certificate without its key): the old one stays in use.
     std::fs::write(&cert, b"not a certificate").unwrap();

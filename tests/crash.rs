@@ -18,13 +18,7 @@ fn session(port: u16) -> RawPop3 {
 }
 
 fn uidls(port: u16) -> Vec<String> {
-    let s = poplib(port, &["user k", "pass kpw", "uidl", "quit"]);
-    s.assert_all_ok();
-    String::from_utf8(s.step("uidl").data())
-        .unwrap()
-        .lines()
-        .map(|l| l.split(' ').nth(1).unwrap().to_string())
-        .collect()
+    uidl_list(port, "k", "kpw")
 }
 
 #[test]

@@ -22,13 +22,7 @@ fn setup(extra: &str) -> (Dovecot, Popbridge) {
 }
 
 fn uidl_lines(port: u16) -> Vec<String> {
-    let s = poplib(port, &["user d", "pass dpw", "uidl", "quit"]);
-    s.assert_all_ok();
-    String::from_utf8(s.step("uidl").data())
-        .unwrap()
-        .lines()
-        .map(|l| l.split(' ').nth(1).unwrap().to_string())
-        .collect()
+    uidl_list(port, "d", "dpw")
 }
 
 #[test]

@@ -362,11 +362,11 @@ impl Session {
         let State::Transaction { snapshot, deleted } = &self.state else {
             return Vec::new();
         };
-        snapshot
-            .messages
+        // Sliced, not skipped: this runs before every RETR of a 100,000-message download.
+        let from = (msg as usize).min(snapshot.messages.len());
+        snapshot.messages[from..]
             .iter()
-            .zip(deleted.iter())
-            .skip(msg as usize)
+            .zip(&deleted[from..])
             .filter(|(_, &d)| !d)
             .take(max)
             .map(|(m, _)| (m.uid, m.size))

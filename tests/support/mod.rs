@@ -1163,3 +1163,52 @@ fn de_b64_lines<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Vec
     let v: Option<Vec<String>> = serde::Deserialize::deserialize(d)?;
     Ok(v.map(|ls| ls.iter().map(|l| b64_decode(l)).collect()))
 }
+
+/// The UIDLs (second column of `UIDL`) a user sees now, through poplib; panics on any -ERR.
+pub fn uidl_list(port: u16, user: &str, password: &str) -> Vec<String> {
+    let s = poplib(
+        port,
+        &[
+            &format!("user {user}"),
+            &format!("pass {password}"),
+            "uidl",
+            "quit",
+        ],
+    );
+    s.assert_all_ok();
+    String::from_utf8(s.step("uidl").data())
+        .expect("UIDLs are ASCII")
+        .lines()
+        .map(|l| {
+            l.split(' ')
+                .nth(1)
+                .expect("UIDL line has two fields")
+                .to_string()
+        })
+        .collect()
+}
+
+/// A fresh self-signed P-256 certificate for `localhost`, written with openssl.
+pub fn self_signed_cert(cert: &Path, key: &Path) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
