@@ -2,6 +2,7 @@
 //! start-up. Every error names the file, the key and what is wrong, so an operator can fix a
 //! typo without reading source. Every key is documented in `config/popbridge.toml`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,104 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolConfig,
+    /// Named upstreams besides `[imap]` (which routing calls `imap`), for routing and migration.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// The name routing rules use for the `[imap]` section.
+pub const DEFAULT_BACKEND: &str = "imap";
+
+/// One upstream a login can be routed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendConfig {
+    /// An IMAP store, served through the bridge (same keys as `[imap]`).
+    Imap(ImapConfig),
+    /// A legacy POP3 server: after login the session is relayed byte for byte.
+    Pop3(Pop3BackendConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop3BackendConfig {
+    pub host: String,
+    /// Defaults to 995 for `tls`, 110 otherwise.
+    pub port: Option<u16>,
+    #[serde(default = "default_security")]
+    pub security: Security,
+    /// Extra trust anchor (PEM) besides the system roots; verification is always on.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate; defaults to `host`.
+    pub tls_server_name: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Deadline for the greeting and each login step (the relay itself uses pop3.idle_timeout_secs).
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_secs: u64,
+    /// Operator credentials for `popbridge migrate` (SASL PLAIN with the user as authorization
+    /// identity); client sessions always log in with the client's own password.
+    pub master_user: Option<String>,
+    /// File holding the master user's password (first line); never inline in this file.
+    pub master_password_file: Option<PathBuf>,
+}
+
+impl Pop3BackendConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(match self.security {
+            Security::Tls => 995,
+            _ => 110,
+        })
+    }
+}
+
+/// What happens to a login no routing rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownUsers {
+    /// Send it to `routing.default_backend`.
+    Default,
+    /// Refuse it with `-ERR [AUTH]`, without asking any upstream.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Backend for logins no rule matches (when `unknown_users = "default"`).
+    pub default_backend: String,
+    pub unknown_users: UnknownUsers,
+    /// Optional routing file (`match,backend[,login]` lines), reloaded on SIGHUP and on change.
+    pub file: Option<PathBuf>,
+    /// Inline rules; the routing file's rules take precedence over them for the same match.
+    pub rules: Vec<RouteRule>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            default_backend: DEFAULT_BACKEND.into(),
+            unknown_users: UnknownUsers::Default,
+            file: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Which logins go where, and under what upstream login name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// `user@domain` or `user` (whole login, case-insensitive), or `@domain` (every login in it).
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// A name from `[backends]`, or `imap` for `[imap]`.
+    pub backend: String,
+    /// Login sent upstream: `%u` the whole login, `%n` its local part, `%d` its domain,
+    /// `%%` a percent sign. Absent: the login as the client gave it.
+    pub login: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +279,16 @@ pub struct ImapConfig {
     /// Size of each `BODY.PEEK[]<offset.length>` piece when streaming a message.
     #[serde(default = "default_fetch_chunk")]
     pub fetch_chunk_bytes: u32,
+    /// UIDL format for users of this store; defaults to `pop3.uidl_format`.
+    pub uidl_format: Option<String>,
+    /// Log in as this master user (SASL PLAIN, the user as authorization identity) instead of
+    /// with the client's password. Needs `verify_password_with`.
+    pub master_user: Option<String>,
+    /// File holding the master user's password (first line); never inline in this file.
+    pub master_password_file: Option<PathBuf>,
+    /// With a master user: the backend (a name from `[backends]`) that checks the client's
+    /// password first, so no login is ever let in unchecked.
+    pub verify_password_with: Option<String>,
 }
 
 impl ImapConfig {
@@ -302,11 +411,73 @@ impl Config {
         })?;
         config
             .validate()
-            .map_err(|(key, msg)| err(Some(key.into()), msg))?;
+            .map_err(|(key, msg)| err(Some(key), msg))?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_general()
+            .map_err(|(k, m)| (k.to_owned(), m))?;
+        validate_imap("imap", &self.imap)?;
+        for (name, backend) in &self.backends {
+            let prefix = format!("backends.{name}");
+            if name == DEFAULT_BACKEND {
+                return Err((
+                    prefix,
+                    format!("the name {DEFAULT_BACKEND:?} is taken by the [imap] section"),
+                ));
+            }
+            match backend {
+                BackendConfig::Imap(imap) => validate_imap(&prefix, imap)?,
+                BackendConfig::Pop3(pop3) => validate_pop3_backend(&prefix, pop3)?,
+            }
+        }
+        self.validate_routing()
+    }
+
+    /// The backend a routing rule or `verify_password_with` names, if it exists.
+    pub fn backend(&self, name: &str) -> Option<BackendRef<'_>> {
+        if name == DEFAULT_BACKEND {
+            return Some(BackendRef::Imap(&self.imap));
+        }
+        self.backends.get(name).map(|b| match b {
+            BackendConfig::Imap(i) => BackendRef::Imap(i),
+            BackendConfig::Pop3(p) => BackendRef::Pop3(p),
+        })
+    }
+
+    fn validate_routing(&self) -> Result<(), (String, String)> {
+        let r = &self.routing;
+        if self.backend(&r.default_backend).is_none() {
+            return Err((
+                "routing.default_backend".into(),
+                format!("names no backend: {:?}", r.default_backend),
+            ));
+        }
+        for (i, rule) in r.rules.iter().enumerate() {
+            let key = format!("routing.rules[{i}]");
+            check_rule(self, rule).map_err(|m| (key, m))?;
+        }
+        let imaps = std::iter::once(("imap".to_owned(), &self.imap)).chain(
+            self.backends.iter().filter_map(|(n, b)| match b {
+                BackendConfig::Imap(i) => Some((format!("backends.{n}"), i)),
+                BackendConfig::Pop3(_) => None,
+            }),
+        );
+        for (prefix, imap) in imaps {
+            if let Some(v) = &imap.verify_password_with {
+                if self.backend(v).is_none() {
+                    return Err((
+                        format!("{prefix}.verify_password_with"),
+                        format!("names no backend: {v:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_general(&self) -> Result<(), (&'static str, String)> {
         UidlFormat::parse(&self.pop3.uidl_format)
             .map_err(|e| ("pop3.uidl_format", e.to_string()))?;
         if self.metrics.listen.is_some() && self.metrics.listen == Some(self.pop3.listen) {
@@ -401,44 +572,6 @@ impl Config {
         if self.pop3.idle_timeout_secs == 0 {
             return Err(("pop3.idle_timeout_secs", "must be at least 1".into()));
         }
-        if self.imap.host.trim().is_empty() {
-            return Err(("imap.host", "must not be empty".into()));
-        }
-        if self.imap.port == Some(0) {
-            return Err(("imap.port", "must be 1-65535".into()));
-        }
-        if self.imap.mailbox.is_empty() {
-            return Err(("imap.mailbox", "must not be empty".into()));
-        }
-        if self.imap.connect_timeout_secs == 0 {
-            return Err(("imap.connect_timeout_secs", "must be at least 1".into()));
-        }
-        if self.imap.command_timeout_secs == 0 {
-            return Err(("imap.command_timeout_secs", "must be at least 1".into()));
-        }
-        if !(4096..=16 * 1024 * 1024).contains(&self.imap.fetch_chunk_bytes) {
-            return Err((
-                "imap.fetch_chunk_bytes",
-                "must be between 4096 and 16777216".into(),
-            ));
-        }
-        if let Some(ca) = &self.imap.ca_file {
-            if self.imap.security == Security::None {
-                return Err((
-                    "imap.ca_file",
-                    "is set but imap.security = \"none\" never uses TLS".into(),
-                ));
-            }
-            crate::imap::tls::load_ca_file(ca).map_err(|e| ("imap.ca_file", e.to_string()))?;
-        }
-        if let Some(name) = &self.imap.tls_server_name {
-            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
-                return Err((
-                    "imap.tls_server_name",
-                    format!("{name:?} is not a valid DNS name or IP address"),
-                ));
-            }
-        }
         if !is_imap_atom(&self.deletion.hide_keyword) {
             return Err((
                 "deletion.hide_keyword",
@@ -465,6 +598,201 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A backend looked up by name: `[imap]` or one of `[backends]`.
+#[derive(Debug, Clone, Copy)]
+pub enum BackendRef<'a> {
+    Imap(&'a ImapConfig),
+    Pop3(&'a Pop3BackendConfig),
+}
+
+/// Why a routing rule is unusable; shared by inline rules and the routing file.
+pub fn check_rule(config: &Config, rule: &RouteRule) -> Result<(), String> {
+    let m = rule.matches.trim();
+    let ok = match m.split_once('@') {
+        Some((local, domain)) => {
+            !domain.is_empty() && !domain.contains('@') && !local.contains(char::is_whitespace)
+        }
+        None => !m.is_empty(),
+    };
+    if !ok || m.contains(char::is_whitespace) {
+        return Err(format!(
+            "match {:?} must be `user`, `user@domain` or `@domain`",
+            rule.matches
+        ));
+    }
+    if config.backend(&rule.backend).is_none() {
+        return Err(format!("backend {:?} is not defined", rule.backend));
+    }
+    if let Some(login) = &rule.login {
+        check_login_template(login)?;
+    }
+    Ok(())
+}
+
+/// A login template may use `%u`, `%n`, `%d` and `%%` only, and must not be empty.
+pub fn check_login_template(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("login must not be empty".into());
+    }
+    let mut chars = t.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            match chars.next() {
+                Some('u' | 'n' | 'd' | '%') => {}
+                Some(o) => {
+                    return Err(format!(
+                        "login {t:?}: unknown variable %{o} (use %u, %n, %d or %%)"
+                    ))
+                }
+                None => return Err(format!("login {t:?}: '%' at the end")),
+            }
+        } else if c.is_whitespace() || c.is_control() {
+            return Err(format!(
+                "login {t:?} must not contain spaces or control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if imap.host.trim().is_empty() {
+        return Err((key("host"), "must not be empty".into()));
+    }
+    if imap.port == Some(0) {
+        return Err((key("port"), "must be 1-65535".into()));
+    }
+    if imap.mailbox.is_empty() {
+        return Err((key("mailbox"), "must not be empty".into()));
+    }
+    if imap.connect_timeout_secs == 0 {
+        return Err((key("connect_timeout_secs"), "must be at least 1".into()));
+    }
+    if imap.command_timeout_secs == 0 {
+        return Err((key("command_timeout_secs"), "must be at least 1".into()));
+    }
+    if !(4096..=16 * 1024 * 1024).contains(&imap.fetch_chunk_bytes) {
+        return Err((
+            key("fetch_chunk_bytes"),
+            "must be between 4096 and 16777216".into(),
+        ));
+    }
+    validate_tls(
+        prefix,
+        imap.security,
+        imap.ca_file.as_deref(),
+        imap.tls_server_name.as_deref(),
+    )?;
+    if let Some(f) = &imap.uidl_format {
+        UidlFormat::parse(f).map_err(|e| (key("uidl_format"), e.to_string()))?;
+    }
+    validate_master(
+        prefix,
+        imap.master_user.as_deref(),
+        imap.master_password_file.as_deref(),
+    )?;
+    match (&imap.master_user, &imap.verify_password_with) {
+        (Some(_), None) => Err((
+            key("verify_password_with"),
+            "is required with master_user: name the backend that checks the client's password (a master login alone would let any password in)".into(),
+        )),
+        (None, Some(_)) => Err((key("verify_password_with"), "only makes sense with master_user".into())),
+        _ => Ok(()),
+    }
+}
+
+fn validate_pop3_backend(prefix: &str, p: &Pop3BackendConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if p.host.trim().is_empty() {
+        return Err((key("host"), "must not be empty".into()));
+    }
+    if p.port == Some(0) {
+        return Err((key("port"), "must be 1-65535".into()));
+    }
+    if p.connect_timeout_secs == 0 {
+        return Err((key("connect_timeout_secs"), "must be at least 1".into()));
+    }
+    if p.command_timeout_secs == 0 {
+        return Err((key("command_timeout_secs"), "must be at least 1".into()));
+    }
+    validate_tls(
+        prefix,
+        p.security,
+        p.ca_file.as_deref(),
+        p.tls_server_name.as_deref(),
+    )?;
+    validate_master(
+        prefix,
+        p.master_user.as_deref(),
+        p.master_password_file.as_deref(),
+    )
+}
+
+fn validate_tls(
+    prefix: &str,
+    security: Security,
+    ca_file: Option<&Path>,
+    server_name: Option<&str>,
+) -> Result<(), (String, String)> {
+    if let Some(ca) = ca_file {
+        if security == Security::None {
+            return Err((
+                format!("{prefix}.ca_file"),
+                format!("is set but {prefix}.security = \"none\" never uses TLS"),
+            ));
+        }
+        crate::imap::tls::load_ca_file(ca)
+            .map_err(|e| (format!("{prefix}.ca_file"), e.to_string()))?;
+    }
+    if let Some(name) = server_name {
+        if rustls_pki_types::ServerName::try_from(name).is_err() {
+            return Err((
+                format!("{prefix}.tls_server_name"),
+                format!("{name:?} is not a valid DNS name or IP address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_master(
+    prefix: &str,
+    user: Option<&str>,
+    password_file: Option<&Path>,
+) -> Result<(), (String, String)> {
+    match (user, password_file) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err((
+            format!("{prefix}.master_password_file"),
+            "is required with master_user".into(),
+        )),
+        (None, Some(_)) => Err((
+            format!("{prefix}.master_user"),
+            "is required with master_password_file".into(),
+        )),
+        (Some(u), Some(f)) => {
+            if u.is_empty() {
+                return Err((format!("{prefix}.master_user"), "must not be empty".into()));
+            }
+            read_secret(f)
+                .map(|_| ())
+                .map_err(|e| (format!("{prefix}.master_password_file"), e))
+        }
+    }
+}
+
+/// The first line of a secret file, without its line ending.
+pub fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(line.to_owned())
 }
 
 /// RFC 3501 `atom`: what a keyword flag may contain.
@@ -612,5 +940,132 @@ dir = "/tmp/x"
             );
         let c = Config::parse(&path, &text).unwrap();
         assert!(c.metrics.listen.is_some());
+    }
+
+    const ROUTED: &str = r#"
+[backends.legacy]
+kind = "pop3"
+host = "127.0.0.1"
+port = 2110
+security = "none"
+
+[backends.new]
+kind = "imap"
+host = "127.0.0.1"
+port = 2143
+security = "none"
+uidl_format = "%v.%u"
+
+[routing]
+default_backend = "legacy"
+unknown_users = "reject"
+rules = [
+  { match = "alice@example.org", backend = "new", login = "%n" },
+  { match = "@example.net", backend = "imap" },
+]
+"#;
+
+    #[test]
+    fn backends_and_routing_parse() {
+        let c = parse(&format!("{MINIMAL}{ROUTED}")).unwrap();
+        assert!(matches!(c.backend("legacy"), Some(BackendRef::Pop3(p)) if p.port() == 2110));
+        assert!(
+            matches!(c.backend("new"), Some(BackendRef::Imap(i)) if i.uidl_format.as_deref() == Some("%v.%u"))
+        );
+        assert!(matches!(c.backend("imap"), Some(BackendRef::Imap(i)) if i.host == "127.0.0.1"));
+        assert!(c.backend("nope").is_none());
+        assert_eq!(c.routing.unknown_users, UnknownUsers::Reject);
+        assert_eq!(c.routing.rules.len(), 2);
+        assert_eq!(c.routing.rules[0].login.as_deref(), Some("%n"));
+    }
+
+    #[test]
+    fn routing_errors_name_the_key() {
+        let cases = [
+            (
+                ROUTED.replace("backend = \"imap\"", "backend = \"old\""),
+                "routing.rules[1]",
+                "\"old\" is not defined",
+            ),
+            (
+                ROUTED.replace("default_backend = \"legacy\"", "default_backend = \"x\""),
+                "routing.default_backend",
+                "names no backend",
+            ),
+            (
+                ROUTED.replace("login = \"%n\"", "login = \"%q\""),
+                "routing.rules[0]",
+                "unknown variable %q",
+            ),
+            (
+                ROUTED.replace("match = \"@example.net\"", "match = \"a b\""),
+                "routing.rules[1]",
+                "must be `user`",
+            ),
+            (
+                ROUTED.replace("port = 2110", "port = 2110\nbogus = 1"),
+                "backends",
+                "bogus",
+            ),
+            (
+                ROUTED.replace("kind = \"pop3\"", "kind = \"smtp\""),
+                "backends",
+                "smtp",
+            ),
+            (
+                ROUTED
+                    .replace("[backends.legacy]", "[backends.imap]")
+                    .replace("\"legacy\"", "\"imap\""),
+                "backends.imap",
+                "taken",
+            ),
+            (
+                ROUTED.replace("uidl_format = \"%v.%u\"", "uidl_format = \"%m\""),
+                "backends.new.uidl_format",
+                "%m",
+            ),
+            (
+                ROUTED.replace("port = 2143", "port = 2143\nmaster_user = \"m\""),
+                "backends.new.master_password_file",
+                "required",
+            ),
+        ];
+        for (extra, key, msg) in cases {
+            let e = parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert!(
+                e.key.as_deref().is_some_and(|k| k.starts_with(key)),
+                "{key}: {e}"
+            );
+            assert!(e.to_string().contains(msg), "{msg}: {e}");
+        }
+    }
+
+    #[test]
+    fn master_user_requires_a_password_check() {
+        let dir = std::env::temp_dir().join(format!("pbcfg-master-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("master.pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let master = format!(
+            "port = 2143\nmaster_user = \"m\"\nmaster_password_file = \"{}\"",
+            pw.display()
+        );
+        let e = parse(&format!(
+            "{MINIMAL}{}",
+            ROUTED.replace("port = 2143", &master)
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("backends.new.verify_password_with"),
+            "{e}"
+        );
+        let ok = format!("{master}\nverify_password_with = \"legacy\"");
+        let c = parse(&format!("{MINIMAL}{}", ROUTED.replace("port = 2143", &ok))).unwrap();
+        assert!(
+            matches!(c.backend("new"), Some(BackendRef::Imap(i)) if i.master_user.as_deref() == Some("m"))
+        );
+        assert_eq!(read_secret(&pw).unwrap(), "s3cret");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
