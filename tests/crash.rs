@@ -595,7 +595,7 @@ fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
         errors.is_empty(),
         "seed {seed}: protocol errors: {errors:#?}"
     );
-    eprintln!(
+    report(&format!(
         "random SIGKILL: seed {seed}, {rounds} rounds in {:?}, kill delays {kill_delays:?} ms, \
          {sessions} sessions ({committed} committed, {uncommitted} uncommitted, {in_doubt} in doubt; \
          {cut} cut by the kill), \
@@ -603,7 +603,7 @@ fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
         started.elapsed(),
         sh.retrieved.load(Ordering::Relaxed),
         sh.in_use.load(Ordering::Relaxed),
-    );
+    ));
     assert!(rounds >= 6, "too few rounds");
     assert!(cut > 0, "no kill struck a running session");
     assert!(

@@ -44,7 +44,7 @@ fn setup(extra: &str) -> (Cyrus, Popbridge, Vec<(&'static str, Vec<u8>)>) {
 #[test]
 fn stat_list_uidl_retr_top_are_byte_exact_against_cyrus() {
     let (cy, pb, named) = setup("[pop3]\nmark_seen = false");
-    eprintln!("upstream: Cyrus IMAP {}", cy.version());
+    report(&format!("upstream: Cyrus IMAP {}", cy.version()));
     let imap = cy.imap_state("alice", "apw", "INBOX");
     assert_eq!(imap.messages.len(), named.len(), "Cyrus took every APPEND");
 

@@ -88,6 +88,21 @@ pub fn require_tools() {
     );
 }
 
+/// Prints a test's figures (soak, kill rounds, upstream versions) and, when
+/// `POPBRIDGE_FIGURES` names a file, appends them to it: `scripts/test` shows that file in its
+/// summary, since cargo hides what passing tests print.
+pub fn report(line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("POPBRIDGE_FIGURES").filter(|p| !p.is_empty()) {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", Path::new(&path).display()));
+        std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
+    }
+}
+
 /// `n` distinct loopback ports that were free a moment ago (bound to port 0, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
