@@ -1,15 +1,13 @@
 //! The end-to-end scenarios against a second, different upstream: a private Cyrus IMAP
 //! (tests/support/cyrus.rs), driven through popbridge by real clients (poplib, curl).
-//! The deletion modes, RSET and dropped connections run against both Dovecot and Cyrus in
-//! tests/deletion.rs; this file holds the rest: byte-exact listing and retrieval, stable UIDLs,
-//! IN-USE and wrong passwords.
+//! Tests written for both servers run against Cyrus too (`on_both_servers!`): the deletion
+//! modes, RSET and dropped connections in tests/deletion.rs; wrong passwords, IN-USE, pipelining,
+//! AUTH PLAIN, the fixed snapshot and idle timeouts in tests/errors.rs. This file holds the
+//! Cyrus-only ones: byte-exact listing and retrieval against what was appended, stable UIDLs.
 
 mod support;
 
-use std::time::Duration;
-
 use support::cyrus::Cyrus;
-use support::raw::RawPop3;
 use support::*;
 
 /// The edge-case mailbox as an IMAP client would APPEND it (Cyrus refuses bare LF), plus a
@@ -141,45 +139,4 @@ fn uidls_are_stable_across_sessions_restarts_and_lost_state_against_cyrus() {
     std::fs::remove_dir_all(pb.state_dir()).unwrap();
     pb.restart();
     assert_eq!(uidl_list(pb.pop3_port(), "alice", "apw"), second);
-}
-
-#[test]
-fn second_session_gets_in_use_against_cyrus() {
-    let (_cy, pb, named) = setup("");
-    let mut first = RawPop3::ready(pb.pop3_port());
-    first.login("alice", "apw");
-    let second = poplib(pb.pop3_port(), &["user alice", "pass apw"]);
-    let pass = second.step("pass apw");
-    assert!(pass.resp.starts_with("-ERR [IN-USE] "), "{}", pass.resp);
-    assert!(first.cmd("QUIT").starts_with("+OK"));
-    let s = poplib(pb.pop3_port(), &["user alice", "pass apw", "stat", "quit"]);
-    s.assert_all_ok();
-    assert!(s
-        .step("stat")
-        .resp
-        .starts_with(&format!("+OK {} ", named.len())));
-}
-
-#[test]
-fn wrong_password_gets_auth_code_against_cyrus() {
-    let (_cy, pb, _) = setup("");
-    let mut c = RawPop3::ready(pb.pop3_port());
-    assert!(c.cmd("USER alice").starts_with("+OK"));
-    let r = c.cmd("PASS wrong");
-    assert!(r.starts_with("-ERR [AUTH] "), "{r}");
-    // The session goes on and the right password works.
-    c.login("alice", "apw");
-    assert!(c.cmd("QUIT").starts_with("+OK"));
-    // An unknown user looks the same.
-    let s = poplib(pb.pop3_port(), &["user nobody", "pass x", "quit"]);
-    assert!(s.step("pass x").resp.starts_with("-ERR [AUTH] "));
-    // curl reports a login failure as its exit code 67.
-    let r = curl_pop3(
-        &format!("pop3://alice:nope@127.0.0.1:{}/", pb.pop3_port()),
-        &[],
-    );
-    assert_eq!(r.code, 67, "{}", r.stderr);
-    assert!(pb.wait_for_log("pop3 session ended", Duration::from_secs(5)));
-    let log = pb.log();
-    assert!(!log.contains("apw") && !log.contains("wrong") && !log.contains("nope"));
 }

@@ -4,27 +4,8 @@
 
 mod support;
 
-use support::cyrus::Cyrus;
 use support::imap_do::imap_do;
 use support::*;
-
-/// `on_both_servers!(f)`: a module `f` with the tests `f::dovecot` and `f::cyrus`, each
-/// calling the generic `f` with a freshly started server of that kind.
-macro_rules! on_both_servers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[test]
-            fn dovecot() {
-                super::$name(Dovecot::start());
-            }
-            #[test]
-            fn cyrus() {
-                super::$name(Cyrus::start());
-            }
-        }
-    )*};
-}
 
 on_both_servers!(
     hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state,

@@ -189,6 +189,27 @@ impl MailServer for cyrus::Cyrus {
     }
 }
 
+/// `on_both_servers!(f, g)`: for each generic `fn f<S: MailServer>(server: S)` of the test file,
+/// a module `f` with the tests `f::dovecot` and `f::cyrus`, each calling `f` with a freshly
+/// started server of that kind (`use support::*` brings it in).
+#[allow(unused_macros)]
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn dovecot() {
+                super::$name($crate::support::Dovecot::start());
+            }
+            #[test]
+            fn cyrus() {
+                super::$name($crate::support::cyrus::Cyrus::start());
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_servers;
+
 /// A private Dovecot under a short temp dir in /tmp. Dropping it stops it and removes the dir.
 pub struct Dovecot {
     dir: Option<tempfile::TempDir>,
