@@ -140,3 +140,58 @@ fn uidls_are_stable_across_sessions_restarts_and_lost_state_against_cyrus() {
     pb.restart();
     assert_eq!(uidl_list(pb.pop3_port(), "alice", "apw"), second);
 }
+
+#[test]
+fn empty_mailbox_against_cyrus() {
+    let cy = Cyrus::start();
+    cy.add_user("empty", "epw");
+    let pb = Popbridge::start(&cy, "");
+    let s = poplib(
+        pb.pop3_port(),
+        &[
+            "user empty",
+            "pass epw",
+            "stat",
+            "list",
+            "uidl",
+            "retr 1",
+            "quit",
+        ],
+    );
+    assert_eq!(s.step("stat").resp, "+OK 0 0");
+    assert!(s.step("list").ok && s.step("list").data().is_empty());
+    assert!(s.step("uidl").ok && s.step("uidl").data().is_empty());
+    assert!(!s.step("retr 1").ok);
+    assert!(s.step("quit").ok);
+}
+
+/// Cyrus's traditional namespace (`altnamespace: no`) keeps a user's folders under INBOX:
+/// `move_to = "INBOX/Trash"` works; a top-level `Trash` cannot be created, and then QUIT must
+/// say -ERR and leave the mail where it was.
+#[test]
+fn move_mode_in_cyrus_traditional_namespace() {
+    let cy = Cyrus::start_with_conf("altnamespace: no");
+    cy.add_user("t", "tpw");
+    cy.seed(
+        "t",
+        &[b"Subject: a\r\n\r\na\r\n", b"Subject: b\r\n\r\nb\r\n"],
+    );
+    let wrong = Popbridge::start(&cy, "[deletion]\nmode = \"move\"\nmove_to = \"Trash\"");
+    let s = poplib(wrong.pop3_port(), &["user t", "pass tpw", "dele 1", "quit"]);
+    assert!(s.step("dele 1").ok);
+    assert!(
+        s.step("quit").resp.starts_with("-ERR"),
+        "QUIT claimed a commit that did not happen: {}",
+        s.step("quit").resp
+    );
+    assert_eq!(cy.imap_state("t", "tpw", "INBOX").uids(), vec![1, 2]);
+    drop(wrong);
+
+    let pb = Popbridge::start(
+        &cy,
+        "[deletion]\nmode = \"move\"\nmove_to = \"INBOX/Trash\"",
+    );
+    poplib(pb.pop3_port(), &["user t", "pass tpw", "dele 1", "quit"]).assert_all_ok();
+    assert_eq!(cy.imap_state("t", "tpw", "INBOX").uids(), vec![2]);
+    assert_eq!(cy.imap_state("t", "tpw", "INBOX/Trash").messages.len(), 1);
+}
