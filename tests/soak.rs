@@ -5,7 +5,8 @@
 //! Some POP3 sessions drop the connection after DELE without QUIT (a client-side fault): those
 //! marks must never apply. At the end every client downloads what is left, and every appended
 //! message must have reached every client unless it was deleted by a committed QUIT or expunged
-//! over IMAP. `SOAK_SECS` sets the length (default 120 s, what CI runs; run longer locally).
+//! over IMAP. `SOAK_SECS` sets the length (default 120 s, what CI runs; run longer locally);
+//! a shorter run against Cyrus goes beside it (`SOAK_CYRUS_SECS`, default a quarter of that).
 
 mod support;
 
@@ -174,13 +175,28 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-#[test]
-fn soak_with_concurrent_imap_changes_loses_and_duplicates_nothing() {
-    let secs: u64 = std::env::var("SOAK_SECS")
+fn secs(var: &str, default: u64) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let dc = Dovecot::start();
+        .unwrap_or(default)
+}
+
+#[test]
+fn soak_with_concurrent_imap_changes_loses_and_duplicates_nothing() {
+    soak(Dovecot::start(), secs("SOAK_SECS", 120));
+}
+
+/// The same soak against Cyrus, shorter (it runs beside the Dovecot one).
+#[test]
+fn soak_against_cyrus_loses_and_duplicates_nothing() {
+    soak(
+        support::cyrus::Cyrus::start(),
+        secs("SOAK_CYRUS_SECS", secs("SOAK_SECS", 120) / 4),
+    );
+}
+
+fn soak<S: MailServer>(dc: S, secs: u64) {
     let users: Vec<String> = (0..USERS).map(|i| format!("soak{i}")).collect();
     for u in &users {
         dc.add_user(u, "pw");
@@ -366,11 +382,12 @@ fn soak_with_concurrent_imap_changes_loses_and_duplicates_nothing() {
     let dropped = tally.dropped.load(Ordering::Relaxed);
     let gone = tally.gone.load(Ordering::Relaxed);
     report(&format!(
-        "soak {:.0?} with {USERS} users x {POP3_CLIENTS_PER_USER} POP3 clients: pop3 sessions {sessions}, \
+        "soak ({}) {:.0?} with {USERS} users x {POP3_CLIENTS_PER_USER} POP3 clients: pop3 sessions {sessions}, \
          appended {}, retrieved {retrieved}, deleted (committed) {}, imap-expunged {}, \
          faults {} (dropped without QUIT {dropped}, expunged under a session {gone}), \
          in-use refusals {}, protocol errors 0, lost {}, duplicated {duplicated}, \
          RSS early {rss_early} KiB, late {rss_late} KiB",
+        dc.name(),
         started.elapsed(),
         appended.len(),
         deleted.len(),
