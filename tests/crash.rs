@@ -1,13 +1,22 @@
 //! popbridge killed with SIGKILL mid-session and restarted, over several rounds, with its sled
 //! state sometimes damaged: no mail lost, nothing deleted without a committed QUIT, no hidden
-//! mail shown again, UIDLs unchanged. And SIGTERM drains running sessions.
+//! mail shown again, UIDLs unchanged. First four fixed rounds, then rounds under load (several
+//! clients of several users downloading and deleting) killed after a random delay, checked
+//! against a ledger (`CRASH_SEED` replays a run, `CRASH_ROUNDS` sets the rounds, default 12).
+//! And SIGTERM drains running sessions.
 
 mod support;
 
+use std::collections::{BTreeMap, HashSet};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
+use support::imap_raw::Imap;
 use support::raw::RawPop3;
 use support::*;
 
@@ -139,5 +148,466 @@ fn sigterm_closes_idle_sessions_after_the_drain_without_commit() {
     assert!(
         !imap.message(1).unwrap().has_flag("$POP3Deleted"),
         "uncommitted DELE applied"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIGKILL at random points under load, checked against a ledger.
+
+const LOAD_USERS: usize = 3;
+const CLIENTS_PER_USER: usize = 2;
+const SEEDED_PER_USER: usize = 30;
+
+/// xorshift64*: the whole run follows from one printed seed (thread timing aside).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn ledger_message(user: &str, n: usize) -> Vec<u8> {
+    format!(
+        "From: ledger@example.test\r\nSubject: {user} #{n}\r\nX-Ledger: {user}/m{n}\r\n\r\n{}",
+        "some body text\r\n".repeat(n % 7 + 1)
+    )
+    .into_bytes()
+}
+
+/// One message as the upstream holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Upstream {
+    marker: String,
+    hidden: bool,
+}
+
+/// UIDVALIDITY and every message of `user`'s INBOX by UID, read with a raw IMAP client.
+fn upstream_view(imap_port: u16, user: &str) -> (u32, BTreeMap<u32, Upstream>) {
+    let mut c = Imap::connect(imap_port);
+    c.run(&format!("LOGIN {user} pw"), &[]);
+    let selected = c.run("EXAMINE INBOX", &[]);
+    let uidvalidity = selected
+        .iter()
+        .find_map(|l| l.split("[UIDVALIDITY ").nth(1))
+        .and_then(|v| v.split(']').next())
+        .and_then(|v| v.parse().ok())
+        .expect("EXAMINE gives UIDVALIDITY");
+    let lines = c.run(
+        "UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (X-LEDGER)])",
+        &[],
+    );
+    let _ = c.try_run("LOGOUT", &[]);
+    let mut out = BTreeMap::new();
+    let mut current: Option<(u32, bool)> = None;
+    for l in lines {
+        if l.starts_with("* ") && l.contains(" FETCH (") {
+            let uid = l
+                .split("UID ")
+                .nth(1)
+                .and_then(|v| v.split([' ', ')']).next())
+                .and_then(|v| v.parse().ok())
+                .expect("FETCH with UID");
+            current = Some((uid, l.contains("$POP3Deleted")));
+        } else if let Some(m) = l.strip_prefix("X-Ledger: ") {
+            let (uid, hidden) = current.take().expect("X-Ledger outside a FETCH");
+            let marker = m.trim().to_string();
+            out.insert(uid, Upstream { marker, hidden });
+        }
+    }
+    (uidvalidity, out)
+}
+
+/// How a POP3 session under load ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// QUIT answered +OK: every mark must be applied.
+    Committed,
+    /// Ended without a QUIT (dropped, or popbridge killed before it was sent): no mark may be.
+    Uncommitted,
+    /// QUIT sent, popbridge killed before the answer: each mark either applied or not.
+    InDoubt,
+}
+
+#[derive(Debug)]
+struct SessionRecord {
+    user: usize,
+    marked: Vec<u32>,
+    end: End,
+    /// The connection died under it (popbridge was killed).
+    cut: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    records: Mutex<Vec<SessionRecord>>,
+    /// Per user: UIDs hidden by a committed QUIT; no later session may list them.
+    committed_hidden: Mutex<Vec<HashSet<u32>>>,
+    /// Per user: UID -> marker, from the ledger; RETR must deliver that marker.
+    markers: Mutex<Vec<BTreeMap<u32, String>>>,
+    uidvalidity: Mutex<Vec<u32>>,
+    errors: Mutex<Vec<String>>,
+    retrieved: AtomicU64,
+    in_use: AtomicU64,
+}
+
+struct Pop {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Pop {
+    fn line(&mut self) -> io::Result<String> {
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(l)
+    }
+    fn cmd(&mut self, c: &str) -> io::Result<String> {
+        self.w.write_all(format!("{c}\r\n").as_bytes())?;
+        self.line()
+    }
+    fn multi(&mut self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        loop {
+            let l = self.line()?;
+            if l == ".\r\n" {
+                return Ok(out);
+            }
+            out.push(l);
+        }
+    }
+}
+
+/// One session of `user` against popbridge: UIDL, a few RETRs checked against the ledger, a
+/// few DELEs, then QUIT, RSET+QUIT or a dropped connection. `None` if it never logged in.
+fn load_session(port: u16, user: usize, rng: &mut Rng, sh: &Shared) -> Option<SessionRecord> {
+    let name = format!("load{user}");
+    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let _ = s.set_nodelay(true);
+    let mut p = Pop {
+        r: BufReader::new(s.try_clone().ok()?),
+        w: s,
+    };
+    if !p.line().ok()?.starts_with("+OK") {
+        return None;
+    }
+    if !p.cmd(&format!("USER {name}")).ok()?.starts_with("+OK") {
+        return None;
+    }
+    let hidden_before = sh.committed_hidden.lock().unwrap()[user].clone();
+    let pass = p.cmd("PASS pw").ok()?;
+    if pass.starts_with("-ERR [IN-USE]") {
+        sh.in_use.fetch_add(1, Ordering::Relaxed);
+        let _ = p.cmd("QUIT");
+        return None;
+    }
+    if !pass.starts_with("+OK") {
+        sh.errors
+            .lock()
+            .unwrap()
+            .push(format!("{name} PASS: {pass}"));
+        return None;
+    }
+    let mut rec = SessionRecord {
+        user,
+        marked: Vec::new(),
+        end: End::Uncommitted,
+        cut: false,
+    };
+    let err = |m: String| sh.errors.lock().unwrap().push(m);
+    let uv = sh.uidvalidity.lock().unwrap()[user];
+    // From here on, an I/O error is popbridge being killed: the session ends uncommitted.
+    let run = |p: &mut Pop, rec: &mut SessionRecord, rng: &mut Rng| -> io::Result<()> {
+        if !p.cmd("UIDL")?.starts_with("+OK") {
+            err(format!("{name}: UIDL refused"));
+            return Ok(());
+        }
+        let mut listing: Vec<(usize, u32)> = Vec::new();
+        for l in p.multi()? {
+            let mut f = l.split_whitespace();
+            let (n, uidl) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let uid = u32::from_str_radix(uidl.get(..8).unwrap_or(""), 16).unwrap_or(0);
+            if uidl != format!("{uid:08x}{uv:08x}") {
+                err(format!("{name}: UIDL {uidl} is not the UID's (uid {uid})"));
+            }
+            if hidden_before.contains(&uid) {
+                err(format!("{name}: UID {uid} listed after a committed DELE"));
+            }
+            listing.push((n.parse().unwrap_or(0), uid));
+        }
+        for _ in 0..rng.below(3) + 1 {
+            if listing.is_empty() {
+                break;
+            }
+            let (n, uid) = listing[rng.below(listing.len() as u64) as usize];
+            if !p.cmd(&format!("RETR {n}"))?.starts_with("+OK") {
+                err(format!("{name}: RETR {n} refused"));
+                continue;
+            }
+            let body = p.multi()?.concat();
+            let want = sh.markers.lock().unwrap()[user].get(&uid).cloned();
+            match want {
+                Some(m) if body.contains(&format!("X-Ledger: {m}\r\n")) => {
+                    sh.retrieved.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => err(format!("{name}: RETR of UID {uid} is not its ledger entry")),
+            }
+        }
+        // Some sessions delete one or two messages; the mailbox must not drain over the run.
+        let deletions = if rng.below(10) < 4 {
+            rng.below(2) + 1
+        } else {
+            0
+        };
+        for _ in 0..deletions {
+            if listing.is_empty() {
+                break;
+            }
+            let (n, uid) = listing[rng.below(listing.len() as u64) as usize];
+            if rec.marked.contains(&uid) {
+                continue;
+            }
+            if !p.cmd(&format!("DELE {n}"))?.starts_with("+OK") {
+                err(format!("{name}: DELE {n} refused"));
+                continue;
+            }
+            rec.marked.push(uid);
+        }
+        match rng.below(100) {
+            0..=14 => return Ok(()), // dropped: no QUIT
+            15..=29 => {
+                if !p.cmd("RSET")?.starts_with("+OK") {
+                    err(format!("{name}: RSET refused"));
+                }
+                rec.marked.clear();
+            }
+            _ => {}
+        }
+        rec.end = End::InDoubt;
+        let q = p.cmd("QUIT")?;
+        if q.starts_with("+OK") {
+            rec.end = End::Committed;
+            let mut hidden = sh.committed_hidden.lock().unwrap();
+            hidden[user].extend(rec.marked.iter().copied());
+        } else {
+            err(format!("{name}: QUIT: {q}"));
+        }
+        Ok(())
+    };
+    rec.cut = run(&mut p, &mut rec, rng).is_err();
+    Some(rec)
+}
+
+#[test]
+fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000_007
+        });
+    let max_rounds: usize = std::env::var("CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!("random SIGKILL rounds: seed {seed} (rerun with CRASH_SEED={seed})");
+    let mut rng = Rng::new(seed);
+
+    let dc = Dovecot::start();
+    let users: Vec<String> = (0..LOAD_USERS).map(|u| format!("load{u}")).collect();
+    for u in &users {
+        dc.add_user(u, "pw");
+        let msgs: Vec<Vec<u8>> = (0..SEEDED_PER_USER).map(|n| ledger_message(u, n)).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+        dc.seed(u, &refs);
+    }
+    let mut appended = [SEEDED_PER_USER; LOAD_USERS];
+    let mut pb = Popbridge::start(&dc, "[limits]\nmax_connections_per_ip = 100");
+    let sh = Arc::new(Shared::default());
+    // The ledger: marker -> UID per user, fixed for good once seen.
+    let mut ledger: Vec<BTreeMap<String, u32>> = vec![BTreeMap::new(); LOAD_USERS];
+    {
+        let mut hidden = sh.committed_hidden.lock().unwrap();
+        let mut markers = sh.markers.lock().unwrap();
+        let mut uvs = sh.uidvalidity.lock().unwrap();
+        for (u, name) in users.iter().enumerate() {
+            let (uv, view) = upstream_view(dc.imap_port(), name);
+            assert_eq!(view.len(), SEEDED_PER_USER);
+            for (&uid, m) in &view {
+                ledger[u].insert(m.marker.clone(), uid);
+            }
+            hidden.push(HashSet::new());
+            markers.push(
+                view.iter()
+                    .map(|(&uid, m)| (uid, m.marker.clone()))
+                    .collect(),
+            );
+            uvs.push(uv);
+        }
+    }
+    let started = Instant::now();
+    let (mut rounds, mut sessions, mut committed, mut uncommitted, mut in_doubt, mut cut) =
+        (0, 0, 0, 0, 0, 0);
+    let mut kill_delays = Vec::new();
+    while rounds < max_rounds && (rounds < 6 || started.elapsed() < Duration::from_secs(50)) {
+        // New mail arrives over IMAP before each round, recorded in the ledger.
+        for (u, name) in users.iter().enumerate() {
+            let mut c = Imap::login(dc.imap_port(), name, "pw");
+            for _ in 0..5 {
+                c.run("APPEND INBOX", &ledger_message(name, appended[u]));
+                appended[u] += 1;
+            }
+        }
+        for (u, name) in users.iter().enumerate() {
+            let (_, view) = upstream_view(dc.imap_port(), name);
+            let mut markers = sh.markers.lock().unwrap();
+            for (&uid, m) in &view {
+                let known = *ledger[u].entry(m.marker.clone()).or_insert(uid);
+                assert_eq!(known, uid, "round {rounds}: {} changed UID", m.marker);
+                markers[u].insert(uid, m.marker.clone());
+            }
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for u in 0..LOAD_USERS {
+            for c in 0..CLIENTS_PER_USER {
+                let (stop, sh) = (stop.clone(), sh.clone());
+                let port = pb.pop3_port();
+                let mut crng = Rng::new(seed ^ ((rounds * 100 + u * 10 + c) as u64 + 1));
+                threads.push(thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(rec) = load_session(port, u, &mut crng, &sh) {
+                            sh.records.lock().unwrap().push(rec);
+                        }
+                    }
+                }));
+            }
+        }
+        let delay = Duration::from_millis(150 + rng.below(1200));
+        kill_delays.push(delay.as_millis());
+        thread::sleep(delay);
+        let pid = pb.pid().to_string();
+        assert!(Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success());
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("a load client panicked");
+        }
+        if rng.below(4) == 0 {
+            // Now and then the cache is damaged as well: it must be rebuilt, not trusted.
+            for entry in std::fs::read_dir(pb.state_dir()).unwrap().flatten() {
+                if entry.path().is_file() && rng.below(2) == 0 {
+                    std::fs::write(entry.path(), b"garbage").unwrap();
+                }
+            }
+        }
+        pb.restart();
+
+        // The ledger check, per user.
+        let records: Vec<SessionRecord> = std::mem::take(&mut *sh.records.lock().unwrap());
+        sessions += records.len();
+        for (u, name) in users.iter().enumerate() {
+            let (uv, view) = upstream_view(dc.imap_port(), name);
+            assert_eq!(uv, sh.uidvalidity.lock().unwrap()[u], "UIDVALIDITY changed");
+            // Nothing lost (hide mode never removes mail upstream), nothing renumbered.
+            for (marker, &uid) in &ledger[u] {
+                let m = view.get(&uid);
+                assert!(
+                    m.is_some_and(|m| &m.marker == marker),
+                    "round {rounds} (seed {seed}): {marker} (UID {uid}) lost upstream"
+                );
+            }
+            assert_eq!(view.len(), ledger[u].len(), "unexpected upstream mail");
+            let hidden: HashSet<u32> = view
+                .iter()
+                .filter(|(_, m)| m.hidden)
+                .map(|(&uid, _)| uid)
+                .collect();
+            let mut must: HashSet<u32> = HashSet::new();
+            let mut may: HashSet<u32> = HashSet::new();
+            for r in records.iter().filter(|r| r.user == u) {
+                match r.end {
+                    End::Committed => must.extend(r.marked.iter().copied()),
+                    End::InDoubt => may.extend(r.marked.iter().copied()),
+                    End::Uncommitted => {}
+                }
+            }
+            let missing: Vec<_> = must.difference(&hidden).collect();
+            assert!(
+                missing.is_empty(),
+                "round {rounds} (seed {seed}): {name}: committed DELE of UIDs {missing:?} not applied"
+            );
+            // Every hidden UID is accounted for by a committed or in-doubt QUIT, this round or
+            // an earlier one.
+            let mut accounted = sh.committed_hidden.lock().unwrap()[u].clone();
+            accounted.extend(may.iter().copied());
+            let stray: Vec<_> = hidden.difference(&accounted).collect();
+            assert!(
+                stray.is_empty(),
+                "round {rounds} (seed {seed}): {name}: UIDs {stray:?} hidden without a QUIT"
+            );
+            // In-doubt marks that were applied count as committed from now on.
+            sh.committed_hidden.lock().unwrap()[u].extend(hidden.iter().copied());
+            // Through popbridge: exactly the visible mail, under unchanged UIDLs.
+            let expected: Vec<String> = view
+                .iter()
+                .filter(|(_, m)| !m.hidden)
+                .map(|(&uid, _)| format!("{uid:08x}{uv:08x}"))
+                .collect();
+            assert_eq!(
+                uidl_list(pb.pop3_port(), name, "pw"),
+                expected,
+                "round {rounds} (seed {seed}): {name}: POP3 listing differs from upstream"
+            );
+        }
+        for r in &records {
+            cut += usize::from(r.cut);
+            match r.end {
+                End::Committed => committed += 1,
+                End::Uncommitted => uncommitted += 1,
+                End::InDoubt => in_doubt += 1,
+            }
+        }
+        rounds += 1;
+    }
+    let errors = sh.errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "seed {seed}: protocol errors: {errors:#?}"
+    );
+    report(&format!(
+        "random SIGKILL: seed {seed}, {rounds} rounds in {:?}, kill delays {kill_delays:?} ms, \
+         {sessions} sessions ({committed} committed, {uncommitted} uncommitted, {in_doubt} in doubt; \
+         {cut} cut by the kill), \
+         {} RETR checked, {} IN-USE refusals, lost 0",
+        started.elapsed(),
+        sh.retrieved.load(Ordering::Relaxed),
+        sh.in_use.load(Ordering::Relaxed),
+    ));
+    assert!(rounds >= 6, "too few rounds");
+    assert!(cut > 0, "no kill struck a running session");
+    assert!(
+        committed > 0 && sh.retrieved.load(Ordering::Relaxed) > 0,
+        "the load did nothing"
     );
 }

@@ -1,10 +1,19 @@
 //! DELE only marks, RSET unmarks, and only QUIT applies the marks; each deletion mode checked
-//! upstream through a real IMAP client (imaplib).
+//! upstream through a real IMAP client (imaplib). Every test runs twice: against the private
+//! Dovecot and against the private Cyrus (tests/support/cyrus.rs).
 
 mod support;
 
 use support::imap_do::imap_do;
 use support::*;
+
+on_both_servers!(
+    hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state,
+    expunge_removes_only_committed_messages_not_other_clients_deleted_mail,
+    move_puts_mail_into_the_folder_creating_it,
+    rset_and_dropped_connections_apply_nothing,
+    retr_marks_seen_and_top_does_not,
+);
 
 const MSGS: [&[u8]; 4] = [
     b"Subject: one\r\n\r\nfirst\r\n",
@@ -13,21 +22,19 @@ const MSGS: [&[u8]; 4] = [
     b"Subject: four\r\n\r\nfourth\r\n",
 ];
 
-fn setup(extra: &str) -> (Dovecot, Popbridge) {
-    let dc = Dovecot::start();
-    dc.add_user("d", "dpw");
-    dc.seed("d", &MSGS);
-    let pb = Popbridge::start(&dc, extra);
-    (dc, pb)
+fn setup<S: MailServer>(server: S, extra: &str) -> (S, Popbridge) {
+    server.add_user("d", "dpw");
+    server.seed("d", &MSGS);
+    let pb = Popbridge::start(&server, extra);
+    (server, pb)
 }
 
 fn uidl_lines(port: u16) -> Vec<String> {
     uidl_list(port, "d", "dpw")
 }
 
-#[test]
-fn hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state() {
-    let (dc, mut pb) = setup("");
+fn hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state<S: MailServer>(server: S) {
+    let (dc, mut pb) = setup(server, "");
     let before = uidl_lines(pb.pop3_port());
     assert_eq!(before.len(), 4);
 
@@ -56,9 +63,10 @@ fn hide_keeps_mail_upstream_and_never_shows_it_again_even_without_state() {
     assert_eq!(uidl_lines(pb.pop3_port()), after);
 }
 
-#[test]
-fn expunge_removes_only_committed_messages_not_other_clients_deleted_mail() {
-    let (dc, pb) = setup("[deletion]\nmode = \"expunge\"");
+fn expunge_removes_only_committed_messages_not_other_clients_deleted_mail<S: MailServer>(
+    server: S,
+) {
+    let (dc, pb) = setup(server, "[deletion]\nmode = \"expunge\"");
     // Another IMAP client marked UID 4 \Deleted but has not expunged it.
     imap_do(
         dc.imap_port(),
@@ -75,9 +83,11 @@ fn expunge_removes_only_committed_messages_not_other_clients_deleted_mail() {
     assert_eq!(uidl_lines(pb.pop3_port()).len(), 3);
 }
 
-#[test]
-fn move_puts_mail_into_the_folder_creating_it() {
-    let (dc, pb) = setup("[deletion]\nmode = \"move\"\nmove_to = \"Deleted POP3\"");
+fn move_puts_mail_into_the_folder_creating_it<S: MailServer>(server: S) {
+    let (dc, pb) = setup(
+        server,
+        "[deletion]\nmode = \"move\"\nmove_to = \"Deleted POP3\"",
+    );
     assert!(!dc
         .imap_state("d", "dpw", "INBOX")
         .mailboxes
@@ -95,9 +105,8 @@ fn move_puts_mail_into_the_folder_creating_it() {
     assert_eq!(sizes, vec![MSGS[0].len() as u64, MSGS[2].len() as u64]);
 }
 
-#[test]
-fn rset_and_dropped_connections_apply_nothing() {
-    let (dc, pb) = setup("[deletion]\nmode = \"expunge\"");
+fn rset_and_dropped_connections_apply_nothing<S: MailServer>(server: S) {
+    let (dc, pb) = setup(server, "[deletion]\nmode = \"expunge\"");
     let s = poplib(
         pb.pop3_port(),
         &[
@@ -138,9 +147,10 @@ fn rset_and_dropped_connections_apply_nothing() {
     );
 }
 
-#[test]
-fn retr_marks_seen_and_top_does_not() {
-    let (dc, pb) = setup("");
+fn retr_marks_seen_and_top_does_not<S: MailServer>(server: S) {
+    server.add_user("n", "npw");
+    server.seed("n", &MSGS);
+    let (dc, pb) = setup(server, "");
     let s = poplib(
         pb.pop3_port(),
         &["user d", "pass dpw", "retr 1", "top 2 0", "quit"],
@@ -150,10 +160,12 @@ fn retr_marks_seen_and_top_does_not() {
     assert!(imap.message(1).unwrap().has_flag("\\Seen"));
     assert!(!imap.message(2).unwrap().has_flag("\\Seen"));
 
-    let (dc, pb) = setup("[pop3]\nmark_seen = false");
-    poplib(pb.pop3_port(), &["user d", "pass dpw", "retr 1", "quit"]).assert_all_ok();
+    // Another user's untouched mailbox, through a popbridge with mark_seen off.
+    drop(pb);
+    let pb = Popbridge::start(&dc, "[pop3]\nmark_seen = false");
+    poplib(pb.pop3_port(), &["user n", "pass npw", "retr 1", "quit"]).assert_all_ok();
     assert!(!dc
-        .imap_state("d", "dpw", "INBOX")
+        .imap_state("n", "npw", "INBOX")
         .message(1)
         .unwrap()
         .has_flag("\\Seen"));

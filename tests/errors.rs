@@ -1,5 +1,6 @@
 //! Every -ERR path a client can reach, pipelining, and the snapshot's promises, against a real
-//! Dovecot. Raw sockets are used where a test needs exact control over what is sent when.
+//! Dovecot and (the tests that involve the upstream) a real Cyrus. Raw sockets are used where a
+//! test needs exact control over what is sent when.
 
 mod support;
 
@@ -10,8 +11,16 @@ use support::imap_do::imap_do;
 use support::raw::RawPop3 as Raw;
 use support::*;
 
-fn setup(extra: &str) -> (Dovecot, Popbridge) {
-    let dc = Dovecot::start();
+on_both_servers!(
+    bad_credentials_get_auth_code_and_the_session_goes_on,
+    second_session_of_the_same_user_gets_in_use,
+    fifty_pipelined_commands_get_fifty_answers_in_order,
+    auth_plain_with_initial_response_and_continuation,
+    snapshot_is_fixed_for_the_session,
+    idle_clients_are_logged_out_without_commit,
+);
+
+fn setup<S: MailServer>(dc: S, extra: &str) -> (S, Popbridge) {
     dc.add_user("e", "epw");
     dc.seed(
         "e",
@@ -25,9 +34,8 @@ fn setup(extra: &str) -> (Dovecot, Popbridge) {
     (dc, pb)
 }
 
-#[test]
-fn bad_credentials_get_auth_code_and_the_session_goes_on() {
-    let (_dc, pb) = setup("");
+fn bad_credentials_get_auth_code_and_the_session_goes_on<S: MailServer>(server: S) {
+    let (_dc, pb) = setup(server, "");
     let mut c = Raw::ready(pb.pop3_port());
     assert!(c.cmd("USER e").starts_with("+OK"));
     let r = c.cmd("PASS wrong");
@@ -61,9 +69,8 @@ fn upstream_down_gets_sys_temp() {
     assert!(c.cmd("QUIT").starts_with("+OK"));
 }
 
-#[test]
-fn second_session_of_the_same_user_gets_in_use() {
-    let (_dc, pb) = setup("");
+fn second_session_of_the_same_user_gets_in_use<S: MailServer>(server: S) {
+    let (_dc, pb) = setup(server, "");
     let mut first = Raw::ready(pb.pop3_port());
     first.login("e", "epw");
     let second = poplib(pb.pop3_port(), &["user e", "pass epw"]);
@@ -77,9 +84,8 @@ fn second_session_of_the_same_user_gets_in_use() {
     poplib(pb.pop3_port(), &["user e", "pass epw", "stat", "quit"]).assert_all_ok();
 }
 
-#[test]
-fn fifty_pipelined_commands_get_fifty_answers_in_order() {
-    let (_dc, pb) = setup("");
+fn fifty_pipelined_commands_get_fifty_answers_in_order<S: MailServer>(server: S) {
+    let (_dc, pb) = setup(server, "");
     let mut c = Raw::ready(pb.pop3_port());
     let mut batch = String::from("USER e\r\nPASS epw\r\n");
     let mut expect = vec!["+OK".to_string(), "+OK".to_string()];
@@ -122,7 +128,7 @@ fn fifty_pipelined_commands_get_fifty_answers_in_order() {
 
 #[test]
 fn bad_input_gets_err_and_the_session_continues() {
-    let (_dc, pb) = setup("");
+    let (_dc, pb) = setup(Dovecot::start(), "");
     let mut c = Raw::ready(pb.pop3_port());
     let long = format!("USER {}", "x".repeat(300));
     assert!(c.cmd(&long).starts_with("-ERR"), "over-long line");
@@ -146,11 +152,10 @@ fn bad_input_gets_err_and_the_session_continues() {
     assert!(c.cmd("QUIT").starts_with("+OK"));
 }
 
-#[test]
-fn auth_plain_with_initial_response_and_continuation() {
+fn auth_plain_with_initial_response_and_continuation<S: MailServer>(server: S) {
     use base64::Engine;
     let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-    let (_dc, pb) = setup("");
+    let (_dc, pb) = setup(server, "");
     let mut c = Raw::ready(pb.pop3_port());
     assert!(c.cmd("CAPA").starts_with("+OK"));
     let capa = c.multi().concat();
@@ -187,10 +192,9 @@ fn auth_plain_with_initial_response_and_continuation() {
     );
 }
 
-#[test]
-fn snapshot_is_fixed_for_the_session() {
+fn snapshot_is_fixed_for_the_session<S: MailServer>(server: S) {
     use base64::Engine;
-    let (dc, pb) = setup("");
+    let (dc, pb) = setup(server, "");
     let mut c = Raw::ready(pb.pop3_port());
     c.login("e", "epw");
     assert!(c.cmd("STAT").starts_with("+OK 3 "));
@@ -230,9 +234,11 @@ fn snapshot_is_fixed_for_the_session() {
     assert!(String::from_utf8_lossy(&next.step("retr 3").data()).contains("four"));
 }
 
-#[test]
-fn idle_clients_are_logged_out_without_commit() {
-    let (dc, pb) = setup("[pop3]\nidle_timeout_secs = 1\n[deletion]\nmode = \"expunge\"");
+fn idle_clients_are_logged_out_without_commit<S: MailServer>(server: S) {
+    let (dc, pb) = setup(
+        server,
+        "[pop3]\nidle_timeout_secs = 1\n[deletion]\nmode = \"expunge\"",
+    );
     let mut c = Raw::ready(pb.pop3_port());
     c.login("e", "epw");
     assert!(c.cmd("DELE 1").starts_with("+OK"));

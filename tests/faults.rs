@@ -132,3 +132,58 @@ fn cut_during_update_never_reports_success_and_leaves_a_consistent_mailbox() {
     let s = poplib(pb.pop3_port(), &["user f", "pass fpw", "stat", "quit"]);
     s.assert_all_ok();
 }
+
+/// A session whose upstream SELECT happened before another session's commit, and which takes
+/// the IN-USE lock after that commit, must list the mailbox as the commit left it: the hidden
+/// message must not be offered again (the soak found this: Dovecot's SEARCH runs on the view
+/// the connection last synced). The relay delays the SELECT's answer to order the two.
+#[test]
+fn a_session_selected_before_a_commit_does_not_list_what_it_hid() {
+    let dc = Dovecot::start();
+    dc.add_user("r", "rpw");
+    dc.seed(
+        "r",
+        &[
+            b"Subject: 1\r\n\r\none\r\n",
+            b"Subject: 2\r\n\r\ntwo\r\n",
+            b"Subject: 3\r\n\r\nthree\r\n",
+        ],
+    );
+    let relay = Relay::start(dc.imap_port(), Trigger::Never, Fault::Cut);
+    let pb = Popbridge::start(&dc, &format!("[imap]\nport = {}", relay.port()));
+    let uidls = uidl_list(pb.pop3_port(), "r", "rpw");
+    assert_eq!(uidls.len(), 3);
+
+    let mut a = RawPop3::ready(pb.pop3_port());
+    a.login("r", "rpw");
+    assert!(a.cmd("DELE 1").starts_with("+OK"));
+    // B's upstream SELECT reaches Dovecot now, its answer only after A's commit.
+    relay.set(
+        Trigger::ClientSends(" SELECT ".into()),
+        Fault::Delay(Duration::from_millis(1500)),
+    );
+    let port = pb.pop3_port();
+    let b = std::thread::spawn(move || {
+        let mut b = RawPop3::ready(port);
+        assert!(b.cmd("USER r").starts_with("+OK"));
+        let pass = b.cmd("PASS rpw");
+        (b, pass)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.fired() == 0 {
+        assert!(Instant::now() < deadline, "B never sent SELECT");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(a.cmd("QUIT").starts_with("+OK"));
+    let (mut b, pass) = b.join().unwrap();
+    assert!(pass.starts_with("+OK"), "B: {pass}");
+    assert!(b.cmd("UIDL").starts_with("+OK"));
+    let listed: Vec<String> = b
+        .multi()
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        .collect();
+    assert_eq!(listed, uidls[1..], "B lists the message A's QUIT hid");
+    assert!(b.cmd("QUIT").starts_with("+OK"));
+}

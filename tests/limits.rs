@@ -49,6 +49,10 @@ fn connection_limits_answer_with_sys_temp() {
         &dc,
         "[limits]\nmax_connections = 3\nmax_connections_per_ip = 2",
     );
+    // The harness's readiness probe is a connection too: wait until popbridge has let go of
+    // it, or it may still hold one of the two slots of 127.0.0.1 (seen under load).
+    assert!(pb.wait_for_log("pop3 session ended", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(100));
     let port = pb.pop3_port();
     let (_a1, g) = greeting(port, [127, 0, 0, 1]);
     assert!(g.starts_with("+OK"), "{g}");

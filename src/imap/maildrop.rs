@@ -265,6 +265,15 @@ impl ImapMaildrop {
         } else {
             SearchKey::All
         };
+        // The mailbox was selected before this session took the IN-USE lock, so a session that
+        // committed in between changed flags (or expunged) after this connection's view was
+        // taken, and Dovecot's SEARCH runs on the view as of the last sync: it would list what
+        // that commit hid. A completed NOOP syncs the view first (tests/faults.rs).
+        let noop = conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .map_err(unavailable)?;
+        expect_ok("NOOP", noop)?;
         let mut uids: Vec<u32> = Vec::new();
         let done = conn
             .execute(CommandBody::search(None, Vec1::from(criteria), true), |u| {

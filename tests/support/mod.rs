@@ -1,5 +1,6 @@
-//! Integration-test harness: a private Dovecot (via `scripts/dovecot-sandbox`), a running
-//! `popbridge serve`, and real clients (Python's poplib and imaplib, curl).
+//! Integration-test harness: a private Dovecot (via `scripts/dovecot-sandbox`) or Cyrus
+//! ([`cyrus::Cyrus`]), both behind the [`MailServer`] trait, a running `popbridge serve`, and
+//! real clients (Python's poplib and imaplib, curl).
 //!
 //! Use it from a test file with `mod support;`. Std, tempfile, serde(_json) and base64 only.
 //!
@@ -29,7 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod cyrus;
 pub mod imap_do;
+pub mod imap_raw;
 pub mod prometheus;
 pub mod raw;
 pub mod relay;
@@ -85,6 +88,21 @@ pub fn require_tools() {
     );
 }
 
+/// Prints a test's figures (soak, kill rounds, upstream versions) and, when
+/// `POPBRIDGE_FIGURES` names a file, appends them to it: `scripts/test` shows that file in its
+/// summary, since cargo hides what passing tests print.
+pub fn report(line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("POPBRIDGE_FIGURES").filter(|p| !p.is_empty()) {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", Path::new(&path).display()));
+        std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
+    }
+}
+
 /// `n` distinct loopback ports that were free a moment ago (bound to port 0, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -123,6 +141,74 @@ fn mail_ids() -> (u32, u32) {
             .expect("no `mail` user in /etc/passwd")
     })
 }
+
+/// An upstream IMAP server the end-to-end tests can run popbridge against: the private
+/// [`Dovecot`] or the private [`cyrus::Cyrus`]. Tests written against this trait run on both.
+pub trait MailServer {
+    /// e.g. "dovecot", for messages.
+    fn name(&self) -> &'static str;
+    /// Plain IMAP on 127.0.0.1.
+    fn imap_port(&self) -> u16;
+    fn add_user(&self, user: &str, password: &str);
+    /// Gives `messages` UIDs in this order, after any seeded before (CRLF line ends: Cyrus
+    /// refuses bare LF).
+    fn seed(&self, user: &str, messages: &[&[u8]]);
+    /// The account as Python's imaplib sees it.
+    fn imap_state(&self, user: &str, password: &str, mailbox: &str) -> ImapState {
+        imap_state(self.imap_port(), user, password, mailbox)
+    }
+}
+
+impl MailServer for Dovecot {
+    fn name(&self) -> &'static str {
+        "dovecot"
+    }
+    fn imap_port(&self) -> u16 {
+        Dovecot::imap_port(self)
+    }
+    fn add_user(&self, user: &str, password: &str) {
+        Dovecot::add_user(self, user, password)
+    }
+    fn seed(&self, user: &str, messages: &[&[u8]]) {
+        Dovecot::seed(self, user, messages)
+    }
+}
+
+impl MailServer for cyrus::Cyrus {
+    fn name(&self) -> &'static str {
+        "cyrus"
+    }
+    fn imap_port(&self) -> u16 {
+        cyrus::Cyrus::imap_port(self)
+    }
+    fn add_user(&self, user: &str, password: &str) {
+        cyrus::Cyrus::add_user(self, user, password)
+    }
+    fn seed(&self, user: &str, messages: &[&[u8]]) {
+        cyrus::Cyrus::seed(self, user, messages)
+    }
+}
+
+/// `on_both_servers!(f, g)`: for each generic `fn f<S: MailServer>(server: S)` of the test file,
+/// a module `f` with the tests `f::dovecot` and `f::cyrus`, each calling `f` with a freshly
+/// started server of that kind (`use support::*` brings it in).
+#[allow(unused_macros)]
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn dovecot() {
+                super::$name($crate::support::Dovecot::start());
+            }
+            #[test]
+            fn cyrus() {
+                super::$name($crate::support::cyrus::Cyrus::start());
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_servers;
 
 /// A private Dovecot under a short temp dir in /tmp. Dropping it stops it and removes the dir.
 pub struct Dovecot {
@@ -437,12 +523,17 @@ pub struct Popbridge {
 }
 
 impl Popbridge {
-    pub fn start(dovecot: &Dovecot, extra_toml: &str) -> Popbridge {
-        Popbridge::start_bin(env!("CARGO_BIN_EXE_popbridge"), dovecot, extra_toml)
+    /// Against any [`MailServer`] (the private Dovecot or Cyrus).
+    pub fn start<S: MailServer + ?Sized>(upstream: &S, extra_toml: &str) -> Popbridge {
+        Popbridge::start_bin(env!("CARGO_BIN_EXE_popbridge"), upstream, extra_toml)
     }
 
     /// [`Popbridge::start`] with another executable (same `serve --config FILE` interface).
-    pub fn start_bin(bin: &str, dovecot: &Dovecot, extra_toml: &str) -> Popbridge {
+    pub fn start_bin<S: MailServer + ?Sized>(
+        bin: &str,
+        upstream: &S,
+        extra_toml: &str,
+    ) -> Popbridge {
         let dir = tempfile::Builder::new()
             .prefix("pbb")
             .tempdir_in("/tmp")
@@ -450,7 +541,7 @@ impl Popbridge {
         let path = dir.path().to_path_buf();
         let port = free_ports(1)[0];
         let config = render_config(&merge_toml(
-            default_sections(dovecot, port, &path.join("state")),
+            default_sections(upstream.imap_port(), port, &path.join("state")),
             extra_toml,
         ));
         let listen_port = config_listen_port(&config).unwrap_or(port);
@@ -604,7 +695,7 @@ fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn default_sections(dovecot: &Dovecot, port: u16, state: &Path) -> Sections {
+fn default_sections(imap_port: u16, port: u16, state: &Path) -> Sections {
     let kv = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -626,7 +717,7 @@ fn default_sections(dovecot: &Dovecot, port: u16, state: &Path) -> Sections {
             "imap".into(),
             kv(&[
                 ("host", toml_str("127.0.0.1")),
-                ("port", dovecot.imap_port().to_string()),
+                ("port", imap_port.to_string()),
                 ("security", toml_str("none")),
                 ("mailbox", toml_str("INBOX")),
             ]),

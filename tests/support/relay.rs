@@ -1,12 +1,14 @@
 //! A fault-injecting TCP relay between popbridge and the upstream: it forwards bytes both ways
 //! until a chosen fault: cut both connections, or stall (stop forwarding, keep them open),
-//! when a byte count is reached or when the client side sends a given pattern.
+//! when a byte count is reached or when the client side sends a given pattern; or delay the
+//! upstream's answer to that pattern (to order two sessions' upstream commands deterministically).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 /// When the fault strikes.
 #[derive(Debug, Clone)]
@@ -27,6 +29,9 @@ pub enum Fault {
     Cut,
     /// Stop forwarding in both directions but keep the connections open.
     Stall,
+    /// Forward everything, but hold the upstream's next bytes after the trigger this long
+    /// (with [`Trigger::ClientSends`]: the answer to that command arrives late).
+    Delay(Duration),
 }
 
 pub struct Relay {
@@ -113,10 +118,13 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
     };
     let strike = Arc::new(strike);
 
+    // A pending Fault::Delay, set when the client side sends the trigger.
+    let delay: Arc<Mutex<Option<Duration>>> = Arc::new(Mutex::new(None));
     // Upstream to client.
     {
         let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
         let (trigger, struck, strike) = (trigger.clone(), struck.clone(), strike.clone());
+        let delay = delay.clone();
         thread::spawn(move || {
             let mut sent = 0u64;
             let mut buf = [0u8; 16 * 1024];
@@ -125,6 +133,10 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
+                let pause = delay.lock().unwrap().take();
+                if let Some(d) = pause {
+                    thread::sleep(d);
+                }
                 if struck.load(Ordering::SeqCst) {
                     if fault == Fault::Stall {
                         continue;
@@ -156,6 +168,7 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
     {
         let (mut from, mut to) = (client, server);
         thread::spawn(move || {
+            let fired = fired;
             let mut seen = Vec::new();
             let mut buf = [0u8; 16 * 1024];
             loop {
@@ -172,8 +185,15 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
                 if let Trigger::ClientSends(pattern) = &trigger {
                     seen.extend_from_slice(&buf[..n]);
                     if String::from_utf8_lossy(&seen).contains(pattern.as_str()) {
-                        strike();
-                        continue;
+                        if let Fault::Delay(d) = fault {
+                            // Set before forwarding, so the answer cannot overtake it.
+                            fired.fetch_add(1, Ordering::SeqCst);
+                            *delay.lock().unwrap() = Some(d);
+                            seen.clear();
+                        } else {
+                            strike();
+                            continue;
+                        }
                     }
                     // Keep only a tail long enough to match across chunk boundaries.
                     let keep = pattern.len().max(1) * 4;
