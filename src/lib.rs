@@ -17,6 +17,7 @@
 //! | [`metrics`] | Prometheus metrics (one process-wide registry) |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
 
+pub mod backends;
 pub mod client_tls;
 pub mod config;
 pub mod http;
@@ -26,6 +27,7 @@ pub mod maildrop;
 pub mod metrics;
 pub mod pop3;
 pub mod proxy_protocol;
+pub mod routing;
 pub mod server;
 pub mod state;
 pub mod uidl;
