@@ -16,6 +16,8 @@
 //! | [`state`] | the sled cache |
 //! | [`metrics`] | Prometheus metrics (one process-wide registry) |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
+//! | [`routing`] | which backend serves which login (sans-I/O) |
+//! | [`backends`] | the routed upstream: IMAP backends, legacy POP3 passthrough, master login |
 
 pub mod backends;
 pub mod client_tls;

@@ -685,4 +685,132 @@ mod tests {
             Step::Failed(LoginError::Unavailable(_))
         ));
     }
+
+    /// A scripted legacy server: greeting, USER, PASS (accepting only `pw`), then an echo of
+    /// every line prefixed with `>`. Returns its port.
+    async fn legacy_server() -> u16 {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut r = tokio::io::BufReader::new(r);
+                    w.write_all(b"+OK legacy ready\r\n").await.unwrap();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let reply = match line.trim_end() {
+                            l if l.starts_with("USER ") => "+OK\r\n".to_owned(),
+                            "PASS pw" => "+OK legacy says hello\r\n".to_owned(),
+                            l if l.starts_with("PASS ") => "-ERR [AUTH] no\r\n".to_owned(),
+                            "QUIT" => {
+                                let _ = w.write_all(b"+OK bye\r\n").await;
+                                return;
+                            }
+                            l => format!(">{l}\r\n"),
+                        };
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn backend(port: u16) -> Pop3Backend {
+        let c: Pop3BackendConfig = toml::from_str(&format!(
+            "host = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\ncommand_timeout_secs = 5"
+        ))
+        .unwrap();
+        Pop3Backend::new("legacy", &c).unwrap()
+    }
+
+    #[tokio::test]
+    async fn driver_logs_in_relays_pipelined_bytes_and_ends_on_quit() {
+        let b = backend(legacy_server().await);
+        assert_eq!(b.login("bob", "wrong").await.err(), Some(LoginError::Auth));
+        b.check_password("bob", "pw").await.unwrap();
+        let up = b.login("bob", "pw").await.unwrap();
+        assert_eq!(up.ok_line, b"+OK legacy says hello\r\n");
+        let (mut client, mut ours) = tokio::io::duplex(64);
+        let (_tx, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut ours,
+                up,
+                b"STAT\r\n",
+                "legacy",
+                Duration::from_secs(5),
+                &mut rx,
+            )
+            .await
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while !got.ends_with(b">STAT\r\n") {
+            let n = client.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        // More than one relay buffer's worth, through a 64-byte pipe.
+        let long = format!("NOOP {}\r\n", "x".repeat(40_000));
+        client.write_all(long.as_bytes()).await.unwrap();
+        client.write_all(b"QUIT\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, format!(">{}+OK bye\r\n", long).into_bytes());
+        drop(client);
+        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
+    }
+
+    #[tokio::test]
+    async fn relay_ends_when_idle_or_on_shutdown() {
+        let b = backend(legacy_server().await);
+        let up = b.login("bob", "pw").await.unwrap();
+        let (mut client, mut ours) = tokio::io::duplex(1024);
+        let (_tx, mut rx) = tokio::sync::watch::channel(false);
+        let started = Instant::now();
+        let end = relay(
+            &mut ours,
+            up,
+            b"",
+            "legacy",
+            Duration::from_millis(300),
+            &mut rx,
+        )
+        .await;
+        assert_eq!(end, RelayEnd::Idle);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+
+        // Traffic keeps it alive; the shutdown signal ends it.
+        let up = b.login("bob", "pw").await.unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut ours,
+                up,
+                b"",
+                "legacy",
+                Duration::from_millis(300),
+                &mut rx,
+            )
+            .await
+        });
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.write_all(b"NOOP\r\n").await.unwrap();
+            let mut buf = [0u8; 16];
+            let n = client.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b">NOOP\r\n");
+        }
+        assert!(!task.is_finished());
+        tx.send_replace(true);
+        assert_eq!(task.await.unwrap(), RelayEnd::Shutdown);
+    }
 }
