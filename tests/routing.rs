@@ -48,6 +48,11 @@ erin@example.org,mastered,%n
 ";
 
 fn world() -> World {
+    world_with("")
+}
+
+/// [`world`] with `extra` lines added to popbridge's configuration.
+fn world_with(extra: &str) -> World {
     // Master passdb file readable by Dovecot's auth process.
     let secrets = tempfile::Builder::new()
         .prefix("pbm")
@@ -122,6 +127,7 @@ unknown_users = "reject"
 default_backend = "imap"
 file = "{routes}"
 rules = [{{ match = "bob@example.org", backend = "imap", login = "nobody" }}, {{ match = "frank@tls.example.org", backend = "legacys", login = "bob" }}]
+{extra}
 "#,
             old_pop3 = old.pop3_port(),
             old_pop3s = old.pop3s_port(),
@@ -418,5 +424,36 @@ fn a_wave_moves_users_on_reload_and_bad_files_keep_the_old_routes() {
     assert_eq!(
         subjects(port, "carol@example.org", "carol-pw"),
         vec!["old carol 1"]
+    );
+}
+
+#[test]
+fn sigterm_lets_relayed_sessions_drain_then_closes_them() {
+    let w = world_with("[pop3]\nshutdown_drain_secs = 2");
+    let mut c = RawPop3::ready(w.pb.pop3_port());
+    c.login("carol@example.org", "carol-pw");
+    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    let pid = w.pb.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(w
+        .pb
+        .wait_for_log("stopping: no new sessions", Duration::from_secs(5)));
+    // Still relayed during the drain ...
+    assert!(c.cmd("STAT").starts_with("+OK 2 "));
+    // ... then closed without a QUIT, so the legacy server applies nothing.
+    assert!(c.wait_closed(Duration::from_secs(15)));
+    assert!(
+        w.pb.wait_for_log("end=\"shutdown\"", Duration::from_secs(10)),
+        "{}",
+        w.pb.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        w.old.imap_state("carol", "carol-pw", "INBOX").uids().len(),
+        3
     );
 }
