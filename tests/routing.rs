@@ -119,6 +119,7 @@ kind = "imap"
 host = "127.0.0.1"
 port = {new_imap}
 security = "none"
+uidl_format = "%u"
 master_user = "pbmaster"
 master_password_file = "{master_pw}"
 verify_password_with = "legacy"
@@ -346,6 +347,17 @@ fn master_user_login_checks_the_client_password_first() {
         "{}",
         w.new.log()
     );
+    // The backend's own UIDL format (the listener's is %08Xu%08Xv).
+    let mut c = RawPop3::ready(port);
+    c.login("erin@example.org", "erin-pw");
+    assert_eq!(c.cmd("UIDL"), "+OK\r\n");
+    assert_eq!(c.multi(), vec!["1 1\r\n"]);
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // alice on [imap] keeps the listener's format.
+    let mut c = RawPop3::ready(port);
+    c.login("alice@example.org", "alice-pw");
+    assert!(c.cmd("UIDL 1").starts_with("+OK 1 00000001"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
     // A wrong password is refused although the master credentials are valid.
     let mut c = RawPop3::ready(port);
     assert!(c.cmd("USER erin@example.org").starts_with("+OK"));

@@ -386,7 +386,7 @@ where
                         // What the client pipelined behind its login belongs to the relayed
                         // session.
                         let mut pending = lines.take_buffered();
-                        let end = relay::relay(
+                        let stats = relay::relay(
                             &mut self.io,
                             *up,
                             &pending,
@@ -398,10 +398,17 @@ where
                         pending.iter_mut().for_each(|b| *b = 0);
                         metrics()
                             .relay_sessions
-                            .with_label_values(&[&backend, end.label()])
+                            .with_label_values(&[&backend, stats.end.label()])
                             .inc();
-                        info!(backend = %backend, end = end.label(), "relayed session ended");
-                        return match end {
+                        self.stats.bytes_sent += stats.to_client;
+                        info!(
+                            backend = %backend,
+                            end = stats.end.label(),
+                            to_server = stats.to_server,
+                            to_client = stats.to_client,
+                            "relayed session ended"
+                        );
+                        return match stats.end {
                             relay::RelayEnd::Closed => SessionOutcome::Quit,
                             relay::RelayEnd::Idle => SessionOutcome::Timeout,
                             relay::RelayEnd::Shutdown => SessionOutcome::Shutdown,

@@ -461,12 +461,21 @@ impl RelayEnd {
     }
 }
 
+/// What a relayed session moved, and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub end: RelayEnd,
+    pub to_server: u64,
+    pub to_client: u64,
+}
+
 /// A stream that notes when it last moved a byte and counts what it reads.
 struct Tracked<'a, T> {
     inner: T,
     epoch: Instant,
     last: &'a AtomicU64,
     read_bytes: IntCounter,
+    read_total: &'a AtomicU64,
 }
 
 impl<T> Tracked<'_, T> {
@@ -488,6 +497,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<'_, T> {
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read_bytes.inc_by(n as u64);
+            this.read_total.fetch_add(n as u64, Ordering::Relaxed);
             this.touch();
         }
         r
@@ -516,11 +526,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, T> {
 /// login) goes to the server first, `up.leftover` to the client.
 pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
+    up: Relayed,
+    pending: &[u8],
+    backend: &str,
+    idle: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> RelayStats {
+    let to_server = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let end = pump(
+        client, up, pending, backend, idle, shutdown, &to_server, &to_client,
+    )
+    .await;
+    RelayStats {
+        end,
+        to_server: to_server.into_inner(),
+        to_client: to_client.into_inner(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     mut up: Relayed,
     pending: &[u8],
     backend: &str,
     idle: Duration,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    server_total: &AtomicU64,
+    client_total: &AtomicU64,
 ) -> RelayEnd {
     let m = metrics();
     let to_server = m
@@ -534,11 +568,13 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
             up.stream.write_all(pending).await?;
             up.stream.flush().await?;
             to_server.inc_by(pending.len() as u64);
+            server_total.fetch_add(pending.len() as u64, Ordering::Relaxed);
         }
         if !up.leftover.is_empty() {
             client.write_all(&up.leftover).await?;
             client.flush().await?;
             to_client.inc_by(up.leftover.len() as u64);
+            client_total.fetch_add(up.leftover.len() as u64, Ordering::Relaxed);
         }
         Ok::<_, io::Error>(())
     })
@@ -555,12 +591,14 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
         epoch,
         last: &last,
         read_bytes: to_server,
+        read_total: server_total,
     };
     let mut b = Tracked {
         inner: &mut up.stream,
         epoch,
         last: &last,
         read_bytes: to_client,
+        read_total: client_total,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER);
     tokio::pin!(copy);
@@ -766,7 +804,13 @@ mod tests {
         client.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, format!(">{}+OK bye\r\n", long).into_bytes());
         drop(client);
-        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Closed);
+        assert_eq!(stats.to_server, (6 + long.len() + 6) as u64);
+        assert_eq!(
+            stats.to_client,
+            (">STAT\r\n".len() + 1 + long.len() + "+OK bye\r\n".len()) as u64
+        );
     }
 
     #[tokio::test]
@@ -785,7 +829,7 @@ mod tests {
             &mut rx,
         )
         .await;
-        assert_eq!(end, RelayEnd::Idle);
+        assert_eq!(end.end, RelayEnd::Idle);
         assert!(started.elapsed() >= Duration::from_millis(300));
 
         // Traffic keeps it alive; the shutdown signal ends it.
@@ -811,6 +855,89 @@ mod tests {
         }
         assert!(!task.is_finished());
         tx.send_replace(true);
-        assert_eq!(task.await.unwrap(), RelayEnd::Shutdown);
+        assert_eq!(task.await.unwrap().end, RelayEnd::Shutdown);
+    }
+
+    /// Routes every login to the scripted legacy server.
+    struct Legacy(Pop3Backend);
+
+    impl crate::pop3::connection::Upstream for Legacy {
+        type Maildrop = crate::maildrop::MemoryMaildrop;
+
+        async fn login(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<crate::maildrop::MemoryMaildrop, MaildropError> {
+            Err(MaildropError::Auth)
+        }
+
+        async fn route(
+            &self,
+            user: &str,
+            password: &str,
+        ) -> crate::pop3::connection::Routed<crate::maildrop::MemoryMaildrop> {
+            crate::pop3::connection::Routed {
+                backend: Some(self.0.name.clone()),
+                result: self
+                    .0
+                    .login(user, password)
+                    .await
+                    .map(|r| crate::pop3::connection::Opened::Relay(Box::new(r)))
+                    .map_err(Into::into),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn session_hands_over_to_the_relay_with_what_was_pipelined() {
+        use crate::pop3::connection::{serve, ConnectionLimits, MaildropLocks, SessionOutcome};
+        let up = Legacy(backend(legacy_server().await));
+        let (client, ours) = tokio::io::duplex(4096);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let cfg = Arc::new(crate::pop3::SessionConfig::default());
+        let task = tokio::spawn(async move {
+            serve(
+                ours,
+                &up,
+                &MaildropLocks::new(),
+                &cfg,
+                &ConnectionLimits::default(),
+                rx,
+            )
+            .await
+        });
+        let mut client = tokio::io::BufReader::new(client);
+        let mut line = String::new();
+        let mut next = async |c: &mut tokio::io::BufReader<tokio::io::DuplexStream>| {
+            line.clear();
+            tokio::io::AsyncBufReadExt::read_line(c, &mut line)
+                .await
+                .unwrap();
+            line.clone()
+        };
+        assert!(next(&mut client).await.starts_with("+OK popbridge"));
+        // A wrong password is popbridge's -ERR [AUTH]; the session goes on.
+        client
+            .get_mut()
+            .write_all(b"USER bob\r\nPASS nope\r\n")
+            .await
+            .unwrap();
+        assert_eq!(next(&mut client).await, "+OK\r\n");
+        assert!(next(&mut client).await.starts_with("-ERR [AUTH]"));
+        // Login and two commands in one write: the commands go to the legacy server.
+        client
+            .get_mut()
+            .write_all(b"USER bob\r\nPASS pw\r\nSTAT\r\nUIDL\r\n")
+            .await
+            .unwrap();
+        assert_eq!(next(&mut client).await, "+OK\r\n");
+        assert_eq!(next(&mut client).await, "+OK legacy says hello\r\n");
+        assert_eq!(next(&mut client).await, ">STAT\r\n");
+        assert_eq!(next(&mut client).await, ">UIDL\r\n");
+        client.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+        assert_eq!(next(&mut client).await, "+OK bye\r\n");
+        drop(client);
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
     }
 }
