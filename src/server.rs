@@ -332,7 +332,16 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
             tracing::warn!(keys = ?pinned, "SIGHUP: these settings only change with a restart; keeping their old values");
         }
         // A bad routing file refuses the whole reload: old routes, old everything.
-        let router = match Router::from_config(&new) {
+        // A big routing file takes a moment: let the runtime move other tasks off this thread.
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let build = || Router::from_config(&new);
+        let built = if multi_thread {
+            tokio::task::block_in_place(build)
+        } else {
+            build()
+        };
+        let router = match built {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one and the old routes");
