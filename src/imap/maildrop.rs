@@ -133,6 +133,8 @@ impl ImapUpstream {
         match &self.master {
             None => CommandBody::login(user.to_owned(), password.to_owned())
                 .map_err(|_| MaildropError::Auth),
+            // A NUL would move the boundary between authorization and authentication identity.
+            Some(_) if user.is_empty() || user.contains('\0') => Err(MaildropError::Auth),
             Some((master, master_pw)) => {
                 let mut ir = Vec::with_capacity(user.len() + master.len() + 64);
                 ir.extend_from_slice(user.as_bytes());
@@ -443,6 +445,8 @@ pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
     state: Option<Arc<StateStore>>,
+    /// The user in state keys: the upstream login, after the backend's name and a line feed
+    /// for backends other than `[imap]`.
     user: String,
     mailbox: String,
     uid_validity: u32,

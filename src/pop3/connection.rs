@@ -396,10 +396,11 @@ where
                         )
                         .await;
                         pending.iter_mut().for_each(|b| *b = 0);
-                        metrics()
-                            .relay_sessions
+                        let m = metrics();
+                        m.relay_sessions
                             .with_label_values(&[&backend, stats.end.label()])
                             .inc();
+                        m.client_sent_bytes.inc_by(stats.to_client);
                         self.stats.bytes_sent += stats.to_client;
                         info!(
                             backend = %backend,
