@@ -16,7 +16,10 @@
 //! | [`state`] | the sled cache |
 //! | [`metrics`] | Prometheus metrics (one process-wide registry) |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
+//! | [`routing`] | which backend serves which login (sans-I/O) |
+//! | [`backends`] | the routed upstream: IMAP backends, legacy POP3 passthrough, master login |
 
+pub mod backends;
 pub mod client_tls;
 pub mod config;
 pub mod http;
@@ -26,6 +29,7 @@ pub mod maildrop;
 pub mod metrics;
 pub mod pop3;
 pub mod proxy_protocol;
+pub mod routing;
 pub mod server;
 pub mod state;
 pub mod uidl;

@@ -85,8 +85,15 @@ fn main() -> ExitCode {
     }
 
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+        Command::CheckConfig { config } => match Config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                // The routing file too: a bad line would refuse the reload that brings it.
+                popbridge::routing::Router::from_config(&c)
+                    .map(drop)
+                    .map_err(|e| format!("{}: routing: {e}", config.display()))
+            }) {
+            Ok(()) => {
                 println!("{}: configuration is valid", config.display());
                 ExitCode::SUCCESS
             }

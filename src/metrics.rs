@@ -44,6 +44,9 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
+    pub backend_logins: IntCounterVec,
+    pub relay_sessions: IntCounterVec,
+    pub relay_bytes: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -217,7 +220,41 @@ impl Metrics {
                 "popbridge_retr_repeated_total",
                 "RETRs of a message the same user already retrieved in an earlier session.",
             ),
+            backend_logins: counter_vec(
+                &r,
+                "popbridge_backend_logins_total",
+                "POP3 login attempts by routed backend (a configured backend name, or `none` for a refused unknown user) and result.",
+                &["backend", "result"],
+            ),
+            relay_sessions: counter_vec(
+                &r,
+                "popbridge_relay_sessions_total",
+                "Sessions relayed to a legacy POP3 backend, by backend and how the relay ended.",
+                &["backend", "outcome"],
+            ),
+            relay_bytes: counter_vec(
+                &r,
+                "popbridge_relay_bytes_total",
+                "Bytes relayed to and from legacy POP3 backends, by backend and direction.",
+                &["backend", "direction"],
+            ),
             registry: r,
+        }
+    }
+
+    /// Create the per-backend series at zero (backend names come from the configuration, so
+    /// the label set stays bounded).
+    pub fn initialize_backend(&self, backend: &str, relayed: bool) {
+        for result in LOGIN_RESULTS {
+            self.backend_logins.with_label_values(&[backend, result]);
+        }
+        if relayed {
+            for outcome in ["closed", "timeout", "shutdown", "error"] {
+                self.relay_sessions.with_label_values(&[backend, outcome]);
+            }
+            for direction in ["client_to_server", "server_to_client"] {
+                self.relay_bytes.with_label_values(&[backend, direction]);
+            }
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::backends::{BackendError, RoutedUpstream};
 use crate::client_tls::{CertError, ReloadableCert};
 use crate::config::Config;
 use crate::config::PlaintextAuth;
@@ -24,6 +25,7 @@ use crate::pop3::connection::{
 use crate::pop3::session::SessionConfig;
 use crate::pop3::stream::ClientStream;
 use crate::proxy_protocol;
+use crate::routing::{Router, RoutingError};
 use crate::state::{StateError, StateStore};
 use crate::uidl::UidlFormat;
 use std::net::SocketAddr;
@@ -46,6 +48,10 @@ pub enum ServeError {
     Cert(#[from] CertError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("routing: {0}")]
+    Routing(#[from] RoutingError),
 }
 
 /// The `listener` label of session metrics for the plain POP3 listener.
@@ -53,6 +59,9 @@ const LISTENER: &str = "pop3";
 
 /// How often certificate files are checked for a renewal.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the routing file is checked for a change.
+const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 
 /// What every session of one listener shares.
 pub struct Bridge<U> {
@@ -62,10 +71,10 @@ pub struct Bridge<U> {
     pub locks: MaildropLocks,
 }
 
-impl Bridge<Arc<ImapUpstream>> {
+impl<U> Bridge<U> {
     pub fn from_config(
         config: &Config,
-        upstream: Arc<ImapUpstream>,
+        upstream: U,
         locks: MaildropLocks,
     ) -> Result<Self, ServeError> {
         let uidl_format = UidlFormat::parse(&config.pop3.uidl_format)
@@ -131,19 +140,24 @@ struct Shared {
 /// What a configuration builds: the bridge and the listener policies for new sessions.
 struct Generation {
     upstream: Arc<ImapUpstream>,
-    bridge: Arc<Bridge<Arc<ImapUpstream>>>,
+    bridge: Arc<Bridge<Arc<RoutedUpstream>>>,
     pop3: Arc<ListenerSpec>,
     pop3s: Option<Arc<ListenerSpec>>,
 }
 
 impl Generation {
-    fn build(config: &Config, shared: &Shared) -> Result<Generation, ServeError> {
-        let upstream = Arc::new(ImapUpstream::new(config, Some(shared.state.clone()))?);
-        let bridge = Arc::new(Bridge::from_config(
+    fn build(
+        config: &Config,
+        shared: &Shared,
+        routes: &Arc<Live<Router>>,
+    ) -> Result<Generation, ServeError> {
+        let routed = Arc::new(RoutedUpstream::new(
             config,
-            upstream.clone(),
-            shared.locks.clone(),
+            Some(shared.state.clone()),
+            routes.clone(),
         )?);
+        let upstream = routed.default_imap();
+        let bridge = Arc::new(Bridge::from_config(config, routed, shared.locks.clone())?);
         let proxy = Arc::new(ProxySettings {
             trusted: config.proxy_protocol.trusted_networks.clone(),
             header_timeout: Duration::from_secs(config.proxy_protocol.header_timeout_secs),
@@ -240,7 +254,12 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
         ),
         acceptor: cert.as_ref().map(|c| c.acceptor()).transpose()?,
     };
-    let generation = Generation::build(&config, &shared)?;
+    let router = Router::from_config(&config)?;
+    let (exact, domains) = router.len();
+    tracing::info!(exact, domains, "routing table loaded");
+    let routes = Arc::new(Live::new(Arc::new(router)));
+    let routes_basis = Arc::new(Live::new(Arc::new(config.clone())));
+    let generation = Generation::build(&config, &shared, &routes)?;
     let bridge = Arc::new(Live::new(generation.bridge));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -259,6 +278,13 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
         }
         None => None,
     };
+
+    let routes_task = tokio::spawn(watch_routes(
+        routes.clone(),
+        routes_basis.clone(),
+        ROUTES_CHECK_INTERVAL,
+        stop_rx.clone(),
+    ));
 
     let pop3_spec = Arc::new(Live::new(generation.pop3));
     let pop3s_spec = generation.pop3s.map(|s| Arc::new(Live::new(s)));
@@ -305,8 +331,29 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
         if !pinned.is_empty() {
             tracing::warn!(keys = ?pinned, "SIGHUP: these settings only change with a restart; keeping their old values");
         }
-        match Generation::build(&new, &shared) {
+        // A bad routing file refuses the whole reload: old routes, old everything.
+        // A big routing file takes a moment: let the runtime move other tasks off this thread.
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let build = || Router::from_config(&new);
+        let built = if multi_thread {
+            tokio::task::block_in_place(build)
+        } else {
+            build()
+        };
+        let router = match built {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one and the old routes");
+                return;
+            }
+        };
+        match Generation::build(&new, &shared, &routes) {
             Ok(g) => {
+                let (exact, domains) = router.len();
+                routes.set(Arc::new(router));
+                routes_basis.set(Arc::new(new.clone()));
+                tracing::info!(exact, domains, "SIGHUP: routing table reloaded");
                 bridge.set(g.bridge);
                 pop3_spec.set(g.pop3);
                 if let (Some(live), Some(spec)) = (&pop3s_spec, g.pop3s) {
@@ -331,9 +378,66 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
+    let _ = routes_task.await;
     shared.state.flush();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// When the routing file changes (its modification time, size or inode), rebuild the routing
+/// table from it and the configuration in force; a bad file keeps the old table.
+async fn watch_routes(
+    routes: Arc<Live<Router>>,
+    basis: Arc<Live<Config>>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+    fn stamp(path: &std::path::Path) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    }
+    let mut last: Option<(PathBuf, Stamp)> = basis
+        .get()
+        .routing
+        .file
+        .clone()
+        .map(|p| (p.clone(), stamp(&p)));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+        let config = basis.get();
+        let Some(path) = config.routing.file.clone() else {
+            last = None;
+            continue;
+        };
+        let now = stamp(&path);
+        match &last {
+            Some((p, s)) if *p == path && *s == now => continue,
+            Some((p, _)) if *p == path => {}
+            // A new path came with a SIGHUP, which loaded it.
+            _ => {
+                last = Some((path, now));
+                continue;
+            }
+        }
+        last = Some((path.clone(), now));
+        let c = config.clone();
+        match tokio::task::spawn_blocking(move || Router::from_config(&c)).await {
+            Ok(Ok(router)) => {
+                let (exact, domains) = router.len();
+                routes.set(Arc::new(router));
+                tracing::info!(path = %path.display(), exact, domains, "routing file changed: routes reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "routing file changed but not reloaded, keeping the old routes");
+            }
+            Err(e) => tracing::warn!(error = %e, "routing reload task failed"),
+        }
+    }
 }
 
 /// Wait for SIGINT or SIGTERM; on SIGHUP reload the client certificate and keep waiting.

@@ -115,3 +115,20 @@ fn serve_refuses_an_invalid_config() {
     assert_eq!(code, 2);
     assert!(err.contains("prot"), "{err}");
 }
+
+#[test]
+fn check_config_reads_the_routing_file_and_names_the_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.csv");
+    std::fs::write(&routes, "# wave 1\nalice@example.org,imap,%n\n").unwrap();
+    let text = format!("{VALID}[routing]\nfile = \"{}\"\n", routes.display());
+    let path = write(&dir, &text);
+    let (code, out, err) = popbridge(&["check-config", "--config", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid"), "{out}");
+    std::fs::write(&routes, "# wave 1\nalice@example.org,imap,%n\nbob,legacy\n").unwrap();
+    let (code, _, err) = popbridge(&["check-config", "--config", &path]);
+    assert_eq!(code, 2);
+    let want = format!("{}:3: backend \"legacy\" is not defined", routes.display());
+    assert!(err.contains(&want), "{err}");
+}

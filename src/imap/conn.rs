@@ -275,6 +275,25 @@ impl ImapConnection {
                     };
                     (i, Completion { kind, code, text })
                 }
+                // AUTHENTICATE (master-user login) with an initial response: its completion.
+                Event::AuthenticateStatusReceived { handle, status, .. } => {
+                    let Some(i) = pending.iter().position(|p| p.2 == handle) else {
+                        continue;
+                    };
+                    let (kind, code, text) = match status {
+                        Status::Tagged(t) => (t.body.kind, t.body.code, t.body.text.to_string()),
+                        Status::Untagged(b) => (b.kind, b.code, b.text.to_string()),
+                        Status::Bye(b) => return Err(self.fail(ImapError::Bye(b.text.to_string()))),
+                    };
+                    (i, Completion { kind, code, text })
+                }
+                // A server that wants more than the initial response: cancel, it answers NO/BAD.
+                Event::AuthenticateContinuationRequestReceived { .. } => {
+                    let _ = self.client.set_authenticate_data(
+                        imap_next::imap_types::auth::AuthenticateData::Cancel,
+                    );
+                    continue;
+                }
                 // The BYE that answers our LOGOUT is the expected goodbye, not a failure.
                 Event::StatusReceived {
                     status: Status::Bye(_),
@@ -302,7 +321,7 @@ impl ImapConnection {
                     continue;
                 }
                 // Our own command being sent, or a continuation request we never asked for
-                // (we send no AUTHENTICATE or IDLE): nothing to do.
+                // (we send no IDLE): nothing to do.
                 _ => continue,
             };
             let name = pending[index].0;
@@ -310,7 +329,7 @@ impl ImapConnection {
                 .with_label_values(&[name])
                 .observe(started.elapsed().as_secs_f64());
             // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
-            if !completion.is_ok() && name != "LOGIN" {
+            if !completion.is_ok() && name != "LOGIN" && name != "AUTHENTICATE" {
                 m.upstream_errors
                     .with_label_values(&["command_failed"])
                     .inc();

@@ -20,11 +20,15 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged};
-use crate::config::{Config, DeletionMode, Security};
+use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
 use crate::maildrop::{Maildrop, MaildropError, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
 use crate::pop3::connection::Upstream;
+use crate::pop3::Password;
 use crate::state::StateStore;
+use imap_next::imap_types::auth::AuthMechanism;
+use imap_next::imap_types::secret::Secret;
+use std::borrow::Cow;
 
 /// Everything needed to open maildrops on one IMAP server; shared by all sessions.
 pub struct ImapUpstream {
@@ -38,6 +42,10 @@ pub struct ImapUpstream {
     hide_keyword: String,
     limits: ConnLimits,
     state: Option<Arc<StateStore>>,
+    /// Put before the login in state keys (see [`ImapUpstream::new`]).
+    state_prefix: String,
+    /// Master user and password, when the operator logs in for the users.
+    master: Option<(String, Password)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +54,19 @@ pub enum UpstreamSetupError {
     Tls(#[from] super::tls::TlsSetupError),
     #[error("imap.tls_server_name / imap.host {0:?} is not a valid TLS server name")]
     ServerName(String),
+    #[error("master_password_file: {0}")]
+    Secret(String),
 }
 
 impl ImapUpstream {
+    /// The upstream for one IMAP backend. `state_prefix` keeps its users' cache entries apart
+    /// from another backend's users of the same name (empty for `[imap]`).
     pub fn new(
-        config: &Config,
+        imap: &ImapConfig,
+        deletion: &DeletionConfig,
         state: Option<Arc<StateStore>>,
+        state_prefix: &str,
     ) -> Result<ImapUpstream, UpstreamSetupError> {
-        let imap = &config.imap;
         let tls = match imap.security {
             Security::None => None,
             Security::Tls | Security::Starttls => {
@@ -64,15 +77,22 @@ impl ImapUpstream {
                 Some((TlsConnector::from(client), name))
             }
         };
+        let master = match (&imap.master_user, &imap.master_password_file) {
+            (Some(user), Some(file)) => Some((
+                user.clone(),
+                Password::new(read_secret(file).map_err(UpstreamSetupError::Secret)?),
+            )),
+            _ => None,
+        };
         Ok(ImapUpstream {
             host: imap.host.clone(),
             port: imap.port(),
             security: imap.security,
             tls,
             mailbox: imap.mailbox.clone(),
-            deletion: config.deletion.mode,
-            move_to: config.deletion.move_to.clone(),
-            hide_keyword: config.deletion.hide_keyword.clone(),
+            deletion: deletion.mode,
+            move_to: deletion.move_to.clone(),
+            hide_keyword: deletion.hide_keyword.clone(),
             limits: ConnLimits {
                 connect_timeout: Duration::from_secs(imap.connect_timeout_secs),
                 io_timeout: Duration::from_secs(imap.command_timeout_secs),
@@ -81,7 +101,53 @@ impl ImapUpstream {
                 max_response_size: imap.fetch_chunk_bytes.saturating_mul(2).max(16 << 20),
             },
             state,
+            state_prefix: state_prefix.to_owned(),
+            master,
         })
+    }
+
+    /// Check `password` by logging in and out (for `verify_password_with`).
+    pub async fn check_password(&self, user: &str, password: &str) -> Result<(), MaildropError> {
+        let mut conn =
+            ImapConnection::connect(&self.host, self.port, self.transport(), self.limits)
+                .await
+                .map_err(unavailable)?;
+        let login = CommandBody::login(user.to_owned(), password.to_owned())
+            .map_err(|_| MaildropError::Auth)?;
+        let done = conn.execute(login, |_| {}).await.map_err(unavailable)?;
+        conn.logout().await;
+        if done.is_ok() {
+            Ok(())
+        } else {
+            Err(login_failure(&done))
+        }
+    }
+
+    /// LOGIN with the user's password, or, with a master user, `AUTHENTICATE PLAIN` with the
+    /// user as authorization identity (Dovecot's master passdb).
+    fn login_command(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<CommandBody<'static>, MaildropError> {
+        match &self.master {
+            None => CommandBody::login(user.to_owned(), password.to_owned())
+                .map_err(|_| MaildropError::Auth),
+            // A NUL would move the boundary between authorization and authentication identity.
+            Some(_) if user.is_empty() || user.contains('\0') => Err(MaildropError::Auth),
+            Some((master, master_pw)) => {
+                let mut ir = Vec::with_capacity(user.len() + master.len() + 64);
+                ir.extend_from_slice(user.as_bytes());
+                ir.push(0);
+                ir.extend_from_slice(master.as_bytes());
+                ir.push(0);
+                ir.extend_from_slice(master_pw.as_str().as_bytes());
+                Ok(CommandBody::Authenticate {
+                    mechanism: AuthMechanism::Plain,
+                    initial_response: Some(Secret::new(Cow::Owned(ir))),
+                })
+            }
+        }
     }
 
     fn transport(&self) -> Transport<'_> {
@@ -112,8 +178,7 @@ impl ImapUpstream {
                 .await
                 .map_err(unavailable)?;
 
-        let login = CommandBody::login(user.to_owned(), password.to_owned())
-            .map_err(|_| MaildropError::Auth)?;
+        let login = self.login_command(user, password)?;
         let timer = Timer::start(&metrics().upstream_login_duration);
         let done = conn.execute(login, |_| {}).await.map_err(unavailable)?;
         drop(timer);
@@ -230,7 +295,7 @@ impl ImapUpstream {
         Ok(ImapMaildrop {
             conn: Some(conn),
             state: self.state.clone(),
-            user: user.to_owned(),
+            user: format!("{}{user}", self.state_prefix),
             mailbox: self.mailbox.clone(),
             uid_validity,
             empty: exists == 0,
@@ -389,6 +454,8 @@ pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
     state: Option<Arc<StateStore>>,
+    /// The user in state keys: the upstream login, after the backend's name and a line feed
+    /// for backends other than `[imap]`.
     user: String,
     mailbox: String,
     uid_validity: u32,

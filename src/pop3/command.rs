@@ -68,6 +68,12 @@ impl LineBuffer {
         self.buf.len()
     }
 
+    /// Everything received but not yet popped (for a relay taking over the connection).
+    pub fn take_buffered(&mut self) -> BytesMut {
+        self.discarding = false;
+        std::mem::take(&mut self.buf)
+    }
+
     /// The next complete line without its line end, or `TooLong` (reported once per line, as soon
     /// as the limit is passed). `None`: more input is needed. The returned buffer is owned so the
     /// caller can zero it (it may hold a password).

@@ -10,12 +10,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use super::command::{LineBuffer, MAX_COMMAND_LINE};
+use super::relay::{self, Relayed};
 use super::response::DotStuffer;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
 use crate::limits::AuthPenalty;
 use crate::maildrop::{Maildrop, MaildropError};
 use crate::metrics::{command_label, login_result_label, metrics};
+use crate::uidl::UidlFormat;
 use std::net::IpAddr;
 use tokio_rustls::TlsAcceptor;
 
@@ -30,6 +32,48 @@ pub trait Upstream: Send + Sync {
         user: &str,
         password: &str,
     ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
+
+    /// Route a login to its backend and open it there. The default serves every login from
+    /// [`Upstream::login`], locked under its lower-cased name.
+    fn route(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
+        async move {
+            Routed {
+                backend: None,
+                result: self
+                    .login(user, password)
+                    .await
+                    .map(|maildrop| Opened::Maildrop {
+                        maildrop,
+                        lock_key: user.to_lowercase(),
+                        uidl_format: None,
+                    }),
+            }
+        }
+    }
+}
+
+/// Where a login went (the backend name, for metrics and logs) and what it opened.
+pub struct Routed<M> {
+    pub backend: Option<Arc<str>>,
+    pub result: Result<Opened<M>, MaildropError>,
+}
+
+/// An open upstream for one POP3 session.
+pub enum Opened<M> {
+    /// Served through the bridge from this maildrop.
+    Maildrop {
+        maildrop: M,
+        /// Key of the RFC 1939 exclusive-access lock (see [`MaildropLocks`]).
+        lock_key: String,
+        /// The backend's UIDL format, when it differs from the listener's.
+        uidl_format: Option<UidlFormat>,
+    },
+    /// Logged in at a legacy POP3 server: relay the rest of the session byte for byte.
+    Relay(Box<Relayed>),
 }
 
 impl<T: Upstream> Upstream for Arc<T> {
@@ -41,6 +85,14 @@ impl<T: Upstream> Upstream for Arc<T> {
         password: &str,
     ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send {
         (**self).login(user, password)
+    }
+
+    fn route(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
+        (**self).route(user, password)
     }
 }
 
@@ -80,7 +132,8 @@ pub enum SessionOutcome {
 }
 
 /// One POP3 session per maildrop (RFC 1939 exclusive access), within this process. Keys are
-/// lower-cased login names.
+/// lower-cased login names (for a routed backend other than `[imap]`: the backend name, a line
+/// feed, and the login sent upstream, so the same name on two backends is two maildrops).
 #[derive(Debug, Clone, Default)]
 pub struct MaildropLocks {
     held: Arc<Mutex<HashSet<String>>>,
@@ -147,6 +200,8 @@ enum Flow {
     End(SessionOutcome),
     /// STLS was answered with +OK: switch to TLS before reading another byte.
     StartTls,
+    /// Logged in at a legacy POP3 server: relay everything from now on.
+    Relay(Box<Relayed>, Arc<str>),
 }
 
 /// What a listener offers one client: TLS, whether passwords may cross without it, and the
@@ -327,6 +382,40 @@ where
                 match flow {
                     Flow::Continue => {}
                     Flow::End(o) => return o,
+                    Flow::Relay(up, backend) => {
+                        // What the client pipelined behind its login belongs to the relayed
+                        // session.
+                        let mut pending = lines.take_buffered();
+                        let stats = relay::relay(
+                            &mut self.io,
+                            *up,
+                            &pending,
+                            &backend,
+                            self.limits.idle_timeout,
+                            &mut shutdown,
+                        )
+                        .await;
+                        pending.iter_mut().for_each(|b| *b = 0);
+                        let m = metrics();
+                        m.relay_sessions
+                            .with_label_values(&[&backend, stats.end.label()])
+                            .inc();
+                        m.client_sent_bytes.inc_by(stats.to_client);
+                        self.stats.bytes_sent += stats.to_client;
+                        info!(
+                            backend = %backend,
+                            end = stats.end.label(),
+                            to_server = stats.to_server,
+                            to_client = stats.to_client,
+                            "relayed session ended"
+                        );
+                        return match stats.end {
+                            relay::RelayEnd::Closed => SessionOutcome::Quit,
+                            relay::RelayEnd::Idle => SessionOutcome::Timeout,
+                            relay::RelayEnd::Shutdown => SessionOutcome::Shutdown,
+                            relay::RelayEnd::Error => SessionOutcome::ClientGone,
+                        };
+                    }
                     Flow::StartTls => {
                         // Whatever the client pipelined behind STLS was sent in the clear and
                         // must not be executed as if it came through TLS (CVE-2011-0411).
@@ -440,16 +529,27 @@ where
                 })
             }
             Action::Login { user, password } => {
-                let result = match self.upstream.login(&user, password.as_str()).await {
-                    Ok(mut md) => match self.locks.try_lock(&user) {
+                let routed = self.upstream.route(&user, password.as_str()).await;
+                let backend = routed.backend;
+                let shown_backend = backend.as_deref().unwrap_or("-");
+                let mut relayed = None;
+                let result = match routed.result {
+                    Ok(Opened::Maildrop {
+                        maildrop: mut md,
+                        lock_key,
+                        uidl_format,
+                    }) => match self.locks.try_lock(&lock_key) {
                         // The listing is taken under the lock: a session that committed and
                         // released it a moment ago is already reflected upstream.
                         Some(lock) => match md.snapshot().await {
                             Ok(snapshot) => {
-                                info!(user = %user, messages = snapshot.messages.len(), "pop3 login");
+                                info!(user = %user, backend = shown_backend, messages = snapshot.messages.len(), "pop3 login");
+                                if let Some(format) = uidl_format {
+                                    self.session.set_uidl_format(format);
+                                }
                                 self.user = Some(user.clone());
                                 self.maildrop = Some((md, lock));
-                                Ok(snapshot)
+                                Ok(Some(snapshot))
                             }
                             Err(e) => {
                                 info!(user = %user, error = %e, "pop3 login failed: listing");
@@ -463,8 +563,14 @@ where
                             Err(MaildropError::InUse)
                         }
                     },
+                    Ok(Opened::Relay(up)) => {
+                        info!(user = %user, backend = shown_backend, "pop3 login relayed to legacy server");
+                        self.user = Some(user.clone());
+                        relayed = Some(up);
+                        Ok(None)
+                    }
                     Err(e) => {
-                        info!(user = %user, error = %e, "pop3 login failed");
+                        info!(user = %user, backend = shown_backend, error = %e, "pop3 login failed");
                         Err(e)
                     }
                 };
@@ -483,10 +589,23 @@ where
                 }
                 drop(password);
                 let label = login_result_label(&result.as_ref().map(|_| ()).map_err(Clone::clone));
-                metrics().logins.with_label_values(&[label]).inc();
+                let m = metrics();
+                m.logins.with_label_values(&[label]).inc();
+                if let Some(b) = &backend {
+                    m.backend_logins.with_label_values(&[b, label]).inc();
+                }
                 if let Some(user) = &self.user {
                     tracing::Span::current().record("user", user.as_str());
                 }
+                if let Some(up) = relayed {
+                    // The legacy server's own +OK line: from here on the client talks to it.
+                    self.emit(&up.ok_line);
+                    return match self.flush().await {
+                        Ok(()) => Flow::Relay(up, backend.unwrap_or_else(|| Arc::from("-"))),
+                        Err(o) => Flow::End(o),
+                    };
+                }
+                let result = result.map(Option::unwrap_or_default);
                 match self.session.on_login(result) {
                     Action::Close(b) => {
                         self.emit(&b);

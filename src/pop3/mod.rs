@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod connection;
+pub mod relay;
 pub mod response;
 pub mod session;
 pub mod stream;

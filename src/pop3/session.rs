@@ -145,6 +145,12 @@ impl Session {
         self
     }
 
+    /// Serve UIDLs in `format` (the backend the login was routed to has its own); before
+    /// [`Session::on_login`].
+    pub fn set_uidl_format(&mut self, format: UidlFormat) {
+        Arc::make_mut(&mut self.cfg).uidl_format = format;
+    }
+
     /// The TLS handshake after STLS succeeded: RFC 2595 starts AUTHORIZATION afresh.
     pub fn on_tls_established(&mut self) {
         self.security.tls = true;

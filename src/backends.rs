@@ -1,0 +1,216 @@
+//! The routed upstream: one [`ImapUpstream`] per IMAP backend, one [`Pop3Backend`] per legacy
+//! POP3 backend, and the [`Router`] that picks one for each login. Thin glue between
+//! [`crate::routing`] (sans-I/O) and the session driver.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{BackendConfig, Config, ImapConfig, DEFAULT_BACKEND};
+use crate::imap::{ImapMaildrop, ImapUpstream, UpstreamSetupError};
+use crate::maildrop::MaildropError;
+use crate::metrics::metrics;
+use crate::pop3::connection::{Opened, Routed, Upstream};
+use crate::pop3::relay::Pop3Backend;
+use crate::routing::Router;
+use crate::server::Live;
+use crate::state::StateStore;
+use crate::uidl::UidlFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend {backend:?}: {source}")]
+    Setup {
+        backend: String,
+        source: UpstreamSetupError,
+    },
+    #[error("backend {backend:?}: uidl_format: {message}")]
+    Uidl { backend: String, message: String },
+}
+
+/// Who checks a client's password before a master-user login.
+enum Verifier {
+    Imap(Arc<ImapUpstream>),
+    Pop3(Arc<Pop3Backend>),
+}
+
+enum Backend {
+    Imap {
+        upstream: Arc<ImapUpstream>,
+        uidl_format: Option<UidlFormat>,
+        /// Set for master-user backends: the name of the backend that checks the password.
+        verify_with: Option<String>,
+    },
+    Pop3(Arc<Pop3Backend>),
+}
+
+/// Label used in metrics for logins refused because no rule matched.
+pub const UNROUTED: &str = "none";
+
+/// Every backend of one configuration, and the live routing table.
+pub struct RoutedUpstream {
+    router: Arc<Live<Router>>,
+    backends: HashMap<String, (Arc<str>, Backend)>,
+    default_imap: Arc<ImapUpstream>,
+}
+
+impl RoutedUpstream {
+    pub fn new(
+        config: &Config,
+        state: Option<Arc<StateStore>>,
+        router: Arc<Live<Router>>,
+    ) -> Result<RoutedUpstream, BackendError> {
+        let imap = |name: &str, c: &ImapConfig| -> Result<Backend, BackendError> {
+            // `[imap]` keeps the state keys it always had; other backends prefix theirs.
+            let prefix = if name == DEFAULT_BACKEND {
+                String::new()
+            } else {
+                format!("{name}\n")
+            };
+            let upstream = ImapUpstream::new(c, &config.deletion, state.clone(), &prefix).map_err(
+                |source| BackendError::Setup {
+                    backend: name.into(),
+                    source,
+                },
+            )?;
+            let uidl_format = c
+                .uidl_format
+                .as_deref()
+                .map(UidlFormat::parse)
+                .transpose()
+                .map_err(|e| BackendError::Uidl {
+                    backend: name.into(),
+                    message: e.to_string(),
+                })?;
+            Ok(Backend::Imap {
+                upstream: Arc::new(upstream),
+                uidl_format,
+                verify_with: c.verify_password_with.clone(),
+            })
+        };
+        let mut backends = HashMap::new();
+        let default = imap(DEFAULT_BACKEND, &config.imap)?;
+        let Backend::Imap { upstream, .. } = &default else {
+            unreachable!("built as IMAP")
+        };
+        let default_imap = upstream.clone();
+        backends.insert(
+            DEFAULT_BACKEND.to_owned(),
+            (Arc::from(DEFAULT_BACKEND), default),
+        );
+        for (name, b) in &config.backends {
+            let backend = match b {
+                BackendConfig::Imap(c) => imap(name, c)?,
+                BackendConfig::Pop3(c) => {
+                    Backend::Pop3(Arc::new(Pop3Backend::new(name, c).map_err(|source| {
+                        BackendError::Setup {
+                            backend: name.clone(),
+                            source,
+                        }
+                    })?))
+                }
+            };
+            backends.insert(name.clone(), (Arc::from(name.as_str()), backend));
+        }
+        let m = metrics();
+        for (name, (_, b)) in &backends {
+            m.initialize_backend(name, matches!(b, Backend::Pop3(_)));
+        }
+        m.initialize_backend(UNROUTED, false);
+        Ok(RoutedUpstream {
+            router,
+            backends,
+            default_imap,
+        })
+    }
+
+    /// The `[imap]` upstream (probed by `/readyz`).
+    pub fn default_imap(&self) -> Arc<ImapUpstream> {
+        self.default_imap.clone()
+    }
+
+    fn verifier(&self, name: &str) -> Option<Verifier> {
+        match self.backends.get(name) {
+            Some((_, Backend::Imap { upstream, .. })) => Some(Verifier::Imap(upstream.clone())),
+            Some((_, Backend::Pop3(p))) => Some(Verifier::Pop3(p.clone())),
+            None => None,
+        }
+    }
+
+    async fn open(
+        &self,
+        name: &str,
+        backend: &Backend,
+        login: &str,
+        password: &str,
+    ) -> Result<Opened<ImapMaildrop>, MaildropError> {
+        match backend {
+            Backend::Pop3(p) => Ok(Opened::Relay(Box::new(p.login(login, password).await?))),
+            Backend::Imap {
+                upstream,
+                uidl_format,
+                verify_with,
+            } => {
+                if let Some(v) = verify_with {
+                    // A master login would let any password in: check the client's first.
+                    let checked = match self.verifier(v) {
+                        Some(Verifier::Imap(i)) => i.check_password(login, password).await,
+                        Some(Verifier::Pop3(p)) => p
+                            .check_password(login, password)
+                            .await
+                            .map_err(MaildropError::from),
+                        None => Err(MaildropError::Unavailable(format!(
+                            "verify_password_with names no backend: {v:?}"
+                        ))),
+                    };
+                    if let Err(e) = checked {
+                        tracing::info!(backend = name, verified_with = %v, error = %e, "password check failed");
+                        return Err(e);
+                    }
+                }
+                let maildrop = upstream.login(login, password).await?;
+                let lock_key = if name == DEFAULT_BACKEND {
+                    login.to_lowercase()
+                } else {
+                    format!("{name}\n{login}").to_lowercase()
+                };
+                Ok(Opened::Maildrop {
+                    maildrop,
+                    lock_key,
+                    uidl_format: uidl_format.clone(),
+                })
+            }
+        }
+    }
+}
+
+impl Upstream for RoutedUpstream {
+    type Maildrop = ImapMaildrop;
+
+    /// The `[imap]` backend, unrouted.
+    async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
+        self.default_imap.login(user, password).await
+    }
+
+    async fn route(&self, user: &str, password: &str) -> Routed<ImapMaildrop> {
+        let Some(route) = self.router.get().route(user) else {
+            tracing::info!(user = %user, "login refused: no route for this user");
+            return Routed {
+                backend: Some(Arc::from(UNROUTED)),
+                result: Err(MaildropError::Auth),
+            };
+        };
+        let Some((name, backend)) = self.backends.get(&*route.backend) else {
+            // Only if a routing file named a backend since removed from the configuration.
+            tracing::error!(backend = %route.backend, "route names an unknown backend");
+            return Routed {
+                backend: None,
+                result: Err(MaildropError::Unavailable("unknown backend".into())),
+            };
+        };
+        tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
+        Routed {
+            backend: Some(name.clone()),
+            result: self.open(name, backend, &route.login, password).await,
+        }
+    }
+}
