@@ -7,6 +7,9 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+
+use super::fetch_stream::{self, FetchInfo, Items, Line};
 use crate::metrics::{metrics, Timer};
 
 use imap_next::client::{Client, Event, Options};
@@ -45,6 +48,10 @@ pub enum ImapError {
     Broken,
     #[error("cannot build IMAP command: {0}")]
     Command(String),
+    #[error(transparent)]
+    Stream(#[from] fetch_stream::StreamError),
+    #[error("upstream refused the command: {0}")]
+    Refused(String),
 }
 
 impl ImapError {
@@ -56,7 +63,8 @@ impl ImapError {
             ImapError::Closed | ImapError::Broken => "closed",
             ImapError::Io(_) => "io",
             ImapError::Tls(_) | ImapError::StartTlsRefused(_) => "tls",
-            ImapError::Malformed | ImapError::Command(_) => "protocol",
+            ImapError::Malformed | ImapError::Command(_) | ImapError::Stream(_) => "protocol",
+            ImapError::Refused(_) => "command_failed",
             ImapError::Bye(_) => "bye",
         }
     }
@@ -99,11 +107,46 @@ pub struct ConnLimits {
 pub struct ImapConnection {
     io: Box<dyn AsyncStream>,
     client: Client,
-    read_buf: Box<[u8]>,
+    /// Bytes read from the server and not yet consumed. imap-next is fed from here one line
+    /// or literal at a time and never past the end of a response, so between commands it
+    /// holds no input and a streamed FETCH ([`Self::body_start`]) can read the socket itself.
+    inbuf: BytesMut,
+    /// Framing of what imap-next is fed: literal bytes still due to it ...
+    feed_literal: u64,
+    /// ... or how much of the current line was already searched for its end.
+    line_scan: usize,
+    /// A FETCH body being streamed by [`Self::body_next`].
+    body: Option<BodyStream>,
     limits: ConnLimits,
     next_tag: u32,
     broken: bool,
 }
+
+/// The state of one streamed `UID FETCH <uid> (UID BODY.PEEK[])`.
+struct BodyStream {
+    tag: String,
+    uid: u32,
+    /// Literal bytes still to come.
+    left: u64,
+    info: FetchInfo,
+    started: Instant,
+}
+
+/// How [`ImapConnection::body_start`] went.
+pub enum BodyStart {
+    /// The literal has begun: read it with [`ImapConnection::body_next`].
+    Streaming,
+    /// The command completed without a body for the UID (expunged, or refused).
+    NoBody(Completion),
+}
+
+/// Read at least this much free space into while streaming a body ...
+const BODY_READ: usize = 128 * 1024;
+/// ... and this much otherwise (responses between bodies are small).
+const LINE_READ: usize = 8 * 1024;
+/// An abandoned body stream is read to its end if at most this much is left; otherwise the
+/// connection is given up.
+const DRAIN_MAX: u64 = 4 << 20;
 
 /// How to reach the server.
 pub enum Transport<'a> {
@@ -185,7 +228,10 @@ impl ImapConnection {
         let mut conn = ImapConnection {
             io,
             client: Client::new(options),
-            read_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
+            inbuf: BytesMut::new(),
+            feed_literal: 0,
+            line_scan: 0,
+            body: None,
             limits,
             next_tag: 1,
             broken: false,
@@ -221,6 +267,7 @@ impl ImapConnection {
         if self.broken {
             return Err(ImapError::Broken);
         }
+        self.abandon_body().await?;
         let started = Instant::now();
         let mut pending = Vec::with_capacity(bodies.len());
         let mut logging_out = false;
@@ -350,16 +397,8 @@ impl ImapConnection {
                     }
                 }
                 Err(Interrupt::Io(Io::NeedMoreInput)) => {
-                    let t = self.limits.io_timeout;
-                    match tokio::time::timeout(t, self.io.read(&mut self.read_buf)).await {
-                        Ok(Ok(0)) => return Err(self.fail(ImapError::Closed)),
-                        Ok(Ok(n)) => {
-                            metrics().upstream_received_bytes.inc_by(n as u64);
-                            self.client.enqueue_input(&self.read_buf[..n]);
-                        }
-                        Ok(Err(e)) => return Err(self.fail(e.into())),
-                        Err(_) => return Err(self.fail(ImapError::Timeout(t))),
-                    }
+                    let fragment = self.next_fragment().await?;
+                    self.client.enqueue_input(&fragment);
                 }
                 Err(Interrupt::Error(e)) => {
                     tracing::warn!(error = %e, "upstream response could not be parsed");
@@ -367,6 +406,286 @@ impl ImapConnection {
                 }
             }
         }
+    }
+}
+
+impl ImapConnection {
+    /// Reads more from the server into `inbuf`, with the I/O deadline.
+    async fn fill(&mut self, at_least: usize) -> Result<(), ImapError> {
+        if self.inbuf.capacity() - self.inbuf.len() < at_least / 2 {
+            self.inbuf.reserve(at_least.max(self.inbuf.len()));
+        }
+        let t = self.limits.io_timeout;
+        match tokio::time::timeout(t, self.io.read_buf(&mut self.inbuf)).await {
+            Ok(Ok(0)) => Err(self.fail(ImapError::Closed)),
+            Ok(Ok(n)) => {
+                metrics().upstream_received_bytes.inc_by(n as u64);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.fail(e.into())),
+            Err(_) => Err(self.fail(ImapError::Timeout(t))),
+        }
+    }
+
+    /// The next line (with its line end) or literal part for imap-next, never reaching past
+    /// the end of the response it belongs to.
+    async fn next_fragment(&mut self) -> Result<BytesMut, ImapError> {
+        loop {
+            if self.feed_literal > 0 {
+                if !self.inbuf.is_empty() {
+                    let k = usize::try_from(self.feed_literal)
+                        .unwrap_or(usize::MAX)
+                        .min(self.inbuf.len());
+                    self.feed_literal -= k as u64;
+                    return Ok(self.inbuf.split_to(k));
+                }
+            } else if let Some(line) = self.take_line()? {
+                if let Some(n) = fetch_stream::announced_literal(&line) {
+                    self.feed_literal = u64::from(n);
+                }
+                return Ok(line);
+            }
+            self.fill(LINE_READ).await?;
+        }
+    }
+
+    /// A complete line out of `inbuf`, if there is one; bounded by `max_response_size`.
+    fn take_line(&mut self) -> Result<Option<BytesMut>, ImapError> {
+        match memchr::memchr(b'\n', &self.inbuf[self.line_scan..]) {
+            Some(i) => {
+                let end = self.line_scan + i + 1;
+                self.line_scan = 0;
+                Ok(Some(self.inbuf.split_to(end)))
+            }
+            None => {
+                self.line_scan = self.inbuf.len();
+                if self.line_scan > self.limits.max_response_size as usize {
+                    return Err(self.fail(ImapError::Malformed));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn read_line(&mut self) -> Result<BytesMut, ImapError> {
+        loop {
+            if let Some(line) = self.take_line()? {
+                return Ok(line);
+            }
+            self.fill(LINE_READ).await?;
+        }
+    }
+
+    /// Reads and drops `n` bytes (a literal nobody asked for).
+    async fn skip(&mut self, mut n: u64) -> Result<(), ImapError> {
+        loop {
+            let k = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(self.inbuf.len());
+            let _ = self.inbuf.split_to(k);
+            n -= k as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            self.fill(BODY_READ).await?;
+        }
+    }
+
+    /// Sends `UID FETCH <uid> (UID BODY.PEEK[])` and reads up to the start of the body
+    /// literal, which [`Self::body_next`] then hands out in parts as it arrives, so a message
+    /// of any size flows to the client through bounded buffers without being decoded.
+    pub async fn body_start(&mut self, uid: u32) -> Result<BodyStart, ImapError> {
+        let r = self.body_start_inner(uid).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_start_inner(&mut self, uid: u32) -> Result<BodyStart, ImapError> {
+        if self.broken {
+            return Err(ImapError::Broken);
+        }
+        self.abandon_body().await?;
+        if uid == 0 {
+            return Err(ImapError::Command("UID 0".into()));
+        }
+        let started = Instant::now();
+        let tag = format!("P{}", self.next_tag);
+        self.next_tag = self.next_tag.wrapping_add(1);
+        let command = format!("{tag} UID FETCH {uid} (UID BODY.PEEK[])\r\n");
+        let t = self.limits.io_timeout;
+        let written = tokio::time::timeout(t, async {
+            self.io.write_all(command.as_bytes()).await?;
+            self.io.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.fail(e.into())),
+            Err(_) => return Err(self.fail(ImapError::Timeout(t))),
+        }
+        loop {
+            let line = self.read_line().await?;
+            let classified = fetch_stream::classify(&line, tag.as_bytes());
+            match classified.map_err(|e| self.fail(e.into()))? {
+                Line::Done { kind, text } => {
+                    return Ok(BodyStart::NoBody(completion(kind, text)));
+                }
+                Line::Fetch { items_at } => {
+                    let mut info = FetchInfo::default();
+                    let items = &fetch_stream::trim_eol(&line)[items_at..];
+                    match fetch_stream::parse_items(items, &mut info)
+                        .map_err(|e| self.fail(e.into()))?
+                    {
+                        // A flag update, or a FETCH without a body: not ours to stream.
+                        Items::End => {}
+                        Items::Body(_) if info.uid.is_some_and(|u| u != uid) => {
+                            return Err(self.fail(ImapError::Malformed));
+                        }
+                        Items::Body(n) => {
+                            self.body = Some(BodyStream {
+                                tag,
+                                uid,
+                                left: u64::from(n),
+                                info,
+                                started,
+                            });
+                            return Ok(BodyStart::Streaming);
+                        }
+                    }
+                }
+                Line::Other { literal } => self.skip(literal.map_or(0, u64::from)).await?,
+            }
+        }
+    }
+
+    /// The next part of the body being streamed: at least one byte unless the body is
+    /// empty, at most `max`; `true` with the last part, once the response has completed.
+    pub async fn body_next(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let r = self.body_next_inner(max).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_next_inner(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let left = match &self.body {
+            Some(b) => b.left,
+            None => return Err(ImapError::Command("no body is being streamed".into())),
+        };
+        let mut data = Bytes::new();
+        if left > 0 {
+            if self.inbuf.is_empty() {
+                self.fill(BODY_READ).await?;
+            }
+            let k = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.inbuf.len())
+                .min(max.max(1));
+            data = self.inbuf.split_to(k).freeze();
+            let left = left - k as u64;
+            if let Some(b) = self.body.as_mut() {
+                b.left = left;
+            }
+            if left > 0 {
+                return Ok((data, false));
+            }
+        }
+        self.finish_body().await?;
+        Ok((data, true))
+    }
+
+    /// Reads what follows the body literal up to the tagged completion.
+    async fn finish_body(&mut self) -> Result<(), ImapError> {
+        let Some(stream) = self.body.take() else {
+            return Ok(());
+        };
+        let BodyStream {
+            tag,
+            uid,
+            mut info,
+            started,
+            ..
+        } = stream;
+        // The rest of the FETCH item list.
+        let line = self.read_line().await?;
+        match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
+            Ok(Items::End) if info.uid == Some(uid) => {}
+            Ok(_) | Err(_) => return Err(self.fail(ImapError::Malformed)),
+        }
+        loop {
+            let line = self.read_line().await?;
+            let classified = fetch_stream::classify(&line, tag.as_bytes());
+            match classified.map_err(|e| self.fail(e.into()))? {
+                Line::Done { kind, text } => {
+                    metrics()
+                        .upstream_command_duration
+                        .with_label_values(&["FETCH"])
+                        .observe(started.elapsed().as_secs_f64());
+                    if self.inbuf.is_empty() {
+                        // Give the big read buffer back between messages.
+                        self.inbuf = BytesMut::new();
+                    }
+                    let done = completion(kind, text);
+                    return if done.is_ok() {
+                        Ok(())
+                    } else {
+                        Err(ImapError::Refused(done.text))
+                    };
+                }
+                Line::Fetch { items_at } => {
+                    let mut other = FetchInfo::default();
+                    let items = &fetch_stream::trim_eol(&line)[items_at..];
+                    match fetch_stream::parse_items(items, &mut other) {
+                        Ok(Items::End) => {}
+                        Ok(Items::Body(_)) | Err(_) => return Err(self.fail(ImapError::Malformed)),
+                    }
+                }
+                Line::Other { literal } => self.skip(literal.map_or(0, u64::from)).await?,
+            }
+        }
+    }
+
+    /// Whether a body is being streamed for `uid`.
+    pub fn streaming(&self, uid: u32) -> bool {
+        self.body.as_ref().is_some_and(|b| b.uid == uid)
+    }
+
+    /// Ends a body stream nobody will read further: read to its end if that is cheap,
+    /// otherwise give the connection up.
+    async fn abandon_body(&mut self) -> Result<(), ImapError> {
+        let Some(left) = self.body.as_ref().map(|b| b.left) else {
+            return Ok(());
+        };
+        if left > DRAIN_MAX {
+            self.body = None;
+            return Err(self.fail(ImapError::Broken));
+        }
+        self.skip(left).await?;
+        match self.finish_body().await {
+            Ok(()) | Err(ImapError::Refused(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn completion(kind: fetch_stream::Completion, text: &[u8]) -> Completion {
+    Completion {
+        kind: match kind {
+            fetch_stream::Completion::Ok => StatusKind::Ok,
+            fetch_stream::Completion::No => StatusKind::No,
+            fetch_stream::Completion::Bad => StatusKind::Bad,
+        },
+        code: None,
+        text: String::from_utf8_lossy(text).into_owned(),
     }
 }
 

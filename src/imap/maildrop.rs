@@ -19,9 +19,11 @@ use imap_next::imap_types::sequence::SequenceSet;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::conn::{Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged};
+use super::conn::{
+    BodyStart, Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged,
+};
 use crate::config::{Config, DeletionMode, Security};
-use crate::maildrop::{Maildrop, MaildropError, MessageEntry, Snapshot};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
 use crate::pop3::connection::Upstream;
 use crate::state::StateStore;
@@ -630,6 +632,59 @@ impl Maildrop for ImapMaildrop {
         }
     }
 
+    /// Messages too big to read ahead are streamed: one `UID FETCH uid (UID BODY.PEEK[])`
+    /// whose literal goes to the client as it arrives, instead of `fetch_chunk_bytes` pieces
+    /// each decoded whole by imap-next before the first byte of it could be sent.
+    async fn read_body(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> Result<BodyPart, MaildropError> {
+        let streaming = self.conn.as_ref().is_some_and(|c| c.streaming(uid));
+        let stream_it = offset == 0
+            && size > READ_AHEAD_MAX_MESSAGE
+            && !self.ahead.contains_key(&uid)
+            && self.conn.is_some();
+        if !streaming && !stream_it {
+            let data = self.fetch(uid, offset, max).await?;
+            let last = data.len() < max as usize;
+            return Ok(BodyPart { data, last });
+        }
+        if stream_it {
+            self.ahead.clear();
+            // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
+            let noop = self.run(CommandBody::Noop, |_| {}).await?;
+            expect_ok("NOOP", noop)?;
+            let conn = self.conn.as_mut().ok_or_else(lost)?;
+            match conn.body_start(uid).await {
+                Ok(BodyStart::Streaming) => {}
+                Ok(BodyStart::NoBody(done)) if done.is_ok() || done.kind == StatusKind::No => {
+                    return Err(MaildropError::Gone)
+                }
+                Ok(BodyStart::NoBody(done)) => {
+                    return Err(MaildropError::Unavailable(format!(
+                        "UID FETCH failed: {}",
+                        done.text
+                    )))
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
+        match conn.body_next(max as usize).await {
+            Ok((data, last)) => Ok(BodyPart { data, last }),
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(e))
+            }
+        }
+    }
+
     fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
         self.ahead_hint.clear();
         self.ahead_hint.extend_from_slice(upcoming);
@@ -699,6 +754,10 @@ impl ImapMaildrop {
         }
         Ok(())
     }
+}
+
+fn lost() -> MaildropError {
+    MaildropError::Unavailable("upstream connection lost".into())
 }
 
 fn unavailable(e: ImapError) -> MaildropError {
