@@ -405,6 +405,24 @@ const READ_AHEAD_BYTES: u64 = 256 * 1024;
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
 
 impl ImapMaildrop {
+    /// The small messages to fetch along with `uid` (from the session's hint): bounded in
+    /// count and bytes, each smaller than `len`.
+    fn ahead_wanted(&self, uid: u32, len: u64) -> Vec<u32> {
+        let mut wanted = Vec::new();
+        let mut budget = READ_AHEAD_BYTES;
+        for &(next, size) in &self.ahead_hint {
+            if next == uid || size > READ_AHEAD_MAX_MESSAGE || size >= len {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size) else {
+                break;
+            };
+            budget = left;
+            wanted.push(next);
+        }
+        wanted
+    }
+
     async fn run(
         &mut self,
         body: CommandBody<'static>,
@@ -553,17 +571,7 @@ impl Maildrop for ImapMaildrop {
             // Small messages the client will probably ask for next come along in the same
             // FETCH: a one-command-at-a-time client then costs one upstream round trip per
             // window of messages instead of two per message. Bounded in count and bytes.
-            let mut budget = READ_AHEAD_BYTES;
-            for &(next, size) in &self.ahead_hint {
-                if next == uid || size > READ_AHEAD_MAX_MESSAGE || size >= u64::from(len) {
-                    continue;
-                }
-                let Some(left) = budget.checked_sub(size) else {
-                    break;
-                };
-                budget = left;
-                wanted.push(next);
-            }
+            wanted.extend(self.ahead_wanted(uid, u64::from(len)));
         }
         let set = uid_set(&wanted)?
             .into_iter()
@@ -642,9 +650,15 @@ impl Maildrop for ImapMaildrop {
         offset: u64,
         max: u32,
     ) -> Result<BodyPart, MaildropError> {
-        let streaming = self.conn.as_ref().is_some_and(|c| c.streaming(uid));
+        let (streaming, uid_first) = match &self.conn {
+            Some(c) => (c.streaming(uid), c.uid_before_body()),
+            None => (false, false),
+        };
+        // Everything is streamed once the server is known to put UID before BODY[] (then
+        // small messages read ahead can come in the same FETCH); before that, only messages
+        // too big to read ahead.
         let stream_it = offset == 0
-            && size > READ_AHEAD_MAX_MESSAGE
+            && (size > READ_AHEAD_MAX_MESSAGE || uid_first)
             && !self.ahead.contains_key(&uid)
             && self.conn.is_some();
         if !streaming && !stream_it {
@@ -657,8 +671,17 @@ impl Maildrop for ImapMaildrop {
             // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
             let noop = self.run(CommandBody::Noop, |_| {}).await?;
             expect_ok("NOOP", noop)?;
+            let others = if uid_first {
+                self.ahead_wanted(uid, u64::from(max))
+            } else {
+                Vec::new()
+            };
             let conn = self.conn.as_mut().ok_or_else(lost)?;
-            match conn.body_start(uid).await {
+            let started = conn.body_start(uid, &others).await;
+            if started.is_ok() {
+                self.ahead.extend(conn.take_ahead());
+            }
+            match started {
                 Ok(BodyStart::Streaming) => {}
                 Ok(BodyStart::NoBody(done)) if done.is_ok() || done.kind == StatusKind::No => {
                     return Err(MaildropError::Gone)
@@ -677,7 +700,12 @@ impl Maildrop for ImapMaildrop {
         }
         let conn = self.conn.as_mut().ok_or_else(lost)?;
         match conn.body_next(max as usize).await {
-            Ok((data, last)) => Ok(BodyPart { data, last }),
+            Ok((data, last)) => {
+                if last {
+                    self.ahead.extend(conn.take_ahead());
+                }
+                Ok(BodyPart { data, last })
+            }
             Err(e) => {
                 self.conn = None;
                 Err(unavailable(e))
