@@ -135,13 +135,17 @@ struct BodyStream {
     others: Vec<u32>,
     /// Literal bytes still to come.
     left: u64,
+    /// The whole literal was handed out; the rest of the response (read-ahead bodies, the
+    /// completion) is read by [`ImapConnection::settle`], so it arrives while the client is
+    /// being sent the end of this message instead of delaying it.
+    delivered: bool,
     info: FetchInfo,
     started: Instant,
 }
 
 /// Largest literal accepted for a message read ahead (they are asked for only when the
 /// listing says they are small; this bounds what a lying server can make us hold).
-const AHEAD_LITERAL_MAX: u32 = 256 * 1024;
+const AHEAD_LITERAL_MAX: u32 = 512 * 1024;
 
 /// How [`ImapConnection::body_start`] went.
 pub enum BodyStart {
@@ -578,6 +582,7 @@ impl ImapConnection {
                     uid,
                     others: others.to_vec(),
                     left: u64::from(len),
+                    delivered: false,
                     info,
                     started,
                 });
@@ -678,7 +683,11 @@ impl ImapConnection {
                 return Ok((data, false));
             }
         }
-        self.finish_body().await?;
+        match self.body.as_mut() {
+            // Whose body this was is known: the rest can wait for the next command.
+            Some(b) if b.info.uid.is_some() => b.delivered = true,
+            _ => self.finish_body().await?,
+        }
         Ok((data, true))
     }
 
@@ -731,11 +740,31 @@ impl ImapConnection {
 
     /// Whether a body is being streamed for `uid`.
     pub fn streaming(&self, uid: u32) -> bool {
-        self.body.as_ref().is_some_and(|b| b.uid == uid)
+        self.body
+            .as_ref()
+            .is_some_and(|b| b.uid == uid && !b.delivered)
     }
 
-    /// Ends a body stream nobody will read further: read to its end if that is cheap,
-    /// otherwise give the connection up.
+    /// Whether a streamed FETCH has not been read to its completion yet.
+    pub fn unsettled(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// Reads the rest of a streamed FETCH (see [`BodyStream::delivered`]); the read-ahead
+    /// bodies in it are then ready for [`Self::take_ahead`].
+    pub async fn settle(&mut self) -> Result<(), ImapError> {
+        let r = self.abandon_body().await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    /// Ends a body stream: read to its end if that is cheap (always, once the body was
+    /// delivered), otherwise give the connection up.
     async fn abandon_body(&mut self) -> Result<(), ImapError> {
         let Some(left) = self.body.as_ref().map(|b| b.left) else {
             return Ok(());
@@ -991,6 +1020,10 @@ mod tests {
         assert_eq!(read_all(&mut conn).await.unwrap(), b);
         conn.body_start(5, &[3, 6]).await.unwrap();
         assert_eq!(read_all(&mut conn).await.unwrap(), b);
+        // The bodies after the streamed one are read when the connection settles.
+        assert!(conn.unsettled());
+        conn.settle().await.unwrap();
+        assert!(!conn.unsettled());
         let mut ahead = conn.take_ahead();
         ahead.sort_by_key(|x| x.0);
         assert_eq!(ahead, vec![(3, Bytes::from(a)), (6, Bytes::from(c))]);
