@@ -319,4 +319,34 @@ mod tests {
         };
         assert!(parse_items(b"BODY[] {5}", &mut info).is_err());
     }
+
+    /// Arbitrary bytes never panic the parsers (the fuzz targets' property, cheaply).
+    #[test]
+    fn random_input_never_panics() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let alphabet: &[u8] =
+            b"* 0123456789 FETCH ( ) UID BODY[]<0> {} + FLAGS MODSEQ \\r\\n P7 OK NO BAD BYE\r\n";
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 48) as usize;
+            let mut y = x;
+            let line: Vec<u8> = (0..len)
+                .map(|_| {
+                    y = y
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    alphabet[(y >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            let _ = announced_literal(&line);
+            if let Ok(Line::Fetch { items_at }) = classify(&line, b"P7") {
+                let mut info = FetchInfo::default();
+                let _ = parse_items(&trim_eol(&line)[items_at..], &mut info);
+            }
+            let mut info = FetchInfo::default();
+            let _ = parse_items(&line, &mut info);
+        }
+    }
 }
