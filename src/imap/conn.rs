@@ -115,6 +115,8 @@ pub struct ImapConnection {
     feed_literal: u64,
     /// ... or how much of the current line was already searched for its end.
     line_scan: usize,
+    /// How much to read at a time (see [`Self::fill`]).
+    read_size: usize,
     /// A FETCH body being streamed by [`Self::body_next`].
     body: Option<BodyStream>,
     /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
@@ -262,6 +264,7 @@ impl ImapConnection {
             inbuf: BytesMut::new(),
             feed_literal: 0,
             line_scan: 0,
+            read_size: LINE_READ,
             body: None,
             ahead: Vec::new(),
             uid_before_body: false,
@@ -397,6 +400,7 @@ impl ImapConnection {
             }
             pending[index].3 = Some(completion);
         }
+        self.shrink_idle_buffer();
         Ok(pending.into_iter().filter_map(|p| p.3).collect())
     }
 
@@ -444,19 +448,34 @@ impl ImapConnection {
 
 impl ImapConnection {
     /// Reads more from the server into `inbuf`, with the I/O deadline.
+    /// Reads grow (up to `BODY_READ`) while they come back full, so a long response costs
+    /// few reads and an idle connection keeps a small buffer.
     async fn fill(&mut self, at_least: usize) -> Result<(), ImapError> {
-        if self.inbuf.capacity() - self.inbuf.len() < at_least / 2 {
-            self.inbuf.reserve(at_least.max(self.inbuf.len()));
+        let want = at_least.max(self.read_size);
+        if self.inbuf.capacity() - self.inbuf.len() < want / 2 {
+            self.inbuf.reserve(want.max(self.inbuf.len()));
         }
+        let spare = self.inbuf.capacity() - self.inbuf.len();
         let t = self.limits.io_timeout;
         match tokio::time::timeout(t, self.io.read_buf(&mut self.inbuf)).await {
             Ok(Ok(0)) => Err(self.fail(ImapError::Closed)),
             Ok(Ok(n)) => {
                 metrics().upstream_received_bytes.inc_by(n as u64);
+                if n >= spare {
+                    self.read_size = (self.read_size * 2).min(BODY_READ);
+                }
                 Ok(())
             }
             Ok(Err(e)) => Err(self.fail(e.into())),
             Err(_) => Err(self.fail(ImapError::Timeout(t))),
+        }
+    }
+
+    /// Between responses, give a grown read buffer back (idle sessions stay small).
+    fn shrink_idle_buffer(&mut self) {
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * LINE_READ {
+            self.inbuf = BytesMut::new();
+            self.read_size = LINE_READ;
         }
     }
 
@@ -717,10 +736,7 @@ impl ImapConnection {
             .upstream_command_duration
             .with_label_values(&["FETCH"])
             .observe(started.elapsed().as_secs_f64());
-        if self.inbuf.is_empty() {
-            // Give the big read buffer back between messages.
-            self.inbuf = BytesMut::new();
-        }
+        self.shrink_idle_buffer();
         if done.is_ok() {
             Ok(())
         } else {
