@@ -58,6 +58,25 @@ pub trait Maildrop: Send {
         len: u32,
     ) -> impl Future<Output = Result<Bytes, MaildropError>> + Send;
 
+    /// Part of message `uid` (`size` octets in the snapshot) from `offset` for RETR, which reads
+    /// a message front to back: at most `max` octets, and [`BodyPart::last`] set on the part
+    /// that ends the message. A maildrop may stream the message here instead of fetching it
+    /// in pieces; the default asks [`fetch`](Self::fetch).
+    fn read_body(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> impl Future<Output = Result<BodyPart, MaildropError>> + Send {
+        let _ = size;
+        async move {
+            let data = self.fetch(uid, offset, max).await?;
+            let last = data.len() < max as usize;
+            Ok(BodyPart { data, last })
+        }
+    }
+
     /// Flag the message as read upstream (after a complete RETR, when `mark_seen` is on).
     fn mark_seen(&mut self, uid: u32) -> impl Future<Output = Result<(), MaildropError>> + Send;
 
@@ -73,6 +92,14 @@ pub trait Maildrop: Send {
     /// The messages (UID, size) the client will probably ask for after the one about to be
     /// fetched; a maildrop may fetch small ones ahead in the same round trip.
     fn read_ahead_hint(&mut self, _upcoming: &[(u32, u64)]) {}
+}
+
+/// A part of a message read by [`Maildrop::read_body`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyPart {
+    pub data: Bytes,
+    /// Nothing of the message follows this part.
+    pub last: bool,
 }
 
 /// One recorded call on a [`MemoryMaildrop`], for assertions in tests.

@@ -7,6 +7,9 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+
+use super::fetch_stream::{self, FetchInfo, Items, Line};
 use crate::metrics::{metrics, Timer};
 
 use imap_next::client::{Client, Event, Options};
@@ -45,6 +48,10 @@ pub enum ImapError {
     Broken,
     #[error("cannot build IMAP command: {0}")]
     Command(String),
+    #[error(transparent)]
+    Stream(#[from] fetch_stream::StreamError),
+    #[error("upstream refused the command: {0}")]
+    Refused(String),
 }
 
 impl ImapError {
@@ -56,7 +63,8 @@ impl ImapError {
             ImapError::Closed | ImapError::Broken => "closed",
             ImapError::Io(_) => "io",
             ImapError::Tls(_) | ImapError::StartTlsRefused(_) => "tls",
-            ImapError::Malformed | ImapError::Command(_) => "protocol",
+            ImapError::Malformed | ImapError::Command(_) | ImapError::Stream(_) => "protocol",
+            ImapError::Refused(_) => "command_failed",
             ImapError::Bye(_) => "bye",
         }
     }
@@ -99,11 +107,69 @@ pub struct ConnLimits {
 pub struct ImapConnection {
     io: Box<dyn AsyncStream>,
     client: Client,
-    read_buf: Box<[u8]>,
+    /// Bytes read from the server and not yet consumed. imap-next is fed from here one line
+    /// or literal at a time and never past the end of a response, so between commands it
+    /// holds no input and a streamed FETCH ([`Self::body_start`]) can read the socket itself.
+    inbuf: BytesMut,
+    /// Framing of what imap-next is fed: literal bytes still due to it ...
+    feed_literal: u64,
+    /// ... or how much of the current line was already searched for its end.
+    line_scan: usize,
+    /// How much to read at a time (see [`Self::fill`]).
+    read_size: usize,
+    /// A FETCH body being streamed by [`Self::body_next`].
+    body: Option<BodyStream>,
+    /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
+    ahead: Vec<(u32, Bytes)>,
+    /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
+    /// several UIDs can be streamed (each literal is known to be whose before it arrives).
+    uid_before_body: bool,
     limits: ConnLimits,
     next_tag: u32,
     broken: bool,
 }
+
+/// The state of one streamed `UID FETCH <uid> (UID BODY.PEEK[])`.
+struct BodyStream {
+    tag: String,
+    uid: u32,
+    /// The other UIDs of the command, read ahead whole.
+    others: Vec<u32>,
+    /// Literal bytes still to come.
+    left: u64,
+    /// The whole literal was handed out; the rest of the response (read-ahead bodies, the
+    /// completion) is read by [`ImapConnection::settle`], so it arrives while the client is
+    /// being sent the end of this message instead of delaying it.
+    delivered: bool,
+    info: FetchInfo,
+    started: Instant,
+}
+
+/// Largest literal accepted for a message read ahead (they are asked for only when the
+/// listing says they are small; this bounds what a lying server can make us hold).
+const AHEAD_LITERAL_MAX: u32 = 512 * 1024;
+
+/// How [`ImapConnection::body_start`] went.
+pub enum BodyStart {
+    /// The literal has begun: read it with [`ImapConnection::body_next`].
+    Streaming,
+    /// The command completed without a body for the UID (expunged, or refused).
+    NoBody(Completion),
+}
+
+/// Where [`ImapConnection::fetch_lines`] stopped.
+enum Step {
+    Body { len: u32, info: FetchInfo },
+    Done(Completion),
+}
+
+/// Read at least this much free space into while streaming a body ...
+const BODY_READ: usize = 128 * 1024;
+/// ... and this much otherwise (responses between bodies are small).
+const LINE_READ: usize = 8 * 1024;
+/// An abandoned body stream is read to its end if at most this much is left; otherwise the
+/// connection is given up.
+const DRAIN_MAX: u64 = 4 << 20;
 
 /// How to reach the server.
 pub enum Transport<'a> {
@@ -177,6 +243,16 @@ impl ImapConnection {
             }
         };
 
+        Self::over(io, limits, greeting_done).await
+    }
+
+    /// A connection over an established stream (`greeting_done`: the greeting was already
+    /// read, as after STARTTLS).
+    pub async fn over(
+        io: Box<dyn AsyncStream>,
+        limits: ConnLimits,
+        greeting_done: bool,
+    ) -> Result<ImapConnection, ImapError> {
         let mut options = Options::default();
         options.max_response_size = limits.max_response_size;
         options.discard_greeting = greeting_done;
@@ -185,7 +261,13 @@ impl ImapConnection {
         let mut conn = ImapConnection {
             io,
             client: Client::new(options),
-            read_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
+            inbuf: BytesMut::new(),
+            feed_literal: 0,
+            line_scan: 0,
+            read_size: LINE_READ,
+            body: None,
+            ahead: Vec::new(),
+            uid_before_body: false,
             limits,
             next_tag: 1,
             broken: false,
@@ -221,6 +303,7 @@ impl ImapConnection {
         if self.broken {
             return Err(ImapError::Broken);
         }
+        self.abandon_body().await?;
         let started = Instant::now();
         let mut pending = Vec::with_capacity(bodies.len());
         let mut logging_out = false;
@@ -336,6 +419,7 @@ impl ImapConnection {
             }
             pending[index].3 = Some(completion);
         }
+        self.shrink_idle_buffer();
         Ok(pending.into_iter().filter_map(|p| p.3).collect())
     }
 
@@ -369,16 +453,8 @@ impl ImapConnection {
                     }
                 }
                 Err(Interrupt::Io(Io::NeedMoreInput)) => {
-                    let t = self.limits.io_timeout;
-                    match tokio::time::timeout(t, self.io.read(&mut self.read_buf)).await {
-                        Ok(Ok(0)) => return Err(self.fail(ImapError::Closed)),
-                        Ok(Ok(n)) => {
-                            metrics().upstream_received_bytes.inc_by(n as u64);
-                            self.client.enqueue_input(&self.read_buf[..n]);
-                        }
-                        Ok(Err(e)) => return Err(self.fail(e.into())),
-                        Err(_) => return Err(self.fail(ImapError::Timeout(t))),
-                    }
+                    let fragment = self.next_fragment().await?;
+                    self.client.enqueue_input(&fragment);
                 }
                 Err(Interrupt::Error(e)) => {
                     tracing::warn!(error = %e, "upstream response could not be parsed");
@@ -386,6 +462,369 @@ impl ImapConnection {
                 }
             }
         }
+    }
+}
+
+impl ImapConnection {
+    /// Reads more from the server into `inbuf`, with the I/O deadline.
+    /// Reads grow (up to `BODY_READ`) while they come back full, so a long response costs
+    /// few reads and an idle connection keeps a small buffer.
+    async fn fill(&mut self, at_least: usize) -> Result<(), ImapError> {
+        let want = at_least.max(self.read_size);
+        if self.inbuf.capacity() - self.inbuf.len() < want / 2 {
+            self.inbuf.reserve(want.max(self.inbuf.len()));
+        }
+        let spare = self.inbuf.capacity() - self.inbuf.len();
+        let t = self.limits.io_timeout;
+        match tokio::time::timeout(t, self.io.read_buf(&mut self.inbuf)).await {
+            Ok(Ok(0)) => Err(self.fail(ImapError::Closed)),
+            Ok(Ok(n)) => {
+                metrics().upstream_received_bytes.inc_by(n as u64);
+                if n >= spare {
+                    self.read_size = (self.read_size * 2).min(BODY_READ);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.fail(e.into())),
+            Err(_) => Err(self.fail(ImapError::Timeout(t))),
+        }
+    }
+
+    /// Between responses, give a grown read buffer back (idle sessions stay small).
+    fn shrink_idle_buffer(&mut self) {
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * LINE_READ {
+            self.inbuf = BytesMut::new();
+            self.read_size = LINE_READ;
+        }
+    }
+
+    /// The next line (with its line end) or literal part for imap-next, never reaching past
+    /// the end of the response it belongs to.
+    async fn next_fragment(&mut self) -> Result<BytesMut, ImapError> {
+        loop {
+            if self.feed_literal > 0 {
+                if !self.inbuf.is_empty() {
+                    let k = usize::try_from(self.feed_literal)
+                        .unwrap_or(usize::MAX)
+                        .min(self.inbuf.len());
+                    self.feed_literal -= k as u64;
+                    return Ok(self.inbuf.split_to(k));
+                }
+            } else if let Some(line) = self.take_line()? {
+                if let Some(n) = fetch_stream::announced_literal(&line) {
+                    self.feed_literal = u64::from(n);
+                }
+                return Ok(line);
+            }
+            self.fill(LINE_READ).await?;
+        }
+    }
+
+    /// A complete line out of `inbuf`, if there is one; bounded by `max_response_size`.
+    fn take_line(&mut self) -> Result<Option<BytesMut>, ImapError> {
+        match memchr::memchr(b'\n', &self.inbuf[self.line_scan..]) {
+            Some(i) => {
+                let end = self.line_scan + i + 1;
+                self.line_scan = 0;
+                Ok(Some(self.inbuf.split_to(end)))
+            }
+            None => {
+                self.line_scan = self.inbuf.len();
+                if self.line_scan > self.limits.max_response_size as usize {
+                    return Err(self.fail(ImapError::Malformed));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn read_line(&mut self) -> Result<BytesMut, ImapError> {
+        loop {
+            if let Some(line) = self.take_line()? {
+                return Ok(line);
+            }
+            self.fill(LINE_READ).await?;
+        }
+    }
+
+    /// Reads and drops `n` bytes (a literal nobody asked for).
+    async fn skip(&mut self, mut n: u64) -> Result<(), ImapError> {
+        loop {
+            let k = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(self.inbuf.len());
+            let _ = self.inbuf.split_to(k);
+            n -= k as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            self.fill(BODY_READ).await?;
+        }
+    }
+
+    /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` and reads up to the start of the
+    /// body literal of `uid`, which [`Self::body_next`] then hands out in parts as it arrives,
+    /// so a message of any size flows to the client through bounded buffers without being
+    /// decoded. The bodies of `others` (small messages read ahead; only when
+    /// [`Self::uid_before_body`]) are kept whole for [`Self::take_ahead`].
+    pub async fn body_start(&mut self, uid: u32, others: &[u32]) -> Result<BodyStart, ImapError> {
+        let r = self.body_start_inner(uid, others).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_start_inner(&mut self, uid: u32, others: &[u32]) -> Result<BodyStart, ImapError> {
+        if self.broken {
+            return Err(ImapError::Broken);
+        }
+        self.abandon_body().await?;
+        self.ahead.clear();
+        if uid == 0 || others.contains(&0) || others.contains(&uid) {
+            return Err(ImapError::Command("bad UID set".into()));
+        }
+        if !others.is_empty() && !self.uid_before_body {
+            return Err(ImapError::Command(
+                "read-ahead needs UID before BODY".into(),
+            ));
+        }
+        let started = Instant::now();
+        let tag = format!("P{}", self.next_tag);
+        self.next_tag = self.next_tag.wrapping_add(1);
+        let mut command = format!("{tag} UID FETCH {uid}");
+        for o in others {
+            command.push_str(&format!(",{o}"));
+        }
+        command.push_str(" (UID BODY.PEEK[])\r\n");
+        let t = self.limits.io_timeout;
+        let written = tokio::time::timeout(t, async {
+            self.io.write_all(command.as_bytes()).await?;
+            self.io.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.fail(e.into())),
+            Err(_) => return Err(self.fail(ImapError::Timeout(t))),
+        }
+        match self.fetch_lines(&tag, Some(uid), others).await? {
+            Step::Done(done) => Ok(BodyStart::NoBody(done)),
+            Step::Body { len, info } => {
+                self.uid_before_body |= info.uid.is_some();
+                self.body = Some(BodyStream {
+                    tag,
+                    uid,
+                    others: others.to_vec(),
+                    left: u64::from(len),
+                    delivered: false,
+                    info,
+                    started,
+                });
+                Ok(BodyStart::Streaming)
+            }
+        }
+    }
+
+    /// Reads the responses of our FETCH `tag` until the body literal of `cur` starts or the
+    /// command completes; bodies of `others` are read whole into `self.ahead`.
+    async fn fetch_lines(
+        &mut self,
+        tag: &str,
+        cur: Option<u32>,
+        others: &[u32],
+    ) -> Result<Step, ImapError> {
+        loop {
+            let line = self.read_line().await?;
+            let classified = fetch_stream::classify(&line, tag.as_bytes());
+            let items_at = match classified.map_err(|e| self.fail(e.into()))? {
+                Line::Done { kind, text } => return Ok(Step::Done(completion(kind, text))),
+                Line::Other { literal } => {
+                    self.skip(literal.map_or(0, u64::from)).await?;
+                    continue;
+                }
+                Line::Fetch { items_at } => items_at,
+            };
+            let mut info = FetchInfo::default();
+            let items = &fetch_stream::trim_eol(&line)[items_at..];
+            let len = match fetch_stream::parse_items(items, &mut info)
+                .map_err(|e| self.fail(e.into()))?
+            {
+                // A flag update, or a FETCH without a body: nothing to do.
+                Items::End => continue,
+                Items::Body(len) => len,
+            };
+            match (info.uid, cur) {
+                (Some(u), Some(c)) if u == c => return Ok(Step::Body { len, info }),
+                // UID after the body: only acceptable when the command named one UID.
+                (None, Some(_)) if others.is_empty() => return Ok(Step::Body { len, info }),
+                (Some(u), _) if others.contains(&u) && len <= AHEAD_LITERAL_MAX => {
+                    let data = self.take_exact(len as usize).await?;
+                    let line = self.read_line().await?;
+                    match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
+                        Ok(Items::End) if info.uid == Some(u) => {}
+                        _ => return Err(self.fail(ImapError::Malformed)),
+                    }
+                    if self.ahead.iter().all(|(a, _)| *a != u) {
+                        self.ahead.push((u, data));
+                    }
+                }
+                _ => return Err(self.fail(ImapError::Malformed)),
+            }
+        }
+    }
+
+    /// Exactly `n` bytes (n is bounded by the caller).
+    async fn take_exact(&mut self, n: usize) -> Result<Bytes, ImapError> {
+        while self.inbuf.len() < n {
+            self.fill(n - self.inbuf.len()).await?;
+        }
+        Ok(self.inbuf.split_to(n).freeze())
+    }
+
+    /// The next part of the body being streamed: at least one byte unless the body is
+    /// empty, at most `max`; `true` with the last part, once the response has completed.
+    pub async fn body_next(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let r = self.body_next_inner(max).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_next_inner(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let left = match &self.body {
+            Some(b) => b.left,
+            None => return Err(ImapError::Command("no body is being streamed".into())),
+        };
+        let mut data = Bytes::new();
+        if left > 0 {
+            if self.inbuf.is_empty() {
+                self.fill(BODY_READ).await?;
+            }
+            let k = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.inbuf.len())
+                .min(max.max(1));
+            data = self.inbuf.split_to(k).freeze();
+            let left = left - k as u64;
+            if let Some(b) = self.body.as_mut() {
+                b.left = left;
+            }
+            if left > 0 {
+                return Ok((data, false));
+            }
+        }
+        match self.body.as_mut() {
+            // Whose body this was is known: the rest can wait for the next command.
+            Some(b) if b.info.uid.is_some() => b.delivered = true,
+            _ => self.finish_body().await?,
+        }
+        Ok((data, true))
+    }
+
+    /// Reads what follows the body literal up to the tagged completion.
+    async fn finish_body(&mut self) -> Result<(), ImapError> {
+        let Some(stream) = self.body.take() else {
+            return Ok(());
+        };
+        let BodyStream {
+            tag,
+            uid,
+            others,
+            mut info,
+            started,
+            ..
+        } = stream;
+        // The rest of the FETCH item list.
+        let line = self.read_line().await?;
+        match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
+            Ok(Items::End) if info.uid == Some(uid) => {}
+            Ok(_) | Err(_) => return Err(self.fail(ImapError::Malformed)),
+        }
+        let Step::Done(done) = self.fetch_lines(&tag, None, &others).await? else {
+            return Err(self.fail(ImapError::Malformed));
+        };
+        metrics()
+            .upstream_command_duration
+            .with_label_values(&["FETCH"])
+            .observe(started.elapsed().as_secs_f64());
+        self.shrink_idle_buffer();
+        if done.is_ok() {
+            Ok(())
+        } else {
+            Err(ImapError::Refused(done.text))
+        }
+    }
+
+    /// The read-ahead messages of the last streamed FETCH.
+    pub fn take_ahead(&mut self) -> Vec<(u32, Bytes)> {
+        std::mem::take(&mut self.ahead)
+    }
+
+    /// Whether a FETCH of several UIDs may be streamed (see the field).
+    pub fn uid_before_body(&self) -> bool {
+        self.uid_before_body
+    }
+
+    /// Whether a body is being streamed for `uid`.
+    pub fn streaming(&self, uid: u32) -> bool {
+        self.body
+            .as_ref()
+            .is_some_and(|b| b.uid == uid && !b.delivered)
+    }
+
+    /// Whether a streamed FETCH has not been read to its completion yet.
+    pub fn unsettled(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// Reads the rest of a streamed FETCH (see [`BodyStream::delivered`]); the read-ahead
+    /// bodies in it are then ready for [`Self::take_ahead`].
+    pub async fn settle(&mut self) -> Result<(), ImapError> {
+        let r = self.abandon_body().await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    /// Ends a body stream: read to its end if that is cheap (always, once the body was
+    /// delivered), otherwise give the connection up.
+    async fn abandon_body(&mut self) -> Result<(), ImapError> {
+        let Some(left) = self.body.as_ref().map(|b| b.left) else {
+            return Ok(());
+        };
+        if left > DRAIN_MAX {
+            self.body = None;
+            return Err(self.fail(ImapError::Broken));
+        }
+        self.skip(left).await?;
+        match self.finish_body().await {
+            Ok(()) | Err(ImapError::Refused(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn completion(kind: fetch_stream::Completion, text: &[u8]) -> Completion {
+    Completion {
+        kind: match kind {
+            fetch_stream::Completion::Ok => StatusKind::Ok,
+            fetch_stream::Completion::No => StatusKind::No,
+            fetch_stream::Completion::Bad => StatusKind::Bad,
+        },
+        code: None,
+        text: String::from_utf8_lossy(text).into_owned(),
     }
 }
 
@@ -458,5 +897,249 @@ async fn read_line(
             return Err(ImapError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    const LIMITS: ConnLimits = ConnLimits {
+        connect_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        max_response_size: 1 << 20,
+    };
+
+    /// A scripted server: for each step, read one command line, check it contains `expect`,
+    /// and answer `reply` with `{tag}` replaced, written in `split`-byte pieces.
+    async fn server(io: DuplexStream, steps: Vec<(&'static str, Vec<u8>)>, split: usize) {
+        let (r, mut w) = tokio::io::split(io);
+        let mut r = BufReader::new(r);
+        w.write_all(b"* OK ready\r\n").await.unwrap();
+        for (expect, reply) in steps {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap() == 0 {
+                return;
+            }
+            assert!(line.contains(expect), "{line:?} lacks {expect:?}");
+            let tag = line.split(' ').next().unwrap().as_bytes().to_vec();
+            let mut out = Vec::new();
+            let mut rest = &reply[..];
+            while let Some(i) = rest.windows(5).position(|w| w == b"{tag}") {
+                out.extend_from_slice(&rest[..i]);
+                out.extend_from_slice(&tag);
+                rest = &rest[i + 5..];
+            }
+            out.extend_from_slice(rest);
+            for piece in out.chunks(split.max(1)) {
+                w.write_all(piece).await.unwrap();
+            }
+        }
+        // Keep the stream open until the client goes.
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink).await;
+    }
+
+    async fn connect(
+        steps: Vec<(&'static str, Vec<u8>)>,
+        split: usize,
+        limits: ConnLimits,
+    ) -> ImapConnection {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(server(b, steps, split));
+        ImapConnection::over(Box::new(a), limits, false)
+            .await
+            .unwrap()
+    }
+
+    async fn read_all(conn: &mut ImapConnection) -> Result<Vec<u8>, ImapError> {
+        let mut body = Vec::new();
+        loop {
+            let (part, last) = conn.body_next(1000).await?;
+            assert!(part.len() <= 1000);
+            body.extend_from_slice(&part);
+            if last {
+                return Ok(body);
+            }
+        }
+    }
+
+    fn body(n: usize) -> Vec<u8> {
+        (0..n).map(|i| b"ab\r\n.x{1}\r\n"[i % 11]).collect()
+    }
+
+    fn fetch_reply(prefix: &str, body: &[u8], suffix: &str) -> Vec<u8> {
+        let mut r = format!("{prefix}{{{}}}\r\n", body.len()).into_bytes();
+        r.extend_from_slice(body);
+        r.extend_from_slice(suffix.as_bytes());
+        r
+    }
+
+    #[tokio::test]
+    async fn streams_a_body_and_stays_in_step_with_imap_next() {
+        let msg = body(50_000);
+        let mut reply = b"* 3 EXISTS\r\n* 1 FETCH (FLAGS (\\Seen))\r\n".to_vec();
+        reply.extend(fetch_reply("* 2 FETCH (UID 7 BODY[] ", &msg, ")\r\n"));
+        reply.extend_from_slice(b"{tag} OK done\r\n");
+        for split in [1, 7, 4096, 1 << 20] {
+            let steps = vec![
+                ("UID FETCH 7 (UID BODY.PEEK[])", reply.clone()),
+                ("NOOP", b"* 4 EXISTS\r\n{tag} OK noop\r\n".to_vec()),
+            ];
+            let mut conn = connect(steps, split, LIMITS).await;
+            assert!(matches!(
+                conn.body_start(7, &[]).await.unwrap(),
+                BodyStart::Streaming
+            ));
+            assert!(conn.streaming(7));
+            assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+            assert!(conn.uid_before_body());
+            assert!(!conn.streaming(7));
+            let mut exists = 0;
+            let done = conn
+                .execute(CommandBody::Noop, |u| {
+                    if let Untagged::Data(Data::Exists(n)) = u {
+                        exists = n;
+                    }
+                })
+                .await
+                .unwrap();
+            assert!(done.is_ok());
+            assert_eq!(exists, 4);
+        }
+    }
+
+    #[tokio::test]
+    async fn uid_after_the_body_is_checked() {
+        let msg = body(3000);
+        let ok = fetch_reply(
+            "* 2 FETCH (BODY[] ",
+            &msg,
+            " UID 7 FLAGS ())\r\n{tag} OK\r\n",
+        );
+        let mut conn = connect(vec![("UID FETCH 7", ok)], 100, LIMITS).await;
+        assert!(matches!(
+            conn.body_start(7, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+        assert!(!conn.uid_before_body());
+
+        let wrong = fetch_reply("* 2 FETCH (BODY[] ", &msg, " UID 8)\r\n{tag} OK\r\n");
+        let mut conn = connect(vec![("UID FETCH 7", wrong)], 100, LIMITS).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert!(matches!(
+            read_all(&mut conn).await,
+            Err(ImapError::Malformed)
+        ));
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn read_ahead_bodies_before_and_after_the_streamed_one() {
+        let (a, b, c) = (body(10), body(70_000), body(0));
+        let mut reply = fetch_reply("* 1 FETCH (UID 3 BODY[] ", &a, ")\r\n");
+        reply.extend(fetch_reply("* 2 FETCH (UID 5 BODY[] ", &b, ")\r\n"));
+        reply.extend(fetch_reply("* 3 FETCH (UID 6 BODY[] ", &c, ")\r\n"));
+        reply.extend_from_slice(b"{tag} OK\r\n");
+        let first = fetch_reply("* 2 FETCH (UID 5 BODY[] ", &b, ")\r\n{tag} OK\r\n");
+        let steps = vec![("UID FETCH 5 (", first), ("UID FETCH 5,3,6 (", reply)];
+        let mut conn = connect(steps, 999, LIMITS).await;
+        // Several UIDs only once the server showed UID before BODY[].
+        assert!(conn.body_start(5, &[3]).await.is_err());
+        conn.body_start(5, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), b);
+        conn.body_start(5, &[3, 6]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), b);
+        // The bodies after the streamed one are read when the connection settles.
+        assert!(conn.unsettled());
+        conn.settle().await.unwrap();
+        assert!(!conn.unsettled());
+        let mut ahead = conn.take_ahead();
+        ahead.sort_by_key(|x| x.0);
+        assert_eq!(ahead, vec![(3, Bytes::from(a)), (6, Bytes::from(c))]);
+    }
+
+    #[tokio::test]
+    async fn no_body_and_refusals() {
+        let steps = vec![
+            (
+                "UID FETCH 9",
+                b"* 1 EXPUNGE\r\n{tag} OK nothing\r\n".to_vec(),
+            ),
+            ("UID FETCH 9", b"{tag} NO gone\r\n".to_vec()),
+        ];
+        let mut conn = connect(steps, 3, LIMITS).await;
+        match conn.body_start(9, &[]).await.unwrap() {
+            BodyStart::NoBody(done) => assert!(done.is_ok()),
+            BodyStart::Streaming => panic!("no body was sent"),
+        }
+        match conn.body_start(9, &[]).await.unwrap() {
+            BodyStart::NoBody(done) => assert_eq!(done.kind, StatusKind::No),
+            BodyStart::Streaming => panic!("no body was sent"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unexpected_responses_break_the_connection() {
+        for reply in [
+            &b"* 2 FETCH (UID 9 ENVELOPE NIL)\r\n{tag} OK\r\n"[..],
+            b"* 2 FETCH (UID 8 BODY[] {3}\r\nabc)\r\n{tag} OK\r\n",
+            b"* 2 FETCH (UID 9 BODY[1] {3}\r\nabc)\r\n{tag} OK\r\n",
+            b"+ more\r\n",
+            b"* BYE going\r\n",
+            b"X1 OK other tag\r\n",
+        ] {
+            let mut conn = connect(vec![("UID FETCH 9", reply.to_vec())], 5, LIMITS).await;
+            assert!(conn.body_start(9, &[]).await.is_err(), "{reply:?}");
+            assert!(matches!(
+                conn.execute(CommandBody::Noop, |_| {}).await,
+                Err(ImapError::Broken)
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_body_is_drained_before_the_next_command() {
+        let msg = body(20_000);
+        let mut reply = fetch_reply("* 2 FETCH (UID 7 BODY[] ", &msg, ")\r\n");
+        reply.extend_from_slice(b"{tag} OK\r\n");
+        let steps = vec![
+            ("UID FETCH 7", reply),
+            ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+        ];
+        let mut conn = connect(steps, 512, LIMITS).await;
+        conn.body_start(7, &[]).await.unwrap();
+        let (first, last) = conn.body_next(100).await.unwrap();
+        assert!(!first.is_empty() && !last);
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_hits_the_deadline() {
+        // The body is announced as 100 bytes, 10 arrive, then silence.
+        let reply = b"* 2 FETCH (UID 7 BODY[] {100}\r\n0123456789".to_vec();
+        let limits = ConnLimits {
+            io_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let mut conn = connect(vec![("UID FETCH 7", reply)], 1000, limits).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert!(matches!(
+            read_all(&mut conn).await,
+            Err(ImapError::Timeout(_))
+        ));
+        assert!(matches!(
+            conn.body_start(7, &[]).await,
+            Err(ImapError::Broken)
+        ));
     }
 }

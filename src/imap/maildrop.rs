@@ -19,9 +19,11 @@ use imap_next::imap_types::sequence::SequenceSet;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::conn::{Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged};
+use super::conn::{
+    BodyStart, Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged,
+};
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
-use crate::maildrop::{Maildrop, MaildropError, MessageEntry, Snapshot};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
 use crate::pop3::connection::Upstream;
 use crate::pop3::Password;
@@ -475,10 +477,31 @@ pub struct ImapMaildrop {
 
 /// Read ahead at most this many bytes per session ...
 const READ_AHEAD_BYTES: u64 = 256 * 1024;
+/// The same limits when the messages read ahead come in a streamed FETCH (no decoding cost,
+/// so medium-sized messages are worth reading ahead too: each saves two round trips).
+const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
+const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
 /// ... and only messages up to this size (bigger ones are streamed anyway).
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
 
 impl ImapMaildrop {
+    /// The small messages to fetch along with `uid` (from the session's hint): bounded in
+    /// count and bytes, each smaller than `len`.
+    fn ahead_wanted(&self, uid: u32, len: u64, (mut budget, max): (u64, u64)) -> Vec<u32> {
+        let mut wanted = Vec::new();
+        for &(next, size) in &self.ahead_hint {
+            if next == uid || size > max || size >= len {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size) else {
+                break;
+            };
+            budget = left;
+            wanted.push(next);
+        }
+        wanted
+    }
+
     async fn run(
         &mut self,
         body: CommandBody<'static>,
@@ -627,17 +650,11 @@ impl Maildrop for ImapMaildrop {
             // Small messages the client will probably ask for next come along in the same
             // FETCH: a one-command-at-a-time client then costs one upstream round trip per
             // window of messages instead of two per message. Bounded in count and bytes.
-            let mut budget = READ_AHEAD_BYTES;
-            for &(next, size) in &self.ahead_hint {
-                if next == uid || size > READ_AHEAD_MAX_MESSAGE || size >= u64::from(len) {
-                    continue;
-                }
-                let Some(left) = budget.checked_sub(size) else {
-                    break;
-                };
-                budget = left;
-                wanted.push(next);
-            }
+            wanted.extend(self.ahead_wanted(
+                uid,
+                u64::from(len),
+                (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
+            ));
         }
         let set = uid_set(&wanted)?
             .into_iter()
@@ -703,6 +720,92 @@ impl Maildrop for ImapMaildrop {
                 "UID FETCH failed: {}",
                 done.text
             ))),
+        }
+    }
+
+    /// Messages too big to read ahead are streamed: one `UID FETCH uid (UID BODY.PEEK[])`
+    /// whose literal goes to the client as it arrives, instead of `fetch_chunk_bytes` pieces
+    /// each decoded whole by imap-next before the first byte of it could be sent.
+    async fn read_body(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> Result<BodyPart, MaildropError> {
+        if offset == 0 {
+            if let Some(conn) = self.conn.as_mut().filter(|c| c.unsettled()) {
+                if let Err(e) = conn.settle().await {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
+                self.ahead.extend(conn.take_ahead());
+            }
+        }
+        let (streaming, uid_first) = match &self.conn {
+            Some(c) => (c.streaming(uid), c.uid_before_body()),
+            None => (false, false),
+        };
+        // Everything is streamed once the server is known to put UID before BODY[] (then
+        // small messages read ahead can come in the same FETCH); before that, only messages
+        // too big to read ahead.
+        let stream_it = offset == 0
+            && (size > READ_AHEAD_MAX_MESSAGE || uid_first)
+            && !self.ahead.contains_key(&uid)
+            && self.conn.is_some();
+        if !streaming && !stream_it {
+            let data = self.fetch(uid, offset, max).await?;
+            let last = data.len() < max as usize;
+            return Ok(BodyPart { data, last });
+        }
+        if stream_it {
+            self.ahead.clear();
+            // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
+            let noop = self.run(CommandBody::Noop, |_| {}).await?;
+            expect_ok("NOOP", noop)?;
+            let others = if uid_first {
+                self.ahead_wanted(
+                    uid,
+                    u64::from(max),
+                    (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+                )
+            } else {
+                Vec::new()
+            };
+            let conn = self.conn.as_mut().ok_or_else(lost)?;
+            let started = conn.body_start(uid, &others).await;
+            if started.is_ok() {
+                self.ahead.extend(conn.take_ahead());
+            }
+            match started {
+                Ok(BodyStart::Streaming) => {}
+                Ok(BodyStart::NoBody(done)) if done.is_ok() || done.kind == StatusKind::No => {
+                    return Err(MaildropError::Gone)
+                }
+                Ok(BodyStart::NoBody(done)) => {
+                    return Err(MaildropError::Unavailable(format!(
+                        "UID FETCH failed: {}",
+                        done.text
+                    )))
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
+        match conn.body_next(max as usize).await {
+            Ok((data, last)) => {
+                if last {
+                    self.ahead.extend(conn.take_ahead());
+                }
+                Ok(BodyPart { data, last })
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(e))
+            }
         }
     }
 
@@ -775,6 +878,10 @@ impl ImapMaildrop {
         }
         Ok(())
     }
+}
+
+fn lost() -> MaildropError {
+    MaildropError::Unavailable("upstream connection lost".into())
 }
 
 fn unavailable(e: ImapError) -> MaildropError {

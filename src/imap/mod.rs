@@ -1,6 +1,7 @@
 //! The upstream side: IMAP connections (plain, TLS, STARTTLS) and the maildrop they serve.
 
 pub mod conn;
+pub mod fetch_stream;
 pub mod maildrop;
 pub mod tls;
 

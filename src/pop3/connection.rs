@@ -15,7 +15,7 @@ use super::response::DotStuffer;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
 use crate::limits::AuthPenalty;
-use crate::maildrop::{Maildrop, MaildropError};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError};
 use crate::metrics::{command_label, login_result_label, metrics};
 use crate::uidl::UidlFormat;
 use std::net::IpAddr;
@@ -632,10 +632,10 @@ where
             Action::Retrieve {
                 msg,
                 uid,
+                size,
                 top_lines,
                 ok_line,
-                ..
-            } => self.retrieve(msg, uid, top_lines, ok_line).await,
+            } => self.retrieve(msg, uid, size, top_lines, ok_line).await,
             Action::Commit { uids } => {
                 let result = match self.maildrop.take() {
                     Some((mut md, lock)) => {
@@ -664,6 +664,7 @@ where
         &mut self,
         msg: u32,
         uid: u32,
+        size: u64,
         top_lines: Option<u32>,
         ok_line: Vec<u8>,
     ) -> Flow {
@@ -676,7 +677,7 @@ where
             return Flow::Continue;
         };
         md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
-        let mut data = match md.fetch(uid, 0, chunk).await {
+        let mut part = match read_part(md, uid, size, top_lines.is_some(), 0, chunk).await {
             Ok(d) => d,
             Err(e) => {
                 let gone = e == MaildropError::Gone;
@@ -701,24 +702,21 @@ where
         let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
         let mut offset = 0u64;
         loop {
-            if data.is_empty() {
-                break;
-            }
-            stuffer.feed(&data, &mut self.out);
-            offset += data.len() as u64;
+            stuffer.feed(&part.data, &mut self.out);
+            offset += part.data.len() as u64;
             if self.out.len() >= FLUSH_AT {
                 if let Err(o) = self.flush().await {
                     return Flow::End(o);
                 }
                 flushed = true;
             }
-            if stuffer.is_done() || data.len() < chunk as usize {
+            if stuffer.is_done() || part.last {
                 break;
             }
             let Some((md, _)) = self.maildrop.as_mut() else {
                 return Flow::End(SessionOutcome::UpstreamError);
             };
-            data = match md.fetch(uid, offset, chunk).await {
+            part = match read_part(md, uid, size, top_lines.is_some(), offset, chunk).await {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
@@ -757,6 +755,25 @@ where
             }
         }
         Flow::Continue
+    }
+}
+
+/// The next part of a message: RETR reads it front to back with [`Maildrop::read_body`]
+/// (which may stream it), TOP in `fetch` pieces (it usually stops early).
+async fn read_part<M: Maildrop>(
+    md: &mut M,
+    uid: u32,
+    size: u64,
+    top: bool,
+    offset: u64,
+    chunk: u32,
+) -> Result<BodyPart, MaildropError> {
+    if top {
+        let data = md.fetch(uid, offset, chunk).await?;
+        let last = data.len() < chunk as usize;
+        Ok(BodyPart { data, last })
+    } else {
+        md.read_body(uid, size, offset, chunk).await
     }
 }
 

@@ -93,12 +93,15 @@ enum Top {
 /// output is the same as for the message in one piece. Lines end in CRLF (bare LF becomes CRLF,
 /// a lone CR is content), a leading `.` is doubled, and [`finish`](Self::finish) closes an
 /// unterminated last line and appends `.\r\n`.
+///
+/// Works a line at a time (`memchr` for the LF, one copy of the line): this runs over every
+/// byte popbridge sends.
 #[derive(Debug, Clone)]
 pub struct DotStuffer {
-    /// Nothing of the current line has been emitted yet.
-    line_start: bool,
-    /// Last input byte was CR: emitted once we know whether LF follows.
-    pending_cr: bool,
+    /// Octets of the current line emitted so far (saturating; only 0, 1 and "more" matter).
+    line_len: usize,
+    /// The last octet emitted was a CR (a CRLF split across chunks, or a lone CR).
+    last_cr: bool,
     top: Top,
 }
 
@@ -112,8 +115,8 @@ impl DotStuffer {
     /// For RETR: the whole message.
     pub fn new() -> Self {
         Self {
-            line_start: true,
-            pending_cr: false,
+            line_len: 0,
+            last_cr: false,
             top: Top::All,
         }
     }
@@ -134,51 +137,39 @@ impl DotStuffer {
 
     /// Encodes `input`, appending to `out`. Input after TOP is done is ignored.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        let mut i = 0;
-        while i < input.len() && !self.is_done() {
-            let b = input[i];
-            if self.pending_cr {
-                self.pending_cr = false;
-                if b == b'\n' {
-                    out.extend_from_slice(b"\r\n");
-                    self.end_line();
-                    i += 1;
-                    continue;
-                }
-                // A lone CR is line content.
-                out.push(b'\r');
-                self.line_start = false;
+        out.reserve(input.len() + 16);
+        let mut rest = input;
+        while !rest.is_empty() && !self.is_done() {
+            if self.line_len == 0 && rest[0] == b'.' {
+                out.push(b'.');
             }
-            match b {
-                b'\r' => {
-                    self.pending_cr = true;
-                    i += 1;
-                }
-                b'\n' => {
-                    out.extend_from_slice(b"\r\n");
-                    self.end_line();
-                    i += 1;
-                }
-                _ => {
-                    if self.line_start && b == b'.' {
-                        out.push(b'.');
-                    }
-                    // Copy the run up to the next CR/LF in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(input.len() - i);
-                    out.extend_from_slice(&input[i..i + run]);
-                    self.line_start = false;
-                    i += run;
-                }
+            let Some(lf) = memchr::memchr(b'\n', rest) else {
+                out.extend_from_slice(rest);
+                self.line_len = self.line_len.saturating_add(rest.len());
+                self.last_cr = rest.last() == Some(&b'\r');
+                return;
+            };
+            let line = &rest[..lf];
+            out.extend_from_slice(line);
+            let cr = match line.last() {
+                Some(&b) => b == b'\r',
+                None => self.last_cr,
+            };
+            if cr {
+                out.push(b'\n');
+            } else {
+                out.extend_from_slice(b"\r\n");
             }
+            // Empty: nothing before the LF but (at most) the CR of its CRLF.
+            let len = self.line_len.saturating_add(line.len());
+            self.end_line(len == usize::from(cr));
+            rest = &rest[lf + 1..];
         }
     }
 
-    fn end_line(&mut self) {
-        let was_empty = self.line_start;
-        self.line_start = true;
+    fn end_line(&mut self, was_empty: bool) {
+        self.line_len = 0;
+        self.last_cr = false;
         self.top = match self.top {
             Top::Header(0) if was_empty => Top::Done,
             Top::Header(n) if was_empty => Top::Body(n),
@@ -188,19 +179,14 @@ impl DotStuffer {
         };
     }
 
-    /// Ends the body: a trailing lone CR, a CRLF if the last line was unterminated, then `.\r\n`.
+    /// Ends the body: a CRLF if the last line was unterminated (a trailing lone CR stays
+    /// content), then `.\r\n`.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.is_done() {
-            if self.pending_cr {
-                self.pending_cr = false;
-                out.push(b'\r');
-                self.line_start = false;
-            }
-            if !self.line_start {
-                out.extend_from_slice(b"\r\n");
-            }
+        if !self.is_done() && self.line_len > 0 {
+            out.extend_from_slice(b"\r\n");
         }
         self.top = Top::Done;
+        self.line_len = 0;
         out.extend_from_slice(b".\r\n");
     }
 }
