@@ -44,6 +44,7 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
+    pub uidl_maps: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -217,6 +218,12 @@ impl Metrics {
                 "popbridge_retr_repeated_total",
                 "RETRs of a message the same user already retrieved in an earlier session.",
             ),
+            uidl_maps: counter_vec(
+                &r,
+                "popbridge_uidl_maps_total",
+                "Migrated legacy UIDL maps looked up at login, by outcome: cache (sled), metadata (read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable: login refused with SYS/TEMP).",
+                &["outcome"],
+            ),
             registry: r,
         }
     }
@@ -236,6 +243,9 @@ impl Metrics {
             for outcome in ["ok", "err"] {
                 self.commands.with_label_values(&[command, outcome]);
             }
+        }
+        for outcome in ["cache", "metadata", "stale", "error"] {
+            self.uidl_maps.with_label_values(&[outcome]);
         }
         for mode in ["hide", "expunge", "move"] {
             self.deletions.with_label_values(&[mode]);

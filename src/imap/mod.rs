@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod maildrop;
+pub mod metadata;
 pub mod tls;
 
 pub use maildrop::{ImapMaildrop, ImapUpstream, UpstreamSetupError};
