@@ -3,3 +3,4 @@
 //! messages to IMAP messages, verifying what a user would see).
 
 pub mod map;
+pub mod matcher;
