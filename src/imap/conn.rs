@@ -264,7 +264,9 @@ impl ImapConnection {
                     ),
                     None => continue,
                 },
-                Event::CommandRejected { handle, status, .. } => {
+                // AUTHENTICATE (with SASL-IR: no continuation) completes through its own event.
+                Event::CommandRejected { handle, status, .. }
+                | Event::AuthenticateStatusReceived { handle, status, .. } => {
                     let Some(i) = pending.iter().position(|p| p.2 == handle) else {
                         continue;
                     };
@@ -301,8 +303,14 @@ impl ImapConnection {
                     on_untagged(Untagged::Data(data));
                     continue;
                 }
+                // AUTHENTICATE is only ever sent with its initial response (SASL-IR).
+                Event::AuthenticateContinuationRequestReceived { .. } => {
+                    return Err(self.fail(ImapError::Command(
+                        "server asked for more SASL data (AUTHENTICATE needs SASL-IR)".into(),
+                    )));
+                }
                 // Our own command being sent, or a continuation request we never asked for
-                // (we send no AUTHENTICATE or IDLE): nothing to do.
+                // (we send no IDLE): nothing to do.
                 _ => continue,
             };
             let name = pending[index].0;
@@ -310,7 +318,7 @@ impl ImapConnection {
                 .with_label_values(&[name])
                 .observe(started.elapsed().as_secs_f64());
             // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
-            if !completion.is_ok() && name != "LOGIN" {
+            if !completion.is_ok() && name != "LOGIN" && name != "AUTHENTICATE" {
                 m.upstream_errors
                     .with_label_values(&["command_failed"])
                     .inc();

@@ -123,7 +123,7 @@ impl Normalizer {
                     out.push(b'\n');
                     self.prev_question = false;
                 }
-                b if b < 0x20 || b >= 0x7f || b == b'?' => {
+                b if !(0x20..0x7f).contains(&b) || b == b'?' => {
                     if !self.prev_question {
                         out.push(b'?');
                     }
