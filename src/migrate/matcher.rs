@@ -100,6 +100,43 @@ pub fn header_hash(message: &[u8]) -> HeaderHash {
     }
 }
 
+/// `message` without the header fields in [`SKIPPED_HEADERS`] (and their continuation lines);
+/// the body and every other byte unchanged. Two copies of one message that differ only in what
+/// servers add or rewrite come out equal.
+pub fn without_skipped_headers(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len());
+    let mut skipping = false;
+    let mut in_header = true;
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if in_header {
+            let content = line
+                .strip_suffix(b"\n")
+                .unwrap_or(line)
+                .strip_suffix(b"\r")
+                .unwrap_or(line.strip_suffix(b"\n").unwrap_or(line));
+            if content.is_empty() {
+                in_header = false;
+            } else if content[0] == b' ' || content[0] == b'\t' {
+                if skipping {
+                    continue;
+                }
+            } else {
+                skipping = content.iter().position(|&b| b == b':').is_some_and(|c| {
+                    let name = trim_end(&content[..c]);
+                    SKIPPED_HEADERS
+                        .iter()
+                        .any(|s| s.as_bytes().eq_ignore_ascii_case(name))
+                });
+                if skipping {
+                    continue;
+                }
+            }
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
 fn trim_end(s: &[u8]) -> &[u8] {
     let n = s
         .iter()
@@ -341,6 +378,17 @@ mod tests {
         // A header without its blank line is hashed but marked incomplete.
         let truncated = b"From: a@example.org\r\nSubject: x\r\n";
         assert!(!header_hash(truncated).complete);
+    }
+
+    #[test]
+    fn skipped_headers_are_removed_from_the_header_only() {
+        let with =
+            b"Return-Path: <x@y>\r\nX-Keywords: a\r\n b\r\nFrom: a\r\n\r\nStatus: body line\r\n";
+        assert_eq!(
+            without_skipped_headers(with),
+            b"From: a\r\n\r\nStatus: body line\r\n".to_vec()
+        );
+        assert_eq!(without_skipped_headers(BASE), BASE.to_vec());
     }
 
     fn legacy(sizes: &[u64]) -> Vec<LegacyMessage> {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::map::{is_legal_uidl, MapError, UidlMap};
-use super::matcher::{header_hash, match_by_size, match_rest, LegacyMessage, MatchedBy};
+use super::matcher::{
+    header_hash, match_by_size, match_rest, without_skipped_headers, LegacyMessage, MatchedBy,
+};
 use super::pop3::{ListedMessage, Pop3Client, Pop3Error};
 use super::store::{Store, StoreError};
 use super::Credential;
@@ -683,7 +685,14 @@ fn compare(legacy: &[Seen], bridge: &[Seen]) -> (Vec<String>, Vec<String>) {
                 l.uidl
             )),
             Some((j, b)) => {
-                if l.bytes != b.bytes {
+                let header_only = l.bytes != b.bytes
+                    && without_skipped_headers(&l.bytes) == without_skipped_headers(&b.bytes);
+                if header_only {
+                    notes.push(format!(
+                        "UIDL {}: differs only in headers servers add or rewrite (Return-Path, Status, X-UID, ...)",
+                        l.uidl
+                    ));
+                } else if l.bytes != b.bytes {
                     let at = l.bytes.iter().zip(&b.bytes).position(|(x, y)| x != y).unwrap_or(l.bytes.len().min(b.bytes.len()));
                     diffs.push(format!(
                         "UIDL {}: message bytes differ (legacy {} octets, popbridge {}; first difference at octet {at})",
@@ -858,6 +867,12 @@ mod tests {
         ];
         let same = l.clone();
         assert_eq!(compare(&l, &same), (vec![], vec![]));
+        // An added Return-Path is what servers do: a note, not a difference.
+        let mut rp = l.clone();
+        rp[1].bytes = b"Return-Path: <a@b>\r\ny\r\n".to_vec();
+        rp[1].size = 24;
+        let (d, n) = compare(&l, &rp);
+        assert!(d.is_empty() && n.len() == 1, "{d:?} {n:?}");
         // Size counting differs but bytes are equal: a note only.
         let mut sized = l.clone();
         sized[0].size = 4;
