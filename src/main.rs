@@ -60,6 +60,7 @@ enum MigrateCommand {
     /// Match each user's legacy POP3 messages to the new IMAP mailbox and store the legacy
     /// UIDLs (sled + IMAP METADATA), so clients keep their UIDLs after the switch.
     Uidls {
+        /// Configuration file with the backends, [state] and [migration].
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// The legacy backend (a `[backends.X]` with kind = "pop3").
@@ -78,6 +79,7 @@ enum MigrateCommand {
     /// Import legacy UIDLs from a file of `user uid legacy-uidl` lines (the legacy server is
     /// gone); the UIDVALIDITY is the mailbox's at import time.
     Import {
+        /// Configuration file with the backends, [state] and [migration].
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// The new store: `imap` or an IMAP backend.
@@ -100,12 +102,16 @@ enum MigrateCommand {
     /// Compare what the legacy server shows a user with what popbridge would show (count,
     /// UIDLs, sizes, message bytes); exit 0 only when there is no difference.
     Verify {
+        /// Configuration file with the backends, [state] and [migration].
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// The legacy backend (kind = "pop3").
         #[arg(long, value_name = "BACKEND")]
         from: String,
+        /// The new store: `imap` or an IMAP backend.
         #[arg(long, value_name = "BACKEND")]
         to: String,
+        /// The user to compare.
         #[arg(long, value_name = "USER")]
         user: String,
         /// Environment variable holding the user's password.
