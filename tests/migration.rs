@@ -539,3 +539,95 @@ fn import_from_a_file_is_validated_then_served() {
     assert!(stdout(&out).contains("REFUSED"), "{}", text(&out));
     assert_eq!(env.uidls(pb.pop3_port(), "dave", "davepw")[0], "1 OLD-1");
 }
+
+/// Both sides log in as the operator's master user (SASL PLAIN with the user as authorization
+/// identity), so a wave needs no user passwords.
+#[test]
+fn master_users_migrate_a_wave_without_user_passwords() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    // The sandboxes' auth processes must read the master passdb.
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut fs::metadata(dir).unwrap().permissions(),
+        0o755,
+    );
+    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let masters = env.path("masters");
+    fs::write(&masters, "migrator:{PLAIN}m4ster::::::\n").unwrap();
+    fs::set_permissions(
+        &masters,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let master_conf = format!(
+        "passdb {{\n  driver = passwd-file\n  master = yes\n  args = scheme=PLAIN {}\n  pass = yes\n}}",
+        masters.display()
+    );
+    let legacy = Dovecot::start_with_conf(&format!("{LEGACY_CONF}\n{master_conf}"));
+    let new = Dovecot::start_with_conf(&master_conf);
+    let users = [("m1", "secret1"), ("m2", "secret2")];
+    for (i, (u, p)) in users.iter().enumerate() {
+        legacy.add_user(u, p);
+        new.add_user(u, p);
+        let msgs: Vec<Vec<u8>> = (1..=2 + i).map(|n| msg(n * 7 + i)).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        legacy.seed(u, &refs);
+        env.py(&["burn", &new.imap_port().to_string(), u, p, "1"]);
+        env.py(&[
+            "copy",
+            &legacy.imap_port().to_string(),
+            &new.imap_port().to_string(),
+            u,
+            p,
+        ]);
+    }
+    let pwfile = env.path("master.pw");
+    fs::write(&pwfile, "m4ster\n").unwrap();
+    let cfg = env.config("master.toml", &new, &legacy, &env.path("state"));
+    let mut conf = fs::read_to_string(&cfg).unwrap();
+    let master_keys = format!(
+        "master_user = \"migrator\"\nmaster_password_file = \"{}\"\n",
+        pwfile.display()
+    );
+    conf = conf.replace(
+        "[state]",
+        &format!("{master_keys}verify_password_with = \"legacy\"\n[state]"),
+    );
+    conf.push_str(&master_keys);
+    fs::write(&cfg, conf).unwrap();
+    let wave = env.path("wave.txt");
+    fs::write(&wave, "m1\nm2\n").unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "uidls",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--users-file",
+            wave.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains("user m1: legacy 2, new 2; matched 2"),
+        "{report}"
+    );
+    assert!(
+        report.contains("user m2: legacy 3, new 3; matched 3"),
+        "{report}"
+    );
+    assert!(!report.contains("m4ster") && !String::from_utf8_lossy(&out.stderr).contains("m4ster"));
+    // The wave file holds no passwords: only the master logins could have succeeded.
+    let pb = Popbridge::start(&new, "");
+    for (u, p) in users {
+        let via_pb = env.uidls(pb.pop3_port(), u, p);
+        let via_legacy = env.uidls(legacy.pop3_port(), u, p);
+        assert_eq!(via_pb, via_legacy, "{u}");
+    }
+}
