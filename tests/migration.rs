@@ -74,6 +74,20 @@ def fetchmail(port, user, pw, state):
     json.dump(seen, open(state, 'w'))
     print(json.dumps({"downloaded": got, "uidls": [u for _, u in listing]}))
 
+def setmeta(port, user, pw, *pairs):
+    # Writes METADATA entries on INBOX directly, as another tool (or a damaged copy) would.
+    d = imaplib.IMAP4('127.0.0.1', port); d.login(user, pw)
+    for i in range(0, len(pairs), 2):
+        name, value = pairs[i], pairs[i + 1].encode()
+        tag = d._new_tag().decode()
+        d.send(('%s SETMETADATA INBOX (%s {%d+}\r\n' % (tag, name, len(value))).encode() + value + b')\r\n')
+        while True:
+            line = d.readline()
+            if line.startswith(tag.encode()):
+                assert b' OK ' in line, line
+                break
+    d.logout()
+
 def uidls(port, user, pw):
     p = poplib.POP3('127.0.0.1', port); p.user(user); p.pass_(pw)
     resp, lines, _ = p.uidl(); p.quit()
@@ -86,6 +100,7 @@ elif cmd == 'burn': burn_uids(int(args[0]), args[1], args[2], int(args[3]))
 elif cmd == 'append': append(int(args[0]), args[1], args[2], args[3])
 elif cmd == 'fetchmail': fetchmail(int(args[0]), args[1], args[2], args[3])
 elif cmd == 'uidls': uidls(int(args[0]), args[1], args[2])
+elif cmd == 'setmeta': setmeta(int(args[0]), args[1], args[2], *args[3:])
 "#;
 
 struct Env {
@@ -630,4 +645,67 @@ fn master_users_migrate_a_wave_without_user_passwords() {
         let via_legacy = env.uidls(legacy.pop3_port(), u, p);
         assert_eq!(via_pb, via_legacy, "{u}");
     }
+}
+
+/// A map in METADATA is served as documented, and one written under another UIDVALIDITY
+/// (the folder was recreated since) is ignored and counted.
+#[test]
+fn metadata_maps_are_read_and_stale_ones_ignored() {
+    let env = Env::new();
+    let new = Dovecot::start();
+    new.add_user("erin", "erinpw");
+    new.add_user("fred", "fredpw");
+    new.seed("erin", &[&msg(1), &msg(2)]);
+    new.seed("fred", &[&msg(3)]);
+    let uv_e = new.imap_state("erin", "erinpw", "INBOX").uidvalidity;
+    let uv_f = new.imap_state("fred", "fredpw", "INBOX").uidvalidity;
+    let entry = "/private/vendor/popbridge/uidl-map";
+    env.py(&[
+        "setmeta",
+        &new.imap_port().to_string(),
+        "erin",
+        "erinpw",
+        &format!("{entry}/0"),
+        "2:OLD-TWO",
+        entry,
+        &format!("popbridge-uidl-map/1 {uv_e} 1 chunks=1"),
+    ]);
+    env.py(&[
+        "setmeta",
+        &new.imap_port().to_string(),
+        "fred",
+        "fredpw",
+        &format!("{entry}/0"),
+        "1:STALE",
+        entry,
+        &format!("popbridge-uidl-map/1 {} 1 chunks=1", uv_f.wrapping_add(1)),
+    ]);
+    let mport = free_ports(1)[0];
+    let pb = Popbridge::start(&new, &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""));
+    assert_eq!(
+        env.uidls(pb.pop3_port(), "erin", "erinpw"),
+        vec![format!("1 {:08x}{uv_e:08x}", 1), "2 OLD-TWO".to_string()]
+    );
+    assert_eq!(
+        env.uidls(pb.pop3_port(), "fred", "fredpw"),
+        vec![format!("1 {:08x}{uv_f:08x}", 1)],
+        "a map for another UIDVALIDITY is ignored"
+    );
+    // Second login of erin: from the sled cache now.
+    env.uidls(pb.pop3_port(), "erin", "erinpw");
+    let (status, body) = support::prometheus::http_get(mport, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let value = |outcome: &str| -> f64 {
+        let prefix = format!("popbridge_uidl_maps_total{{outcome=\"{outcome}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("metadata"), 1.0);
+    assert_eq!(value("cache"), 1.0);
+    assert_eq!(value("stale"), 1.0);
+    assert_eq!(value("error"), 0.0);
 }
