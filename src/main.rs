@@ -261,6 +261,14 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
             ..
         } => (|| {
             let specs = match (&users.user, &users.users_file) {
+                (Some(u), _)
+                    if u.is_empty()
+                        || u.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+                {
+                    return Err(format!(
+                        "--user {u:?}: a user name has no spaces or control characters"
+                    ));
+                }
                 (Some(u), _) => vec![run::UserSpec {
                     user: u.clone(),
                     password: password_from_env(&users.password_env)?,
