@@ -709,3 +709,40 @@ fn metadata_maps_are_read_and_stale_ones_ignored() {
     assert_eq!(value("stale"), 1.0);
     assert_eq!(value("error"), 0.0);
 }
+
+/// popbridge in front of a Dovecot serves what Dovecot's own POP3 service serves (same UIDL
+/// format, same store): verify must find no difference over the mailbox of edge cases (no
+/// final newline, long lines, dots, bare LFs), or its comparison is wrong.
+#[test]
+fn verify_is_clean_against_dovecots_own_pop3_on_edge_cases() {
+    let env = Env::new();
+    let dc = Dovecot::start();
+    dc.add_user("edge", "edgepw");
+    let named = edge_case_named();
+    let msgs: Vec<&[u8]> = named.iter().map(|(_, m)| m.as_slice()).collect();
+    dc.seed("edge", &msgs);
+    let cfg = env.config("edge.toml", &dc, &dc, &env.path("state"));
+    let out = popbridge(
+        &[
+            "migrate",
+            "verify",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--user",
+            "edge",
+            "--password-env",
+            "EDGE_PW",
+        ],
+        &[("EDGE_PW", "edgepw")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).contains(&format!("verify edge: clean ({} messages", msgs.len())),
+        "{}",
+        text(&out)
+    );
+}

@@ -16,8 +16,9 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Pop3BackendConfig, Security};
 use crate::imap::conn::AsyncStream;
 
-/// Longest response line accepted (RFC 2449 allows 512 octets; some servers send more).
-pub const MAX_LINE: usize = 8 * 1024;
+/// Longest line accepted: status lines are short, but message lines in RETR and TOP can be
+/// long in real mail (RFC 5322's 998 octets is often ignored).
+pub const MAX_LINE: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Pop3Error {
