@@ -220,6 +220,17 @@ impl StateStore {
         Ok(())
     }
 
+    /// [`StateStore::store_uidl_map`] without waiting for the disk (a session caching what it
+    /// read from METADATA: losing it costs one more METADATA read, nothing else).
+    pub fn cache_uidl_map(&self, user: &str, mailbox: &str, map: &UidlMap) {
+        if let Err(e) = self
+            .db
+            .insert(uidl_map_key(user, mailbox), map.encode().into_bytes())
+        {
+            tracing::warn!(error = %e, "could not cache the legacy UIDL map");
+        }
+    }
+
     /// What was last recorded for `user`'s `mailbox`.
     pub fn mailbox(&self, user: &str, mailbox: &str) -> Option<MailboxRecord> {
         let value = self.db.get(mailbox_key(user, mailbox)).ok()??;

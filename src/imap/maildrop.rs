@@ -721,9 +721,7 @@ impl ImapMaildrop {
             Ok(Some(map)) if map.uid_validity() == uv => {
                 m.uidl_maps.with_label_values(&["metadata"]).inc();
                 if let Some(state) = &self.state {
-                    if let Err(e) = state.store_uidl_map(&self.user, &self.mailbox, &map) {
-                        tracing::warn!(error = %e, "could not cache the legacy UIDL map");
-                    }
+                    state.cache_uidl_map(&self.user, &self.mailbox, &map);
                 }
                 Ok(Some(Arc::new(map)))
             }
