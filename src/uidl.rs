@@ -14,8 +14,11 @@ pub const MAX_UIDL_LEN: usize = 70;
 /// Dovecot's default `pop3_uidl_format`.
 pub const DEFAULT_UIDL_FORMAT: &str = "%08Xu%08Xv";
 
-/// Named formats of common POP3 servers (the equivalents Dovecot's `pop3_uidl_format`
-/// documentation lists for migrations), accepted wherever a format string is.
+/// Named formats of common POP3 servers, accepted wherever a format string is. The same four
+/// Cyrus IMAP offers as its own `uidl_format` option (lib/imapoptions, Cyrus 3.x: "uidonly" is
+/// the UID, "cyrus" UIDVALIDITY.UID, "dovecot" 8 lower-case hex digits each of UID and
+/// UIDVALIDITY, "courier" UIDVALIDITY-UID); Dovecot's `pop3_uidl_format` documentation lists
+/// the same equivalents for Cyrus and Courier.
 pub const PRESETS: &[(&str, &str)] = &[
     // Dovecot's default: UID then UIDVALIDITY, 8 lower-case hex digits each.
     ("dovecot", DEFAULT_UIDL_FORMAT),
