@@ -386,9 +386,12 @@ fn a_wave_from_a_users_file_and_a_changed_uidl_refusal() {
     let legacy = Dovecot::start_with_conf(LEGACY_CONF);
     let new = Dovecot::start();
     let users = [("u1", "pw1"), ("u2", "pw2"), ("u3", "pw3")];
-    for (i, (u, p)) in users.iter().enumerate() {
+    // Every user first: Dovecot re-reads its passwd-file at most once a second.
+    for (u, p) in users {
         legacy.add_user(u, p);
         new.add_user(u, p);
+    }
+    for (i, (u, p)) in users.iter().enumerate() {
         let msgs: Vec<Vec<u8>> = (1..=3 + i).map(|n| msg(n * 10 + i)).collect();
         let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
         legacy.seed(u, &refs);
@@ -581,9 +584,12 @@ fn master_users_migrate_a_wave_without_user_passwords() {
     let legacy = Dovecot::start_with_conf(&format!("{LEGACY_CONF}\n{master_conf}"));
     let new = Dovecot::start_with_conf(&master_conf);
     let users = [("m1", "secret1"), ("m2", "secret2")];
-    for (i, (u, p)) in users.iter().enumerate() {
+    // Every user first: Dovecot re-reads its passwd-file at most once a second.
+    for (u, p) in users {
         legacy.add_user(u, p);
         new.add_user(u, p);
+    }
+    for (i, (u, p)) in users.iter().enumerate() {
         let msgs: Vec<Vec<u8>> = (1..=2 + i).map(|n| msg(n * 7 + i)).collect();
         let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
         legacy.seed(u, &refs);
