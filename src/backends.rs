@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{BackendConfig, Config, ImapConfig, DEFAULT_BACKEND};
+use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
 use crate::imap::{ImapMaildrop, ImapUpstream, UpstreamSetupError};
 use crate::maildrop::MaildropError;
 use crate::metrics::metrics;
@@ -53,6 +53,18 @@ pub struct RoutedUpstream {
     default_imap: Arc<ImapUpstream>,
 }
 
+/// What goes before a login in the local state's keys for users of backend `name`: nothing
+/// for `[imap]` (the keys it always had), `name` and a line feed otherwise, which no POP3 login
+/// contains, so the same login on two backends is two maildrops whose caches never mix. The
+/// `migrate` commands store UIDL maps under the same keys.
+pub fn state_prefix(name: &str) -> String {
+    if name == DEFAULT_BACKEND {
+        String::new()
+    } else {
+        format!("{name}\n")
+    }
+}
+
 impl RoutedUpstream {
     pub fn new(
         config: &Config,
@@ -60,18 +72,17 @@ impl RoutedUpstream {
         router: Arc<Live<Router>>,
     ) -> Result<RoutedUpstream, BackendError> {
         let imap = |name: &str, c: &ImapConfig| -> Result<Backend, BackendError> {
-            // `[imap]` keeps the state keys it always had; other backends prefix theirs.
-            let prefix = if name == DEFAULT_BACKEND {
-                String::new()
-            } else {
-                format!("{name}\n")
-            };
-            let upstream = ImapUpstream::new(c, &config.deletion, state.clone(), &prefix).map_err(
-                |source| BackendError::Setup {
-                    backend: name.into(),
-                    source,
-                },
-            )?;
+            let upstream = ImapUpstream::new(
+                c,
+                &config.deletion,
+                state.clone(),
+                &state_prefix(name),
+                config.migration.shared_map == SharedMap::Metadata,
+            )
+            .map_err(|source| BackendError::Setup {
+                backend: name.into(),
+                source,
+            })?;
             let uidl_format = c
                 .uidl_format
                 .as_deref()

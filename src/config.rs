@@ -39,6 +39,35 @@ pub struct Config {
     pub backends: BTreeMap<String, BackendConfig>,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// Where migrated legacy UIDL maps are shared between popbridge instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedMap {
+    /// IMAP METADATA (RFC 5464) on the maildrop folder, when the server offers it.
+    Metadata,
+    /// Only the local sled cache (a single instance, or a server without METADATA).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    pub shared_map: SharedMap,
+    /// Largest METADATA value written per chunk of a map.
+    pub metadata_chunk_bytes: usize,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            shared_map: SharedMap::Metadata,
+            metadata_chunk_bytes: 256 * 1024,
+        }
+    }
 }
 
 /// The name routing rules use for the `[imap]` section.
@@ -569,6 +598,12 @@ impl Config {
                 "must not exceed limits.max_connections".into(),
             ));
         }
+        if !(1024..=16 * 1024 * 1024).contains(&self.migration.metadata_chunk_bytes) {
+            return Err((
+                "migration.metadata_chunk_bytes",
+                "must be between 1024 and 16777216".into(),
+            ));
+        }
         if self.pop3.idle_timeout_secs == 0 {
             return Err(("pop3.idle_timeout_secs", "must be at least 1".into()));
         }
@@ -845,6 +880,19 @@ dir = "/tmp/x"
         assert_eq!(c.imap.mailbox, "INBOX");
         assert_eq!(c.deletion.mode, DeletionMode::Hide);
         assert_eq!(c.deletion.hide_keyword, "$POP3Deleted");
+        assert_eq!(c.migration.shared_map, SharedMap::Metadata);
+        assert_eq!(c.migration.metadata_chunk_bytes, 262144);
+        let e = parse(&format!(
+            "{MINIMAL}[migration]\nmetadata_chunk_bytes = 10\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("migration.metadata_chunk_bytes"),
+            "{e}"
+        );
+        let c = parse(&format!("{MINIMAL}[migration]\nshared_map = \"none\"\n")).unwrap();
+        assert_eq!(c.migration.shared_map, SharedMap::None);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! | [`maildrop`] | the contract between a POP3 session and its store (+ an in-memory store) |
 //! | [`imap`] | upstream IMAP: connection driver, TLS, the IMAP-backed maildrop |
 //! | [`uidl`] | Dovecot-compatible UIDL format strings |
-//! | [`state`] | the sled cache |
+//! | [`state`] | the sled cache (sizes, UIDVALIDITY, migrated UIDL maps) |
+//! | [`migrate`] | legacy UIDL maps, `popbridge migrate` (uidls, import, verify) |
 //! | [`metrics`] | Prometheus metrics (one process-wide registry) |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
 //! | [`routing`] | which backend serves which login (sans-I/O) |
@@ -27,6 +28,7 @@ pub mod imap;
 pub mod limits;
 pub mod maildrop;
 pub mod metrics;
+pub mod migrate;
 pub mod pop3;
 pub mod proxy_protocol;
 pub mod routing;

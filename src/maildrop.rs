@@ -3,6 +3,10 @@
 //! `MemoryMaildrop` here serves unit tests of the session driver.
 
 use std::future::Future;
+use std::sync::Arc;
+
+use crate::migrate::map::UidlMap;
+use crate::uidl::UidlFormat;
 
 use bytes::Bytes;
 
@@ -19,6 +23,20 @@ pub struct MessageEntry {
 pub struct Snapshot {
     pub uid_validity: u32,
     pub messages: Vec<MessageEntry>,
+    /// UIDLs migrated from a legacy POP3 server (`popbridge migrate`), when this maildrop has
+    /// a map for `uid_validity`; mapped messages are served with their legacy UIDL.
+    pub legacy: Option<Arc<UidlMap>>,
+}
+
+impl Snapshot {
+    /// The UIDL message `uid` is shown with: its legacy UIDL when migrated, else `format`'s
+    /// (escaped when it would equal a legacy UIDL; see [`UidlMap::serve`]).
+    pub fn uidl(&self, uid: u32, format: &UidlFormat) -> String {
+        match &self.legacy {
+            Some(map) => map.serve(uid, self.uid_validity, format).into_string(),
+            None => format.format(uid, self.uid_validity),
+        }
+    }
 }
 
 /// Why the upstream could not do what the session asked. Each maps onto one RFC 3206 code.
@@ -120,6 +138,7 @@ struct MemoryUser {
     /// Fetches at or beyond this offset of this UID fail with this error.
     fail_fetch: Option<(u32, u64, MaildropError)>,
     fail_commit: Option<MaildropError>,
+    legacy: Option<Arc<UidlMap>>,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +181,13 @@ impl MemoryUpstream {
     pub fn add_message(&self, user: &str, uid: u32, body: impl Into<Bytes>) {
         if let Some(u) = locked(&self.state).users.get_mut(user) {
             u.messages.insert(uid, body.into());
+        }
+    }
+
+    /// Gives `user` a migrated legacy UIDL map (served from the next snapshot on).
+    pub fn set_legacy_map(&self, user: &str, map: UidlMap) {
+        if let Some(u) = locked(&self.state).users.get_mut(user) {
+            u.legacy = Some(Arc::new(map));
         }
     }
 
@@ -307,6 +333,7 @@ impl Maildrop for MemoryMaildrop {
                         size: b.len() as u64,
                     })
                     .collect(),
+                legacy: u.legacy.clone(),
             })
             .ok_or(MaildropError::Auth);
         async move { r }

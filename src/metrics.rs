@@ -47,6 +47,7 @@ pub struct Metrics {
     pub backend_logins: IntCounterVec,
     pub relay_sessions: IntCounterVec,
     pub relay_bytes: IntCounterVec,
+    pub uidl_maps: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -238,6 +239,12 @@ impl Metrics {
                 "Bytes relayed to and from legacy POP3 backends, by backend and direction.",
                 &["backend", "direction"],
             ),
+            uidl_maps: counter_vec(
+                &r,
+                "popbridge_uidl_maps_total",
+                "Migrated legacy UIDL maps looked up at login, by outcome: cache (sled), metadata (read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable: login refused with SYS/TEMP).",
+                &["outcome"],
+            ),
             registry: r,
         }
     }
@@ -273,6 +280,9 @@ impl Metrics {
             for outcome in ["ok", "err"] {
                 self.commands.with_label_values(&[command, outcome]);
             }
+        }
+        for outcome in ["cache", "metadata", "stale", "error"] {
+            self.uidl_maps.with_label_values(&[outcome]);
         }
         for mode in ["hide", "expunge", "move"] {
             self.deletions.with_label_values(&[mode]);

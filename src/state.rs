@@ -3,11 +3,15 @@
 //! and shows no hidden mail again. Keys are versioned (`v1/...`) so a later layout can live
 //! beside this one, and a database that will not open is moved aside and rebuilt, not fatal.
 //!
-//! Today it remembers, per user and folder, the UIDVALIDITY last served, so a change (which
-//! makes every POP3 client download the whole mailbox again) is logged loudly.
+//! It remembers, per user and folder, the UIDVALIDITY last served, so a change (which makes
+//! every POP3 client download the whole mailbox again) is logged loudly; message sizes; and the
+//! legacy UIDL map of migrated users, a copy of the one kept in IMAP METADATA (so losing this
+//! directory changes no UIDL when the server holds the map).
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::migrate::map::UidlMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -188,6 +192,45 @@ impl StateStore {
         }
     }
 
+    /// The migrated legacy UIDL map of `user`'s `mailbox`, whatever its UIDVALIDITY (the
+    /// caller compares it with the mailbox's). `None` when absent or damaged.
+    pub fn uidl_map(&self, user: &str, mailbox: &str) -> Option<UidlMap> {
+        let blob = self.db.get(uidl_map_key(user, mailbox)).ok()??;
+        let text = std::str::from_utf8(&blob).ok()?;
+        match UidlMap::decode(text) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                tracing::warn!(user, mailbox, error = %e, "cached UIDL map is damaged; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Replace the cached legacy UIDL map of `user`'s `mailbox`, and write it to disk now:
+    /// `popbridge migrate` exits right after.
+    pub fn store_uidl_map(
+        &self,
+        user: &str,
+        mailbox: &str,
+        map: &UidlMap,
+    ) -> Result<(), sled::Error> {
+        self.db
+            .insert(uidl_map_key(user, mailbox), map.encode().into_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// [`StateStore::store_uidl_map`] without waiting for the disk (a session caching what it
+    /// read from METADATA: losing it costs one more METADATA read, nothing else).
+    pub fn cache_uidl_map(&self, user: &str, mailbox: &str, map: &UidlMap) {
+        if let Err(e) = self
+            .db
+            .insert(uidl_map_key(user, mailbox), map.encode().into_bytes())
+        {
+            tracing::warn!(error = %e, "could not cache the legacy UIDL map");
+        }
+    }
+
     /// What was last recorded for `user`'s `mailbox`.
     pub fn mailbox(&self, user: &str, mailbox: &str) -> Option<MailboxRecord> {
         let value = self.db.get(mailbox_key(user, mailbox)).ok()??;
@@ -214,6 +257,13 @@ fn mailbox_key(user: &str, mailbox: &str) -> Vec<u8> {
 /// `v1/sizes/<user>\0<mailbox>`: UIDVALIDITY, then (UID, RFC822.SIZE) pairs.
 fn sizes_key(user: &str, mailbox: &str) -> Vec<u8> {
     let mut key = b"v1/sizes/".to_vec();
+    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
+    key
+}
+
+/// `v1/uidlmap/<user>\0<mailbox>`: the map's one-line text form (it carries its UIDVALIDITY).
+fn uidl_map_key(user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = b"v1/uidlmap/".to_vec();
     key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
     key
 }
@@ -285,6 +335,20 @@ mod tests {
         assert!(s.sizes("u", "INBOX", 7).is_empty(), "truncated blob");
         s.store_sizes("u", "INBOX", 7, &[(5, 1), (1, 1)]);
         assert!(s.sizes("u", "INBOX", 7).is_empty(), "unsorted blob");
+    }
+
+    #[test]
+    fn uidl_maps_round_trip_per_user_and_folder() {
+        let s = StateStore::temporary().unwrap();
+        assert_eq!(s.uidl_map("u", "INBOX"), None);
+        let mut m = UidlMap::new(9);
+        m.insert(4, "legacy.4").unwrap();
+        s.store_uidl_map("U", "INBOX", &m).unwrap();
+        assert_eq!(s.uidl_map("u", "INBOX"), Some(m));
+        assert_eq!(s.uidl_map("u", "Other"), None);
+        s.db.insert(uidl_map_key("u", "INBOX"), &b"garbage"[..])
+            .unwrap();
+        assert_eq!(s.uidl_map("u", "INBOX"), None, "damage reads as absent");
     }
 
     #[test]

@@ -14,6 +14,31 @@ pub const MAX_UIDL_LEN: usize = 70;
 /// Dovecot's default `pop3_uidl_format`.
 pub const DEFAULT_UIDL_FORMAT: &str = "%08Xu%08Xv";
 
+/// Named formats of common POP3 servers, accepted wherever a format string is. The same four
+/// Cyrus IMAP offers as its own `uidl_format` option (lib/imapoptions, Cyrus 3.x: "uidonly" is
+/// the UID, "cyrus" UIDVALIDITY.UID, "dovecot" 8 lower-case hex digits each of UID and
+/// UIDVALIDITY, "courier" UIDVALIDITY-UID); Dovecot's `pop3_uidl_format` documentation lists
+/// the same equivalents for Cyrus and Courier.
+pub const PRESETS: &[(&str, &str)] = &[
+    // Dovecot's default: UID then UIDVALIDITY, 8 lower-case hex digits each.
+    ("dovecot", DEFAULT_UIDL_FORMAT),
+    // Cyrus IMAP 2.1.4 and later: `UIDVALIDITY.UID`, decimal.
+    ("cyrus", "%v.%u"),
+    // Courier IMAP's POP3 (maildirs it assigned IMAP UIDs to): `UIDVALIDITY-UID`, decimal.
+    ("courier", "%v-%u"),
+    // The bare IMAP UID (Cyrus before 2.1.4, and many small servers).
+    ("uid", "%u"),
+];
+
+/// The format string a preset name stands for, or `s` itself when it names none.
+pub fn expand_preset(s: &str) -> &str {
+    PRESETS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s.trim()))
+        .map(|(_, f)| *f)
+        .unwrap_or(s)
+}
+
 /// Why a `pop3_uidl_format` cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UidlFormatError {
@@ -84,8 +109,9 @@ impl Default for UidlFormat {
 }
 
 impl UidlFormat {
-    /// Parses and validates a format string.
+    /// Parses and validates a format string or a preset name (see [`PRESETS`]).
     pub fn parse(s: &str) -> Result<UidlFormat, UidlFormatError> {
+        let s = expand_preset(s);
         if s.is_empty() {
             return Err(UidlFormatError::Empty);
         }
@@ -246,6 +272,20 @@ mod tests {
         assert_eq!(f.format(42, 255), "u00042.vff");
         let f = UidlFormat::parse("%u").unwrap();
         assert_eq!(f.format(4_294_967_295, 0), "4294967295");
+    }
+
+    #[test]
+    fn presets_expand_to_the_servers_formats() {
+        let v = 0x6b08_0e83;
+        let f = |p: &str| UidlFormat::parse(p).unwrap().format(7, v);
+        assert_eq!(f("dovecot"), "000000076b080e83");
+        assert_eq!(f("Dovecot"), f(DEFAULT_UIDL_FORMAT));
+        assert_eq!(f("cyrus"), "1795690115.7");
+        assert_eq!(f("courier"), "1795690115-7");
+        assert_eq!(f("uid"), "7");
+        assert_eq!(expand_preset("%u-x"), "%u-x");
+        // Not a preset and not a valid format: the error names the variable.
+        assert!(UidlFormat::parse("cyrux").is_err());
     }
 
     #[test]

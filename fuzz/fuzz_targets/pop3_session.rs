@@ -412,6 +412,7 @@ impl Run<'_> {
         Snapshot {
             uid_validity: u32::from_le_bytes([h[2], h[3], h[4], h[5]]),
             messages,
+            legacy: None,
         }
     }
 }

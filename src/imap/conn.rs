@@ -347,19 +347,9 @@ impl ImapConnection {
                     ),
                     None => continue,
                 },
-                Event::CommandRejected { handle, status, .. } => {
-                    let Some(i) = pending.iter().position(|p| p.2 == handle) else {
-                        continue;
-                    };
-                    let (kind, code, text) = match status {
-                        Status::Tagged(t) => (t.body.kind, t.body.code, t.body.text.to_string()),
-                        Status::Untagged(b) => (b.kind, b.code, b.text.to_string()),
-                        Status::Bye(b) => return Err(self.fail(ImapError::Bye(b.text.to_string()))),
-                    };
-                    (i, Completion { kind, code, text })
-                }
-                // AUTHENTICATE (master-user login) with an initial response: its completion.
-                Event::AuthenticateStatusReceived { handle, status, .. } => {
+                // AUTHENTICATE (with SASL-IR: no continuation) completes through its own event.
+                Event::CommandRejected { handle, status, .. }
+                | Event::AuthenticateStatusReceived { handle, status, .. } => {
                     let Some(i) = pending.iter().position(|p| p.2 == handle) else {
                         continue;
                     };

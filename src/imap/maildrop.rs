@@ -25,6 +25,7 @@ use super::conn::{
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
 use crate::maildrop::{BodyPart, Maildrop, MaildropError, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
+use crate::migrate::map::UidlMap;
 use crate::pop3::connection::Upstream;
 use crate::pop3::Password;
 use crate::state::StateStore;
@@ -48,6 +49,8 @@ pub struct ImapUpstream {
     state_prefix: String,
     /// Master user and password, when the operator logs in for the users.
     master: Option<(String, Password)>,
+    /// Read migrated UIDL maps from IMAP METADATA (`migration.shared_map`).
+    shared_map: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,7 @@ impl ImapUpstream {
         deletion: &DeletionConfig,
         state: Option<Arc<StateStore>>,
         state_prefix: &str,
+        shared_map: bool,
     ) -> Result<ImapUpstream, UpstreamSetupError> {
         let tls = match imap.security {
             Security::None => None,
@@ -105,6 +109,7 @@ impl ImapUpstream {
             state,
             state_prefix: state_prefix.to_owned(),
             master,
+            shared_map,
         })
     }
 
@@ -209,6 +214,7 @@ impl ImapUpstream {
             )));
         }
         let has_move = caps.contains("MOVE");
+        let has_metadata = caps.contains("METADATA");
         let has_uidplus = caps.contains("UIDPLUS");
         match self.deletion {
             DeletionMode::Expunge if !has_uidplus => {
@@ -305,6 +311,7 @@ impl ImapUpstream {
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
             has_move,
+            shared_map: self.shared_map && has_metadata,
             pending_seen: Vec::new(),
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
@@ -467,6 +474,8 @@ pub struct ImapMaildrop {
     move_to: String,
     hide_keyword: String,
     has_move: bool,
+    /// Look for a migrated UIDL map in METADATA (configured, and the server offers it).
+    shared_map: bool,
     /// Retrieved messages still to be flagged `\Seen`.
     pending_seen: Vec<u32>,
     /// What the session expects to be asked for next: (UID, size).
@@ -619,9 +628,11 @@ impl Maildrop for ImapMaildrop {
                 metrics().uidl_changed_sessions.inc();
             }
         }
+        let legacy = self.legacy_map().await?;
         Ok(Snapshot {
             uid_validity: self.uid_validity,
             messages,
+            legacy,
         })
     }
 
@@ -856,6 +867,66 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
+    /// The migrated UIDL map for this folder's UIDVALIDITY: from sled, else from METADATA
+    /// (then cached in sled). A map for another UIDVALIDITY describes other messages and is
+    /// ignored. A METADATA read that fails refuses the login (SYS/TEMP): serving generated
+    /// UIDLs to a migrated user would make the client download everything again.
+    async fn legacy_map(&mut self) -> Result<Option<Arc<UidlMap>>, MaildropError> {
+        let m = metrics();
+        let uv = self.uid_validity;
+        if let Some(state) = &self.state {
+            if let Some(map) = state.uidl_map(&self.user, &self.mailbox) {
+                if map.uid_validity() == uv {
+                    m.uidl_maps.with_label_values(&["cache"]).inc();
+                    return Ok(Some(Arc::new(map)));
+                }
+                m.uidl_maps.with_label_values(&["stale"]).inc();
+                tracing::warn!(
+                    map_uidvalidity = map.uid_validity(),
+                    uidvalidity = uv,
+                    "cached legacy UIDL map is for another UIDVALIDITY; ignoring it"
+                );
+            }
+        }
+        if !self.shared_map {
+            return Ok(None);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(MaildropError::Unavailable(
+                "upstream connection lost".into(),
+            ));
+        };
+        match super::metadata::read_map(conn, &self.mailbox).await {
+            Ok(None) => Ok(None),
+            Ok(Some(map)) if map.uid_validity() == uv => {
+                m.uidl_maps.with_label_values(&["metadata"]).inc();
+                if let Some(state) = &self.state {
+                    state.cache_uidl_map(&self.user, &self.mailbox, &map);
+                }
+                Ok(Some(Arc::new(map)))
+            }
+            Ok(Some(map)) => {
+                m.uidl_maps.with_label_values(&["stale"]).inc();
+                tracing::warn!(
+                    map_uidvalidity = map.uid_validity(),
+                    uidvalidity = uv,
+                    "legacy UIDL map in METADATA is for another UIDVALIDITY; ignoring it"
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                m.uidl_maps.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "cannot read the legacy UIDL map from METADATA");
+                if matches!(e, super::metadata::MetadataError::Imap(_)) {
+                    self.conn = None;
+                }
+                Err(MaildropError::Unavailable(format!(
+                    "legacy UIDL map unreadable: {e}"
+                )))
+            }
+        }
+    }
+
     async fn commit_sets(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
         for set in uid_set(uids)? {
             match self.deletion {

@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod fetch_stream;
 pub mod maildrop;
+pub mod metadata;
 pub mod tls;
 
 pub use maildrop::{ImapMaildrop, ImapUpstream, UpstreamSetupError};

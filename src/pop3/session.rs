@@ -465,18 +465,13 @@ impl Session {
             }
             Command::Uidl(None) => Action::Reply(multiline(
                 "",
-                live().map(|(i, m)| {
-                    format!(
-                        "{i} {}",
-                        cfg.uidl_format.format(m.uid, snapshot.uid_validity)
-                    )
-                }),
+                live().map(|(i, m)| format!("{i} {}", snapshot.uidl(m.uid, &cfg.uidl_format))),
             )),
             Command::Uidl(Some(n)) => {
                 let m = &snapshot.messages[lookup(snapshot, deleted, n)?];
                 Action::Reply(ok(&format!(
                     "{n} {}",
-                    cfg.uidl_format.format(m.uid, snapshot.uid_validity)
+                    snapshot.uidl(m.uid, &cfg.uidl_format)
                 )))
             }
             Command::Retr(n) => {
@@ -597,6 +592,7 @@ mod tests {
                 MessageEntry { uid: 5, size: 20 },
                 MessageEntry { uid: 9, size: 3 },
             ],
+            legacy: None,
         }
     }
 
@@ -617,6 +613,31 @@ mod tests {
         assert!(matches!(line(&mut s, "PASS pw"), Action::Login { .. }));
         assert_eq!(reply(s.on_login(Ok(snapshot()))), "+OK Logged in.\r\n");
         s
+    }
+
+    #[test]
+    fn migrated_messages_keep_their_legacy_uidls() {
+        let mut map = crate::migrate::map::UidlMap::new(0x6b08_0e83);
+        map.insert(1, "legacy-one").unwrap();
+        // The legacy server's UIDL for UID 9 equals what the format gives UID 5.
+        map.insert(9, "000000056b080e83").unwrap();
+        let mut s = session();
+        line(&mut s, "USER bob");
+        line(&mut s, "PASS pw");
+        let snap = Snapshot {
+            legacy: Some(std::sync::Arc::new(map)),
+            ..snapshot()
+        };
+        s.on_login(Ok(snap));
+        assert_eq!(
+            reply(line(&mut s, "UIDL")),
+            "+OK\r\n1 legacy-one\r\n2 pb-000000056b080e83\r\n3 000000056b080e83\r\n.\r\n"
+        );
+        assert_eq!(reply(line(&mut s, "UIDL 1")), "+OK 1 legacy-one\r\n");
+        assert_eq!(
+            reply(line(&mut s, "UIDL 2")),
+            "+OK 2 pb-000000056b080e83\r\n"
+        );
     }
 
     #[test]
