@@ -179,11 +179,9 @@ impl RoutedUpstream {
                     }
                 }
                 let maildrop = upstream.login(login, password).await?;
-                let lock_key = if name == DEFAULT_BACKEND {
-                    login.to_lowercase()
-                } else {
-                    format!("{name}\n{login}").to_lowercase()
-                };
+                // One lock per mailbox, however many backend names or routes reach it: two
+                // names for one server must not let two sessions commit at once (RFC 1939).
+                let lock_key = format!("{}\n{}", upstream.endpoint(), login.to_lowercase());
                 Ok(Opened::Maildrop {
                     maildrop,
                     lock_key,
@@ -197,9 +195,15 @@ impl RoutedUpstream {
 impl Upstream for RoutedUpstream {
     type Maildrop = ImapMaildrop;
 
-    /// The `[imap]` backend, unrouted.
+    /// The `[imap]` backend, unrouted, with the same password check a routed login gets.
     async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
-        self.default_imap.login(user, password).await
+        let Some((name, backend)) = self.backends.get(DEFAULT_BACKEND) else {
+            return Err(MaildropError::Unavailable("no [imap] backend".into()));
+        };
+        match self.open(name, backend, user, password).await? {
+            Opened::Maildrop { maildrop, .. } => Ok(maildrop),
+            Opened::Relay(_) => Err(MaildropError::Unavailable("[imap] is not a relay".into())),
+        }
     }
 
     async fn route(&self, user: &str, password: &str) -> Routed<ImapMaildrop> {

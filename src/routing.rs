@@ -172,9 +172,12 @@ impl Router {
     /// backend; `None` when unknown users are refused.
     pub fn route(&self, login: &str) -> Option<Route> {
         let lower = login.to_lowercase();
+        // A domain rule only takes `local@domain` with one `@`: `alice@other.org@example.org`
+        // must not reach the example.org backend as `alice@other.org` through `%n`.
         let hit = self.exact.get(lower.as_str()).or_else(|| {
             lower
-                .rsplit_once('@')
+                .split_once('@')
+                .filter(|(_, domain)| !domain.contains('@'))
                 .and_then(|(_, domain)| self.domains.get(domain))
         });
         let (backend, template, matched) = match hit {
@@ -344,10 +347,11 @@ rules = [
         assert_eq!(route(&r, "zed"), Some(("new".into(), "zed".into())));
         assert!(!r.route("zed").unwrap().matched);
         assert!(r.route("boss@example.org").unwrap().matched);
-        // Only the last @ separates the domain.
+        // A login with two @ is no login of example.org: it goes to the default backend,
+        // unrewritten, so `%n` cannot turn it into another domain's account.
         assert_eq!(
             route(&r, "a@b@example.org"),
-            Some(("legacy".into(), "a@b".into()))
+            Some(("new".into(), "a@b@example.org".into()))
         );
     }
 

@@ -257,9 +257,12 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     let router = Router::from_config(&config)?;
     let (exact, domains) = router.len();
     tracing::info!(exact, domains, "routing table loaded");
-    let routes = Arc::new(Live::new(Arc::new(router)));
+    // The current generation's routing table. Each generation keeps its own (the file watcher
+    // updates the current one), so a session never routes by rules newer than its backends.
+    let routes: Arc<Live<Live<Router>>> =
+        Arc::new(Live::new(Arc::new(Live::new(Arc::new(router)))));
     let routes_basis = Arc::new(Live::new(Arc::new(config.clone())));
-    let generation = Generation::build(&config, &shared, &routes)?;
+    let generation = Generation::build(&config, &shared, &routes.get())?;
     let bridge = Arc::new(Live::new(generation.bridge));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -348,10 +351,11 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
                 return;
             }
         };
-        match Generation::build(&new, &shared, &routes) {
+        let (exact, domains) = router.len();
+        let fresh = Arc::new(Live::new(Arc::new(router)));
+        match Generation::build(&new, &shared, &fresh) {
             Ok(g) => {
-                let (exact, domains) = router.len();
-                routes.set(Arc::new(router));
+                routes.set(fresh);
                 routes_basis.set(Arc::new(new.clone()));
                 tracing::info!(exact, domains, "SIGHUP: routing table reloaded");
                 bridge.set(g.bridge);
@@ -387,7 +391,7 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
 /// When the routing file changes (its modification time, size or inode), rebuild the routing
 /// table from it and the configuration in force; a bad file keeps the old table.
 async fn watch_routes(
-    routes: Arc<Live<Router>>,
+    routes: Arc<Live<Live<Router>>>,
     basis: Arc<Live<Config>>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
@@ -429,7 +433,7 @@ async fn watch_routes(
         match tokio::task::spawn_blocking(move || Router::from_config(&c)).await {
             Ok(Ok(router)) => {
                 let (exact, domains) = router.len();
-                routes.set(Arc::new(router));
+                routes.get().set(Arc::new(router));
                 tracing::info!(path = %path.display(), exact, domains, "routing file changed: routes reloaded");
             }
             Ok(Err(e)) => {

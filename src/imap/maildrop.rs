@@ -450,9 +450,19 @@ impl ImapMaildrop {
     }
 }
 
+impl ImapUpstream {
+    /// `host:port`, which with the login names one maildrop whatever backend reaches it.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.host.to_lowercase(), self.port)
+    }
+}
+
 impl Upstream for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
+    /// With a master user this logs in for `user` whatever `password` is: callers serving
+    /// clients must check the password first (`RoutedUpstream` does, via
+    /// `verify_password_with`, which the configuration requires with a master user).
     async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
         self.open(user, password).await
     }

@@ -297,6 +297,14 @@ impl Session {
     }
 
     fn login(&mut self, user: String, password: Password) -> Action {
+        // Control characters in a name would forge log lines, and no real login has them;
+        // refusing them here also lets state and lock keys use `\n` as a separator.
+        if user.chars().any(char::is_control) {
+            return self.fail(err(
+                Some(RespCode::Auth),
+                "Invalid characters in the login name.",
+            ));
+        }
         if let State::Authorization { login_pending, .. } = &mut self.state {
             *login_pending = true;
         }
@@ -697,6 +705,28 @@ mod tests {
 
     fn b64(s: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn control_characters_in_login_names_are_refused_before_any_upstream() {
+        for name in ["evil\u{1b}[2J", "tab\tname", "del\u{7f}"] {
+            let mut s = session();
+            assert!(reply(line(&mut s, &format!("USER {name}"))).starts_with("+OK"));
+            let r = reply(line(&mut s, "PASS pw"));
+            assert!(
+                r.starts_with("-ERR [AUTH] Invalid characters"),
+                "{name:?}: {r}"
+            );
+        }
+        for name in ["legacy\nbob", "cr\rlf", "esc\u{1b}"] {
+            let mut s = session();
+            let ir = b64(format!("\0{name}\0pw").as_bytes());
+            let r = reply(line(&mut s, &format!("AUTH PLAIN {ir}")));
+            assert!(
+                r.starts_with("-ERR [AUTH] Invalid characters"),
+                "{name:?}: {r}"
+            );
+        }
     }
 
     #[test]
