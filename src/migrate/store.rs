@@ -93,7 +93,7 @@ impl Store {
                 .map_err(|_| StoreError::Login("user name or password not sendable".into()))?,
             Credential::Master { user: m, password } => CommandBody::authenticate_with_ir(
                 AuthMechanism::Plain,
-                format!("{user}\0{m}\0{password}").into_bytes(),
+                sasl_plain(user, m, password)?,
             ),
         };
         let done = conn.execute(login, |_| {}).await?;
@@ -266,6 +266,17 @@ impl Store {
     }
 }
 
+/// The SASL PLAIN message `authzid NUL authcid NUL password` (RFC 4616), refused when a part
+/// holds a NUL (it would shift the parts: another user, or a password the server cuts short).
+fn sasl_plain(user: &str, master: &str, password: &str) -> Result<Vec<u8>, StoreError> {
+    if [user, master, password].iter().any(|s| s.contains('\0')) {
+        return Err(StoreError::Login(
+            "the user name, master user or master password contains NUL and cannot be sent in AUTHENTICATE PLAIN".into(),
+        ));
+    }
+    Ok(format!("{user}\0{master}\0{password}").into_bytes())
+}
+
 fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
     let text = uids
         .iter()
@@ -273,4 +284,25 @@ fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
         .collect::<Vec<_>>()
         .join(",");
     SequenceSet::try_from(text.as_str()).map_err(|e| StoreError::Setup(format!("UID set: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_plain_refuses_nul_in_any_part() {
+        assert_eq!(
+            sasl_plain("alice", "admin", "pw").unwrap(),
+            b"alice\0admin\0pw"
+        );
+        for (u, m, p) in [
+            ("al\0ice", "admin", "pw"),
+            ("alice", "ad\0min", "pw"),
+            ("alice", "admin", "p\0w"),
+        ] {
+            let e = sasl_plain(u, m, p).unwrap_err();
+            assert!(e.to_string().contains("contains NUL"), "{e}");
+        }
+    }
 }
