@@ -140,7 +140,8 @@ fn credential(
 }
 
 /// The state store, if it can be opened (a running `popbridge serve` holds it: then the map
-/// goes to METADATA only and that instance reads it at the user's next login).
+/// goes to METADATA only; every instance reads the head in METADATA at each login and
+/// fetches the new map when it differs from its cached copy).
 fn open_state(config: &Config) -> Option<StateStore> {
     match StateStore::open(&config.state.dir) {
         Ok(s) => Some(s),
@@ -296,28 +297,69 @@ pub async fn uidls(config: &Config, opts: &UidlsOptions) -> Result<bool, Migrate
     Ok(all_ok)
 }
 
-/// The map this user already has: sled first, then METADATA; only for `uid_validity`.
+/// The copies of the map this user already has (only for the folder's UIDVALIDITY), and
+/// their merge: METADATA's mappings first (with `shared`, it is what every instance serves),
+/// then the local sled copy's where they do not contradict it. A contradiction keeps
+/// METADATA's mapping and is reported.
+struct Existing {
+    sled: Option<UidlMap>,
+    metadata: Option<UidlMap>,
+    merged: UidlMap,
+    conflicts: Vec<String>,
+}
+
+impl Existing {
+    /// Whether `map` must be written: a copy that should hold it does not.
+    fn must_store(&self, map: &UidlMap, shared: bool, state: bool) -> bool {
+        (shared && self.metadata.as_ref() != Some(map))
+            || (state && self.sled.as_ref() != Some(map))
+    }
+}
+
 async fn existing_map(
     state: Option<&StateStore>,
     store: &mut Store,
     shared: bool,
-) -> Result<Option<UidlMap>, MigrateError> {
-    if let Some(m) = state.and_then(|s| s.uidl_map(&store.state_key, &store.mailbox)) {
-        if m.uid_validity() == store.uid_validity {
-            return Ok(Some(m));
-        }
-    }
-    if shared {
-        if let Some(m) = store.read_map().await? {
-            if m.uid_validity() == store.uid_validity {
-                return Ok(Some(m));
+) -> Result<Existing, MigrateError> {
+    let uv = store.uid_validity;
+    let sled = state
+        .and_then(|s| s.uidl_map(&store.state_key, &store.mailbox))
+        .map(|(_, m)| m)
+        .filter(|m| m.uid_validity() == uv);
+    let metadata = if shared {
+        store
+            .read_map()
+            .await?
+            .map(|(_, m)| m)
+            .filter(|m| m.uid_validity() == uv)
+    } else {
+        None
+    };
+    let mut merged = metadata
+        .clone()
+        .or_else(|| sled.clone())
+        .unwrap_or_else(|| UidlMap::new(uv));
+    let mut conflicts = Vec::new();
+    if let (Some(_), Some(local)) = (&metadata, &sled) {
+        for (uid, uidl) in local.iter() {
+            if let Err(e) = merged.insert(uid, uidl) {
+                conflicts.push(format!(
+                    "local copy: UID {uid} / legacy UIDL {uidl}: {e} (METADATA's mapping kept)"
+                ));
             }
         }
     }
-    Ok(None)
+    Ok(Existing {
+        sled,
+        metadata,
+        merged,
+        conflicts,
+    })
 }
 
-/// Where the map goes; errors when it can go nowhere.
+/// Where the map goes; errors when it can go nowhere. METADATA first (a new generation),
+/// then the local cache with the same head, so an instance on this state directory does not
+/// fetch it again.
 async fn store_map(
     config: &Config,
     state: Option<&StateStore>,
@@ -327,14 +369,15 @@ async fn store_map(
 ) -> Result<Vec<&'static str>, MigrateError> {
     let mut stored = Vec::new();
     let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
+    let (mut head, text) = map.to_local()?;
     if shared {
-        store
+        head = store
             .write_map(map, config.migration.metadata_chunk_bytes)
             .await?;
         stored.push("metadata");
     }
     if let Some(s) = state {
-        s.store_uidl_map(&store.state_key, &store.mailbox, map)
+        s.store_uidl_map(&store.state_key, &store.mailbox, &head, &text)
             .map_err(|e| MigrateError::State(e.to_string()))?;
         stored.push("sled");
     }
@@ -412,9 +455,7 @@ async fn migrate_user(
 
     let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
     let existing = existing_map(state, &mut store, shared).await?;
-    let mut map = existing
-        .clone()
-        .unwrap_or_else(|| UidlMap::new(store.uid_validity));
+    let mut map = existing.merged.clone();
     let mut report = UserReport {
         legacy: legacy.len(),
         new: new.len(),
@@ -425,6 +466,7 @@ async fn migrate_user(
             .collect(),
         unmatched_new: matching.unmatched_new.len(),
         duplicates: (matching.duplicate_legacy, matching.duplicate_new),
+        conflicts: existing.conflicts.clone(),
         ..UserReport::default()
     };
     for &(li, uid, by) in &matching.matched {
@@ -443,7 +485,7 @@ async fn migrate_user(
         store.logout().await;
         return Ok(report);
     }
-    if existing.as_ref() != Some(&map) {
+    if existing.must_store(&map, shared, state.is_some()) {
         report.stored = store_map(config, state, &mut store, &spec.user, &map).await?;
     } else {
         report.stored = vec!["unchanged"];
@@ -567,8 +609,8 @@ pub async fn import(
                 store.messages().await?.iter().map(|m| m.uid).collect();
             let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
             let existing = existing_map(state.as_ref(), &mut store, shared).await?;
-            let mut map = existing.clone().unwrap_or_else(|| UidlMap::new(store.uid_validity));
-            let mut conflicts = Vec::new();
+            let mut map = existing.merged.clone();
+            let mut conflicts = existing.conflicts.clone();
             for l in lines {
                 if !present.contains(&l.uid) {
                     eprintln!(
@@ -587,7 +629,7 @@ pub async fn import(
                 store.logout().await;
                 return Ok((lines.len(), conflicts, Vec::new()));
             }
-            let stored = if existing.as_ref() != Some(&map) {
+            let stored = if existing.must_store(&map, shared, state.is_some()) {
                 store_map(config, state.as_ref(), &mut store, user, &map).await?
             } else {
                 vec!["unchanged"]

@@ -22,7 +22,7 @@ use super::Credential;
 use crate::config::{ImapConfig, Security};
 use crate::imap::conn::{ConnLimits, ImapConnection, ImapError, Transport, Untagged};
 use crate::imap::metadata::{self, MetadataError};
-use crate::migrate::map::UidlMap;
+use crate::migrate::map::{MapHead, UidlMap};
 
 /// UIDs per FETCH command.
 const BATCH: usize = 256;
@@ -45,6 +45,8 @@ pub struct Store {
     conn: ImapConnection,
     pub mailbox: String,
     pub uid_validity: u32,
+    /// UIDNEXT at EXAMINE, when reported: bounds the entries of a map read from METADATA.
+    pub uid_next: Option<u32>,
     pub has_metadata: bool,
     /// The user's key in the local state (see [`crate::backends::state_prefix`]).
     pub state_key: String,
@@ -116,16 +118,18 @@ impl Store {
             .map_err(|e| StoreError::Setup(format!("mailbox {:?}: {e}", imap.mailbox)))?;
         let examine =
             CommandBody::examine(mailbox).map_err(|e| StoreError::Setup(e.to_string()))?;
-        let mut uid_validity = None;
+        let (mut uid_validity, mut uid_next) = (None, None);
         let done = conn
-            .execute(examine, |u| {
-                if let Untagged::Status {
+            .execute(examine, |u| match u {
+                Untagged::Status {
                     code: Some(Code::UidValidity(v)),
                     ..
-                } = u
-                {
-                    uid_validity = Some(v.get());
-                }
+                } => uid_validity = Some(v.get()),
+                Untagged::Status {
+                    code: Some(Code::UidNext(v)),
+                    ..
+                } => uid_next = Some(v.get()),
+                _ => {}
             })
             .await?;
         if !done.is_ok() {
@@ -137,6 +141,7 @@ impl Store {
             conn,
             mailbox: imap.mailbox.clone(),
             uid_validity,
+            uid_next,
             has_metadata: caps.contains("METADATA"),
             state_key: user.to_owned(),
         })
@@ -253,11 +258,17 @@ impl Store {
         Ok(out)
     }
 
-    pub async fn read_map(&mut self) -> Result<Option<UidlMap>, StoreError> {
-        Ok(metadata::read_map(&mut self.conn, &self.mailbox).await?)
+    /// The map in METADATA with its head, bounded as [`metadata::read_text`] describes.
+    pub async fn read_map(&mut self) -> Result<Option<(MapHead, UidlMap)>, StoreError> {
+        Ok(metadata::read_map(&mut self.conn, &self.mailbox, self.uid_next).await?)
     }
 
-    pub async fn write_map(&mut self, map: &UidlMap, chunk_bytes: usize) -> Result<(), StoreError> {
+    /// Writes `map` to METADATA as a new generation; the head written.
+    pub async fn write_map(
+        &mut self,
+        map: &UidlMap,
+        chunk_bytes: usize,
+    ) -> Result<MapHead, StoreError> {
         Ok(metadata::write_map(&mut self.conn, &self.mailbox, map, chunk_bytes).await?)
     }
 
