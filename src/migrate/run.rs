@@ -335,12 +335,24 @@ async fn existing_map(
     } else {
         None
     };
+    let (merged, conflicts) = merge(uv, metadata.as_ref(), sled.as_ref());
+    Ok(Existing {
+        sled,
+        metadata,
+        merged,
+        conflicts,
+    })
+}
+
+/// METADATA's mappings, then the local copy's where they do not contradict them; each
+/// contradiction is reported.
+fn merge(uv: u32, metadata: Option<&UidlMap>, sled: Option<&UidlMap>) -> (UidlMap, Vec<String>) {
     let mut merged = metadata
-        .clone()
-        .or_else(|| sled.clone())
+        .or(sled)
+        .cloned()
         .unwrap_or_else(|| UidlMap::new(uv));
     let mut conflicts = Vec::new();
-    if let (Some(_), Some(local)) = (&metadata, &sled) {
+    if let (Some(_), Some(local)) = (metadata, sled) {
         for (uid, uidl) in local.iter() {
             if let Err(e) = merged.insert(uid, uidl) {
                 conflicts.push(format!(
@@ -349,12 +361,7 @@ async fn existing_map(
             }
         }
     }
-    Ok(Existing {
-        sled,
-        metadata,
-        merged,
-        conflicts,
-    })
+    (merged, conflicts)
 }
 
 /// Where the map goes; errors when it can go nowhere. METADATA first (a new generation),
@@ -430,23 +437,25 @@ async fn migrate_user(
             lh.push(Some(hash));
         }
         let rest: Vec<u32> = new[sized.min(new.len())..].iter().map(|m| m.uid).collect();
-        let headers = store.sections(&rest, false).await?;
+        // Hashed as each header (or whole message) arrives: only hashes are kept.
         let mut incomplete = Vec::new();
         let mut hashes: HashMap<u32, _> = HashMap::new();
-        for &uid in &rest {
-            if let Some(h) = headers.get(&uid) {
-                let hash = header_hash(h);
+        store
+            .each_section(&rest, false, |uid, header| {
+                let hash = header_hash(header);
                 if hash.complete {
                     hashes.insert(uid, hash);
                 } else {
                     incomplete.push(uid);
                 }
-            }
-        }
+            })
+            .await?;
         if !incomplete.is_empty() {
-            for (uid, body) in store.sections(&incomplete, true).await? {
-                hashes.insert(uid, header_hash(&body));
-            }
+            store
+                .each_section(&incomplete, true, |uid, body| {
+                    hashes.insert(uid, header_hash(body));
+                })
+                .await?;
         }
         nh = rest.iter().map(|u| hashes.get(u).copied()).collect();
     }
@@ -677,13 +686,34 @@ pub async fn import(
     Ok(all_ok)
 }
 
-/// What a POP3 client would see of one message: its UIDL, LIST size and bytes (CRLF line
-/// ends, ending in CRLF, unstuffed).
+/// What a POP3 client would see of one message: its UIDL, LIST size, and the length and
+/// SHA-256 of its bytes (CRLF line ends, ending in CRLF, unstuffed), computed as each message
+/// is read so that only one message is in memory at a time; plus the SHA-256 of those bytes
+/// without the headers servers add or rewrite (to tell such a difference from a real one).
 #[derive(Debug, Clone)]
 struct Seen {
     uidl: String,
     size: u64,
-    bytes: Vec<u8>,
+    len: usize,
+    sha256: [u8; 32],
+    sha256_unskipped: [u8; 32],
+}
+
+impl Seen {
+    fn new(uidl: String, size: u64, bytes: &[u8]) -> Seen {
+        let digest = |b: &[u8]| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, b).as_ref());
+            out
+        };
+        Seen {
+            uidl,
+            size,
+            len: bytes.len(),
+            sha256: digest(bytes),
+            sha256_unskipped: digest(&without_skipped_headers(bytes)),
+        }
+    }
 }
 
 /// CRLF line ends and a final CRLF: what a POP3 client receives after unstuffing.
@@ -729,20 +759,17 @@ fn compare(legacy: &[Seen], bridge: &[Seen]) -> (Vec<String>, Vec<String>) {
                 l.uidl
             )),
             Some((j, b)) => {
-                let header_only = l.bytes != b.bytes
-                    && without_skipped_headers(&l.bytes) == without_skipped_headers(&b.bytes);
+                let header_only =
+                    l.sha256 != b.sha256 && l.sha256_unskipped == b.sha256_unskipped;
                 if header_only {
                     notes.push(format!(
                         "UIDL {}: differs only in headers servers add or rewrite (Return-Path, Status, X-UID, ...)",
                         l.uidl
                     ));
-                } else if l.bytes != b.bytes {
-                    let at = l.bytes.iter().zip(&b.bytes).position(|(x, y)| x != y).unwrap_or(l.bytes.len().min(b.bytes.len()));
+                } else if l.sha256 != b.sha256 {
                     diffs.push(format!(
-                        "UIDL {}: message bytes differ (legacy {} octets, popbridge {}; first difference at octet {at})",
-                        l.uidl,
-                        l.bytes.len(),
-                        b.bytes.len()
+                        "UIDL {}: message bytes differ (legacy {} octets, popbridge {}; SHA-256 differs)",
+                        l.uidl, l.len, b.len
                     ));
                 } else if l.size != b.size {
                     notes.push(format!(
@@ -792,11 +819,7 @@ pub async fn verify(
     let mut legacy = Vec::with_capacity(listed.len());
     for m in &listed {
         let bytes = pop.retr(m.number, MAX_MESSAGE).await?;
-        legacy.push(Seen {
-            uidl: m.uidl.clone(),
-            size: m.size,
-            bytes,
-        });
+        legacy.push(Seen::new(m.uidl.clone(), m.size, &bytes));
     }
     pop.quit().await;
 
@@ -863,11 +886,11 @@ pub async fn verify(
                 raw.len()
             );
         }
-        bridge.push(Seen {
-            uidl: snapshot.uidl(m.uid, &format),
-            size: m.size,
-            bytes: pop3_form(&raw),
-        });
+        bridge.push(Seen::new(
+            snapshot.uidl(m.uid, &format),
+            m.size,
+            &pop3_form(&raw),
+        ));
     }
     md.close().await;
     let (diffs, notes) = compare(&legacy, &bridge);
@@ -899,11 +922,7 @@ mod tests {
     use super::*;
 
     fn seen(uidl: &str, size: u64, bytes: &[u8]) -> Seen {
-        Seen {
-            uidl: uidl.into(),
-            size,
-            bytes: bytes.to_vec(),
-        }
+        Seen::new(uidl.into(), size, bytes)
     }
 
     #[test]
@@ -917,8 +936,7 @@ mod tests {
         assert_eq!(compare(&l, &same), (vec![], vec![]));
         // An added Return-Path is what servers do: a note, not a difference.
         let mut rp = l.clone();
-        rp[1].bytes = b"Return-Path: <a@b>\r\ny\r\n".to_vec();
-        rp[1].size = 24;
+        rp[1] = seen("b", 24, b"Return-Path: <a@b>\r\ny\r\n");
         let (d, n) = compare(&l, &rp);
         assert!(d.is_empty() && n.len() == 1, "{d:?} {n:?}");
         // Size counting differs but bytes are equal: a note only.
@@ -941,6 +959,43 @@ mod tests {
         assert!(d
             .iter()
             .any(|x| x.contains("(UIDL new) is not on the legacy")));
+    }
+
+    /// Both copies count: nothing either holds is lost, METADATA wins a contradiction, and
+    /// the contradiction is reported; a copy that lacks the result must be written.
+    #[test]
+    fn existing_copies_are_merged_without_overwriting() {
+        let map = |pairs: &[(u32, &str)]| {
+            let mut m = UidlMap::new(7);
+            for (u, l) in pairs {
+                m.insert(*u, l).unwrap();
+            }
+            m
+        };
+        let meta = map(&[(1, "A"), (2, "B")]);
+        let sled = map(&[(2, "B"), (3, "C"), (4, "A"), (1, "X")]);
+        let (merged, conflicts) = merge(7, Some(&meta), Some(&sled));
+        assert_eq!(merged, map(&[(1, "A"), (2, "B"), (3, "C")]));
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+        assert!(
+            conflicts[0].contains("UID 1 / legacy UIDL X")
+                && conflicts[0].contains("METADATA's mapping kept")
+        );
+        assert!(conflicts[1].contains("UID 4 / legacy UIDL A"));
+        assert_eq!(merge(7, None, Some(&sled)), (sled.clone(), vec![]));
+        assert_eq!(merge(7, Some(&meta), None), (meta.clone(), vec![]));
+        assert_eq!(merge(7, None, None), (UidlMap::new(7), vec![]));
+        let e = Existing {
+            sled: Some(sled),
+            metadata: Some(meta.clone()),
+            merged: meta.clone(),
+            conflicts: vec![],
+        };
+        assert!(e.must_store(&meta, false, true), "the sled copy differs");
+        assert!(
+            !e.must_store(&meta, true, false),
+            "METADATA already holds it"
+        );
     }
 
     #[test]

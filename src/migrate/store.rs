@@ -202,14 +202,15 @@ impl Store {
             .collect())
     }
 
-    /// `BODY.PEEK[HEADER]` (or the whole `BODY.PEEK[]` with `whole`) of `uids`; messages
-    /// expunged meanwhile are missing from the result.
-    pub async fn sections(
+    /// `BODY.PEEK[HEADER]` (or the whole `BODY.PEEK[]` with `whole`) of `uids`, handed to
+    /// `each` as every message arrives (a batch of [`BATCH`] headers or 16 whole messages per
+    /// command, so at most one answer is in memory); messages expunged meanwhile are skipped.
+    pub async fn each_section(
         &mut self,
         uids: &[u32],
         whole: bool,
-    ) -> Result<std::collections::HashMap<u32, Vec<u8>>, StoreError> {
-        let mut out = std::collections::HashMap::new();
+        mut each: impl FnMut(u32, &[u8]),
+    ) -> Result<(), StoreError> {
         let per_command = if whole { 16 } else { BATCH };
         for batch in uids.chunks(per_command) {
             let body = CommandBody::fetch(
@@ -237,16 +238,12 @@ impl Store {
                         for item in items.into_iter() {
                             match item {
                                 MessageDataItem::Uid(u) => uid = Some(u.get()),
-                                MessageDataItem::BodyExt { data: d, .. } => {
-                                    data = Some(
-                                        d.into_option().map(|c| c.into_owned()).unwrap_or_default(),
-                                    )
-                                }
+                                MessageDataItem::BodyExt { data: d, .. } => data = d.into_option(),
                                 _ => {}
                             }
                         }
                         if let (Some(uid), Some(data)) = (uid, data) {
-                            out.insert(uid, data);
+                            each(uid, &data);
                         }
                     }
                 })
@@ -255,7 +252,7 @@ impl Store {
                 return Err(failed("UID FETCH", done.text));
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The map in METADATA with its head, bounded as [`metadata::read_text`] describes.
