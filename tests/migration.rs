@@ -799,7 +799,7 @@ fn verify_is_clean_against_dovecots_own_pop3_on_edge_cases() {
 fn hostile_or_torn_metadata_maps_refuse_the_login() {
     let env = Env::new();
     let new = Dovecot::start();
-    let users = ["huge", "big", "torn", "toomany"];
+    let users = ["huge", "big", "torn", "toomany", "longhead"];
     for u in users {
         new.add_user(u, "pw");
         new.seed(u, &[&msg(1), &msg(2)]);
@@ -849,6 +849,15 @@ fn hostile_or_torn_metadata_maps_refuse_the_login() {
         &format!("{entry}/g1/0"),
         "1:NEW-1 2:NEW-2",
     ]);
+    // A head longer than any popbridge writes (left out under MAXSIZE: not "no map").
+    env.py(&[
+        "setmeta",
+        &port,
+        "longhead",
+        "pw",
+        entry,
+        &format!("{} {}", head("longhead", 2, 1, 7, 7), "x".repeat(600)),
+    ]);
     // More entries than the mailbox ever had UIDs.
     env.py(&[
         "setmap",
@@ -872,7 +881,7 @@ fn hostile_or_torn_metadata_maps_refuse_the_login() {
     }
     let (_, body) = support::prometheus::http_get(mport, "/metrics").unwrap();
     assert!(
-        body.contains("popbridge_uidl_maps_total{outcome=\"error\"} 4"),
+        body.contains("popbridge_uidl_maps_total{outcome=\"error\"} 5"),
         "{body}"
     );
     let log = pb.stop();

@@ -64,13 +64,14 @@ fn mailbox_arg(name: &str) -> Result<Mailbox<'static>, MetadataError> {
 }
 
 /// Values of `names` on `mailbox` (absent or NIL entries are missing from the result).
-/// Values larger than `max_size` are left out by the server (RFC 5464 MAXSIZE).
+/// Values larger than `max_size` are left out by the server (RFC 5464 MAXSIZE); the flag
+/// says whether it left any out (`[METADATA LONGENTRIES n]`).
 async fn get(
     conn: &mut ImapConnection,
     mailbox: &str,
     names: &[String],
     max_size: usize,
-) -> Result<Vec<(String, Vec<u8>)>, MetadataError> {
+) -> Result<(Vec<(String, Vec<u8>)>, bool), MetadataError> {
     let entries = names
         .iter()
         .map(|n| entry(n))
@@ -111,7 +112,11 @@ async fn get(
             text: done.text,
         });
     }
-    Ok(found)
+    let long = matches!(
+        done.code,
+        Some(Code::Metadata(MetadataCode::LongEntries(_)))
+    );
+    Ok((found, long))
 }
 
 /// The head of the map stored on `mailbox`, if any (one small GETMETADATA).
@@ -119,57 +124,21 @@ pub async fn read_head(
     conn: &mut ImapConnection,
     mailbox: &str,
 ) -> Result<Option<MapHead>, MetadataError> {
-    let values = get(conn, mailbox, &[METADATA_ENTRY.to_owned()], MAX_HEAD_BYTES).await?;
+    let (values, long) = get(conn, mailbox, &[METADATA_ENTRY.to_owned()], MAX_HEAD_BYTES).await?;
     let Some((_, head)) = values
         .into_iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(METADATA_ENTRY))
     else {
-        // Absent, or longer than any head (then the server said LONGENTRIES): a value popbridge
-        // did not write. Treated as absent only when it really is: ask without a size.
-        return match get_exists(conn, mailbox).await? {
-            false => Ok(None),
-            true => Err(MapError::Malformed("head line too long".into()).into()),
-        };
+        // Absent, or longer than any head (the server said LONGENTRIES): not a head popbridge
+        // wrote, and not to be taken for "no map".
+        if long {
+            return Err(MapError::Malformed("head line too long".into()).into());
+        }
+        return Ok(None);
     };
     let head =
         String::from_utf8(head).map_err(|_| MapError::Malformed("head is not UTF-8".into()))?;
     Ok(Some(MapHead::parse(&head)?))
-}
-
-/// Whether the head entry exists at all (asked with MAXSIZE 0: no value is sent, only the
-/// LONGENTRIES code when there is one).
-async fn get_exists(conn: &mut ImapConnection, mailbox: &str) -> Result<bool, MetadataError> {
-    let body = CommandBody::GetMetadata {
-        options: vec![GetMetadataOption::MaxSize(0)],
-        mailbox: mailbox_arg(mailbox)?,
-        entries: Vec1::from(entry(METADATA_ENTRY)?),
-    };
-    let mut empty_value = false;
-    let done = conn
-        .execute(body, |u| {
-            if let Untagged::Data(Data::Metadata {
-                items: MetadataResponse::WithValues(values),
-                ..
-            }) = u
-            {
-                empty_value |= values.into_inner().into_iter().any(|v| match v.value {
-                    NString8::NString(n) => n.into_option().is_some(),
-                    NString8::Literal8(_) => true,
-                });
-            }
-        })
-        .await?;
-    if !done.is_ok() {
-        return Err(MetadataError::Refused {
-            command: "GETMETADATA",
-            text: done.text,
-        });
-    }
-    Ok(empty_value
-        || matches!(
-            done.code,
-            Some(Code::Metadata(MetadataCode::LongEntries(_)))
-        ))
 }
 
 /// The entry text of the map `head` names: its chunks, read in batches of at most
@@ -193,7 +162,7 @@ pub async fn read_text(
     while next < head.chunks {
         let end = (next + per_command).min(head.chunks);
         let names: Vec<String> = (next..end).map(|i| chunk_name(&head.gen, i)).collect();
-        let values = get(conn, mailbox, &names, head.chunk).await?;
+        let (values, _) = get(conn, mailbox, &names, head.chunk).await?;
         for name in &names {
             let value = values
                 .iter()
