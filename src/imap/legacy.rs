@@ -20,10 +20,11 @@ use crate::migrate::map::{MapError, MapHead, UidlMap};
 use crate::state::StateStore;
 
 /// Decoded maps kept in memory, at most ...
-const CACHE_MAPS: usize = 64;
+const CACHE_MAPS: usize = 256;
 /// ... and at most this many octets of entry text in all (a decoded map takes a few times
-/// its text); a bigger map is decoded again at each login.
-const CACHE_BYTES: usize = 64 << 20;
+/// its text, so this bounds the cache to some tens of MiB); a bigger map is decoded again
+/// (off the runtime) at each login.
+const CACHE_BYTES: usize = 16 << 20;
 
 struct Cached {
     user: String,

@@ -26,8 +26,9 @@ use crate::migrate::map::{
     new_generation, MapError, MapHead, UidlMap, MAX_HEAD_BYTES, MAX_MAP_BYTES, METADATA_ENTRY,
 };
 
-/// Most chunks requested per GETMETADATA command ...
-const CHUNKS_PER_COMMAND: usize = 32;
+/// Most chunks requested per GETMETADATA command (with at least 512 octets per chunk, a head
+/// can make popbridge send at most 256 GETMETADATA for a whole map) ...
+const CHUNKS_PER_COMMAND: usize = 256;
 /// ... and most octets of chunk values one answer may carry.
 const BYTES_PER_COMMAND: usize = 4 << 20;
 /// Old chunks deleted per SETMETADATA command.

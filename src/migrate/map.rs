@@ -146,7 +146,13 @@ impl MapHead {
         if bytes > MAX_MAP_BYTES {
             return Err(MapError::TooLarge(bytes));
         }
-        if chunks > MAX_CHUNKS || chunk > MAX_CHUNK_BYTES || chunks > bytes || chunk > bytes {
+        // popbridge's chunks are at least 1024 octets (the last one aside), so at least half
+        // full: a head announcing many tiny chunks is not one popbridge wrote.
+        if chunks > MAX_CHUNKS
+            || chunk > MAX_CHUNK_BYTES
+            || chunks > bytes / 512 + 1
+            || chunk > bytes
+        {
             return Err(bad("chunks"));
         }
         if (bytes == 0) != (count == 0) || (bytes > 0 && (chunks == 0 || chunk == 0)) {
@@ -539,6 +545,7 @@ mod tests {
             (with("1", "9000000", "9000000", "3"), "chunk over 8 MiB"),
             (with("1", "55", "55", "5000001"), "too many entries"),
             (with("99", "55", "55", "3"), "more chunks than bytes"),
+            (with("65536", "1024", "1000000", "3"), "tiny chunks"),
             (with("0", "0", "55", "3"), "bytes without chunks"),
             (with("1", "55", "55", "0"), "bytes without entries"),
             (
