@@ -598,10 +598,15 @@ impl Config {
                 "must not exceed limits.max_connections".into(),
             ));
         }
-        if !(1024..=16 * 1024 * 1024).contains(&self.migration.metadata_chunk_bytes) {
+        if !(1024..=crate::migrate::map::MAX_CHUNK_BYTES)
+            .contains(&self.migration.metadata_chunk_bytes)
+        {
             return Err((
                 "migration.metadata_chunk_bytes",
-                "must be between 1024 and 16777216".into(),
+                format!(
+                    "must be between 1024 and {}",
+                    crate::migrate::map::MAX_CHUNK_BYTES
+                ),
             ));
         }
         if self.pop3.idle_timeout_secs == 0 {

@@ -242,7 +242,7 @@ impl Metrics {
             uidl_maps: counter_vec(
                 &r,
                 "popbridge_uidl_maps_total",
-                "Migrated legacy UIDL maps looked up at login, by outcome: cache (sled), metadata (read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable: login refused with SYS/TEMP).",
+                "Migrated legacy UIDL maps looked up at login, by outcome: cache (decoded earlier, or the sled copy; with METADATA, after its head matched), metadata (chunks read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable or over the limits: login refused with SYS/TEMP).",
                 &["outcome"],
             ),
             registry: r,

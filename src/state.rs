@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::migrate::map::UidlMap;
+use crate::migrate::map::{MapHead, UidlMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -192,13 +192,22 @@ impl StateStore {
         }
     }
 
-    /// The migrated legacy UIDL map of `user`'s `mailbox`, whatever its UIDVALIDITY (the
-    /// caller compares it with the mailbox's). `None` when absent or damaged.
-    pub fn uidl_map(&self, user: &str, mailbox: &str) -> Option<UidlMap> {
+    /// The head of the cached legacy UIDL map of `user`'s `mailbox` (small: read at every
+    /// login to compare with the head in METADATA). `None` when absent or damaged.
+    pub fn uidl_map_head(&self, user: &str, mailbox: &str) -> Option<MapHead> {
+        let blob = self.db.get(uidl_head_key(user, mailbox)).ok()??;
+        MapHead::parse(std::str::from_utf8(&blob).ok()?).ok()
+    }
+
+    /// The cached legacy UIDL map of `user`'s `mailbox` with its head, whatever its
+    /// UIDVALIDITY (the caller compares). Decoding a large map takes a while: `serve` calls this
+    /// off the async runtime. `None` when absent or damaged (length or checksum wrong).
+    pub fn uidl_map(&self, user: &str, mailbox: &str) -> Option<(MapHead, UidlMap)> {
+        let head = self.uidl_map_head(user, mailbox)?;
         let blob = self.db.get(uidl_map_key(user, mailbox)).ok()??;
         let text = std::str::from_utf8(&blob).ok()?;
-        match UidlMap::decode(text) {
-            Ok(map) => Some(map),
+        match UidlMap::from_text(&head, text) {
+            Ok(map) => Some((head, map)),
             Err(e) => {
                 tracing::warn!(user, mailbox, error = %e, "cached UIDL map is damaged; ignoring it");
                 None
@@ -206,28 +215,35 @@ impl StateStore {
         }
     }
 
-    /// Replace the cached legacy UIDL map of `user`'s `mailbox`, and write it to disk now:
-    /// `popbridge migrate` exits right after.
+    /// Replace the cached legacy UIDL map of `user`'s `mailbox` (head and entry text, in one
+    /// atomic batch), and write it to disk now: `popbridge migrate` exits right after.
     pub fn store_uidl_map(
         &self,
         user: &str,
         mailbox: &str,
-        map: &UidlMap,
+        head: &MapHead,
+        text: &str,
     ) -> Result<(), sled::Error> {
-        self.db
-            .insert(uidl_map_key(user, mailbox), map.encode().into_bytes())?;
+        self.db.apply_batch(uidl_batch(user, mailbox, head, text))?;
         self.db.flush()?;
         Ok(())
     }
 
     /// [`StateStore::store_uidl_map`] without waiting for the disk (a session caching what it
     /// read from METADATA: losing it costs one more METADATA read, nothing else).
-    pub fn cache_uidl_map(&self, user: &str, mailbox: &str, map: &UidlMap) {
-        if let Err(e) = self
-            .db
-            .insert(uidl_map_key(user, mailbox), map.encode().into_bytes())
-        {
+    pub fn cache_uidl_map(&self, user: &str, mailbox: &str, head: &MapHead, text: &str) {
+        if let Err(e) = self.db.apply_batch(uidl_batch(user, mailbox, head, text)) {
             tracing::warn!(error = %e, "could not cache the legacy UIDL map");
+        }
+    }
+
+    /// Forget the cached legacy UIDL map of `user`'s `mailbox` (METADATA no longer has one).
+    pub fn remove_uidl_map(&self, user: &str, mailbox: &str) {
+        let mut batch = sled::Batch::default();
+        batch.remove(uidl_head_key(user, mailbox));
+        batch.remove(uidl_map_key(user, mailbox));
+        if let Err(e) = self.db.apply_batch(batch) {
+            tracing::warn!(error = %e, "could not drop the cached legacy UIDL map");
         }
     }
 
@@ -261,11 +277,26 @@ fn sizes_key(user: &str, mailbox: &str) -> Vec<u8> {
     key
 }
 
-/// `v1/uidlmap/<user>\0<mailbox>`: the map's one-line text form (it carries its UIDVALIDITY).
+/// `v2/uidlmap/<user>\0<mailbox>`: the map's entry text (see [`crate::migrate::map`]).
 fn uidl_map_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v1/uidlmap/".to_vec();
+    let mut key = b"v2/uidlmap/".to_vec();
     key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
     key
+}
+
+/// `v2/uidlhead/<user>\0<mailbox>`: the map's head line (UIDVALIDITY, count, checksum; the
+/// METADATA head it was read from, or a local one).
+fn uidl_head_key(user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = b"v2/uidlhead/".to_vec();
+    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
+    key
+}
+
+fn uidl_batch(user: &str, mailbox: &str, head: &MapHead, text: &str) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    batch.insert(uidl_head_key(user, mailbox), head.to_string().into_bytes());
+    batch.insert(uidl_map_key(user, mailbox), text.as_bytes());
+    batch
 }
 
 fn encode(r: MailboxRecord) -> [u8; 12] {
@@ -343,12 +374,20 @@ mod tests {
         assert_eq!(s.uidl_map("u", "INBOX"), None);
         let mut m = UidlMap::new(9);
         m.insert(4, "legacy.4").unwrap();
-        s.store_uidl_map("U", "INBOX", &m).unwrap();
-        assert_eq!(s.uidl_map("u", "INBOX"), Some(m));
+        let (head, text) = m.to_local().unwrap();
+        s.store_uidl_map("U", "INBOX", &head, &text).unwrap();
+        assert_eq!(s.uidl_map("u", "INBOX"), Some((head.clone(), m.clone())));
+        assert_eq!(s.uidl_map_head("u", "INBOX"), Some(head.clone()));
         assert_eq!(s.uidl_map("u", "Other"), None);
-        s.db.insert(uidl_map_key("u", "INBOX"), &b"garbage"[..])
+        // Entry text that does not match its head (a torn or damaged write) reads as absent.
+        s.db.insert(uidl_map_key("u", "INBOX"), &b"4:legacy.5"[..])
             .unwrap();
         assert_eq!(s.uidl_map("u", "INBOX"), None, "damage reads as absent");
+        s.cache_uidl_map("u", "INBOX", &head, &text);
+        assert_eq!(s.uidl_map("u", "INBOX"), Some((head, m)));
+        s.remove_uidl_map("u", "INBOX");
+        assert_eq!(s.uidl_map("u", "INBOX"), None);
+        assert_eq!(s.uidl_map_head("u", "INBOX"), None);
     }
 
     #[test]

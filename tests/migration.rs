@@ -88,6 +88,44 @@ def setmeta(port, user, pw, *pairs):
                 break
     d.logout()
 
+def setmap(port, user, pw, uv, gen, *chunks):
+    # Writes a map in popbridge's METADATA layout: chunks of generation gen, then the head.
+    text = ' '.join(chunks)
+    entry = '/private/vendor/popbridge/uidl-map'
+    count = len(text.split(' ')) if text else 0
+    head = 'popbridge-uidl-map/2 %s %d gen=%s chunks=%d chunk=%d bytes=%d sha256=%s' % (
+        uv, count, gen, len(chunks), max([len(c) for c in chunks] or [0]), len(text),
+        hashlib.sha256(text.encode()).hexdigest())
+    pairs = []
+    for i, c in enumerate(chunks):
+        pairs += ['%s/%s/%d' % (entry, gen, i), c]
+    setmeta(port, user, pw, *(pairs + [entry, head]))
+
+def metacmd(port, user, pw, command):
+    # One raw command on INBOX's METADATA; prints the untagged lines and the tagged status.
+    d = imaplib.IMAP4('127.0.0.1', port); d.login(user, pw)
+    tag = d._new_tag().decode()
+    d.send(('%s %s\r\n' % (tag, command)).encode())
+    out = []
+    while True:
+        line = d.readline()
+        out.append(line.decode(errors='replace').rstrip('\r\n'))
+        if line.startswith(tag.encode()):
+            break
+    d.logout()
+    print(json.dumps(out))
+
+def login(port, user, pw):
+    # The answer to PASS, and the UIDL listing when logged in.
+    p = poplib.POP3('127.0.0.1', port); p.user(user)
+    try:
+        p.pass_(pw)
+    except poplib.error_proto as e:
+        print(json.dumps({"pass": e.args[0].decode()}))
+        return
+    resp, lines, _ = p.uidl(); p.quit()
+    print(json.dumps({"pass": "+OK", "uidls": [l.decode() for l in lines]}))
+
 def uidls(port, user, pw):
     p = poplib.POP3('127.0.0.1', port); p.user(user); p.pass_(pw)
     resp, lines, _ = p.uidl(); p.quit()
@@ -101,6 +139,9 @@ elif cmd == 'append': append(int(args[0]), args[1], args[2], args[3])
 elif cmd == 'fetchmail': fetchmail(int(args[0]), args[1], args[2], args[3])
 elif cmd == 'uidls': uidls(int(args[0]), args[1], args[2])
 elif cmd == 'setmeta': setmeta(int(args[0]), args[1], args[2], *args[3:])
+elif cmd == 'setmap': setmap(int(args[0]), args[1], args[2], *args[3:])
+elif cmd == 'metacmd': metacmd(int(args[0]), args[1], args[2], args[3])
+elif cmd == 'login': login(int(args[0]), args[1], args[2])
 "#;
 
 struct Env {
@@ -665,26 +706,23 @@ fn metadata_maps_are_read_and_stale_ones_ignored() {
     new.seed("fred", &[&msg(3)]);
     let uv_e = new.imap_state("erin", "erinpw", "INBOX").uidvalidity;
     let uv_f = new.imap_state("fred", "fredpw", "INBOX").uidvalidity;
-    let entry = "/private/vendor/popbridge/uidl-map";
     env.py(&[
-        "setmeta",
+        "setmap",
         &new.imap_port().to_string(),
         "erin",
         "erinpw",
-        &format!("{entry}/0"),
+        &uv_e.to_string(),
+        "g1",
         "2:OLD-TWO",
-        entry,
-        &format!("popbridge-uidl-map/1 {uv_e} 1 chunks=1"),
     ]);
     env.py(&[
-        "setmeta",
+        "setmap",
         &new.imap_port().to_string(),
         "fred",
         "fredpw",
-        &format!("{entry}/0"),
+        &uv_f.wrapping_add(1).to_string(),
+        "g1",
         "1:STALE",
-        entry,
-        &format!("popbridge-uidl-map/1 {} 1 chunks=1", uv_f.wrapping_add(1)),
     ]);
     let mport = free_ports(1)[0];
     let pb = Popbridge::start(&new, &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""));
@@ -697,7 +735,7 @@ fn metadata_maps_are_read_and_stale_ones_ignored() {
         vec![format!("1 {:08x}{uv_f:08x}", 1)],
         "a map for another UIDVALIDITY is ignored"
     );
-    // Second login of erin: from the sled cache now.
+    // Second login of erin: the head is read again, the map comes from the cache.
     env.uidls(pb.pop3_port(), "erin", "erinpw");
     let (status, body) = support::prometheus::http_get(mport, "/metrics").unwrap();
     assert_eq!(status, 200);
@@ -750,5 +788,234 @@ fn verify_is_clean_against_dovecots_own_pop3_on_edge_cases() {
         stdout(&out).contains(&format!("verify edge: clean ({} messages", msgs.len())),
         "{}",
         text(&out)
+    );
+}
+
+/// The head in METADATA is user-writable (/private): one announcing absurd sizes is refused
+/// before anything is requested on its word, and so is a map whose chunks do not match its
+/// head (an interrupted or mixed write): the login gets SYS/TEMP, counted as an error, and
+/// the log says why.
+#[test]
+fn hostile_or_torn_metadata_maps_refuse_the_login() {
+    let env = Env::new();
+    let new = Dovecot::start();
+    let users = ["huge", "big", "torn", "toomany", "longhead"];
+    for u in users {
+        new.add_user(u, "pw");
+        new.seed(u, &[&msg(1), &msg(2)]);
+    }
+    let port = new.imap_port().to_string();
+    let entry = "/private/vendor/popbridge/uidl-map";
+    let sha = "0".repeat(64);
+    let uv = |u: &str| new.imap_state(u, "pw", "INBOX").uidvalidity;
+    let head = |u: &str, count: u64, chunks: u64, chunk: u64, bytes: u64| {
+        format!(
+            "popbridge-uidl-map/2 {} {count} gen=g1 chunks={chunks} chunk={chunk} bytes={bytes} sha256={sha}",
+            uv(u)
+        )
+    };
+    // Five million chunks, and a map over the 32 MiB cap.
+    env.py(&[
+        "setmeta",
+        &port,
+        "huge",
+        "pw",
+        entry,
+        &head("huge", 2, 5_000_000, 1024, 33_554_432),
+    ]);
+    env.py(&[
+        "setmeta",
+        &port,
+        "big",
+        "pw",
+        entry,
+        &head("big", 2, 64, 1 << 20, 40 << 20),
+    ]);
+    // Old head, chunks of another map under its generation.
+    env.py(&[
+        "setmap",
+        &port,
+        "torn",
+        "pw",
+        &uv("torn").to_string(),
+        "g1",
+        "1:OLD-1 2:OLD-2",
+    ]);
+    env.py(&[
+        "setmeta",
+        &port,
+        "torn",
+        "pw",
+        &format!("{entry}/g1/0"),
+        "1:NEW-1 2:NEW-2",
+    ]);
+    // A head longer than any popbridge writes (left out under MAXSIZE: not "no map").
+    env.py(&[
+        "setmeta",
+        &port,
+        "longhead",
+        "pw",
+        entry,
+        &format!("{} {}", head("longhead", 2, 1, 7, 7), "x".repeat(600)),
+    ]);
+    // More entries than the mailbox ever had UIDs.
+    env.py(&[
+        "setmap",
+        &port,
+        "toomany",
+        "pw",
+        &uv("toomany").to_string(),
+        "g1",
+        "1:A 2:B 3:C 4:D",
+    ]);
+
+    let mport = free_ports(1)[0];
+    let pb = Popbridge::start(&new, &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""));
+    for u in users {
+        let out = env.py(&["login", &pb.pop3_port().to_string(), u, "pw"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(
+            v["pass"].as_str().unwrap().starts_with("-ERR [SYS/TEMP]"),
+            "{u}: {out}"
+        );
+    }
+    let (_, body) = support::prometheus::http_get(mport, "/metrics").unwrap();
+    assert!(
+        body.contains("popbridge_uidl_maps_total{outcome=\"error\"} 5"),
+        "{body}"
+    );
+    let log = pb.stop();
+    assert!(
+        log.contains("larger than the 33554432-octet limit"),
+        "{log}"
+    );
+    assert!(
+        log.contains("do not match the head's length and SHA-256"),
+        "{log}"
+    );
+    assert!(log.contains("never had more than"), "{log}");
+    assert!(
+        !log.contains("NEW-1") && !log.contains("OLD-1"),
+        "no map contents in the log: {log}"
+    );
+}
+
+/// METADATA is authoritative: an instance that cached a map serves a re-migrated one at the
+/// next login and drops a map deleted from METADATA; `migrate import` writes a new
+/// generation, head last, and deletes the previous generation's chunks.
+#[test]
+fn metadata_wins_over_a_cached_map_and_generations_replace_each_other() {
+    let env = Env::new();
+    let new = Dovecot::start();
+    let legacy = Dovecot::start_with_conf(LEGACY_CONF); // only for the config's backend
+    new.add_user("gina", "ginapw");
+    new.seed("gina", &[&msg(1), &msg(2)]);
+    let port = new.imap_port().to_string();
+    let uv = new.imap_state("gina", "ginapw", "INBOX").uidvalidity;
+    let entry = "/private/vendor/popbridge/uidl-map";
+    env.py(&[
+        "setmap",
+        &port,
+        "gina",
+        "ginapw",
+        &uv.to_string(),
+        "g1",
+        "1:FIRST-1 2:FIRST-2",
+    ]);
+    let pb = Popbridge::start(&new, "");
+    let listing = || env.uidls(pb.pop3_port(), "gina", "ginapw");
+    assert_eq!(listing(), vec!["1 FIRST-1", "2 FIRST-2"]);
+    // Re-migrated elsewhere: this instance's cached copy must not win.
+    env.py(&[
+        "setmap",
+        &port,
+        "gina",
+        "ginapw",
+        &uv.to_string(),
+        "g2",
+        "1:SECOND-1",
+    ]);
+    assert_eq!(
+        listing(),
+        vec!["1 SECOND-1".to_string(), format!("2 {:08x}{uv:08x}", 2)]
+    );
+    // Deleted from METADATA: no map any more, whatever sled cached.
+    env.py(&[
+        "metacmd",
+        &port,
+        "gina",
+        "ginapw",
+        &format!("SETMETADATA INBOX ({entry} NIL)"),
+    ]);
+    assert_eq!(
+        listing(),
+        vec![
+            format!("1 {:08x}{uv:08x}", 1),
+            format!("2 {:08x}{uv:08x}", 2)
+        ]
+    );
+
+    // migrate import: a head naming a fresh generation, the old generation's chunks gone.
+    env.py(&[
+        "setmap",
+        &port,
+        "gina",
+        "ginapw",
+        &uv.to_string(),
+        "g3",
+        "1:THIRD-1",
+    ]);
+    let cfg = env.config("imp.toml", &new, &legacy, &env.path("state"));
+    let file = env.path("more.map");
+    fs::write(&file, "gina 2 THIRD-2\n").unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "import",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--to",
+            "imap",
+            "--file",
+            file.to_str().unwrap(),
+            "--password-env",
+            "PW",
+        ],
+        &[("PW", "ginapw")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("stored metadata+sled; ok"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        listing(),
+        vec!["1 THIRD-1", "2 THIRD-2"],
+        "merged with what was there"
+    );
+    let get = |name: &str| -> String {
+        env.py(&[
+            "metacmd",
+            &port,
+            "gina",
+            "ginapw",
+            &format!("GETMETADATA INBOX ({name})"),
+        ])
+    };
+    let head = get(entry);
+    assert!(head.contains("popbridge-uidl-map/2 "), "{head}");
+    assert!(!head.contains("gen=g3"), "a new generation: {head}");
+    let gen = head
+        .split("gen=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(get(&format!("{entry}/{gen}/0")).contains("1:THIRD-1 2:THIRD-2"));
+    assert!(
+        !get(&format!("{entry}/g3/0")).contains("THIRD-1"),
+        "the previous generation's chunks are deleted"
     );
 }

@@ -51,6 +51,8 @@ pub struct ImapUpstream {
     master: Option<(String, Password)>,
     /// Read migrated UIDL maps from IMAP METADATA (`migration.shared_map`).
     shared_map: bool,
+    /// Decoded legacy UIDL maps, shared by the sessions.
+    maps: Arc<super::legacy::MapCache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,7 @@ impl ImapUpstream {
             state_prefix: state_prefix.to_owned(),
             master,
             shared_map,
+            maps: Arc::default(),
         })
     }
 
@@ -235,6 +238,7 @@ impl ImapUpstream {
         let select = CommandBody::select(mailbox_arg(&self.mailbox)?)
             .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
         let mut uid_validity = None;
+        let mut uid_next = None;
         let mut exists = 0u32;
         let mut read_only = false;
         let mut permanent: Option<(bool, HashSet<String>)> = None;
@@ -245,6 +249,7 @@ impl ImapUpstream {
                     code: Some(code), ..
                 } => match code {
                     Code::UidValidity(v) => uid_validity = Some(v.get()),
+                    Code::UidNext(v) => uid_next = Some(v.get()),
                     Code::ReadOnly => read_only = true,
                     Code::PermanentFlags(flags) => {
                         let any = flags.iter().any(|f| matches!(f, FlagPerm::Asterisk));
@@ -306,12 +311,14 @@ impl ImapUpstream {
             user: format!("{}{user}", self.state_prefix),
             mailbox: self.mailbox.clone(),
             uid_validity,
+            uid_next,
             empty: exists == 0,
             deletion: self.deletion,
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
             has_move,
             shared_map: self.shared_map && has_metadata,
+            maps: Arc::clone(&self.maps),
             pending_seen: Vec::new(),
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
@@ -478,6 +485,8 @@ pub struct ImapMaildrop {
     user: String,
     mailbox: String,
     uid_validity: u32,
+    /// UIDNEXT at SELECT, when reported (bounds a legacy UIDL map's entries).
+    uid_next: Option<u32>,
     /// SELECT reported no messages: nothing to list.
     empty: bool,
     deletion: DeletionMode,
@@ -486,6 +495,7 @@ pub struct ImapMaildrop {
     has_move: bool,
     /// Look for a migrated UIDL map in METADATA (configured, and the server offers it).
     shared_map: bool,
+    maps: Arc<super::legacy::MapCache>,
     /// Retrieved messages still to be flagged `\Seen`.
     pending_seen: Vec<u32>,
     /// What the session expects to be asked for next: (UID, size).
@@ -877,61 +887,57 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
-    /// The migrated UIDL map for this folder's UIDVALIDITY: from sled, else from METADATA
-    /// (then cached in sled). A map for another UIDVALIDITY describes other messages and is
-    /// ignored. A METADATA read that fails refuses the login (SYS/TEMP): serving generated
-    /// UIDLs to a migrated user would make the client download everything again.
+    /// The migrated UIDL map for this folder's UIDVALIDITY (see [`super::legacy`]): METADATA
+    /// is authoritative when configured and offered, its head read at every login and its
+    /// chunks only when that head is not the one cached; otherwise sled. A map for another
+    /// UIDVALIDITY describes other messages and is ignored. A METADATA map that cannot be
+    /// read, or is over the limits, refuses the login (SYS/TEMP): serving generated UIDLs to
+    /// a migrated user would make the client download everything again.
     async fn legacy_map(&mut self) -> Result<Option<Arc<UidlMap>>, MaildropError> {
+        use super::legacy::{Lookup, Source};
         let m = metrics();
-        let uv = self.uid_validity;
-        if let Some(state) = &self.state {
-            if let Some(map) = state.uidl_map(&self.user, &self.mailbox) {
-                if map.uid_validity() == uv {
-                    m.uidl_maps.with_label_values(&["cache"]).inc();
-                    return Ok(Some(Arc::new(map)));
-                }
-                m.uidl_maps.with_label_values(&["stale"]).inc();
-                tracing::warn!(
-                    map_uidvalidity = map.uid_validity(),
-                    uidvalidity = uv,
-                    "cached legacy UIDL map is for another UIDVALIDITY; ignoring it"
-                );
-            }
-        }
-        if !self.shared_map {
-            return Ok(None);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(MaildropError::Unavailable(
-                "upstream connection lost".into(),
-            ));
+        let lookup = Lookup {
+            state: self.state.as_ref(),
+            cache: &self.maps,
+            user: &self.user,
+            mailbox: &self.mailbox,
+            uid_validity: self.uid_validity,
+            uid_next: self.uid_next,
         };
-        match super::metadata::read_map(conn, &self.mailbox).await {
-            Ok(None) => Ok(None),
-            Ok(Some(map)) if map.uid_validity() == uv => {
-                m.uidl_maps.with_label_values(&["metadata"]).inc();
-                if let Some(state) = &self.state {
-                    state.cache_uidl_map(&self.user, &self.mailbox, &map);
-                }
-                Ok(Some(Arc::new(map)))
+        let conn = if self.shared_map {
+            match self.conn.as_mut() {
+                Some(c) => Some(c),
+                None => return Err(lost()),
             }
-            Ok(Some(map)) => {
-                m.uidl_maps.with_label_values(&["stale"]).inc();
-                tracing::warn!(
-                    map_uidvalidity = map.uid_validity(),
-                    uidvalidity = uv,
-                    "legacy UIDL map in METADATA is for another UIDVALIDITY; ignoring it"
-                );
-                Ok(None)
+        } else {
+            None
+        };
+        match lookup.load(conn).await {
+            Ok((map, source)) => {
+                match source {
+                    Source::Cache => m.uidl_maps.with_label_values(&["cache"]).inc(),
+                    Source::Metadata => m.uidl_maps.with_label_values(&["metadata"]).inc(),
+                    Source::Stale => {
+                        m.uidl_maps.with_label_values(&["stale"]).inc();
+                        tracing::warn!(
+                            uidvalidity = self.uid_validity,
+                            "legacy UIDL map is for another UIDVALIDITY; ignoring it"
+                        );
+                    }
+                    Source::None => {}
+                }
+                Ok(map)
             }
             Err(e) => {
                 m.uidl_maps.with_label_values(&["error"]).inc();
-                tracing::error!(error = %e, "cannot read the legacy UIDL map from METADATA");
+                // The reason only (limits, checksum, IMAP error), and who: no map contents.
+                let user = self.user.rsplit('\n').next().unwrap_or_default();
+                tracing::error!(user, error = %e, "cannot use the legacy UIDL map from METADATA; refusing the login");
                 if matches!(e, super::metadata::MetadataError::Imap(_)) {
                     self.conn = None;
                 }
                 Err(MaildropError::Unavailable(format!(
-                    "legacy UIDL map unreadable: {e}"
+                    "legacy UIDL map unusable: {e}"
                 )))
             }
         }

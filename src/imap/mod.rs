@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod fetch_stream;
+pub mod legacy;
 pub mod maildrop;
 pub mod metadata;
 pub mod tls;

@@ -1,25 +1,42 @@
 //! The legacy UIDL map of one maildrop: IMAP UID → the UIDL the old POP3 server showed for that
-//! message, valid for one UIDVALIDITY. Sans-I/O: validation, the text codec shared by the sled
-//! cache and the IMAP METADATA copy, METADATA chunking, and the rule that decides which UIDL a
-//! message is served with.
+//! message, valid for one UIDVALIDITY. Sans-I/O: validation, the head that names and checks
+//! a stored map, the entry text shared by the sled cache and the IMAP METADATA copy, METADATA
+//! chunking, and the rule that decides which UIDL a message is served with.
 //!
-//! Text form (one line, no line breaks, so any METADATA backend stores it verbatim):
-//! `popbridge-uidl-map/1 <uidvalidity> <count>` followed by ` <uid>:<uidl>` per entry, in UID
-//! order. A UIDL is 1..=70 octets of 0x21..0x7E (RFC 1939), so it never contains the space
-//! that separates entries; the UID is split off at the first `:`.
+//! Entry text: ` `-separated `<uid>:<uidl>` entries in UID order. A UIDL is 1..=70 octets of
+//! 0x21..0x7E (RFC 1939), so it never contains the space that separates entries; the UID is
+//! split off at the first `:`.
+//!
+//! Head (one line): `popbridge-uidl-map/2 <uidvalidity> <count> gen=<gen> chunks=<k>
+//! chunk=<largest chunk> bytes=<entry text length> sha256=<hex of the entry text>`. In
+//! METADATA the head is [`METADATA_ENTRY`] and chunk `i` of generation `gen` is
+//! `<ENTRY>/<gen>/<i>`; the entry text is the chunks joined by single spaces. A map is never
+//! trusted beyond [`MAX_MAP_BYTES`] of entry text, whatever its head says.
 
 use std::collections::{BTreeMap, HashSet};
 
 use crate::uidl::{UidlFormat, MAX_UIDL_LEN};
 
-const MAGIC: &str = "popbridge-uidl-map/1";
+const MAGIC: &str = "popbridge-uidl-map/2";
 
-/// The METADATA entry (RFC 5464, private to the user) that holds the map's head line; its
-/// chunks live at `<ENTRY>/0`, `<ENTRY>/1`, ...
+/// The METADATA entry (RFC 5464, private to the user) that holds the map's head line; the
+/// chunks of generation `gen` live at `<ENTRY>/<gen>/0`, `<ENTRY>/<gen>/1`, ...
 pub const METADATA_ENTRY: &str = "/private/vendor/popbridge/uidl-map";
 
 /// Most entries a map may hold (bounds memory when decoding what a server returns).
 pub const MAX_ENTRIES: usize = 5_000_000;
+
+/// Largest entry text popbridge reads, writes or caches (32 MiB: about 1.5 million entries of
+/// Cyrus-style UIDLs, far more than any real maildrop; a decoded map costs a few times this).
+/// /private METADATA is writable by the user, so a head is never trusted for more.
+pub const MAX_MAP_BYTES: usize = 32 << 20;
+/// Largest METADATA chunk popbridge writes or reads (a GETMETADATA answer must fit the IMAP
+/// connection's response limit, 16 MiB for `serve`).
+pub const MAX_CHUNK_BYTES: usize = 8 << 20;
+/// Most chunks a head may announce (every chunk but the last is at least half full).
+pub const MAX_CHUNKS: usize = 1 << 16;
+/// Longest head line.
+pub const MAX_HEAD_BYTES: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MapError {
@@ -39,6 +56,157 @@ pub enum MapError {
     Malformed(String),
     #[error("more than {MAX_ENTRIES} entries")]
     TooBig,
+    #[error("the map is larger than the {MAX_MAP_BYTES}-octet limit ({0} octets)")]
+    TooLarge(usize),
+    #[error(
+        "the head announces {count} entries but the mailbox has never had more than {max} UIDs"
+    )]
+    MoreEntriesThanUids { count: usize, max: u32 },
+    #[error(
+        "the entries do not match the head's length and SHA-256 (an interrupted or mixed write?)"
+    )]
+    Checksum,
+}
+
+/// What names and checks one stored map: see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapHead {
+    pub uid_validity: u32,
+    pub count: usize,
+    /// The generation: 1..=32 of `[0-9a-z]`, names the chunks in METADATA.
+    pub gen: String,
+    pub chunks: usize,
+    /// Length of the largest chunk.
+    pub chunk: usize,
+    /// Length of the entry text.
+    pub bytes: usize,
+    pub sha256: [u8; 32],
+}
+
+impl std::fmt::Display for MapHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{MAGIC} {} {} gen={} chunks={} chunk={} bytes={} sha256=",
+            self.uid_validity, self.count, self.gen, self.chunks, self.chunk, self.bytes
+        )?;
+        for b in self.sha256 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl MapHead {
+    /// Parses and bounds a head line: nothing it announces beyond the limits above is
+    /// accepted, so nothing is allocated or requested on its word.
+    pub fn parse(line: &str) -> Result<MapHead, MapError> {
+        if line.len() > MAX_HEAD_BYTES {
+            return Err(MapError::Malformed("head line too long".into()));
+        }
+        let bad = |what: &str| MapError::Malformed(format!("head: bad {what}"));
+        let mut t = line.split(' ');
+        if t.next() != Some(MAGIC) {
+            return Err(MapError::Malformed(format!("does not start with {MAGIC}")));
+        }
+        let uid_validity = t
+            .next()
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| bad("UIDVALIDITY"))?;
+        let count = t
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| bad("entry count"))?;
+        let mut field = |name: &str| {
+            t.next()
+                .and_then(|v| v.strip_prefix(name))
+                .and_then(|v| v.strip_prefix('='))
+                .ok_or_else(|| bad(name))
+        };
+        let gen = field("gen")?.to_owned();
+        let num = |v: &str, name: &str| v.parse::<usize>().map_err(|_| bad(name));
+        let chunks = num(field("chunks")?, "chunks")?;
+        let chunk = num(field("chunk")?, "chunk")?;
+        let bytes = num(field("bytes")?, "bytes")?;
+        let hex = field("sha256")?;
+        if t.next().is_some() {
+            return Err(bad("trailing field"));
+        }
+        if gen.is_empty()
+            || gen.len() > 32
+            || !gen
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        {
+            return Err(bad("gen"));
+        }
+        if count > MAX_ENTRIES {
+            return Err(MapError::TooBig);
+        }
+        if bytes > MAX_MAP_BYTES {
+            return Err(MapError::TooLarge(bytes));
+        }
+        // popbridge's chunks are at least 1024 octets (the last one aside), so at least half
+        // full: a head announcing many tiny chunks is not one popbridge wrote.
+        if chunks > MAX_CHUNKS
+            || chunk > MAX_CHUNK_BYTES
+            || chunks > bytes / 512 + 1
+            || chunk > bytes
+        {
+            return Err(bad("chunks"));
+        }
+        if (bytes == 0) != (count == 0) || (bytes > 0 && (chunks == 0 || chunk == 0)) {
+            return Err(bad("bytes"));
+        }
+        if hex.len() != 64 {
+            return Err(bad("sha256"));
+        }
+        let mut sha256 = [0u8; 32];
+        for (i, b) in sha256.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("sha256"))?;
+        }
+        Ok(MapHead {
+            uid_validity,
+            count,
+            gen,
+            chunks,
+            chunk,
+            bytes,
+            sha256,
+        })
+    }
+
+    /// A map can hold no more entries than UIDs the mailbox ever assigned (UIDNEXT - 1).
+    pub fn check_uid_next(&self, uid_next: Option<u32>) -> Result<(), MapError> {
+        match uid_next {
+            Some(next) if self.count > next.saturating_sub(1) as usize => {
+                Err(MapError::MoreEntriesThanUids {
+                    count: self.count,
+                    max: next.saturating_sub(1),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn sha256(text: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, text);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A fresh generation name: milliseconds since the epoch and 32 random bits, in hex.
+pub fn new_generation() -> String {
+    use ring::rand::SecureRandom;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut r = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut r);
+    format!("{ms:x}{:08x}", u32::from_be_bytes(r))
 }
 
 /// Whether `s` may be sent as a POP3 UIDL.
@@ -174,11 +342,13 @@ impl UidlMap {
         Served::Escaped(candidate)
     }
 
-    /// The one-line text form.
-    pub fn encode(&self) -> String {
-        let mut out = self.head();
+    /// The entry text (see the module documentation).
+    pub fn entries_text(&self) -> String {
+        let mut out = String::new();
         for (uid, uidl) in &self.entries {
-            out.push(' ');
+            if !out.is_empty() {
+                out.push(' ');
+            }
             out.push_str(&uid.to_string());
             out.push(':');
             out.push_str(uidl);
@@ -186,85 +356,84 @@ impl UidlMap {
         out
     }
 
-    fn head(&self) -> String {
-        format!("{MAGIC} {} {}", self.uid_validity, self.entries.len())
+    /// The head and entry text for a copy that is not chunked (the local sled cache).
+    pub fn to_local(&self) -> Result<(MapHead, String), MapError> {
+        let text = self.entries_text();
+        let head = self.head_for(&text, "local", usize::from(!text.is_empty()), text.len())?;
+        Ok((head, text))
     }
 
-    /// Parses the text form, checking every entry and the count.
-    pub fn decode(text: &str) -> Result<UidlMap, MapError> {
-        let mut tokens = text.split(' ');
-        let (uid_validity, count) = parse_head(&mut tokens)?;
-        let mut map = UidlMap::new(uid_validity);
-        for token in tokens {
-            decode_entry(&mut map, token)?;
+    fn head_for(
+        &self,
+        text: &str,
+        gen: &str,
+        chunks: usize,
+        chunk: usize,
+    ) -> Result<MapHead, MapError> {
+        if text.len() > MAX_MAP_BYTES {
+            return Err(MapError::TooLarge(text.len()));
         }
-        if map.len() != count {
-            return Err(MapError::Malformed(format!(
-                "head says {count} entries, found {}",
-                map.len()
-            )));
-        }
-        Ok(map)
+        Ok(MapHead {
+            uid_validity: self.uid_validity,
+            count: self.entries.len(),
+            gen: gen.to_owned(),
+            chunks,
+            chunk,
+            bytes: text.len(),
+            sha256: sha256(text.as_bytes()),
+        })
     }
 
-    /// The METADATA form: a head value for [`METADATA_ENTRY`] (`<text head> chunks=<k>`) and
-    /// `k` chunk values (space-separated entries) for `<ENTRY>/0..k`, each at most
-    /// `chunk_bytes` long (an entry is never split). Chunks are written first and the head
-    /// last, so a reader never sees a head whose chunks are not all there.
-    pub fn to_metadata(&self, chunk_bytes: usize) -> (String, Vec<String>) {
+    /// The METADATA form of generation `gen`: the head value for [`METADATA_ENTRY`] and the
+    /// chunk values for `<ENTRY>/<gen>/0..k`, each at most `chunk_bytes` (clamped to
+    /// [`MAX_CHUNK_BYTES`]) long; an entry is never split. Refused over [`MAX_MAP_BYTES`].
+    pub fn to_metadata(
+        &self,
+        chunk_bytes: usize,
+        gen: &str,
+    ) -> Result<(MapHead, Vec<String>), MapError> {
+        let chunk_bytes = chunk_bytes.min(MAX_CHUNK_BYTES);
+        let text = self.entries_text();
         let mut chunks: Vec<String> = Vec::new();
         let mut current = String::new();
-        for (uid, uidl) in &self.entries {
-            let token = format!("{uid}:{uidl}");
+        for token in text.split(' ').filter(|t| !t.is_empty()) {
             if !current.is_empty() && current.len() + 1 + token.len() > chunk_bytes {
                 chunks.push(std::mem::take(&mut current));
             }
             if !current.is_empty() {
                 current.push(' ');
             }
-            current.push_str(&token);
+            current.push_str(token);
         }
         if !current.is_empty() {
             chunks.push(current);
         }
-        (format!("{} chunks={}", self.head(), chunks.len()), chunks)
+        let largest = chunks.iter().map(String::len).max().unwrap_or(0);
+        if chunks.len() > MAX_CHUNKS {
+            return Err(MapError::TooLarge(text.len()));
+        }
+        let head = self.head_for(&text, gen, chunks.len(), largest)?;
+        Ok((head, chunks))
     }
 
-    /// How many chunks a METADATA head announces.
-    pub fn metadata_chunk_count(head: &str) -> Result<usize, MapError> {
-        let mut tokens = head.split(' ');
-        parse_head(&mut tokens)?;
-        let chunks = tokens
-            .next()
-            .and_then(|t| t.strip_prefix("chunks="))
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| MapError::Malformed("head without chunks=".into()))?;
-        if tokens.next().is_some() || chunks > MAX_ENTRIES {
-            return Err(MapError::Malformed("bad METADATA head".into()));
+    /// The map `head` describes, from its entry text: the length and SHA-256 must match (so
+    /// chunks of another generation, or a write cut short, are refused), then every entry is
+    /// checked and counted.
+    pub fn from_text(head: &MapHead, text: &str) -> Result<UidlMap, MapError> {
+        if text.len() > MAX_MAP_BYTES {
+            return Err(MapError::TooLarge(text.len()));
         }
-        Ok(chunks)
-    }
-
-    /// Reassembles the map from its METADATA head and chunks (in order).
-    pub fn from_metadata(head: &str, chunks: &[&str]) -> Result<UidlMap, MapError> {
-        let want = Self::metadata_chunk_count(head)?;
-        if chunks.len() != want {
+        if text.len() != head.bytes || sha256(text.as_bytes()) != head.sha256 {
+            return Err(MapError::Checksum);
+        }
+        let mut map = UidlMap::new(head.uid_validity);
+        for token in text.split(' ').filter(|t| !t.is_empty()) {
+            decode_entry(&mut map, token)?;
+        }
+        if map.len() != head.count {
             return Err(MapError::Malformed(format!(
-                "head announces {want} chunks, {} found",
-                chunks.len()
-            )));
-        }
-        let mut tokens = head.split(' ');
-        let (uid_validity, count) = parse_head(&mut tokens)?;
-        let mut map = UidlMap::new(uid_validity);
-        for chunk in chunks {
-            for token in chunk.split(' ').filter(|t| !t.is_empty()) {
-                decode_entry(&mut map, token)?;
-            }
-        }
-        if map.len() != count {
-            return Err(MapError::Malformed(format!(
-                "head says {count} entries, chunks hold {}",
+                "head says {} entries, found {}",
+                head.count,
                 map.len()
             )));
         }
@@ -272,37 +441,20 @@ impl UidlMap {
     }
 }
 
-fn parse_head<'a>(tokens: &mut impl Iterator<Item = &'a str>) -> Result<(u32, usize), MapError> {
-    if tokens.next() != Some(MAGIC) {
-        return Err(MapError::Malformed(format!("does not start with {MAGIC}")));
-    }
-    let uid_validity = tokens
-        .next()
-        .and_then(|t| t.parse::<u32>().ok())
-        .ok_or_else(|| MapError::Malformed("bad UIDVALIDITY".into()))?;
-    let count = tokens
-        .next()
-        .and_then(|t| t.parse::<usize>().ok())
-        .ok_or_else(|| MapError::Malformed("bad entry count".into()))?;
-    if count > MAX_ENTRIES {
-        return Err(MapError::TooBig);
-    }
-    Ok((uid_validity, count))
-}
-
+/// Decodes one entry. Errors name the entry's position, never its contents (they are logged).
 fn decode_entry(map: &mut UidlMap, token: &str) -> Result<(), MapError> {
-    let (uid, uidl) = token
-        .split_once(':')
-        .ok_or_else(|| MapError::Malformed(format!("entry {token:?} is not uid:uidl")))?;
-    let uid = uid
-        .parse::<u32>()
-        .map_err(|_| MapError::Malformed(format!("entry {token:?}: bad UID")))?;
+    let at = map.len() + 1;
+    let bad = |why: &str| MapError::Malformed(format!("entry {at}: {why}"));
+    let (uid, uidl) = token.split_once(':').ok_or_else(|| bad("not uid:uidl"))?;
+    let uid = uid.parse::<u32>().map_err(|_| bad("bad UID"))?;
     if uid <= map.entries.keys().next_back().copied().unwrap_or(0) {
-        return Err(MapError::Malformed(format!(
-            "entry {token:?} out of UID order"
-        )));
+        return Err(bad("out of UID order"));
     }
-    map.insert(uid, uidl)
+    map.insert(uid, uidl).map_err(|e| match e {
+        MapError::BadUidl(_) => bad("not a legal UIDL"),
+        MapError::DuplicateUidl { .. } => bad("UIDL used twice"),
+        other => other,
+    })
 }
 
 #[cfg(test)]
@@ -317,36 +469,120 @@ mod tests {
         m
     }
 
+    fn local(m: &UidlMap) -> (MapHead, String) {
+        m.to_local().unwrap()
+    }
+
     #[test]
-    fn text_form_round_trips_and_is_one_line() {
+    fn head_and_text_round_trip_and_are_one_line() {
         let m = sample();
-        let text = m.encode();
+        let (head, text) = local(&m);
         assert_eq!(
             text,
-            "popbridge-uidl-map/1 1795690115 3 3:1500000000.1 4:1500000000.2 10:weird:uidl=with-colons"
+            "3:1500000000.1 4:1500000000.2 10:weird:uidl=with-colons"
         );
-        assert!(!text.contains('\n'));
-        assert_eq!(UidlMap::decode(&text).unwrap(), m);
+        let line = head.to_string();
+        assert!(!line.contains('\n') && line.len() <= MAX_HEAD_BYTES);
+        assert!(
+            line.starts_with(
+                "popbridge-uidl-map/2 1795690115 3 gen=local chunks=1 chunk=55 bytes=55 sha256="
+            ),
+            "{line}"
+        );
+        assert_eq!(MapHead::parse(&line).unwrap(), head);
+        assert_eq!(UidlMap::from_text(&head, &text).unwrap(), m);
         let empty = UidlMap::new(7);
-        assert_eq!(UidlMap::decode(&empty.encode()).unwrap(), empty);
+        let (h, t) = local(&empty);
+        assert_eq!(
+            UidlMap::from_text(&MapHead::parse(&h.to_string()).unwrap(), &t).unwrap(),
+            empty
+        );
     }
 
     #[test]
     fn damaged_text_is_refused() {
-        let good = sample().encode();
+        let (head, good) = local(&sample());
         for bad in [
             String::new(),
-            "popbridge-uidl-map/2 1 0".into(),
-            good.replace(" 3 3:", " 4 3:"),
             good.replace("4:", "2:"),
             good.replace("4:1500000000.2", "4:1500000000.1"),
             good.replace("10:", "x:"),
-            good.replace("3:1500000000.1", "3"),
-            good.replace(" 3 3:", " 99999999999 3:"),
             format!("{good} 11:"),
         ] {
-            assert!(UidlMap::decode(&bad).is_err(), "{bad:?}");
+            assert!(UidlMap::from_text(&head, &bad).is_err(), "{bad:?}");
         }
+        // Text that matches a head it was not written with: the checksum tells.
+        let mut other = sample();
+        other.insert(11, "x").unwrap();
+        let (_, other_text) = local(&other);
+        assert_eq!(
+            UidlMap::from_text(&head, &other_text),
+            Err(MapError::Checksum)
+        );
+        // A head whose checksum matches but whose count lies.
+        let mut lying = head.clone();
+        lying.count = 4;
+        assert!(matches!(
+            UidlMap::from_text(&lying, &good),
+            Err(MapError::Malformed(_))
+        ));
+    }
+
+    /// A /private head is user-writable: whatever it claims, nothing past the limits is
+    /// accepted, so a reader never allocates or requests on its word.
+    #[test]
+    fn heads_announcing_too_much_are_refused() {
+        let (head, _) = local(&sample());
+        let line = head.to_string();
+        let hex = &line[line.find("sha256=").unwrap() + 7..];
+        let with = |chunks: &str, chunk: &str, bytes: &str, count: &str| {
+            format!("popbridge-uidl-map/2 1 {count} gen=abc chunks={chunks} chunk={chunk} bytes={bytes} sha256={hex}")
+        };
+        assert!(MapHead::parse(&with("1", "55", "55", "3")).is_ok());
+        for (bad, why) in [
+            (with("5000000", "1024", "33554432", "3"), "5M chunks"),
+            (with("1", "1024", "33554433", "3"), "over 32 MiB"),
+            (with("1", "9000000", "9000000", "3"), "chunk over 8 MiB"),
+            (with("1", "55", "55", "5000001"), "too many entries"),
+            (with("99", "55", "55", "3"), "more chunks than bytes"),
+            (with("65536", "1024", "1000000", "3"), "tiny chunks"),
+            (with("0", "0", "55", "3"), "bytes without chunks"),
+            (with("1", "55", "55", "0"), "bytes without entries"),
+            (
+                with("1", "55", "55", "3").replace("gen=abc", "gen=../x"),
+                "gen",
+            ),
+            (
+                with("1", "55", "55", "3").replace("gen=abc", &format!("gen={}", "a".repeat(33))),
+                "long gen",
+            ),
+            (format!("{} x", with("1", "55", "55", "3")), "trailing"),
+            (
+                with("1", "55", "55", "3").replace("sha256=", "sha256=zz"),
+                "hex",
+            ),
+            (
+                format!("{}{}", with("1", "55", "55", "3"), " ".repeat(600)),
+                "long line",
+            ),
+            (
+                "popbridge-uidl-map/1 1 3 chunks=1".to_string(),
+                "old layout",
+            ),
+        ] {
+            assert!(MapHead::parse(&bad).is_err(), "{why}: {bad}");
+        }
+        assert_eq!(
+            MapHead::parse(&with("1", "1024", "33554433", "3")),
+            Err(MapError::TooLarge(33554433))
+        );
+        let h = MapHead::parse(&with("1", "55", "55", "3")).unwrap();
+        assert!(h.check_uid_next(Some(4)).is_ok());
+        assert!(h.check_uid_next(None).is_ok());
+        assert!(matches!(
+            h.check_uid_next(Some(3)),
+            Err(MapError::MoreEntriesThanUids { count: 3, max: 2 })
+        ));
     }
 
     #[test]
@@ -403,19 +639,47 @@ mod tests {
             m.insert(uid * 3, &format!("{:08x}{:08x}", uid, 99))
                 .unwrap();
         }
-        let (head, chunks) = m.to_metadata(1000);
+        let (head, chunks) = m.to_metadata(1000, "g1").unwrap();
         assert!(chunks.len() > 5);
+        assert_eq!(head.chunks, chunks.len());
+        assert_eq!(head.gen, "g1");
         assert!(chunks.iter().all(|c| c.len() <= 1000 && !c.is_empty()));
-        assert_eq!(UidlMap::metadata_chunk_count(&head).unwrap(), chunks.len());
-        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
-        assert_eq!(UidlMap::from_metadata(&head, &refs).unwrap(), m);
-        // A missing chunk, or chunks from another map, are refused.
-        assert!(UidlMap::from_metadata(&head, &refs[1..]).is_err());
-        let (head2, _) = UidlMap::new(42).to_metadata(1000);
-        assert_eq!(head2, "popbridge-uidl-map/1 42 0 chunks=0");
-        assert!(UidlMap::from_metadata(&head2, &refs[..0])
-            .unwrap()
-            .is_empty());
-        assert!(UidlMap::from_metadata(&head2, &refs[..1]).is_err());
+        assert_eq!(head.chunk, chunks.iter().map(String::len).max().unwrap());
+        assert_eq!(UidlMap::from_text(&head, &chunks.join(" ")).unwrap(), m);
+        // A missing chunk, or chunks of another map under this head, are refused.
+        assert!(UidlMap::from_text(&head, &chunks[1..].join(" ")).is_err());
+        let mut changed = m.clone();
+        changed.insert(1, "new").unwrap();
+        let (_, new_chunks) = changed.to_metadata(1000, "g2").unwrap();
+        assert_eq!(
+            UidlMap::from_text(&head, &new_chunks.join(" ")),
+            Err(MapError::Checksum)
+        );
+        let (head2, none) = UidlMap::new(42).to_metadata(1000, "g3").unwrap();
+        assert!(none.is_empty());
+        assert!(head2.to_string().starts_with(
+            "popbridge-uidl-map/2 42 0 gen=g3 chunks=0 chunk=0 bytes=0 sha256=e3b0c442"
+        ));
+        assert!(UidlMap::from_text(&head2, "").unwrap().is_empty());
+        assert!(UidlMap::from_text(&head2, &chunks[0]).is_err());
+        // Generations are fresh and valid names.
+        let (g1, g2) = (new_generation(), new_generation());
+        assert_ne!(g1, g2);
+        assert!(MapHead::parse(&head2.to_string().replace("gen=g3", &format!("gen={g1}"))).is_ok());
+    }
+
+    #[test]
+    fn maps_over_the_size_limit_are_not_written() {
+        // 450,000 entries of 70-octet UIDLs: about 35 MB of entry text.
+        let mut m = UidlMap::new(1);
+        let tail = "u".repeat(60);
+        for uid in 1..=450_000u32 {
+            m.insert(uid, &format!("{uid:010}{tail}")).unwrap();
+        }
+        assert!(matches!(
+            m.to_metadata(1 << 20, "g"),
+            Err(MapError::TooLarge(_))
+        ));
+        assert!(matches!(m.to_local(), Err(MapError::TooLarge(_))));
     }
 }

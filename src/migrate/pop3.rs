@@ -42,6 +42,18 @@ pub enum Pop3Error {
     /// one in a command the server could echo).
     #[error("POP3 server answered {command} with -ERR {text}")]
     Refused { command: &'static str, text: String },
+    /// A credential holds a byte that would end or split the command line (CR, LF) or the
+    /// SASL PLAIN message (NUL): nothing was sent.
+    #[error("the {0} contains CR, LF or NUL and cannot be sent to the POP3 server")]
+    Unsendable(&'static str),
+}
+
+/// Refuses credentials that would end or split a POP3 command line or a SASL PLAIN message.
+fn sendable(what: &'static str, s: &str) -> Result<(), Pop3Error> {
+    if s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(Pop3Error::Unsendable(what));
+    }
+    Ok(())
 }
 
 /// A parsed status line.
@@ -253,8 +265,11 @@ impl Pop3Client {
         password: &str,
         master: Option<(&str, &str)>,
     ) -> Result<(), Pop3Error> {
+        sendable("user name", user)?;
         match master {
             Some((muser, mpass)) => {
+                sendable("master user name", muser)?;
+                sendable("master password", mpass)?;
                 let blob = base64::engine::general_purpose::STANDARD
                     .encode(format!("{user}\0{muser}\0{mpass}"));
                 let mut line = b"AUTH PLAIN ".to_vec();
@@ -262,6 +277,7 @@ impl Pop3Client {
                 self.command("AUTH PLAIN", &line).await.map(|_| ())
             }
             None => {
+                sendable("password", password)?;
                 self.command("USER", format!("USER {user}").as_bytes())
                     .await?;
                 self.command("PASS", format!("PASS {password}").as_bytes())
@@ -423,6 +439,31 @@ async fn stls_preamble(tcp: &mut TcpStream, timeout: Duration) -> Result<(), Pop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// CR, LF or NUL in a credential is refused before a byte goes to the server (a CR LF in
+    /// `USER` would smuggle a second command; a NUL would split the SASL PLAIN message).
+    #[tokio::test]
+    async fn credentials_with_line_breaks_or_nul_are_never_sent() {
+        for (user, pw, master) in [
+            ("a\r\nDELE 1", "pw", None),
+            ("alice", "pw\r\nDELE 1", None),
+            ("alice", "pw\nx", None),
+            ("al\0ice", "pw", None),
+            ("al\0ice", "", Some(("admin", "secret"))),
+            ("alice", "", Some(("ad\0min", "secret"))),
+            ("alice", "", Some(("admin", "sec\0ret"))),
+        ] {
+            let (ours, mut theirs) = tokio::io::duplex(1024);
+            let mut c = Pop3Client::new(Box::new(ours), Duration::from_secs(1));
+            let e = c.login(user, pw, master).await.unwrap_err();
+            assert!(matches!(e, Pop3Error::Unsendable(_)), "{e}");
+            assert!(e.to_string().contains("CR, LF or NUL"), "{e}");
+            drop(c);
+            let mut sent = Vec::new();
+            theirs.read_to_end(&mut sent).await.unwrap();
+            assert!(sent.is_empty(), "{user:?}: sent {sent:?}");
+        }
+    }
 
     #[test]
     fn status_lines() {

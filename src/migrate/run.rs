@@ -140,7 +140,8 @@ fn credential(
 }
 
 /// The state store, if it can be opened (a running `popbridge serve` holds it: then the map
-/// goes to METADATA only and that instance reads it at the user's next login).
+/// goes to METADATA only; every instance reads the head in METADATA at each login and
+/// fetches the new map when it differs from its cached copy).
 fn open_state(config: &Config) -> Option<StateStore> {
     match StateStore::open(&config.state.dir) {
         Ok(s) => Some(s),
@@ -296,28 +297,76 @@ pub async fn uidls(config: &Config, opts: &UidlsOptions) -> Result<bool, Migrate
     Ok(all_ok)
 }
 
-/// The map this user already has: sled first, then METADATA; only for `uid_validity`.
+/// The copies of the map this user already has (only for the folder's UIDVALIDITY), and
+/// their merge: METADATA's mappings first (with `shared`, it is what every instance serves),
+/// then the local sled copy's where they do not contradict it. A contradiction keeps
+/// METADATA's mapping and is reported.
+struct Existing {
+    sled: Option<UidlMap>,
+    metadata: Option<UidlMap>,
+    merged: UidlMap,
+    conflicts: Vec<String>,
+}
+
+impl Existing {
+    /// Whether `map` must be written: a copy that should hold it does not.
+    fn must_store(&self, map: &UidlMap, shared: bool, state: bool) -> bool {
+        (shared && self.metadata.as_ref() != Some(map))
+            || (state && self.sled.as_ref() != Some(map))
+    }
+}
+
 async fn existing_map(
     state: Option<&StateStore>,
     store: &mut Store,
     shared: bool,
-) -> Result<Option<UidlMap>, MigrateError> {
-    if let Some(m) = state.and_then(|s| s.uidl_map(&store.state_key, &store.mailbox)) {
-        if m.uid_validity() == store.uid_validity {
-            return Ok(Some(m));
-        }
-    }
-    if shared {
-        if let Some(m) = store.read_map().await? {
-            if m.uid_validity() == store.uid_validity {
-                return Ok(Some(m));
+) -> Result<Existing, MigrateError> {
+    let uv = store.uid_validity;
+    let sled = state
+        .and_then(|s| s.uidl_map(&store.state_key, &store.mailbox))
+        .map(|(_, m)| m)
+        .filter(|m| m.uid_validity() == uv);
+    let metadata = if shared {
+        store
+            .read_map()
+            .await?
+            .map(|(_, m)| m)
+            .filter(|m| m.uid_validity() == uv)
+    } else {
+        None
+    };
+    let (merged, conflicts) = merge(uv, metadata.as_ref(), sled.as_ref());
+    Ok(Existing {
+        sled,
+        metadata,
+        merged,
+        conflicts,
+    })
+}
+
+/// METADATA's mappings, then the local copy's where they do not contradict them; each
+/// contradiction is reported.
+fn merge(uv: u32, metadata: Option<&UidlMap>, sled: Option<&UidlMap>) -> (UidlMap, Vec<String>) {
+    let mut merged = metadata
+        .or(sled)
+        .cloned()
+        .unwrap_or_else(|| UidlMap::new(uv));
+    let mut conflicts = Vec::new();
+    if let (Some(_), Some(local)) = (metadata, sled) {
+        for (uid, uidl) in local.iter() {
+            if let Err(e) = merged.insert(uid, uidl) {
+                conflicts.push(format!(
+                    "local copy: UID {uid} / legacy UIDL {uidl}: {e} (METADATA's mapping kept)"
+                ));
             }
         }
     }
-    Ok(None)
+    (merged, conflicts)
 }
 
-/// Where the map goes; errors when it can go nowhere.
+/// Where the map goes; errors when it can go nowhere. METADATA first (a new generation),
+/// then the local cache with the same head, so an instance on this state directory does not
+/// fetch it again.
 async fn store_map(
     config: &Config,
     state: Option<&StateStore>,
@@ -327,14 +376,15 @@ async fn store_map(
 ) -> Result<Vec<&'static str>, MigrateError> {
     let mut stored = Vec::new();
     let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
+    let (mut head, text) = map.to_local()?;
     if shared {
-        store
+        head = store
             .write_map(map, config.migration.metadata_chunk_bytes)
             .await?;
         stored.push("metadata");
     }
     if let Some(s) = state {
-        s.store_uidl_map(&store.state_key, &store.mailbox, map)
+        s.store_uidl_map(&store.state_key, &store.mailbox, &head, &text)
             .map_err(|e| MigrateError::State(e.to_string()))?;
         stored.push("sled");
     }
@@ -387,23 +437,25 @@ async fn migrate_user(
             lh.push(Some(hash));
         }
         let rest: Vec<u32> = new[sized.min(new.len())..].iter().map(|m| m.uid).collect();
-        let headers = store.sections(&rest, false).await?;
+        // Hashed as each header (or whole message) arrives: only hashes are kept.
         let mut incomplete = Vec::new();
         let mut hashes: HashMap<u32, _> = HashMap::new();
-        for &uid in &rest {
-            if let Some(h) = headers.get(&uid) {
-                let hash = header_hash(h);
+        store
+            .each_section(&rest, false, |uid, header| {
+                let hash = header_hash(header);
                 if hash.complete {
                     hashes.insert(uid, hash);
                 } else {
                     incomplete.push(uid);
                 }
-            }
-        }
+            })
+            .await?;
         if !incomplete.is_empty() {
-            for (uid, body) in store.sections(&incomplete, true).await? {
-                hashes.insert(uid, header_hash(&body));
-            }
+            store
+                .each_section(&incomplete, true, |uid, body| {
+                    hashes.insert(uid, header_hash(body));
+                })
+                .await?;
         }
         nh = rest.iter().map(|u| hashes.get(u).copied()).collect();
     }
@@ -412,9 +464,7 @@ async fn migrate_user(
 
     let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
     let existing = existing_map(state, &mut store, shared).await?;
-    let mut map = existing
-        .clone()
-        .unwrap_or_else(|| UidlMap::new(store.uid_validity));
+    let mut map = existing.merged.clone();
     let mut report = UserReport {
         legacy: legacy.len(),
         new: new.len(),
@@ -425,6 +475,7 @@ async fn migrate_user(
             .collect(),
         unmatched_new: matching.unmatched_new.len(),
         duplicates: (matching.duplicate_legacy, matching.duplicate_new),
+        conflicts: existing.conflicts.clone(),
         ..UserReport::default()
     };
     for &(li, uid, by) in &matching.matched {
@@ -443,7 +494,7 @@ async fn migrate_user(
         store.logout().await;
         return Ok(report);
     }
-    if existing.as_ref() != Some(&map) {
+    if existing.must_store(&map, shared, state.is_some()) {
         report.stored = store_map(config, state, &mut store, &spec.user, &map).await?;
     } else {
         report.stored = vec!["unchanged"];
@@ -567,8 +618,8 @@ pub async fn import(
                 store.messages().await?.iter().map(|m| m.uid).collect();
             let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
             let existing = existing_map(state.as_ref(), &mut store, shared).await?;
-            let mut map = existing.clone().unwrap_or_else(|| UidlMap::new(store.uid_validity));
-            let mut conflicts = Vec::new();
+            let mut map = existing.merged.clone();
+            let mut conflicts = existing.conflicts.clone();
             for l in lines {
                 if !present.contains(&l.uid) {
                     eprintln!(
@@ -587,7 +638,7 @@ pub async fn import(
                 store.logout().await;
                 return Ok((lines.len(), conflicts, Vec::new()));
             }
-            let stored = if existing.as_ref() != Some(&map) {
+            let stored = if existing.must_store(&map, shared, state.is_some()) {
                 store_map(config, state.as_ref(), &mut store, user, &map).await?
             } else {
                 vec!["unchanged"]
@@ -635,13 +686,34 @@ pub async fn import(
     Ok(all_ok)
 }
 
-/// What a POP3 client would see of one message: its UIDL, LIST size and bytes (CRLF line
-/// ends, ending in CRLF, unstuffed).
+/// What a POP3 client would see of one message: its UIDL, LIST size, and the length and
+/// SHA-256 of its bytes (CRLF line ends, ending in CRLF, unstuffed), computed as each message
+/// is read so that only one message is in memory at a time; plus the SHA-256 of those bytes
+/// without the headers servers add or rewrite (to tell such a difference from a real one).
 #[derive(Debug, Clone)]
 struct Seen {
     uidl: String,
     size: u64,
-    bytes: Vec<u8>,
+    len: usize,
+    sha256: [u8; 32],
+    sha256_unskipped: [u8; 32],
+}
+
+impl Seen {
+    fn new(uidl: String, size: u64, bytes: &[u8]) -> Seen {
+        let digest = |b: &[u8]| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, b).as_ref());
+            out
+        };
+        Seen {
+            uidl,
+            size,
+            len: bytes.len(),
+            sha256: digest(bytes),
+            sha256_unskipped: digest(&without_skipped_headers(bytes)),
+        }
+    }
 }
 
 /// CRLF line ends and a final CRLF: what a POP3 client receives after unstuffing.
@@ -687,20 +759,17 @@ fn compare(legacy: &[Seen], bridge: &[Seen]) -> (Vec<String>, Vec<String>) {
                 l.uidl
             )),
             Some((j, b)) => {
-                let header_only = l.bytes != b.bytes
-                    && without_skipped_headers(&l.bytes) == without_skipped_headers(&b.bytes);
+                let header_only =
+                    l.sha256 != b.sha256 && l.sha256_unskipped == b.sha256_unskipped;
                 if header_only {
                     notes.push(format!(
                         "UIDL {}: differs only in headers servers add or rewrite (Return-Path, Status, X-UID, ...)",
                         l.uidl
                     ));
-                } else if l.bytes != b.bytes {
-                    let at = l.bytes.iter().zip(&b.bytes).position(|(x, y)| x != y).unwrap_or(l.bytes.len().min(b.bytes.len()));
+                } else if l.sha256 != b.sha256 {
                     diffs.push(format!(
-                        "UIDL {}: message bytes differ (legacy {} octets, popbridge {}; first difference at octet {at})",
-                        l.uidl,
-                        l.bytes.len(),
-                        b.bytes.len()
+                        "UIDL {}: message bytes differ (legacy {} octets, popbridge {}; SHA-256 differs)",
+                        l.uidl, l.len, b.len
                     ));
                 } else if l.size != b.size {
                     notes.push(format!(
@@ -750,11 +819,7 @@ pub async fn verify(
     let mut legacy = Vec::with_capacity(listed.len());
     for m in &listed {
         let bytes = pop.retr(m.number, MAX_MESSAGE).await?;
-        legacy.push(Seen {
-            uidl: m.uidl.clone(),
-            size: m.size,
-            bytes,
-        });
+        legacy.push(Seen::new(m.uidl.clone(), m.size, &bytes));
     }
     pop.quit().await;
 
@@ -821,11 +886,11 @@ pub async fn verify(
                 raw.len()
             );
         }
-        bridge.push(Seen {
-            uidl: snapshot.uidl(m.uid, &format),
-            size: m.size,
-            bytes: pop3_form(&raw),
-        });
+        bridge.push(Seen::new(
+            snapshot.uidl(m.uid, &format),
+            m.size,
+            &pop3_form(&raw),
+        ));
     }
     md.close().await;
     let (diffs, notes) = compare(&legacy, &bridge);
@@ -857,11 +922,7 @@ mod tests {
     use super::*;
 
     fn seen(uidl: &str, size: u64, bytes: &[u8]) -> Seen {
-        Seen {
-            uidl: uidl.into(),
-            size,
-            bytes: bytes.to_vec(),
-        }
+        Seen::new(uidl.into(), size, bytes)
     }
 
     #[test]
@@ -875,8 +936,7 @@ mod tests {
         assert_eq!(compare(&l, &same), (vec![], vec![]));
         // An added Return-Path is what servers do: a note, not a difference.
         let mut rp = l.clone();
-        rp[1].bytes = b"Return-Path: <a@b>\r\ny\r\n".to_vec();
-        rp[1].size = 24;
+        rp[1] = seen("b", 24, b"Return-Path: <a@b>\r\ny\r\n");
         let (d, n) = compare(&l, &rp);
         assert!(d.is_empty() && n.len() == 1, "{d:?} {n:?}");
         // Size counting differs but bytes are equal: a note only.
@@ -899,6 +959,43 @@ mod tests {
         assert!(d
             .iter()
             .any(|x| x.contains("(UIDL new) is not on the legacy")));
+    }
+
+    /// Both copies count: nothing either holds is lost, METADATA wins a contradiction, and
+    /// the contradiction is reported; a copy that lacks the result must be written.
+    #[test]
+    fn existing_copies_are_merged_without_overwriting() {
+        let map = |pairs: &[(u32, &str)]| {
+            let mut m = UidlMap::new(7);
+            for (u, l) in pairs {
+                m.insert(*u, l).unwrap();
+            }
+            m
+        };
+        let meta = map(&[(1, "A"), (2, "B")]);
+        let sled = map(&[(2, "B"), (3, "C"), (4, "A"), (1, "X")]);
+        let (merged, conflicts) = merge(7, Some(&meta), Some(&sled));
+        assert_eq!(merged, map(&[(1, "A"), (2, "B"), (3, "C")]));
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+        assert!(
+            conflicts[0].contains("UID 1 / legacy UIDL X")
+                && conflicts[0].contains("METADATA's mapping kept")
+        );
+        assert!(conflicts[1].contains("UID 4 / legacy UIDL A"));
+        assert_eq!(merge(7, None, Some(&sled)), (sled.clone(), vec![]));
+        assert_eq!(merge(7, Some(&meta), None), (meta.clone(), vec![]));
+        assert_eq!(merge(7, None, None), (UidlMap::new(7), vec![]));
+        let e = Existing {
+            sled: Some(sled),
+            metadata: Some(meta.clone()),
+            merged: meta.clone(),
+            conflicts: vec![],
+        };
+        assert!(e.must_store(&meta, false, true), "the sled copy differs");
+        assert!(
+            !e.must_store(&meta, true, false),
+            "METADATA already holds it"
+        );
     }
 
     #[test]

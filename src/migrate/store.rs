@@ -22,7 +22,7 @@ use super::Credential;
 use crate::config::{ImapConfig, Security};
 use crate::imap::conn::{ConnLimits, ImapConnection, ImapError, Transport, Untagged};
 use crate::imap::metadata::{self, MetadataError};
-use crate::migrate::map::UidlMap;
+use crate::migrate::map::{MapHead, UidlMap};
 
 /// UIDs per FETCH command.
 const BATCH: usize = 256;
@@ -45,6 +45,8 @@ pub struct Store {
     conn: ImapConnection,
     pub mailbox: String,
     pub uid_validity: u32,
+    /// UIDNEXT at EXAMINE, when reported: bounds the entries of a map read from METADATA.
+    pub uid_next: Option<u32>,
     pub has_metadata: bool,
     /// The user's key in the local state (see [`crate::backends::state_prefix`]).
     pub state_key: String,
@@ -93,7 +95,7 @@ impl Store {
                 .map_err(|_| StoreError::Login("user name or password not sendable".into()))?,
             Credential::Master { user: m, password } => CommandBody::authenticate_with_ir(
                 AuthMechanism::Plain,
-                format!("{user}\0{m}\0{password}").into_bytes(),
+                sasl_plain(user, m, password)?,
             ),
         };
         let done = conn.execute(login, |_| {}).await?;
@@ -116,16 +118,18 @@ impl Store {
             .map_err(|e| StoreError::Setup(format!("mailbox {:?}: {e}", imap.mailbox)))?;
         let examine =
             CommandBody::examine(mailbox).map_err(|e| StoreError::Setup(e.to_string()))?;
-        let mut uid_validity = None;
+        let (mut uid_validity, mut uid_next) = (None, None);
         let done = conn
-            .execute(examine, |u| {
-                if let Untagged::Status {
+            .execute(examine, |u| match u {
+                Untagged::Status {
                     code: Some(Code::UidValidity(v)),
                     ..
-                } = u
-                {
-                    uid_validity = Some(v.get());
-                }
+                } => uid_validity = Some(v.get()),
+                Untagged::Status {
+                    code: Some(Code::UidNext(v)),
+                    ..
+                } => uid_next = Some(v.get()),
+                _ => {}
             })
             .await?;
         if !done.is_ok() {
@@ -137,6 +141,7 @@ impl Store {
             conn,
             mailbox: imap.mailbox.clone(),
             uid_validity,
+            uid_next,
             has_metadata: caps.contains("METADATA"),
             state_key: user.to_owned(),
         })
@@ -197,14 +202,15 @@ impl Store {
             .collect())
     }
 
-    /// `BODY.PEEK[HEADER]` (or the whole `BODY.PEEK[]` with `whole`) of `uids`; messages
-    /// expunged meanwhile are missing from the result.
-    pub async fn sections(
+    /// `BODY.PEEK[HEADER]` (or the whole `BODY.PEEK[]` with `whole`) of `uids`, handed to
+    /// `each` as every message arrives (a batch of [`BATCH`] headers or 16 whole messages per
+    /// command, so at most one answer is in memory); messages expunged meanwhile are skipped.
+    pub async fn each_section(
         &mut self,
         uids: &[u32],
         whole: bool,
-    ) -> Result<std::collections::HashMap<u32, Vec<u8>>, StoreError> {
-        let mut out = std::collections::HashMap::new();
+        mut each: impl FnMut(u32, &[u8]),
+    ) -> Result<(), StoreError> {
         let per_command = if whole { 16 } else { BATCH };
         for batch in uids.chunks(per_command) {
             let body = CommandBody::fetch(
@@ -232,16 +238,12 @@ impl Store {
                         for item in items.into_iter() {
                             match item {
                                 MessageDataItem::Uid(u) => uid = Some(u.get()),
-                                MessageDataItem::BodyExt { data: d, .. } => {
-                                    data = Some(
-                                        d.into_option().map(|c| c.into_owned()).unwrap_or_default(),
-                                    )
-                                }
+                                MessageDataItem::BodyExt { data: d, .. } => data = d.into_option(),
                                 _ => {}
                             }
                         }
                         if let (Some(uid), Some(data)) = (uid, data) {
-                            out.insert(uid, data);
+                            each(uid, &data);
                         }
                     }
                 })
@@ -250,20 +252,37 @@ impl Store {
                 return Err(failed("UID FETCH", done.text));
             }
         }
-        Ok(out)
+        Ok(())
     }
 
-    pub async fn read_map(&mut self) -> Result<Option<UidlMap>, StoreError> {
-        Ok(metadata::read_map(&mut self.conn, &self.mailbox).await?)
+    /// The map in METADATA with its head, bounded as [`metadata::read_text`] describes.
+    pub async fn read_map(&mut self) -> Result<Option<(MapHead, UidlMap)>, StoreError> {
+        Ok(metadata::read_map(&mut self.conn, &self.mailbox, self.uid_next).await?)
     }
 
-    pub async fn write_map(&mut self, map: &UidlMap, chunk_bytes: usize) -> Result<(), StoreError> {
+    /// Writes `map` to METADATA as a new generation; the head written.
+    pub async fn write_map(
+        &mut self,
+        map: &UidlMap,
+        chunk_bytes: usize,
+    ) -> Result<MapHead, StoreError> {
         Ok(metadata::write_map(&mut self.conn, &self.mailbox, map, chunk_bytes).await?)
     }
 
     pub async fn logout(self) {
         self.conn.logout().await;
     }
+}
+
+/// The SASL PLAIN message `authzid NUL authcid NUL password` (RFC 4616), refused when a part
+/// holds a NUL (it would shift the parts: another user, or a password the server cuts short).
+fn sasl_plain(user: &str, master: &str, password: &str) -> Result<Vec<u8>, StoreError> {
+    if [user, master, password].iter().any(|s| s.contains('\0')) {
+        return Err(StoreError::Login(
+            "the user name, master user or master password contains NUL and cannot be sent in AUTHENTICATE PLAIN".into(),
+        ));
+    }
+    Ok(format!("{user}\0{master}\0{password}").into_bytes())
 }
 
 fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
@@ -273,4 +292,25 @@ fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
         .collect::<Vec<_>>()
         .join(",");
     SequenceSet::try_from(text.as_str()).map_err(|e| StoreError::Setup(format!("UID set: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_plain_refuses_nul_in_any_part() {
+        assert_eq!(
+            sasl_plain("alice", "admin", "pw").unwrap(),
+            b"alice\0admin\0pw"
+        );
+        for (u, m, p) in [
+            ("al\0ice", "admin", "pw"),
+            ("alice", "ad\0min", "pw"),
+            ("alice", "admin", "p\0w"),
+        ] {
+            let e = sasl_plain(u, m, p).unwrap_err();
+            assert!(e.to_string().contains("contains NUL"), "{e}");
+        }
+    }
 }

@@ -1,0 +1,239 @@
+//! The migrated legacy UIDL map a `serve` session uses, and where it comes from.
+//!
+//! With `migration.shared_map = "metadata"` on a server that offers METADATA, METADATA is
+//! authoritative: every login reads its head (one small GETMETADATA) and uses the map that
+//! head names. The chunks are read only when the head differs from the one cached in sled
+//! next to the map, so after a re-migration every instance serves the new map at the next
+//! login, and a map deleted from METADATA is dropped from sled too. Without METADATA (the
+//! server lacks it, or `shared_map = "none"`) sled is the only copy.
+//!
+//! Decoding and checking a large map (up to [`crate::migrate::map::MAX_MAP_BYTES`] of entry
+//! text) runs on the blocking pool, and decoded maps are kept in a small bounded in-memory
+//! cache keyed by user, folder and head, so a login usually decodes nothing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::conn::ImapConnection;
+use super::metadata::{self, MetadataError};
+use crate::migrate::map::{MapError, MapHead, UidlMap};
+use crate::state::StateStore;
+
+/// Decoded maps kept in memory, at most ...
+const CACHE_MAPS: usize = 256;
+/// ... and at most this many octets of entry text in all (a decoded map takes a few times
+/// its text, so this bounds the cache to some tens of MiB); a bigger map is decoded again
+/// (off the runtime) at each login.
+const CACHE_BYTES: usize = 16 << 20;
+
+struct Cached {
+    user: String,
+    mailbox: String,
+    head: MapHead,
+    map: Arc<UidlMap>,
+}
+
+/// Decoded maps by (user key, folder, head), least recently used first out.
+#[derive(Default)]
+pub struct MapCache {
+    maps: Mutex<VecDeque<Cached>>,
+}
+
+impl MapCache {
+    fn get(&self, user: &str, mailbox: &str, head: &MapHead) -> Option<Arc<UidlMap>> {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let at = maps
+            .iter()
+            .position(|c| c.user == user && c.mailbox == mailbox && &c.head == head)?;
+        let hit = maps.remove(at)?;
+        let map = Arc::clone(&hit.map);
+        maps.push_back(hit);
+        Some(map)
+    }
+
+    fn put(&self, user: &str, mailbox: &str, head: &MapHead, map: &Arc<UidlMap>) {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        maps.retain(|c| !(c.user == user && c.mailbox == mailbox));
+        if head.bytes > CACHE_BYTES {
+            return;
+        }
+        maps.push_back(Cached {
+            user: user.to_owned(),
+            mailbox: mailbox.to_owned(),
+            head: head.clone(),
+            map: Arc::clone(map),
+        });
+        while maps.len() > CACHE_MAPS
+            || maps.iter().map(|c| c.head.bytes).sum::<usize>() > CACHE_BYTES
+        {
+            maps.pop_front();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.maps.lock().unwrap().len()
+    }
+}
+
+/// Where a session's map came from (the `popbridge_uidl_maps_total` outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Decoded earlier, or from sled.
+    Cache,
+    /// Read from METADATA.
+    Metadata,
+    /// A map for another UIDVALIDITY: ignored.
+    Stale,
+    /// There is no map.
+    None,
+}
+
+/// What a session needs to find its map.
+pub struct Lookup<'a> {
+    pub state: Option<&'a Arc<StateStore>>,
+    pub cache: &'a MapCache,
+    pub user: &'a str,
+    pub mailbox: &'a str,
+    pub uid_validity: u32,
+    pub uid_next: Option<u32>,
+}
+
+fn decoding_failed(e: tokio::task::JoinError) -> MetadataError {
+    MetadataError::Map(MapError::Malformed(format!("decoding failed: {e}")))
+}
+
+impl Lookup<'_> {
+    /// The map in sled if its head is `head`, decoded off the runtime.
+    async fn sled_map(&self, head: &MapHead) -> Result<Option<Arc<UidlMap>>, MetadataError> {
+        let Some(state) = self.state else {
+            return Ok(None);
+        };
+        let (state, user, mailbox) = (
+            Arc::clone(state),
+            self.user.to_owned(),
+            self.mailbox.to_owned(),
+        );
+        let found = tokio::task::spawn_blocking(move || state.uidl_map(&user, &mailbox))
+            .await
+            .map_err(decoding_failed)?;
+        Ok(match found {
+            Some((h, map)) if &h == head => {
+                let map = Arc::new(map);
+                self.cache.put(self.user, self.mailbox, head, &map);
+                Some(map)
+            }
+            _ => None,
+        })
+    }
+
+    /// The map for this folder's UIDVALIDITY. `conn` is `Some` when METADATA is to be read
+    /// (configured and offered); an error there refuses the login.
+    pub async fn load(
+        &self,
+        conn: Option<&mut ImapConnection>,
+    ) -> Result<(Option<Arc<UidlMap>>, Source), MetadataError> {
+        let Some(conn) = conn else {
+            // sled is the only copy.
+            let Some(head) = self
+                .state
+                .and_then(|s| s.uidl_map_head(self.user, self.mailbox))
+            else {
+                return Ok((None, Source::None));
+            };
+            if head.uid_validity != self.uid_validity {
+                return Ok((None, Source::Stale));
+            }
+            if let Some(map) = self.cache.get(self.user, self.mailbox, &head) {
+                return Ok((Some(map), Source::Cache));
+            }
+            return Ok(match self.sled_map(&head).await? {
+                Some(map) => (Some(map), Source::Cache),
+                None => (None, Source::None),
+            });
+        };
+        let Some(head) = metadata::read_head(conn, self.mailbox).await? else {
+            // METADATA has no map: neither has this user.
+            if let Some(state) = self.state {
+                if state.uidl_map_head(self.user, self.mailbox).is_some() {
+                    state.remove_uidl_map(self.user, self.mailbox);
+                }
+            }
+            return Ok((None, Source::None));
+        };
+        if head.uid_validity != self.uid_validity {
+            return Ok((None, Source::Stale));
+        }
+        head.check_uid_next(self.uid_next)?;
+        if let Some(map) = self.cache.get(self.user, self.mailbox, &head) {
+            return Ok((Some(map), Source::Cache));
+        }
+        let cached_head = self
+            .state
+            .and_then(|s| s.uidl_map_head(self.user, self.mailbox));
+        if cached_head.as_ref() == Some(&head) {
+            if let Some(map) = self.sled_map(&head).await? {
+                return Ok((Some(map), Source::Cache));
+            }
+        }
+        let text = metadata::read_text(conn, self.mailbox, &head, self.uid_next).await?;
+        let (state, user, mailbox, h) = (
+            self.state.cloned(),
+            self.user.to_owned(),
+            self.mailbox.to_owned(),
+            head.clone(),
+        );
+        let map = tokio::task::spawn_blocking(move || {
+            let map = UidlMap::from_text(&h, &text)?;
+            if let Some(state) = state {
+                state.cache_uidl_map(&user, &mailbox, &h, &text);
+            }
+            Ok::<_, MapError>(map)
+        })
+        .await
+        .map_err(decoding_failed)??;
+        let map = Arc::new(map);
+        self.cache.put(self.user, self.mailbox, &head, &map);
+        Ok((Some(map), Source::Metadata))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(uv: u32, n: u32) -> (MapHead, Arc<UidlMap>) {
+        let mut m = UidlMap::new(uv);
+        for uid in 1..=n {
+            m.insert(uid, &format!("legacy.{uid}")).unwrap();
+        }
+        (m.to_local().unwrap().0, Arc::new(m))
+    }
+
+    #[test]
+    fn the_cache_is_keyed_by_head_and_bounded() {
+        let c = MapCache::default();
+        let (h1, m1) = map(1, 3);
+        let (h2, m2) = map(1, 4);
+        c.put("u", "INBOX", &h1, &m1);
+        assert_eq!(c.get("u", "INBOX", &h1), Some(Arc::clone(&m1)));
+        assert_eq!(
+            c.get("u", "INBOX", &h2),
+            None,
+            "another head is another map"
+        );
+        assert_eq!(c.get("v", "INBOX", &h1), None);
+        c.put("u", "INBOX", &h2, &m2);
+        assert_eq!(c.get("u", "INBOX", &h1), None, "replaced, not kept beside");
+        assert_eq!(c.len(), 1);
+        for i in 0..CACHE_MAPS + 10 {
+            c.put(&format!("user{i}"), "INBOX", &h1, &m1);
+        }
+        assert_eq!(c.len(), CACHE_MAPS);
+        assert_eq!(c.get("user0", "INBOX", &h1), None, "oldest out first");
+        let mut huge = h1.clone();
+        huge.bytes = CACHE_BYTES + 1;
+        c.put("big", "INBOX", &huge, &m1);
+        assert_eq!(c.get("big", "INBOX", &huge), None, "too big to keep");
+    }
+}
