@@ -1002,6 +1002,48 @@ mod tests {
     }
 
     #[test]
+    fn logins_follow_templates_then_the_current_route_then_the_client_login() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[pop3]
+listen = "127.0.0.1:1110"
+plaintext_auth = "always"
+[imap]
+host = "127.0.0.1"
+security = "none"
+[state]
+dir = "/tmp/x"
+[backends.legacy]
+kind = "pop3"
+host = "127.0.0.1"
+security = "none"
+[backends.new]
+kind = "imap"
+host = "127.0.0.1"
+security = "none"
+[routing]
+rules = [{ match = "@example.org", backend = "legacy", login = "%n" }, { match = "done@example.org", backend = "new", login = "%n@new.example" }]
+"#,
+        )
+        .unwrap();
+        let l = Logins::new(&config, None, None).unwrap();
+        // The current route's rewrite for the backend it points at; else the client login.
+        assert_eq!(l.from("legacy", "Al@example.org"), "Al");
+        assert_eq!(l.to("new", "al@example.org"), "al@example.org");
+        assert_eq!(l.to("new", "done@example.org"), "done@new.example");
+        assert_eq!(l.from("legacy", "done@example.org"), "done@example.org");
+        assert_eq!(l.from("legacy", "x@other.org"), "x@other.org");
+        // Templates win.
+        let l = Logins::new(&config, Some("%u".into()), Some("%n@new.example".into())).unwrap();
+        assert_eq!(l.from("legacy", "al@example.org"), "al@example.org");
+        assert_eq!(l.to("new", "al@example.org"), "al@new.example");
+        // A template that gives no login is refused.
+        assert!(Logins::new(&config, None, Some("%n x".into())).is_err());
+        assert!(Logins::new(&config, Some(String::new()), None).is_err());
+    }
+
+    #[test]
     fn pop3_form_is_what_a_client_receives() {
         assert_eq!(pop3_form(b"a\nb"), b"a\r\nb\r\n");
         assert_eq!(pop3_form(b"a\r\nb\r\n"), b"a\r\nb\r\n");
