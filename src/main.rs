@@ -71,6 +71,8 @@ enum MigrateCommand {
         to: String,
         #[command(flatten)]
         users: UsersArgs,
+        #[command(flatten)]
+        logins: LoginArgs,
         /// Store the map even when some legacy messages have no match (their clients will
         /// download them again) or an existing mapping would change (the old one is kept).
         #[arg(long)]
@@ -98,6 +100,11 @@ enum MigrateCommand {
         /// Store even when a line contradicts an existing mapping (the old one is kept).
         #[arg(long)]
         accept_changed_uidls: bool,
+        /// The file's users are client logins; their login on the new store is this template
+        /// expanded (%u, %n, %d, %%). Default: the rewrite of the user's current route when it
+        /// points at --to, else the client login.
+        #[arg(long, value_name = "TEMPLATE")]
+        to_login: Option<String>,
     },
     /// Compare what the legacy server shows a user with what popbridge would show (count,
     /// UIDLs, sizes, message bytes); exit 0 only when there is no difference.
@@ -114,10 +121,28 @@ enum MigrateCommand {
         /// The user to compare.
         #[arg(long, value_name = "USER")]
         user: String,
-        /// Environment variable holding the user's password.
+        /// Environment variable holding the user's password (not needed on a side whose
+        /// backend has a master_user).
         #[arg(long, value_name = "VAR")]
         password_env: Option<String>,
+        #[command(flatten)]
+        logins: LoginArgs,
     },
+}
+
+/// How a client login (`--user`, a users-file line) becomes each backend's login.
+#[derive(clap::Args)]
+struct LoginArgs {
+    /// The user's login on the legacy backend: this template expanded (%u the client login,
+    /// %n its local part, %d its domain, %% a percent sign). Default: the rewrite of the
+    /// user's current route when it points at --from, else the client login.
+    #[arg(long, value_name = "TEMPLATE")]
+    from_login: Option<String>,
+    /// The user's login on the new store, as its route will rewrite it after the switch.
+    /// Default: the rewrite of the user's current route when it points at --to, else the
+    /// client login.
+    #[arg(long, value_name = "TEMPLATE")]
+    to_login: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -265,6 +290,7 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
             to,
             users,
             accept_changed_uidls,
+            logins,
             ..
         } => (|| {
             let specs = match (&users.user, &users.users_file) {
@@ -288,6 +314,8 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
                 to,
                 users: specs,
                 accept_changed_uidls,
+                from_login: logins.from_login,
+                to_login: logins.to_login,
             };
             runtime
                 .block_on(run::uidls(&config, &opts))
@@ -299,6 +327,7 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
             password_env,
             users_file,
             accept_changed_uidls,
+            to_login,
             ..
         } => (|| {
             let mut passwords = std::collections::HashMap::new();
@@ -331,6 +360,7 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
                     &file,
                     &passwords,
                     accept_changed_uidls,
+                    to_login,
                 ))
                 .map_err(|e| e.to_string())
         })(),
@@ -339,14 +369,17 @@ fn migrate(cmd: MigrateCommand) -> ExitCode {
             to,
             user,
             password_env,
+            logins,
             ..
         } => (|| {
             let spec = run::UserSpec {
                 user,
                 password: password_from_env(&password_env)?,
             };
+            let logins = run::Logins::new(&config, logins.from_login, logins.to_login)
+                .map_err(|e| e.to_string())?;
             runtime
-                .block_on(run::verify(&config, &from, &to, &spec))
+                .block_on(run::verify(&config, &from, &to, &spec, &logins))
                 .map_err(|e| e.to_string())
         })(),
     };

@@ -45,6 +45,20 @@ def copy(src_port, dst_port, user, pw, prefix_for):
         assert typ == 'OK', typ
     s.logout(); d.logout()
 
+def copy_as(src_port, dst_port, src_user, dst_user, pw, prefix_for):
+    # copy() for a user whose login differs between the platforms (same password).
+    s = imaplib.IMAP4('127.0.0.1', src_port); s.login(src_user, pw); s.select('INBOX', readonly=True)
+    d = imaplib.IMAP4('127.0.0.1', dst_port); d.login(dst_user, pw); d.select('INBOX')
+    typ, data = s.uid('SEARCH', None, 'ALL')
+    for i, uid in enumerate(data[0].split(), 1):
+        typ, data = s.uid('FETCH', uid, '(BODY.PEEK[])')
+        body = data[0][1]
+        if str(i) in prefix_for:
+            body = b'Return-Path: <bounce@example.org>\r\nStatus: RO\r\nX-UID: 99\r\n' + body
+        typ, _ = d.append('INBOX', None, None, body)
+        assert typ == 'OK', typ
+    s.logout(); d.logout()
+
 def burn_uids(port, user, pw, n):
     # Appends and expunges n messages so that later UIDs differ from the legacy server's.
     d = imaplib.IMAP4('127.0.0.1', port); d.login(user, pw); d.select('INBOX')
@@ -134,6 +148,7 @@ def uidls(port, user, pw):
 cmd = sys.argv[1]
 args = sys.argv[2:]
 if cmd == 'copy': copy(int(args[0]), int(args[1]), args[2], args[3], args[4].split(',') if len(args) > 4 else [])
+elif cmd == 'copy_as': copy_as(int(args[0]), int(args[1]), args[2], args[3], args[4], args[5].split(',') if len(args) > 5 else [])
 elif cmd == 'burn': burn_uids(int(args[0]), args[1], args[2], int(args[3]))
 elif cmd == 'append': append(int(args[0]), args[1], args[2], args[3])
 elif cmd == 'fetchmail': fetchmail(int(args[0]), args[1], args[2], args[3])
@@ -685,6 +700,56 @@ fn master_users_migrate_a_wave_without_user_passwords() {
         "{report}"
     );
     assert!(!report.contains("m4ster") && !String::from_utf8_lossy(&out.stderr).contains("m4ster"));
+    // verify needs no user password either: both sides have a master user.
+    for (u, _) in users {
+        let out = popbridge(
+            &[
+                "migrate",
+                "verify",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--from",
+                "legacy",
+                "--to",
+                "imap",
+                "--user",
+                u,
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            stdout(&out).contains(&format!("verify {u}: clean")),
+            "{}",
+            text(&out)
+        );
+    }
+    // Without a master user on the new store, verify still asks for the user's password.
+    let plain_cfg = env.config("plain.toml", &new, &legacy, &env.path("state2"));
+    let mut conf = fs::read_to_string(&plain_cfg).unwrap();
+    conf.push_str(&master_keys);
+    fs::write(&plain_cfg, conf).unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "verify",
+            "--config",
+            plain_cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--user",
+            "m1",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unless that backend has a master_user"),
+        "{}",
+        text(&out)
+    );
     // The wave file holds no passwords: only the master logins could have succeeded.
     let pb = Popbridge::start(&new, "");
     for (u, p) in users {
@@ -1018,4 +1083,286 @@ fn metadata_wins_over_a_cached_map_and_generations_replace_each_other() {
         !get(&format!("{entry}/g3/0")).contains("THIRD-1"),
         "the previous generation's chunks are deleted"
     );
+}
+
+fn hup(pb: &Popbridge) {
+    let pid = pb.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Atomically replaces a routing file (write, then rename into place).
+fn write_routes(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+const WAVE_ROUTES: &str = "@example.org,legacy,%n\n";
+
+/// Issue #6's "Done when", through one front door: one `popbridge serve` relays a domain to the
+/// legacy POP3 service (Cyrus-style UIDLs, bare logins there: `%n`), the wave is migrated to a
+/// named IMAP backend (logins `%n@new.example` there) while serve runs, verified, switched with
+/// a routing-file line per user and SIGHUP, and the same remembering client then downloads
+/// nothing twice and loses nothing; a user outside the wave is still relayed. Finally the sled
+/// key migrate writes is shown to be the one a routed session reads (METADATA off).
+#[test]
+fn a_wave_switches_routes_through_one_front_door() {
+    let env = Env::new();
+    let legacy = Dovecot::start_with_conf(LEGACY_CONF);
+    let new = Dovecot::start();
+    // (client login, legacy login, new-store login, password, messages)
+    let wave = [
+        ("w1@example.org", "w1", "w1@new.example", "w1pw", 4usize),
+        ("w2@example.org", "w2", "w2@new.example", "w2pw", 3),
+    ];
+    let stay = ("s3@example.org", "s3", "s3pw");
+    // Every user first: Dovecot re-reads its passwd-file at most once a second.
+    for (_, old_login, new_login, pw, _) in wave {
+        legacy.add_user(old_login, pw);
+        new.add_user(new_login, pw);
+    }
+    legacy.add_user(stay.1, stay.2);
+    for (i, (_, old_login, _, _, n)) in wave.iter().enumerate() {
+        let msgs: Vec<Vec<u8>> = (1..=*n).map(|k| msg(k * 10 + i)).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        legacy.seed(old_login, &refs);
+    }
+    legacy.seed(stay.1, &[&msg(31), &msg(32)]);
+
+    let routes = env.path("routes.csv");
+    write_routes(&routes, WAVE_ROUTES);
+    let pb_dir = env.path("pb-state");
+    let mut pb = Popbridge::start(
+        &new,
+        &format!(
+            "[state]\ndir = \"{state}\"\n\
+             [backends.legacy]\nkind = \"pop3\"\nhost = \"127.0.0.1\"\nport = {lp}\nsecurity = \"none\"\n\
+             [backends.new]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {np}\nsecurity = \"none\"\n\
+             [routing]\nunknown_users = \"reject\"\nfile = \"{routes}\"",
+            state = pb_dir.display(),
+            lp = legacy.pop3_port(),
+            np = new.imap_port(),
+            routes = routes.display(),
+        ),
+    );
+    let port = pb.pop3_port();
+    let cfg = pb.config_path();
+    let cfg_s = cfg.to_str().unwrap().to_string();
+
+    // Before the switch: every client downloads everything through popbridge (relayed).
+    let mut legacy_uidls: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (client, old_login, _, pw, n) in wave {
+        let (got, listed) = env.fetchmail(port, client, pw);
+        assert_eq!(got.len(), n, "{client}");
+        assert!(
+            listed.iter().all(|u| u.contains('.')),
+            "relayed: {listed:?}"
+        );
+        assert_eq!(
+            env.uidls(legacy.pop3_port(), old_login, pw)
+                .iter()
+                .map(|l| l.split(' ').nth(1).unwrap().to_string())
+                .collect::<Vec<_>>(),
+            listed,
+            "byte for byte the legacy server's UIDLs"
+        );
+    }
+    let (got, _) = env.fetchmail(port, stay.0, stay.2);
+    assert_eq!(got.len(), 2);
+    // w1 gets mail on the legacy platform it has not fetched yet when the wave runs.
+    legacy.seed("w1", &[&msg(19)]);
+
+    // The copy: other UIDs on the new store, w1's message 2 gains headers servers add.
+    for (_, old_login, new_login, pw, _) in wave {
+        env.py(&["burn", &new.imap_port().to_string(), new_login, pw, "3"]);
+        env.py(&[
+            "copy_as",
+            &legacy.imap_port().to_string(),
+            &new.imap_port().to_string(),
+            old_login,
+            new_login,
+            pw,
+            if old_login == "w1" { "2" } else { "" },
+        ]);
+        legacy_uidls.insert(
+            old_login,
+            env.uidls(legacy.pop3_port(), old_login, pw)
+                .iter()
+                .map(|l| l.split(' ').nth(1).unwrap().to_string())
+                .collect(),
+        );
+    }
+    assert_eq!(
+        new.imap_state("w1@new.example", "w1pw", "INBOX").uids()[0],
+        4
+    );
+
+    // The wave, with the same configuration while serve runs: the users file holds client
+    // logins; the legacy login comes from their current route (%n), the new one from
+    // --to-login (the rewrite their route will have). serve holds the sled directory, so the
+    // map goes to METADATA only.
+    let wave_file = env.path("wave.txt");
+    let lines: Vec<String> = wave.iter().map(|w| format!("{}\t{}", w.0, w.3)).collect();
+    fs::write(&wave_file, lines.join("\n") + "\n").unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "uidls",
+            "--config",
+            &cfg_s,
+            "--from",
+            "legacy",
+            "--to",
+            "new",
+            "--users-file",
+            wave_file.to_str().unwrap(),
+            "--to-login",
+            "%n@new.example",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains("user w1@example.org: legacy 5, new 5; matched 5")
+            && report.contains("user w2@example.org: legacy 3, new 3; matched 3"),
+        "{report}"
+    );
+    assert!(
+        report.contains("user w1@example.org: logged in to legacy as w1, new as w1@new.example"),
+        "{report}"
+    );
+    assert_eq!(report.matches("stored metadata;").count(), 2, "{report}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("local state not updated"), "{err}");
+
+    // Shadow check of each user: clean.
+    let verify = |client: &str, pw: &str| {
+        popbridge(
+            &[
+                "migrate",
+                "verify",
+                "--config",
+                &cfg_s,
+                "--from",
+                "legacy",
+                "--to",
+                "new",
+                "--user",
+                client,
+                "--password-env",
+                "PW",
+                "--to-login",
+                "%n@new.example",
+            ],
+            &[("PW", pw)],
+        )
+    };
+    for (client, _, _, pw, _) in wave {
+        let out = verify(client, pw);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            stdout(&out).contains(&format!("verify {client}: clean")),
+            "{}",
+            text(&out)
+        );
+    }
+
+    // The switch: one line per user, SIGHUP.
+    let switched = format!(
+        "{WAVE_ROUTES}w1@example.org,new,%n@new.example\nw2@example.org,new,%n@new.example\n"
+    );
+    write_routes(&routes, &switched);
+    hup(&pb);
+    assert!(
+        pb.wait_for_log(
+            "SIGHUP: routing table reloaded",
+            std::time::Duration::from_secs(10)
+        ),
+        "{}",
+        pb.log()
+    );
+
+    // Same client, same front door: nothing twice, nothing lost.
+    let (got, listed) = env.fetchmail(port, "w1@example.org", "w1pw");
+    let w1 = &legacy_uidls["w1"];
+    assert_eq!(
+        got,
+        vec![w1[4].clone()],
+        "only the unfetched message, legacy UIDL"
+    );
+    assert_eq!(&listed, w1, "every legacy UIDL, same order");
+    let (got, listed) = env.fetchmail(port, "w2@example.org", "w2pw");
+    assert!(got.is_empty(), "nothing twice: {got:?}");
+    assert_eq!(&listed, &legacy_uidls["w2"]);
+    assert!(
+        pb.log().contains("upstream_login=w1@new.example"),
+        "served from the new store"
+    );
+
+    // Outside the wave: still relayed, new legacy mail in the legacy format.
+    legacy.seed(stay.1, &[&msg(33)]);
+    let (got, listed) = env.fetchmail(port, stay.0, stay.2);
+    assert_eq!(got.len(), 1);
+    assert!(listed.iter().all(|u| u.contains('.')), "{listed:?}");
+
+    // New mail on the new store after the switch: the new store's format, downloaded once.
+    fs::write(env.path("n1.eml"), msg(50)).unwrap();
+    env.py(&[
+        "append",
+        &new.imap_port().to_string(),
+        "w2@new.example",
+        "w2pw",
+        env.path("n1.eml").to_str().unwrap(),
+    ]);
+    let st = new.imap_state("w2@new.example", "w2pw", "INBOX");
+    let newest = *st.uids().last().unwrap();
+    let (got, _) = env.fetchmail(port, "w2@example.org", "w2pw");
+    assert_eq!(got, vec![format!("{newest:08x}{:08x}", st.uidvalidity)]);
+    let (got, _) = env.fetchmail(port, "w2@example.org", "w2pw");
+    assert!(got.is_empty(), "{got:?}");
+
+    // The sled key: with METADATA off and an empty state directory, a map migrate stored in
+    // sled only is served to the routed session only if migrate used the session's key
+    // (backend prefix + rewritten login).
+    pb.kill();
+    let mut conf = fs::read_to_string(&cfg).unwrap();
+    conf.push_str("\n[migration]\nshared_map = \"none\"\n");
+    fs::write(&cfg, conf).unwrap();
+    fs::remove_dir_all(&pb_dir).unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "uidls",
+            "--config",
+            &cfg_s,
+            "--from",
+            "legacy",
+            "--to",
+            "new",
+            "--user",
+            "w1@example.org",
+            "--password-env",
+            "PW",
+            "--to-login",
+            "%n@new.example",
+            // The route points at `new` now: the legacy rewrite has to be given.
+            "--from-login",
+            "%n",
+        ],
+        &[("PW", "w1pw")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("stored sled;"), "{}", text(&out));
+    pb.restart();
+    let listed = env.uidls(port, "w1@example.org", "w1pw");
+    let only: Vec<String> = listed
+        .iter()
+        .map(|l| l.split(' ').nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(&only, w1, "the sled map under the routed key");
 }

@@ -16,6 +16,7 @@ use super::Credential;
 use crate::config::{read_secret, BackendRef, Config, ImapConfig, Pop3BackendConfig, SharedMap};
 use crate::maildrop::Maildrop;
 use crate::pop3::connection::Upstream;
+use crate::routing::{expand, Router};
 use crate::state::StateStore;
 use crate::uidl::UidlFormat;
 
@@ -104,6 +105,79 @@ pub fn imap_backend<'a>(config: &'a Config, name: &str) -> Result<&'a ImapConfig
             "backend {name:?} is a POP3 backend; --to needs an IMAP backend"
         ))),
         None => Err(MigrateError::Usage(format!("no backend named {name:?}"))),
+    }
+}
+
+/// Which login a user has on each side. `--user` (and a users-file line) is the *client*
+/// login: what the POP3 client types and what routing rules match. On a backend, the login is
+/// `--from-login` / `--to-login` expanded for it when given (the rewrite the user's route will
+/// have after the switch), else the rewrite of the user's current route when that route
+/// points at this backend, else the client login unchanged. The map is stored under the new
+/// store's login, which is the key a routed session uses.
+pub struct Logins {
+    router: Router,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+impl Logins {
+    /// Reads the configuration's routing rules and routing file.
+    pub fn new(
+        config: &Config,
+        from_template: Option<String>,
+        to_template: Option<String>,
+    ) -> Result<Logins, MigrateError> {
+        let router = Router::from_config(config)
+            .map_err(|e| MigrateError::Usage(format!("routing: {e}")))?;
+        for t in [&from_template, &to_template].into_iter().flatten() {
+            let sample = expand(t, "user@example.org");
+            if sample.is_empty() || sample.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                return Err(MigrateError::Usage(format!(
+                    "login template {t:?} gives {sample:?} for user@example.org: not a login"
+                )));
+            }
+        }
+        Ok(Logins {
+            router,
+            from: from_template,
+            to: to_template,
+        })
+    }
+
+    fn on(&self, backend: &str, template: &Option<String>, user: &str) -> String {
+        if let Some(t) = template {
+            return expand(t, user);
+        }
+        match self.router.route(user) {
+            Some(r) if &*r.backend == backend => r.login,
+            _ => user.to_owned(),
+        }
+    }
+
+    /// `user`'s login on the legacy backend `backend`.
+    pub fn from(&self, backend: &str, user: &str) -> String {
+        self.on(backend, &self.from, user)
+    }
+
+    /// `user`'s login on the new store `backend`.
+    pub fn to(&self, backend: &str, user: &str) -> String {
+        self.on(backend, &self.to, user)
+    }
+}
+
+/// A report line naming the logins used, when they differ from the client login.
+fn print_logins(user: &str, from: Option<(&str, &str)>, to: (&str, &str)) {
+    let mut parts = Vec::new();
+    if let Some((b, l)) = from {
+        if l != user {
+            parts.push(format!("{b} as {l}"));
+        }
+    }
+    if to.1 != user {
+        parts.push(format!("{} as {}", to.0, to.1));
+    }
+    if !parts.is_empty() {
+        println!("  user {user}: logged in to {}", parts.join(", "));
     }
 }
 
@@ -199,6 +273,9 @@ pub struct UidlsOptions {
     pub to: String,
     pub users: Vec<UserSpec>,
     pub accept_changed_uidls: bool,
+    /// `--from-login` / `--to-login` templates (see [`Logins`]).
+    pub from_login: Option<String>,
+    pub to_login: Option<String>,
 }
 
 /// What happened to one user.
@@ -228,10 +305,13 @@ pub async fn uidls(config: &Config, opts: &UidlsOptions) -> Result<bool, Migrate
     let imap = imap_backend(config, &opts.to)?;
     let legacy_master = master(&legacy.master_user, &legacy.master_password_file)?;
     let imap_master = master(&imap.master_user, &imap.master_password_file)?;
+    let logins = Logins::new(config, opts.from_login.clone(), opts.to_login.clone())?;
     let state = open_state(config);
     let mut progress = Progress::new(opts.users.len());
     let mut all_ok = true;
     for spec in &opts.users {
+        let from_login = logins.from(&opts.from, &spec.user);
+        let to_login = logins.to(&opts.to, &spec.user);
         let result = async {
             let lc = credential(&legacy_master, spec, "legacy")?;
             let ic = credential(&imap_master, spec, "new")?;
@@ -239,7 +319,7 @@ pub async fn uidls(config: &Config, opts: &UidlsOptions) -> Result<bool, Migrate
                 config,
                 legacy,
                 &opts.to,
-                spec,
+                (&from_login, &to_login),
                 &lc,
                 &ic,
                 state.as_ref(),
@@ -273,6 +353,11 @@ pub async fn uidls(config: &Config, opts: &UidlsOptions) -> Result<bool, Migrate
                     r.duplicates.1,
                     r.conflicts.len(),
                     if r.stored.is_empty() { "nowhere".to_string() } else { r.stored.join("+") },
+                );
+                print_logins(
+                    &spec.user,
+                    Some((&opts.from, &from_login)),
+                    (&opts.to, &to_login),
                 );
                 for u in r.unmatched_legacy.iter().take(20) {
                     println!(
@@ -406,7 +491,7 @@ async fn migrate_user(
     config: &Config,
     legacy_cfg: &Pop3BackendConfig,
     to: &str,
-    spec: &UserSpec,
+    (from_login, to_login): (&str, &str),
     lc: &Credential,
     ic: &Credential,
     state: Option<&StateStore>,
@@ -414,10 +499,11 @@ async fn migrate_user(
 ) -> Result<UserReport, MigrateError> {
     let imap = imap_backend(config, to)?;
     let mut pop = Pop3Client::connect(legacy_cfg).await?;
-    login_pop3(&mut pop, &spec.user, lc).await?;
+    login_pop3(&mut pop, from_login, lc).await?;
     let listed = pop.listing().await?;
-    let mut store = Store::open(imap, &spec.user, ic).await?;
-    store.state_key = format!("{}{}", crate::backends::state_prefix(to), spec.user);
+    let mut store = Store::open(imap, to_login, ic).await?;
+    // The key a session routed to `to` with this login uses (backends::state_prefix).
+    store.state_key = format!("{}{to_login}", crate::backends::state_prefix(to));
     let new = store.messages().await?;
     let legacy: Vec<LegacyMessage> = listed
         .iter()
@@ -495,7 +581,7 @@ async fn migrate_user(
         return Ok(report);
     }
     if existing.must_store(&map, shared, state.is_some()) {
-        report.stored = store_map(config, state, &mut store, &spec.user, &map).await?;
+        report.stored = store_map(config, state, &mut store, to_login, &map).await?;
     } else {
         report.stored = vec!["unchanged"];
     }
@@ -596,8 +682,10 @@ pub async fn import(
     file: &Path,
     passwords: &HashMap<String, String>,
     accept: bool,
+    to_login: Option<String>,
 ) -> Result<bool, MigrateError> {
     let imap = imap_backend(config, to)?;
+    let logins = Logins::new(config, None, to_login)?;
     let text = std::fs::read_to_string(file)
         .map_err(|e| MigrateError::Usage(format!("cannot read {}: {e}", file.display())))?;
     let by_user = parse_import(file, &text).map_err(|errs| MigrateError::Usage(errs.join("\n")))?;
@@ -610,10 +698,11 @@ pub async fn import(
             user: user.clone(),
             password: passwords.get(user).cloned(),
         };
+        let login = logins.to(to, user);
         let result: Result<(usize, Vec<String>, Vec<&'static str>), MigrateError> = async {
             let cred = credential(&imap_master, &spec, "new")?;
-            let mut store = Store::open(imap, user, &cred).await?;
-            store.state_key = format!("{}{user}", crate::backends::state_prefix(to));
+            let mut store = Store::open(imap, &login, &cred).await?;
+            store.state_key = format!("{}{login}", crate::backends::state_prefix(to));
             let present: std::collections::HashSet<u32> =
                 store.messages().await?.iter().map(|m| m.uid).collect();
             let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
@@ -639,7 +728,7 @@ pub async fn import(
                 return Ok((lines.len(), conflicts, Vec::new()));
             }
             let stored = if existing.must_store(&map, shared, state.is_some()) {
-                store_map(config, state.as_ref(), &mut store, user, &map).await?
+                store_map(config, state.as_ref(), &mut store, &login, &map).await?
             } else {
                 vec!["unchanged"]
             };
@@ -669,6 +758,7 @@ pub async fn import(
                         stored.join("+")
                     }
                 );
+                print_logins(user, None, (to, &login));
                 for c in conflicts.iter().take(20) {
                     println!("  user {user}: {c}");
                 }
@@ -806,15 +896,19 @@ pub async fn verify(
     from: &str,
     to: &str,
     spec: &UserSpec,
+    logins: &Logins,
 ) -> Result<bool, MigrateError> {
     let legacy_cfg = pop3_backend(config, from)?;
     let imap = imap_backend(config, to)?;
     let legacy_master = master(&legacy_cfg.master_user, &legacy_cfg.master_password_file)?;
     let lc = credential(&legacy_master, spec, "legacy")?;
+    let from_login = logins.from(from, &spec.user);
+    let to_login = logins.to(to, &spec.user);
+    print_logins(&spec.user, Some((from, &from_login)), (to, &to_login));
 
     // The legacy server, as a client sees it.
     let mut pop = Pop3Client::connect(legacy_cfg).await?;
-    login_pop3(&mut pop, &spec.user, &lc).await?;
+    login_pop3(&mut pop, &from_login, &lc).await?;
     let listed: Vec<ListedMessage> = pop.listing().await?;
     let mut legacy = Vec::with_capacity(listed.len());
     for m in &listed {
@@ -823,13 +917,19 @@ pub async fn verify(
     }
     pop.quit().await;
 
-    // popbridge, in-process: the same upstream, snapshot and UIDL code `serve` uses.
-    let password = spec.password.clone().ok_or_else(|| {
-        MigrateError::Usage(format!(
-            "verify logs in to the new store like a POP3 session does, with {}'s password (--password-env)",
-            spec.user
-        ))
-    })?;
+    // popbridge, in-process: the same upstream, snapshot and UIDL code `serve` uses. With a
+    // master user on the new store, `serve` logs in as that master user after another backend
+    // checked the client's password; verify is an operator tool and skips that check.
+    let password = match (&spec.password, &imap.master_user) {
+        (_, Some(_)) => String::new(),
+        (Some(p), None) => p.clone(),
+        (None, None) => {
+            return Err(MigrateError::Usage(format!(
+                "verify logs in to the new store like a POP3 session does, with {}'s password (--password-env), unless that backend has a master_user",
+                spec.user
+            )))
+        }
+    };
     let state = StateStore::open(&config.state.dir).ok().map(Arc::new);
     if state.is_none() && config.migration.shared_map == SharedMap::None {
         return Err(MigrateError::State(
@@ -851,7 +951,7 @@ pub async fn verify(
     )
     .map_err(|e| MigrateError::Usage(e.to_string()))?;
     let mut md = upstream
-        .login(&spec.user, &password)
+        .login(&to_login, &password)
         .await
         .map_err(|e| MigrateError::Bridge(e.to_string()))?;
     let snapshot = md
@@ -996,6 +1096,48 @@ mod tests {
             !e.must_store(&meta, true, false),
             "METADATA already holds it"
         );
+    }
+
+    #[test]
+    fn logins_follow_templates_then_the_current_route_then_the_client_login() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[pop3]
+listen = "127.0.0.1:1110"
+plaintext_auth = "always"
+[imap]
+host = "127.0.0.1"
+security = "none"
+[state]
+dir = "/tmp/x"
+[backends.legacy]
+kind = "pop3"
+host = "127.0.0.1"
+security = "none"
+[backends.new]
+kind = "imap"
+host = "127.0.0.1"
+security = "none"
+[routing]
+rules = [{ match = "@example.org", backend = "legacy", login = "%n" }, { match = "done@example.org", backend = "new", login = "%n@new.example" }]
+"#,
+        )
+        .unwrap();
+        let l = Logins::new(&config, None, None).unwrap();
+        // The current route's rewrite for the backend it points at; else the client login.
+        assert_eq!(l.from("legacy", "Al@example.org"), "Al");
+        assert_eq!(l.to("new", "al@example.org"), "al@example.org");
+        assert_eq!(l.to("new", "done@example.org"), "done@new.example");
+        assert_eq!(l.from("legacy", "done@example.org"), "done@example.org");
+        assert_eq!(l.from("legacy", "x@other.org"), "x@other.org");
+        // Templates win.
+        let l = Logins::new(&config, Some("%u".into()), Some("%n@new.example".into())).unwrap();
+        assert_eq!(l.from("legacy", "al@example.org"), "al@example.org");
+        assert_eq!(l.to("new", "al@example.org"), "al@new.example");
+        // A template that gives no login is refused.
+        assert!(Logins::new(&config, None, Some("%n x".into())).is_err());
+        assert!(Logins::new(&config, Some(String::new()), None).is_err());
     }
 
     #[test]

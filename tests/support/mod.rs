@@ -667,6 +667,13 @@ impl Popbridge {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+    /// Kills the process now, keeping its directory (config, state, log) for [`restart`].
+    ///
+    /// [`restart`]: Popbridge::restart
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
     /// Kills the process now and returns its log.
     pub fn stop(mut self) -> String {
         let _ = self.child.kill();
