@@ -121,6 +121,9 @@ pub struct ImapConnection {
     body: Option<BodyStream>,
     /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
     ahead: Vec<(u32, Bytes)>,
+    /// A FETCH sent ahead of the client's next RETR ([`Self::prefetch`]) whose response is
+    /// still unread in the socket.
+    prefetch: Option<Prefetch>,
     /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
     /// several UIDs can be streamed (each literal is known to be whose before it arrives).
     uid_before_body: bool,
@@ -142,6 +145,16 @@ struct BodyStream {
     /// being sent the end of this message instead of delaying it.
     delivered: bool,
     info: FetchInfo,
+    started: Instant,
+}
+
+/// A `UID FETCH <uid>,<others> (UID BODY.PEEK[])` sent but not read yet: its response follows
+/// the current one (if any) in the socket, bounded by the kernel's buffers, until the next
+/// RETR streams it ([`ImapConnection::body_start`]) or the next other command drains it.
+struct Prefetch {
+    tag: String,
+    uid: u32,
+    others: Vec<u32>,
     started: Instant,
 }
 
@@ -267,6 +280,7 @@ impl ImapConnection {
             read_size: LINE_READ,
             body: None,
             ahead: Vec::new(),
+            prefetch: None,
             uid_before_body: false,
             limits,
             next_tag: 1,
@@ -304,6 +318,7 @@ impl ImapConnection {
             return Err(ImapError::Broken);
         }
         self.abandon_body().await?;
+        self.drain_prefetch().await?;
         let started = Instant::now();
         let mut pending = Vec::with_capacity(bodies.len());
         let mut logging_out = false;
@@ -574,6 +589,38 @@ impl ImapConnection {
         }
         self.abandon_body().await?;
         self.ahead.clear();
+        // A FETCH of this very message sent ahead: its response is next in the socket, no
+        // command and no round trip needed (its `others` replace the ones asked for now).
+        let (tag, others, started) = match self.prefetch.take() {
+            Some(p) if p.uid == uid => (p.tag, p.others, p.started),
+            p => {
+                self.prefetch = p;
+                self.drain_prefetch().await?;
+                let started = Instant::now();
+                let tag = self.send_fetch(uid, others).await?;
+                (tag, others.to_vec(), started)
+            }
+        };
+        match self.fetch_lines(&tag, Some(uid), &others).await? {
+            Step::Done(done) => Ok(BodyStart::NoBody(done)),
+            Step::Body { len, info } => {
+                self.uid_before_body |= info.uid.is_some();
+                self.body = Some(BodyStream {
+                    tag,
+                    uid,
+                    others,
+                    left: u64::from(len),
+                    delivered: false,
+                    info,
+                    started,
+                });
+                Ok(BodyStart::Streaming)
+            }
+        }
+    }
+
+    /// Writes `UID FETCH <uid>,<others> (UID BODY.PEEK[])` (deadline on the write); its tag.
+    async fn send_fetch(&mut self, uid: u32, others: &[u32]) -> Result<String, ImapError> {
         if uid == 0 || others.contains(&0) || others.contains(&uid) {
             return Err(ImapError::Command("bad UID set".into()));
         }
@@ -582,7 +629,6 @@ impl ImapConnection {
                 "read-ahead needs UID before BODY".into(),
             ));
         }
-        let started = Instant::now();
         let tag = format!("P{}", self.next_tag);
         self.next_tag = self.next_tag.wrapping_add(1);
         let mut command = format!("{tag} UID FETCH {uid}");
@@ -597,24 +643,114 @@ impl ImapConnection {
         })
         .await;
         match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.fail(e.into())),
-            Err(_) => return Err(self.fail(ImapError::Timeout(t))),
+            Ok(Ok(())) => Ok(tag),
+            Ok(Err(e)) => Err(self.fail(e.into())),
+            Err(_) => Err(self.fail(ImapError::Timeout(t))),
         }
-        match self.fetch_lines(&tag, Some(uid), others).await? {
-            Step::Done(done) => Ok(BodyStart::NoBody(done)),
-            Step::Body { len, info } => {
-                self.uid_before_body |= info.uid.is_some();
-                self.body = Some(BodyStream {
-                    tag,
-                    uid,
-                    others: others.to_vec(),
-                    left: u64::from(len),
-                    delivered: false,
-                    info,
-                    started,
-                });
-                Ok(BodyStart::Streaming)
+    }
+
+    /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` now and leaves its response unread
+    /// in the socket: if the next body asked for is `uid`, [`Self::body_start`] streams it
+    /// without a round trip; any other command first drains it ([`Self::drain_prefetch`]).
+    /// Only while no body is being streamed (a delivered one whose tail is unread is fine:
+    /// the responses come in order), none is prefetched yet, and the server is known to send
+    /// `UID` before `BODY[]` (so a drain knows whose every literal is).
+    pub async fn prefetch(&mut self, uid: u32, others: &[u32]) -> Result<(), ImapError> {
+        if self.broken {
+            return Err(ImapError::Broken);
+        }
+        if self.prefetch.is_some()
+            || !self.uid_before_body
+            || self.body.as_ref().is_some_and(|b| !b.delivered)
+        {
+            return Err(ImapError::Command("cannot prefetch now".into()));
+        }
+        let started = Instant::now();
+        let tag = self.send_fetch(uid, others).await?;
+        self.prefetch = Some(Prefetch {
+            tag,
+            uid,
+            others: others.to_vec(),
+            started,
+        });
+        Ok(())
+    }
+
+    /// Whether a prefetched FETCH of `uid` is waiting to be streamed.
+    pub fn prefetched(&self, uid: u32) -> bool {
+        self.prefetch.as_ref().is_some_and(|p| p.uid == uid)
+    }
+
+    /// Whether some FETCH was prefetched.
+    pub fn has_prefetch(&self) -> bool {
+        self.prefetch.is_some()
+    }
+
+    /// The UIDs of the streamed FETCH (current body and read-ahead) whose bodies are not
+    /// handed out yet, and those of a prefetched one.
+    pub fn in_flight(&self) -> impl Iterator<Item = u32> + '_ {
+        let body = self.body.iter().flat_map(|b| b.others.iter().copied());
+        let pre = self
+            .prefetch
+            .iter()
+            .flat_map(|p| std::iter::once(p.uid).chain(p.others.iter().copied()));
+        body.chain(pre)
+    }
+
+    /// Reads and discards the response to a prefetched FETCH that the client did not ask for,
+    /// before any other command: every body must be one of its UIDs and at most `DRAIN_MAX`
+    /// bytes, every read has the I/O deadline; anything else ends the connection.
+    async fn drain_prefetch(&mut self) -> Result<(), ImapError> {
+        let Some(p) = self.prefetch.take() else {
+            return Ok(());
+        };
+        let r = self.drain_inner(&p).await;
+        if let Err(e) = &r {
+            self.broken = true;
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn drain_inner(&mut self, p: &Prefetch) -> Result<(), ImapError> {
+        loop {
+            let line = self.read_line().await?;
+            let items_at = match fetch_stream::classify(&line, p.tag.as_bytes())
+                .map_err(|e| self.fail(e.into()))?
+            {
+                Line::Done { .. } => {
+                    tracing::debug!(uid = p.uid, "prefetched FETCH drained");
+                    self.shrink_idle_buffer();
+                    return Ok(());
+                }
+                Line::Other { literal } => {
+                    self.skip(literal.map_or(0, u64::from)).await?;
+                    continue;
+                }
+                Line::Fetch { items_at } => items_at,
+            };
+            let mut info = FetchInfo::default();
+            let items = &fetch_stream::trim_eol(&line)[items_at..];
+            let len = match fetch_stream::parse_items(items, &mut info)
+                .map_err(|e| self.fail(e.into()))?
+            {
+                Items::End => continue,
+                Items::Body(len) => len,
+            };
+            let ours = info
+                .uid
+                .is_some_and(|u| u == p.uid || p.others.contains(&u));
+            if !ours || u64::from(len) > DRAIN_MAX {
+                return Err(self.fail(ImapError::Malformed));
+            }
+            self.skip(u64::from(len)).await?;
+            let line = self.read_line().await?;
+            match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
+                Ok(Items::End) => {}
+                _ => return Err(self.fail(ImapError::Malformed)),
             }
         }
     }
@@ -763,6 +899,11 @@ impl ImapConnection {
         self.uid_before_body
     }
 
+    /// Whether a body is being streamed and not yet handed out whole.
+    pub fn streaming_any(&self) -> bool {
+        self.body.as_ref().is_some_and(|b| !b.delivered)
+    }
+
     /// Whether a body is being streamed for `uid`.
     pub fn streaming(&self, uid: u32) -> bool {
         self.body
@@ -893,6 +1034,8 @@ async fn read_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
+    use imap_next::imap_types::sequence::SequenceSet;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     const LIMITS: ConnLimits = ConnLimits {
@@ -1129,6 +1272,163 @@ mod tests {
         ));
         assert!(matches!(
             conn.body_start(7, &[]).await,
+            Err(ImapError::Broken)
+        ));
+    }
+    /// A first streamed FETCH (the server shows UID before BODY[]), delivered; then the
+    /// FETCH of the next message is prefetched behind its unread tail.
+    async fn prefetching(
+        next_reply: Vec<u8>,
+        after: Vec<(&'static str, Vec<u8>)>,
+        limits: ConnLimits,
+    ) -> ImapConnection {
+        let first = fetch_reply(
+            "* 1 FETCH (UID 7 BODY[] ",
+            &body(30_000),
+            ")\r\n{tag} OK\r\n",
+        );
+        let mut steps = vec![("UID FETCH 7 (", first), ("UID FETCH 8,9 (", next_reply)];
+        steps.extend(after);
+        let mut conn = connect(steps, 777, limits).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(30_000));
+        conn.prefetch(8, &[9]).await.unwrap();
+        assert!(conn.prefetched(8) && !conn.prefetched(9));
+        // Only one at a time.
+        assert!(conn.prefetch(10, &[]).await.is_err());
+        conn
+    }
+
+    fn next_reply() -> Vec<u8> {
+        let mut r = fetch_reply("* 2 FETCH (UID 8 BODY[] ", &body(90_000), ")\r\n");
+        r.extend(fetch_reply("* 3 FETCH (UID 9 BODY[] ", &body(5), ")\r\n"));
+        r.extend_from_slice(b"{tag} OK\r\n");
+        r
+    }
+
+    #[tokio::test]
+    async fn a_prefetched_body_is_served_without_a_command() {
+        let noop = vec![("NOOP", b"{tag} OK noop\r\n".to_vec())];
+        let mut conn = prefetching(next_reply(), noop, LIMITS).await;
+        conn.settle().await.unwrap();
+        // The others asked for now are ignored: the prefetched command's are read.
+        assert!(matches!(
+            conn.body_start(8, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        assert!(!conn.has_prefetch());
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(90_000));
+        conn.settle().await.unwrap();
+        assert_eq!(conn.take_ahead(), vec![(9, Bytes::from(body(5)))]);
+        // In step: the next command is the scripted NOOP.
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_is_drained_before_another_command() {
+        // Another message streamed instead, a plain command (the commit's STORE, say), and
+        // a prefetch answered NO: each drains the pending response first.
+        let steps = vec![
+            (
+                "UID FETCH 11 (",
+                fetch_reply("* 5 FETCH (UID 11 BODY[] ", &body(40), ")\r\n{tag} OK\r\n"),
+            ),
+            (
+                "UID FETCH 12 (",
+                b"* 9 EXPUNGE\r\n{tag} NO gone\r\n".to_vec(),
+            ),
+            ("UID STORE", b"{tag} OK stored\r\n".to_vec()),
+        ];
+        let mut conn = prefetching(next_reply(), steps, LIMITS).await;
+        conn.body_start(11, &[]).await.unwrap();
+        assert!(!conn.has_prefetch());
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(40));
+        conn.prefetch(12, &[]).await.unwrap();
+        let set = SequenceSet::try_from("7").unwrap();
+        let store = CommandBody::store(
+            set,
+            StoreType::Add,
+            StoreResponse::Silent,
+            vec![Flag::Deleted],
+            true,
+        )
+        .unwrap();
+        assert!(conn.execute(store, |_| {}).await.unwrap().is_ok());
+        assert!(!conn.has_prefetch());
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_with_a_foreign_or_oversized_body_breaks_the_connection() {
+        let foreign = fetch_reply("* 2 FETCH (UID 3 BODY[] ", &body(10), ")\r\n{tag} OK\r\n");
+        let mut conn = prefetching(foreign, vec![], LIMITS).await;
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Malformed)
+        ));
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
+        let huge = format!("* 2 FETCH (UID 8 BODY[] {{{}}}\r\n", DRAIN_MAX + 1).into_bytes();
+        let mut conn = prefetching(huge, vec![], LIMITS).await;
+        assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_or_cut_prefetch_fails_the_next_command() {
+        let limits = ConnLimits {
+            io_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        // 10 bytes of 100, then silence: the drain hits the deadline ...
+        let stalled = b"* 2 FETCH (UID 8 BODY[] {100}\r\n0123456789".to_vec();
+        let mut conn = prefetching(stalled, vec![], limits).await;
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Timeout(_))
+        ));
+        assert!(matches!(
+            conn.body_start(8, &[]).await,
+            Err(ImapError::Broken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cut_prefetch_fails_the_next_command() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            let tag = line.split(' ').next().unwrap().to_owned();
+            let reply = fetch_reply("* 1 FETCH (UID 7 BODY[] ", &body(100), ")\r\n");
+            w.write_all(&reply).await.unwrap();
+            w.write_all(format!("{tag} OK\r\n").as_bytes())
+                .await
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("UID FETCH 8 ("), "{line}");
+            w.write_all(b"* 2 FETCH (UID 8 BODY[] {100}\r\n01234")
+                .await
+                .unwrap();
+            // Cut: both directions closed.
+        });
+        let mut conn = ImapConnection::over(Box::new(a), LIMITS, false)
+            .await
+            .unwrap();
+        conn.body_start(7, &[]).await.unwrap();
+        read_all(&mut conn).await.unwrap();
+        conn.prefetch(8, &[]).await.unwrap();
+        assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
             Err(ImapError::Broken)
         ));
     }

@@ -512,6 +512,10 @@ const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
 const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
 /// ... and only messages up to this size (bigger ones are streamed anyway).
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
+/// The next message is prefetched (its FETCH sent as soon as the current one was handed out,
+/// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
+/// something else makes popbridge read and discard it before its next command.
+const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
 
 impl ImapMaildrop {
     /// The small messages to fetch along with `uid` (from the session's hint): bounded in
@@ -777,6 +781,11 @@ impl Maildrop for ImapMaildrop {
             Some(c) => (c.streaming(uid), c.uid_before_body()),
             None => (false, false),
         };
+        // Its FETCH was sent right after the previous message (`prefetch_next`): served as
+        // it was then, like a message read ahead, without the NOOP.
+        let prefetched = offset == 0
+            && !self.ahead.contains_key(&uid)
+            && self.conn.as_ref().is_some_and(|c| c.prefetched(uid));
         // Everything is streamed once the server is known to put UID before BODY[] (then
         // small messages read ahead can come in the same FETCH); before that, only messages
         // too big to read ahead.
@@ -787,14 +796,19 @@ impl Maildrop for ImapMaildrop {
         if !streaming && !stream_it {
             let data = self.fetch(uid, offset, max).await?;
             let last = data.len() < max as usize;
+            if last {
+                self.prefetch_next(max).await;
+            }
             return Ok(BodyPart { data, last });
         }
         if stream_it {
-            self.ahead.clear();
-            // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
-            let noop = self.run(CommandBody::Noop, |_| {}).await?;
-            expect_ok("NOOP", noop)?;
-            let others = if uid_first {
+            if !prefetched {
+                self.ahead.clear();
+                // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
+                let noop = self.run(CommandBody::Noop, |_| {}).await?;
+                expect_ok("NOOP", noop)?;
+            }
+            let others = if uid_first && !prefetched {
                 self.ahead_wanted(
                     uid,
                     u64::from(max),
@@ -830,6 +844,7 @@ impl Maildrop for ImapMaildrop {
             Ok((data, last)) => {
                 if last {
                     self.ahead.extend(conn.take_ahead());
+                    self.prefetch_next(max).await;
                 }
                 Ok(BodyPart { data, last })
             }
@@ -887,6 +902,51 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
+    /// A message was handed out whole: if the client's next RETR is probably for a message
+    /// that is neither read ahead nor on its way, send its FETCH (with the small messages
+    /// after it, as `read_body` would) now instead of after the client asked: that RETR then
+    /// needs no upstream round trip at all (no NOOP either, like a message read ahead).
+    /// Anything else the client does first drains the response (bounded, with deadlines).
+    async fn prefetch_next(&mut self, max: u32) {
+        let Some(&(next, size)) = self.ahead_hint.first() else {
+            return;
+        };
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        if size > PREFETCH_MAX_MESSAGE
+            || !conn.uid_before_body()
+            || conn.has_prefetch()
+            || conn.streaming_any()
+            || self.ahead.contains_key(&next)
+        {
+            return;
+        }
+        let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
+        if coming.contains(&next) {
+            return;
+        }
+        let others: Vec<u32> = self
+            .ahead_wanted(
+                next,
+                u64::from(max),
+                (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+            )
+            .into_iter()
+            .filter(|u| !coming.contains(u))
+            .collect();
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = conn.prefetch(next, &others).await {
+            tracing::debug!(error = %e, uid = next, "prefetch failed");
+            if matches!(e, ImapError::Command(_)) {
+                return;
+            }
+            self.conn = None;
+        }
+    }
+
     /// The migrated UIDL map for this folder's UIDVALIDITY (see [`super::legacy`]): METADATA
     /// is authoritative when configured and offered, its head read at every login and its
     /// chunks only when that head is not the one cached; otherwise sled. A map for another
