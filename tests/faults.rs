@@ -133,12 +133,14 @@ fn cut_during_update_never_reports_success_and_leaves_a_consistent_mailbox() {
     s.assert_all_ok();
 }
 
-/// A session whose upstream SELECT happened before another session's commit, and which takes
-/// the IN-USE lock after that commit, must list the mailbox as the commit left it: the hidden
-/// message must not be offered again (the soak found this: Dovecot's SEARCH runs on the view
-/// the connection last synced). The relay delays the SELECT's answer to order the two.
+/// A session must list the mailbox as the last commit left it. The soak once found a session
+/// whose upstream SELECT happened before another session's commit, and which took the IN-USE
+/// lock after it, offering the message that commit hid (Dovecot's SEARCH runs on the view the
+/// connection last synced). The SELECT now happens only under the lock: while A holds it, B's
+/// login is refused without any SELECT upstream, and once A's QUIT committed, B's SELECT (held
+/// back by the relay to widen any window) sees the commit.
 #[test]
-fn a_session_selected_before_a_commit_does_not_list_what_it_hid() {
+fn a_session_selects_only_under_the_lock_and_never_lists_what_a_commit_hid() {
     let dc = Dovecot::start();
     dc.add_user("r", "rpw");
     dc.seed(
@@ -157,27 +159,21 @@ fn a_session_selected_before_a_commit_does_not_list_what_it_hid() {
     let mut a = RawPop3::ready(pb.pop3_port());
     a.login("r", "rpw");
     assert!(a.cmd("DELE 1").starts_with("+OK"));
-    // B's upstream SELECT reaches Dovecot now, its answer only after A's commit.
     relay.set(
         Trigger::ClientSends(" SELECT ".into()),
-        Fault::Delay(Duration::from_millis(1500)),
+        Fault::Delay(Duration::from_millis(500)),
     );
-    let port = pb.pop3_port();
-    let b = std::thread::spawn(move || {
-        let mut b = RawPop3::ready(port);
-        assert!(b.cmd("USER r").starts_with("+OK"));
-        let pass = b.cmd("PASS rpw");
-        (b, pass)
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while relay.fired() == 0 {
-        assert!(Instant::now() < deadline, "B never sent SELECT");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    let mut b = RawPop3::ready(pb.pop3_port());
+    assert!(b.cmd("USER r").starts_with("+OK"));
+    let pass = b.cmd("PASS rpw");
+    assert!(pass.starts_with("-ERR [IN-USE]"), "B: {pass}");
+    assert_eq!(relay.fired(), 0, "B sent SELECT without holding the lock");
     assert!(a.cmd("QUIT").starts_with("+OK"));
-    let (mut b, pass) = b.join().unwrap();
+
+    assert!(b.cmd("USER r").starts_with("+OK"));
+    let pass = b.cmd("PASS rpw");
     assert!(pass.starts_with("+OK"), "B: {pass}");
+    assert_eq!(relay.fired(), 1, "B's SELECT went through the relay");
     assert!(b.cmd("UIDL").starts_with("+OK"));
     let listed: Vec<String> = b
         .multi()

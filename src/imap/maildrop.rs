@@ -197,24 +197,35 @@ impl ImapUpstream {
             return Err(login_failure(&done));
         }
 
-        let mut caps = HashSet::new();
-        let done = conn
-            .execute(CommandBody::Capability, |u| {
-                if let Untagged::Data(Data::Capability(list)) = u {
-                    caps.extend(
-                        list.as_ref()
-                            .iter()
-                            .map(|c| c.to_string().to_ascii_uppercase()),
-                    );
-                }
-            })
-            .await
-            .map_err(unavailable)?;
-        if !done.is_ok() {
-            return Err(MaildropError::Unavailable(format!(
-                "CAPABILITY failed: {}",
-                done.text
-            )));
+        // Servers may list their post-login capabilities in the LOGIN answer (Dovecot and
+        // Cyrus do, RFC 3501 7.1): that saves a round trip on every login.
+        let mut caps: HashSet<String> = match &done.code {
+            Some(Code::Capability(list)) => list
+                .as_ref()
+                .iter()
+                .map(|c| c.to_string().to_ascii_uppercase())
+                .collect(),
+            _ => HashSet::new(),
+        };
+        if caps.is_empty() {
+            let done = conn
+                .execute(CommandBody::Capability, |u| {
+                    if let Untagged::Data(Data::Capability(list)) = u {
+                        caps.extend(
+                            list.as_ref()
+                                .iter()
+                                .map(|c| c.to_string().to_ascii_uppercase()),
+                        );
+                    }
+                })
+                .await
+                .map_err(unavailable)?;
+            if !done.is_ok() {
+                return Err(MaildropError::Unavailable(format!(
+                    "CAPABILITY failed: {}",
+                    done.text
+                )));
+            }
         }
         let has_move = caps.contains("MOVE");
         let has_metadata = caps.contains("METADATA");
@@ -235,6 +246,34 @@ impl ImapUpstream {
             _ => {}
         }
 
+        Ok(ImapMaildrop {
+            conn: Some(conn),
+            state: self.state.clone(),
+            user: format!("{}{user}", self.state_prefix),
+            mailbox: self.mailbox.clone(),
+            // Set by `select`, which `snapshot` runs under the IN-USE lock.
+            uid_validity: 0,
+            uid_next: None,
+            empty: true,
+            deletion: self.deletion,
+            move_to: self.move_to.clone(),
+            hide_keyword: self.hide_keyword.clone(),
+            has_move,
+            shared_map: self.shared_map && has_metadata,
+            maps: Arc::clone(&self.maps),
+            pending_seen: Vec::new(),
+            ahead_hint: Vec::new(),
+            ahead: HashMap::new(),
+        })
+    }
+}
+
+impl ImapMaildrop {
+    /// SELECT the maildrop folder. `snapshot` runs it under the IN-USE lock, so the view
+    /// starts after any commit of the session that held the lock before: a SELECT taken
+    /// before the lock would show what that commit hid (tests/faults.rs), and a NOOP to
+    /// resync it would cost every login a round trip.
+    async fn select(&mut self) -> Result<(), MaildropError> {
         let select = CommandBody::select(mailbox_arg(&self.mailbox)?)
             .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
         let mut uid_validity = None;
@@ -242,6 +281,7 @@ impl ImapUpstream {
         let mut exists = 0u32;
         let mut read_only = false;
         let mut permanent: Option<(bool, HashSet<String>)> = None;
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
         let done = conn
             .execute(select, |u| match u {
                 Untagged::Data(Data::Exists(n)) => exists = n,
@@ -269,21 +309,21 @@ impl ImapUpstream {
             .await
             .map_err(unavailable)?;
         if !done.is_ok() {
-            conn.logout().await;
+            self.abandon().await;
             return Err(MaildropError::Unsupported(format!(
                 "cannot open mailbox {:?}: {}",
                 self.mailbox, done.text
             )));
         }
         if read_only || matches!(done.code, Some(Code::ReadOnly)) {
-            conn.logout().await;
+            self.abandon().await;
             return Err(MaildropError::Unsupported(format!(
                 "mailbox {:?} is read-only upstream",
                 self.mailbox
             )));
         }
         let Some(uid_validity) = uid_validity else {
-            conn.logout().await;
+            self.abandon().await;
             return Err(MaildropError::Unavailable(
                 "server did not report UIDVALIDITY on SELECT".into(),
             ));
@@ -297,7 +337,7 @@ impl ImapUpstream {
                 }
             };
             if !storable {
-                conn.logout().await;
+                self.abandon().await;
                 return Err(MaildropError::Unsupported(format!(
                     "deletion.mode = \"hide\" needs the keyword {} but the mailbox cannot store it",
                     self.hide_keyword
@@ -305,28 +345,19 @@ impl ImapUpstream {
             }
         }
 
-        Ok(ImapMaildrop {
-            conn: Some(conn),
-            state: self.state.clone(),
-            user: format!("{}{user}", self.state_prefix),
-            mailbox: self.mailbox.clone(),
-            uid_validity,
-            uid_next,
-            empty: exists == 0,
-            deletion: self.deletion,
-            move_to: self.move_to.clone(),
-            hide_keyword: self.hide_keyword.clone(),
-            has_move,
-            shared_map: self.shared_map && has_metadata,
-            maps: Arc::clone(&self.maps),
-            pending_seen: Vec::new(),
-            ahead_hint: Vec::new(),
-            ahead: HashMap::new(),
-        })
+        self.uid_validity = uid_validity;
+        self.uid_next = uid_next;
+        self.empty = exists == 0;
+        Ok(())
     }
-}
 
-impl ImapMaildrop {
+    /// Log out and forget the connection (a refused SELECT).
+    async fn abandon(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.logout().await;
+        }
+    }
+
     /// The messages POP3 may see, with their sizes. The server answers which UIDs exist and
     /// are not hidden (`UID SEARCH`, one line) every time; only sizes, which never change for
     /// a UID, come from the cache, and only unknown ones are fetched. So the cache can never
@@ -346,15 +377,6 @@ impl ImapMaildrop {
         } else {
             SearchKey::All
         };
-        // The mailbox was selected before this session took the IN-USE lock, so a session that
-        // committed in between changed flags (or expunged) after this connection's view was
-        // taken, and Dovecot's SEARCH runs on the view as of the last sync: it would list what
-        // that commit hid. A completed NOOP syncs the view first (tests/faults.rs).
-        let noop = conn
-            .execute(CommandBody::Noop, |_| {})
-            .await
-            .map_err(unavailable)?;
-        expect_ok("NOOP", noop)?;
         let mut uids: Vec<u32> = Vec::new();
         let done = conn
             .execute(CommandBody::search(None, Vec1::from(criteria), true), |u| {
@@ -642,6 +664,7 @@ impl ImapMaildrop {
 
 impl Maildrop for ImapMaildrop {
     async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {
+        self.select().await?;
         let messages = if self.empty {
             Vec::new()
         } else {
