@@ -429,10 +429,30 @@ impl ImapConnection {
     }
 
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.
-    pub async fn logout(mut self) {
+    pub async fn logout(self) {
+        self.logout_after(Vec::new()).await;
+    }
+
+    /// Run `before` pipelined with a LOGOUT behind it, waiting briefly; returns the texts of
+    /// those of `before` the server refused or could not answer (LOGOUT's own fate is
+    /// irrelevant at this point).
+    pub async fn logout_after(mut self, before: Vec<CommandBody<'static>>) -> Vec<String> {
         self.limits.io_timeout = self.limits.io_timeout.min(Duration::from_secs(2));
-        let _ = self.execute(CommandBody::Logout, |_| {}).await;
+        let owed = before.len();
+        let mut bodies = before;
+        bodies.push(CommandBody::Logout);
+        let failed = match self.execute_all(bodies, |_| {}).await {
+            Ok(done) => done
+                .into_iter()
+                .take(owed)
+                .filter(|d| !d.is_ok())
+                .map(|d| d.text)
+                .collect(),
+            Err(e) if owed > 0 => vec![e.to_string()],
+            Err(_) => Vec::new(),
+        };
         let _ = self.io.shutdown().await;
+        failed
     }
 
     fn fail(&mut self, e: ImapError) -> ImapError {

@@ -1,10 +1,10 @@
 //! The migrated legacy UIDL map a `serve` session uses, and where it comes from.
 //!
 //! With `migration.shared_map = "metadata"` on a server that offers METADATA, METADATA is
-//! authoritative: every login reads its head (one small GETMETADATA) and uses the map that
-//! head names. The chunks are read only when the head differs from the one cached in sled
-//! next to the map, so after a re-migration every instance serves the new map at the next
-//! login, and a map deleted from METADATA is dropped from sled too. Without METADATA (the
+//! authoritative: every login reads its head (one small GETMETADATA, pipelined with SELECT)
+//! and uses the map that head names. The chunks are read only when the head differs from the
+//! one cached in sled next to the map, so after a re-migration every instance serves the new
+//! map at the next login, and a map deleted from METADATA is dropped from sled too. Without METADATA (the
 //! server lacks it, or `shared_map = "none"`) sled is the only copy.
 //!
 //! Decoding and checking a large map (up to [`crate::migrate::map::MAX_MAP_BYTES`] of entry
@@ -127,13 +127,14 @@ impl Lookup<'_> {
         })
     }
 
-    /// The map for this folder's UIDVALIDITY. `conn` is `Some` when METADATA is to be read
-    /// (configured and offered); an error there refuses the login.
+    /// The map for this folder's UIDVALIDITY. `shared` is `Some` when METADATA is read
+    /// (configured and offered): the connection, and the head the login's GETMETADATA found
+    /// (sent with SELECT, see [`metadata::head_command`]). An error there refuses the login.
     pub async fn load(
         &self,
-        conn: Option<&mut ImapConnection>,
+        shared: Option<(&mut ImapConnection, Option<MapHead>)>,
     ) -> Result<(Option<Arc<UidlMap>>, Source), MetadataError> {
-        let Some(conn) = conn else {
+        let Some((conn, head)) = shared else {
             // sled is the only copy.
             let Some(head) = self
                 .state
@@ -152,7 +153,7 @@ impl Lookup<'_> {
                 None => (None, Source::None),
             });
         };
-        let Some(head) = metadata::read_head(conn, self.mailbox).await? else {
+        let Some(head) = head else {
             // METADATA has no map: neither has this user.
             if let Some(state) = self.state {
                 if state.uidl_map_head(self.user, self.mailbox).is_some() {

@@ -22,10 +22,11 @@ use tokio_rustls::TlsConnector;
 use super::conn::{
     BodyStart, Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged,
 };
+use super::metadata::{self, MetadataError};
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
 use crate::maildrop::{BodyPart, Maildrop, MaildropError, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
-use crate::migrate::map::UidlMap;
+use crate::migrate::map::{MapHead, UidlMap};
 use crate::pop3::connection::Upstream;
 use crate::pop3::Password;
 use crate::state::StateStore;
@@ -254,7 +255,6 @@ impl ImapUpstream {
             // Set by `select`, which `snapshot` runs under the IN-USE lock.
             uid_validity: 0,
             uid_next: None,
-            empty: true,
             deletion: self.deletion,
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
@@ -268,26 +268,58 @@ impl ImapUpstream {
     }
 }
 
+/// What one login's pipelined SELECT, UID SEARCH and GETMETADATA found.
+struct Opened {
+    /// The UIDs POP3 may see, ascending.
+    uids: Vec<u32>,
+    /// The migrated map's head, when METADATA is read.
+    head: Option<Result<Option<MapHead>, MetadataError>>,
+}
+
 impl ImapMaildrop {
-    /// SELECT the maildrop folder. `snapshot` runs it under the IN-USE lock, so the view
-    /// starts after any commit of the session that held the lock before: a SELECT taken
-    /// before the lock would show what that commit hid (tests/faults.rs), and a NOOP to
-    /// resync it would cost every login a round trip.
-    async fn select(&mut self) -> Result<(), MaildropError> {
+    /// SELECT the maildrop folder, list the UIDs POP3 may see and, with a shared map, ask
+    /// for the map's head: three commands, pipelined into one round trip (the SEARCH runs
+    /// on the folder the SELECT before it opened; the GETMETADATA does not depend on it).
+    ///
+    /// `snapshot` runs this under the IN-USE lock, so the view starts after any commit of
+    /// the session that held the lock before: a SELECT taken before the lock would show
+    /// what that commit hid (tests/faults.rs), and a NOOP to resync it would cost every
+    /// login a round trip.
+    async fn open_mailbox(&mut self) -> Result<Opened, MaildropError> {
         let select = CommandBody::select(mailbox_arg(&self.mailbox)?)
             .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
+        let criteria = if self.deletion == DeletionMode::Hide {
+            let atom = Atom::try_from(self.hide_keyword.clone())
+                .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
+            SearchKey::Not(Box::new(SearchKey::Keyword(atom)))
+        } else {
+            SearchKey::All
+        };
+        let mut bodies = vec![
+            select,
+            CommandBody::search(None, Vec1::from(criteria), true),
+        ];
+        if self.shared_map {
+            match metadata::head_command(&self.mailbox) {
+                Ok(body) => bodies.push(body),
+                Err(e) => return Err(self.map_unusable(e)),
+            }
+        }
         let mut uid_validity = None;
         let mut uid_next = None;
-        let mut exists = 0u32;
         let mut read_only = false;
         let mut permanent: Option<(bool, HashSet<String>)> = None;
+        let mut uids: Vec<u32> = Vec::new();
+        let mut values = metadata::Values::default();
         let conn = self.conn.as_mut().ok_or_else(lost)?;
-        let done = conn
-            .execute(select, |u| match u {
-                Untagged::Data(Data::Exists(n)) => exists = n,
-                Untagged::Status {
+        let mut done = conn
+            .execute_all(bodies, |u| match values.absorb(u) {
+                Some(Untagged::Data(Data::Search(found, ..))) => {
+                    uids.extend(found.iter().map(|u| u.get()))
+                }
+                Some(Untagged::Status {
                     code: Some(code), ..
-                } => match code {
+                }) => match code {
                     Code::UidValidity(v) => uid_validity = Some(v.get()),
                     Code::UidNext(v) => uid_next = Some(v.get()),
                     Code::ReadOnly => read_only = true,
@@ -307,15 +339,22 @@ impl ImapMaildrop {
                 _ => {}
             })
             .await
-            .map_err(unavailable)?;
-        if !done.is_ok() {
+            .map_err(|e| {
+                self.conn = None;
+                unavailable(e)
+            })?;
+        let head_done = if self.shared_map { done.pop() } else { None };
+        let (Some(search_done), Some(select_done)) = (done.pop(), done.pop()) else {
+            return Err(MaildropError::Unavailable("no completion".into()));
+        };
+        if !select_done.is_ok() {
             self.abandon().await;
             return Err(MaildropError::Unsupported(format!(
                 "cannot open mailbox {:?}: {}",
-                self.mailbox, done.text
+                self.mailbox, select_done.text
             )));
         }
-        if read_only || matches!(done.code, Some(Code::ReadOnly)) {
+        if read_only || matches!(select_done.code, Some(Code::ReadOnly)) {
             self.abandon().await;
             return Err(MaildropError::Unsupported(format!(
                 "mailbox {:?} is read-only upstream",
@@ -344,11 +383,18 @@ impl ImapMaildrop {
                 )));
             }
         }
-
+        if !search_done.is_ok() {
+            return Err(MaildropError::Unavailable(format!(
+                "listing failed: {}",
+                search_done.text
+            )));
+        }
         self.uid_validity = uid_validity;
         self.uid_next = uid_next;
-        self.empty = exists == 0;
-        Ok(())
+        uids.sort_unstable();
+        uids.dedup();
+        let head = head_done.map(|done| metadata::head_from(values, done));
+        Ok(Opened { uids, head })
     }
 
     /// Log out and forget the connection (a refused SELECT).
@@ -359,10 +405,11 @@ impl ImapMaildrop {
     }
 
     /// The messages POP3 may see, with their sizes. The server answers which UIDs exist and
-    /// are not hidden (`UID SEARCH`, one line) every time; only sizes, which never change for
-    /// a UID, come from the cache, and only unknown ones are fetched. So the cache can never
-    /// show a deleted or hidden message, and losing it only costs one full size fetch.
-    async fn list(&mut self) -> Result<Vec<MessageEntry>, MaildropError> {
+    /// are not hidden (`UID SEARCH`, see [`Self::open_mailbox`]) every time; only sizes,
+    /// which never change for a UID, come from the cache, and only unknown ones are fetched.
+    /// So the cache can never show a deleted or hidden message, and losing it only costs one
+    /// full size fetch.
+    async fn sizes(&mut self, uids: Vec<u32>) -> Result<Vec<MessageEntry>, MaildropError> {
         let (user, uid_validity) = (self.user.clone(), self.uid_validity);
         let user = user.as_str();
         let Some(conn) = self.conn.as_mut() else {
@@ -370,31 +417,6 @@ impl ImapMaildrop {
                 "upstream connection lost".into(),
             ));
         };
-        let criteria = if self.deletion == DeletionMode::Hide {
-            let atom = Atom::try_from(self.hide_keyword.clone())
-                .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
-            SearchKey::Not(Box::new(SearchKey::Keyword(atom)))
-        } else {
-            SearchKey::All
-        };
-        let mut uids: Vec<u32> = Vec::new();
-        let done = conn
-            .execute(CommandBody::search(None, Vec1::from(criteria), true), |u| {
-                if let Untagged::Data(Data::Search(found, ..)) = u {
-                    uids.extend(found.iter().map(|u| u.get()));
-                }
-            })
-            .await
-            .map_err(unavailable)?;
-        if !done.is_ok() {
-            return Err(MaildropError::Unavailable(format!(
-                "listing failed: {}",
-                done.text
-            )));
-        }
-        uids.sort_unstable();
-        uids.dedup();
-
         let cached = self
             .state
             .as_ref()
@@ -509,8 +531,6 @@ pub struct ImapMaildrop {
     uid_validity: u32,
     /// UIDNEXT at SELECT, when reported (bounds a legacy UIDL map's entries).
     uid_next: Option<u32>,
-    /// SELECT reported no messages: nothing to list.
-    empty: bool,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -574,20 +594,7 @@ impl ImapMaildrop {
         bodies: Vec<CommandBody<'static>>,
         on_untagged: impl FnMut(Untagged),
     ) -> Result<Vec<Completion>, MaildropError> {
-        let seen = std::mem::take(&mut self.pending_seen);
-        let mut all = Vec::with_capacity(bodies.len() + 1);
-        for set in uid_set(&seen)? {
-            all.push(
-                CommandBody::store(
-                    set,
-                    StoreType::Add,
-                    StoreResponse::Silent,
-                    vec![Flag::Seen],
-                    true,
-                )
-                .map_err(|e| MaildropError::Unavailable(e.to_string()))?,
-            );
-        }
+        let mut all = self.seen_owed()?;
         let owed = all.len();
         all.extend(bodies);
         let conn = self
@@ -606,6 +613,24 @@ impl ImapMaildrop {
                 Err(unavailable(e))
             }
         }
+    }
+
+    /// The `UID STORE +FLAGS.SILENT (\Seen)` commands owed for retrieved messages, taken.
+    fn seen_owed(&mut self) -> Result<Vec<CommandBody<'static>>, MaildropError> {
+        let seen = std::mem::take(&mut self.pending_seen);
+        uid_set(&seen)?
+            .into_iter()
+            .map(|set| {
+                CommandBody::store(
+                    set,
+                    StoreType::Add,
+                    StoreResponse::Silent,
+                    vec![Flag::Seen],
+                    true,
+                )
+                .map_err(|e| MaildropError::Unavailable(e.to_string()))
+            })
+            .collect()
     }
 
     async fn store(&mut self, set: &SequenceSet, flag: Flag<'static>) -> Result<(), MaildropError> {
@@ -664,18 +689,14 @@ impl ImapMaildrop {
 
 impl Maildrop for ImapMaildrop {
     async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {
-        self.select().await?;
-        let messages = if self.empty {
-            Vec::new()
-        } else {
-            self.list().await?
-        };
+        let opened = self.open_mailbox().await?;
+        let messages = self.sizes(opened.uids).await?;
         if let Some(state) = &self.state {
             if state.observe_mailbox(&self.user, &self.mailbox, self.uid_validity) {
                 metrics().uidl_changed_sessions.inc();
             }
         }
-        let legacy = self.legacy_map().await?;
+        let legacy = self.legacy_map(opened.head).await?;
         Ok(Snapshot {
             uid_validity: self.uid_validity,
             messages,
@@ -912,14 +933,16 @@ impl Maildrop for ImapMaildrop {
         Ok(())
     }
 
+    /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.
     async fn close(mut self) {
-        if !self.pending_seen.is_empty() {
-            if let Err(e) = self.run_all(Vec::new(), |_| {}).await {
-                tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
-            }
-        }
+        let owed = self.seen_owed().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
+            Vec::new()
+        });
         if let Some(conn) = self.conn.take() {
-            conn.logout().await;
+            for failed in conn.logout_after(owed).await {
+                tracing::warn!(text = %failed, "could not flag retrieved messages \\Seen");
+            }
         }
     }
 }
@@ -975,8 +998,12 @@ impl ImapMaildrop {
     /// chunks only when that head is not the one cached; otherwise sled. A map for another
     /// UIDVALIDITY describes other messages and is ignored. A METADATA map that cannot be
     /// read, or is over the limits, refuses the login (SYS/TEMP): serving generated UIDLs to
-    /// a migrated user would make the client download everything again.
-    async fn legacy_map(&mut self) -> Result<Option<Arc<UidlMap>>, MaildropError> {
+    /// a migrated user would make the client download everything again. `head` is what the
+    /// login's pipelined GETMETADATA found, `None` when METADATA is not read.
+    async fn legacy_map(
+        &mut self,
+        head: Option<Result<Option<MapHead>, MetadataError>>,
+    ) -> Result<Option<Arc<UidlMap>>, MaildropError> {
         use super::legacy::{Lookup, Source};
         let m = metrics();
         let lookup = Lookup {
@@ -987,15 +1014,15 @@ impl ImapMaildrop {
             uid_validity: self.uid_validity,
             uid_next: self.uid_next,
         };
-        let conn = if self.shared_map {
-            match self.conn.as_mut() {
-                Some(c) => Some(c),
+        let shared = match head {
+            None => None,
+            Some(Err(e)) => return Err(self.map_unusable(e)),
+            Some(Ok(head)) => match self.conn.as_mut() {
+                Some(c) => Some((c, head)),
                 None => return Err(lost()),
-            }
-        } else {
-            None
+            },
         };
-        match lookup.load(conn).await {
+        match lookup.load(shared).await {
             Ok((map, source)) => {
                 match source {
                     Source::Cache => m.uidl_maps.with_label_values(&["cache"]).inc(),
@@ -1011,19 +1038,20 @@ impl ImapMaildrop {
                 }
                 Ok(map)
             }
-            Err(e) => {
-                m.uidl_maps.with_label_values(&["error"]).inc();
-                // The reason only (limits, checksum, IMAP error), and who: no map contents.
-                let user = self.user.rsplit('\n').next().unwrap_or_default();
-                tracing::error!(user, error = %e, "cannot use the legacy UIDL map from METADATA; refusing the login");
-                if matches!(e, super::metadata::MetadataError::Imap(_)) {
-                    self.conn = None;
-                }
-                Err(MaildropError::Unavailable(format!(
-                    "legacy UIDL map unusable: {e}"
-                )))
-            }
+            Err(e) => Err(self.map_unusable(e)),
         }
+    }
+
+    /// A map that cannot be read or trusted refuses the login (its UIDLs would be wrong).
+    fn map_unusable(&mut self, e: MetadataError) -> MaildropError {
+        metrics().uidl_maps.with_label_values(&["error"]).inc();
+        // The reason only (limits, checksum, IMAP error), and who: no map contents.
+        let user = self.user.rsplit('\n').next().unwrap_or_default();
+        tracing::error!(user, error = %e, "cannot use the legacy UIDL map from METADATA; refusing the login");
+        if matches!(e, MetadataError::Imap(_)) {
+            self.conn = None;
+        }
+        MaildropError::Unavailable(format!("legacy UIDL map unusable: {e}"))
     }
 
     async fn commit_sets(&mut self, uids: &[u32]) -> Result<(), MaildropError> {

@@ -21,7 +21,7 @@ use imap_next::imap_types::extensions::metadata::{
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data};
 
-use super::conn::{ImapConnection, ImapError, Untagged};
+use super::conn::{Completion, ImapConnection, ImapError, Untagged};
 use crate::migrate::map::{
     new_generation, MapError, MapHead, UidlMap, MAX_HEAD_BYTES, MAX_MAP_BYTES, METADATA_ENTRY,
 };
@@ -64,68 +64,104 @@ fn mailbox_arg(name: &str) -> Result<Mailbox<'static>, MetadataError> {
     Mailbox::try_from(name.to_owned()).map_err(|e| MetadataError::Command(e.to_string()))
 }
 
-/// Values of `names` on `mailbox` (absent or NIL entries are missing from the result).
-/// Values larger than `max_size` are left out by the server (RFC 5464 MAXSIZE); the flag
-/// says whether it left any out (`[METADATA LONGENTRIES n]`).
-async fn get(
-    conn: &mut ImapConnection,
+/// Entry names with their values, and whether the server left any value out as too long.
+type Found = (Vec<(String, Vec<u8>)>, bool);
+
+/// A GETMETADATA in flight: collects the values its answer carries, so the command can be
+/// pipelined with others (the login sends the head's with SELECT and UID SEARCH).
+#[derive(Default)]
+pub struct Values {
+    found: Vec<(String, Vec<u8>)>,
+}
+
+/// GETMETADATA of `names` on `mailbox`. Values larger than `max_size` are left out by the
+/// server (RFC 5464 MAXSIZE), which says so with `[METADATA LONGENTRIES n]`.
+fn get_command(
     mailbox: &str,
     names: &[String],
     max_size: usize,
-) -> Result<(Vec<(String, Vec<u8>)>, bool), MetadataError> {
+) -> Result<CommandBody<'static>, MetadataError> {
     let entries = names
         .iter()
         .map(|n| entry(n))
         .collect::<Result<Vec<_>, _>>()?;
     let entries: Vec1<Entry<'static>> =
         Vec1::try_from(entries).map_err(|_| MetadataError::Command("no entries".into()))?;
-    let body = CommandBody::GetMetadata {
+    Ok(CommandBody::GetMetadata {
         options: vec![GetMetadataOption::MaxSize(
             u32::try_from(max_size).unwrap_or(u32::MAX),
         )],
         mailbox: mailbox_arg(mailbox)?,
         entries,
-    };
-    let mut found = Vec::new();
-    let done = conn
-        .execute(body, |u| {
-            if let Untagged::Data(Data::Metadata {
-                items: MetadataResponse::WithValues(values),
-                ..
-            }) = u
-            {
-                for EntryValue { entry, value } in values.into_inner() {
-                    let bytes: Option<Cow<[u8]>> = match value {
-                        NString8::NString(n) => n.into_option(),
-                        NString8::Literal8(l) => Some(l.data),
-                    };
-                    if let Some(bytes) = bytes {
-                        let name = String::from_utf8_lossy(entry.as_ref()).into_owned();
-                        found.push((name, bytes.into_owned()));
-                    }
-                }
-            }
-        })
-        .await?;
-    if !done.is_ok() {
-        return Err(MetadataError::Refused {
-            command: "GETMETADATA",
-            text: done.text,
-        });
-    }
-    let long = matches!(
-        done.code,
-        Some(Code::Metadata(MetadataCode::LongEntries(_)))
-    );
-    Ok((found, long))
+    })
 }
 
-/// The head of the map stored on `mailbox`, if any (one small GETMETADATA).
-pub async fn read_head(
+impl Values {
+    /// Keep the values of a METADATA response; anything else is handed back.
+    pub fn absorb(&mut self, u: Untagged) -> Option<Untagged> {
+        let Untagged::Data(Data::Metadata {
+            items: MetadataResponse::WithValues(values),
+            ..
+        }) = u
+        else {
+            return Some(u);
+        };
+        for EntryValue { entry, value } in values.into_inner() {
+            let bytes: Option<Cow<[u8]>> = match value {
+                NString8::NString(n) => n.into_option(),
+                NString8::Literal8(l) => Some(l.data),
+            };
+            if let Some(bytes) = bytes {
+                let name = String::from_utf8_lossy(entry.as_ref()).into_owned();
+                self.found.push((name, bytes.into_owned()));
+            }
+        }
+        None
+    }
+
+    /// The values found (absent or NIL entries are missing), and whether the server left
+    /// any out for being longer than MAXSIZE.
+    fn finish(self, done: Completion) -> Result<Found, MetadataError> {
+        if !done.is_ok() {
+            return Err(MetadataError::Refused {
+                command: "GETMETADATA",
+                text: done.text,
+            });
+        }
+        let long = matches!(
+            done.code,
+            Some(Code::Metadata(MetadataCode::LongEntries(_)))
+        );
+        Ok((self.found, long))
+    }
+}
+
+/// Values of `names` on `mailbox`, one command (see [`Values::finish`]).
+async fn get(
     conn: &mut ImapConnection,
     mailbox: &str,
-) -> Result<Option<MapHead>, MetadataError> {
-    let (values, long) = get(conn, mailbox, &[METADATA_ENTRY.to_owned()], MAX_HEAD_BYTES).await?;
+    names: &[String],
+    max_size: usize,
+) -> Result<Found, MetadataError> {
+    let body = get_command(mailbox, names, max_size)?;
+    let mut values = Values::default();
+    let done = conn
+        .execute(body, |u| {
+            values.absorb(u);
+        })
+        .await?;
+    values.finish(done)
+}
+
+/// The GETMETADATA that asks for the head of the map on `mailbox`; [`head_from`] reads its
+/// answer.
+pub fn head_command(mailbox: &str) -> Result<CommandBody<'static>, MetadataError> {
+    get_command(mailbox, &[METADATA_ENTRY.to_owned()], MAX_HEAD_BYTES)
+}
+
+/// The head a [`head_command`] answered, if any.
+pub fn head_from(values: Values, done: Completion) -> Result<Option<MapHead>, MetadataError> {
+    let (values, long) = values.finish(done)?;
     let Some((_, head)) = values
         .into_iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(METADATA_ENTRY))
@@ -140,6 +176,20 @@ pub async fn read_head(
     let head =
         String::from_utf8(head).map_err(|_| MapError::Malformed("head is not UTF-8".into()))?;
     Ok(Some(MapHead::parse(&head)?))
+}
+
+/// The head of the map stored on `mailbox`, if any (one small GETMETADATA).
+pub async fn read_head(
+    conn: &mut ImapConnection,
+    mailbox: &str,
+) -> Result<Option<MapHead>, MetadataError> {
+    let mut values = Values::default();
+    let done = conn
+        .execute(head_command(mailbox)?, |u| {
+            values.absorb(u);
+        })
+        .await?;
+    head_from(values, done)
 }
 
 /// The entry text of the map `head` names: its chunks, read in batches of at most
