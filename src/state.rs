@@ -135,12 +135,15 @@ impl StateStore {
 
     /// Record that `user` retrieved message `uid`; true if it had already done so in an
     /// earlier session (the client is downloading the same mail twice).
+    /// A read first: a repeat (the usual case for clients that keep mail on the server)
+    /// then costs no write.
     pub fn note_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, uid: u32) -> bool {
-        let mut key = b"v1/retr/".to_vec();
-        key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
-        key.push(0);
+        let mut key = retrieved_prefix(user, mailbox);
         key.extend_from_slice(&uid_validity.to_be_bytes());
         key.extend_from_slice(&uid.to_be_bytes());
+        if let Ok(true) = self.db.contains_key(&key) {
+            return true;
+        }
         match self.db.insert(key, &[]) {
             Ok(previous) => previous.is_some(),
             Err(e) => {
@@ -189,6 +192,35 @@ impl StateStore {
         }
         if let Err(e) = self.db.insert(sizes_key(user, mailbox), blob) {
             tracing::warn!(error = %e, "could not update state cache");
+        }
+        self.prune_retrieved(user, mailbox, uid_validity, sizes);
+    }
+
+    /// Forget the retrievals of messages no longer listed (`sizes` is the whole listing,
+    /// sorted by UID), so the record of retrievals stays as small as the maildrop.
+    fn prune_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, sizes: &[(u32, u32)]) {
+        let prefix = retrieved_prefix(user, mailbox);
+        let mut gone = sled::Batch::default();
+        let mut any = false;
+        for key in self.db.scan_prefix(&prefix).keys().flatten() {
+            let rest = &key[prefix.len()..];
+            let listed = rest.len() == 8
+                && rest[..4] == uid_validity.to_be_bytes()
+                && sizes
+                    .binary_search_by_key(
+                        &u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+                        |&(u, _)| u,
+                    )
+                    .is_ok();
+            if !listed {
+                gone.remove(key);
+                any = true;
+            }
+        }
+        if any {
+            if let Err(e) = self.db.apply_batch(gone) {
+                tracing::warn!(error = %e, "could not update state cache");
+            }
         }
     }
 
@@ -267,6 +299,15 @@ fn mailbox_key(user: &str, mailbox: &str) -> Vec<u8> {
     key.extend_from_slice(user.to_lowercase().as_bytes());
     key.push(0);
     key.extend_from_slice(mailbox.as_bytes());
+    key
+}
+
+/// `v1/retr/<user>\0<mailbox>\0`, then UIDVALIDITY and UID: one empty value per message
+/// retrieved.
+fn retrieved_prefix(user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = b"v1/retr/".to_vec();
+    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
+    key.push(0);
     key
 }
 
@@ -351,6 +392,29 @@ mod tests {
         );
         assert!(!s.note_retrieved("erin", "INBOX", 1, 5), "another user");
         assert!(!s.note_retrieved("dave", "Other", 1, 5), "another folder");
+    }
+
+    #[test]
+    fn retrievals_of_messages_no_longer_listed_are_forgotten() {
+        let s = StateStore::temporary().unwrap();
+        for uid in [3, 5, 9] {
+            assert!(!s.note_retrieved("dave", "INBOX", 1, uid));
+        }
+        assert!(!s.note_retrieved("dave", "INBOX", 2, 5));
+        assert!(!s.note_retrieved("dave", "INBOXES", 1, 9));
+        // UID 9 is gone, UIDVALIDITY 2 is not the current one.
+        s.store_sizes("dave", "INBOX", 1, &[(3, 10), (5, 20), (11, 30)]);
+        assert!(
+            s.note_retrieved("dave", "INBOX", 1, 3),
+            "still listed, still known"
+        );
+        assert!(s.note_retrieved("dave", "INBOX", 1, 5));
+        assert!(!s.note_retrieved("dave", "INBOX", 1, 9), "pruned");
+        assert!(!s.note_retrieved("dave", "INBOX", 2, 5), "pruned");
+        assert!(
+            s.note_retrieved("dave", "INBOXES", 1, 9),
+            "another folder untouched"
+        );
     }
 
     #[test]

@@ -127,6 +127,8 @@ pub struct ImapConnection {
     /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
     /// several UIDs can be streamed (each literal is known to be whose before it arrives).
     uid_before_body: bool,
+    /// A streamed FETCH has shown in which order this server sends `UID` and `BODY[]`.
+    fetch_order_known: bool,
     limits: ConnLimits,
     next_tag: u32,
     broken: bool,
@@ -282,6 +284,7 @@ impl ImapConnection {
             ahead: Vec::new(),
             prefetch: None,
             uid_before_body: false,
+            fetch_order_known: false,
             limits,
             next_tag: 1,
             broken: false,
@@ -625,6 +628,7 @@ impl ImapConnection {
             Step::Done(done) => Ok(BodyStart::NoBody(done)),
             Step::Body { len, info } => {
                 self.uid_before_body |= info.uid.is_some();
+                self.fetch_order_known = true;
                 self.body = Some(BodyStream {
                     tag,
                     uid,
@@ -917,6 +921,11 @@ impl ImapConnection {
     /// Whether a FETCH of several UIDs may be streamed (see the field).
     pub fn uid_before_body(&self) -> bool {
         self.uid_before_body
+    }
+
+    /// Whether a streamed FETCH has shown the server's order of `UID` and `BODY[]` yet.
+    pub fn fetch_order_known(&self) -> bool {
+        self.fetch_order_known
     }
 
     /// Whether a body is being streamed and not yet handed out whole.

@@ -821,20 +821,23 @@ impl Maildrop for ImapMaildrop {
                 self.ahead.extend(conn.take_ahead());
             }
         }
-        let (streaming, uid_first) = match &self.conn {
-            Some(c) => (c.streaming(uid), c.uid_before_body()),
-            None => (false, false),
+        let (streaming, uid_first, order_known) = match &self.conn {
+            Some(c) => (c.streaming(uid), c.uid_before_body(), c.fetch_order_known()),
+            None => (false, false, false),
         };
         // Its FETCH was sent right after the previous message (`prefetch_next`): served as
         // it was then, like a message read ahead, without the NOOP.
         let prefetched = offset == 0
             && !self.ahead.contains_key(&uid)
             && self.conn.as_ref().is_some_and(|c| c.prefetched(uid));
-        // Everything is streamed once the server is known to put UID before BODY[] (then
-        // small messages read ahead can come in the same FETCH); before that, only messages
-        // too big to read ahead.
+        // The first message of a session is streamed alone, whatever its size: that shows
+        // whether the server puts UID before BODY[]. If it does, everything is streamed
+        // (small messages read ahead come in the same FETCH, and the next FETCH is sent
+        // ahead, see `prefetch_next`); if not, small messages are fetched whole and decoded,
+        // with a read-ahead window (`fetch`). Decoding is the costlier path: imap-codec
+        // takes a literal a byte at a time.
         let stream_it = offset == 0
-            && (size > READ_AHEAD_MAX_MESSAGE || uid_first)
+            && (size > READ_AHEAD_MAX_MESSAGE || uid_first || !order_known)
             && !self.ahead.contains_key(&uid)
             && self.conn.is_some();
         if !streaming && !stream_it {

@@ -276,8 +276,9 @@ pub struct Popbridge {
 }
 
 impl Popbridge {
-    /// Starts `bin` with a fresh state directory `dir` in front of `dc`'s plain IMAP port.
-    pub fn start(bin: &Path, dc: &Dovecot, dir: PathBuf) -> Result<Popbridge> {
+    /// Starts `bin` with a fresh state directory `dir` in front of `dc`'s plain IMAP port;
+    /// `extra` is appended to its configuration.
+    pub fn start(bin: &Path, dc: &Dovecot, dir: PathBuf, extra: &str) -> Result<Popbridge> {
         fs::create_dir_all(&dir)?;
         let p = free_ports(2)?;
         let config = format!(
@@ -303,6 +304,8 @@ dir = "{state}"
 max_connections = 2000
 max_connections_per_ip = 2000
 auth_penalty_base_ms = 1
+
+{extra}
 "#,
             port = p[0],
             tls = p[1],

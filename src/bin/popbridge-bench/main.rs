@@ -48,6 +48,11 @@ struct Cli {
     /// Keep the temp directory (/tmp/pbb<pid>: Dovecot sandbox, popbridge configs and logs).
     #[arg(long)]
     keep: bool,
+    /// TOML appended to popbridge's configuration, to measure a variant, e.g.
+    /// `--popbridge-config '[migration]
+    /// shared_map = "none"'`.
+    #[arg(long, value_name = "TOML", default_value = "")]
+    popbridge_config: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,6 +121,8 @@ struct Ctx {
     /// Protocol errors and D/B content mismatches: any makes the exit status 1.
     failures: Vec<String>,
     pb_seq: usize,
+    /// Appended to every popbridge configuration (`--popbridge-config`).
+    pb_extra: String,
     tls: Arc<rustls::ClientConfig>,
     seeded_tput: bool,
 }
@@ -184,6 +191,7 @@ impl Ctx {
             &self.bin,
             &self.dc,
             self.root.join(format!("pb{}", self.pb_seq)),
+            &self.pb_extra,
         )
     }
 
@@ -862,6 +870,7 @@ fn run(cli: &Cli) -> Result<bool> {
         rows: Vec::new(),
         failures: Vec::new(),
         pb_seq: 0,
+        pb_extra: cli.popbridge_config.clone(),
         tls,
         seeded_tput: false,
     };
