@@ -518,3 +518,30 @@ impl Pool {
         m
     }
 }
+
+/// CPU time the whole machine has spent busy (not idle or waiting for I/O) since boot, in
+/// milliseconds, from /proc/stat; `None` where that cannot be read.
+pub fn busy_cpu_ms() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...: user, nice, system, irq, softirq.
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    // USER_HZ is 100 on Linux.
+    Some(busy as f64 * 10.0)
+}
+
+/// CPU time (user + system) process `pid` has used, in milliseconds, from /proc/PID/stat.
+pub fn process_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(0) ... utime(11) stime(12).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 * 10.0)
+}

@@ -578,20 +578,39 @@ impl Ctx {
         let warm_b_err = errs.len();
 
         let (mut d_rate, mut b_rate) = (Vec::new(), Vec::new());
+        let (mut d_cpu, mut b_cpu, mut pb_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let (mut d_err, mut b_err) = (0usize, warm_b_err);
         for r in 0..self.runs {
             for side in if r % 2 == 0 { ["D", "B"] } else { ["B", "D"] } {
                 let ep = if side == "D" { &d_ep } else { &b_ep };
                 let t0 = Instant::now();
+                let busy0 = env::busy_cpu_ms();
+                let pb0 = env::process_cpu_ms(pb.pid());
                 let (got, errs) = swarm(ep, n);
                 let wall = t0.elapsed();
+                let cpu = env::busy_cpu_ms()
+                    .zip(busy0)
+                    .map(|(b, a)| (b - a) / n as f64);
+                if side == "B" {
+                    if let Some(used) = env::process_cpu_ms(pb.pid()).zip(pb0).map(|(b, a)| b - a) {
+                        pb_cpu.push(used / n as f64);
+                    }
+                }
                 let msgs: u64 = got.iter().flatten().map(|d| d.messages).sum();
                 let rate = msgs as f64 / wall.as_secs_f64();
                 eprintln!(
-                    "  concurrency run {r} {side}: {rate:.0} msgs/s, {} errors, {:.2} s",
+                    "  concurrency run {r} {side}: {rate:.0} msgs/s, {} errors, {:.2} s, {:.2} CPU ms/session",
                     errs.len(),
-                    wall.as_secs_f64()
+                    wall.as_secs_f64(),
+                    cpu.unwrap_or(f64::NAN)
                 );
+                if let Some(cpu) = cpu {
+                    if side == "D" {
+                        d_cpu.push(cpu);
+                    } else {
+                        b_cpu.push(cpu);
+                    }
+                }
                 self.swarm_check(&format!("{side} run {r}"), &reference, &got, &errs);
                 if side == "D" {
                     d_rate.push(rate);
@@ -613,6 +632,29 @@ impl Ctx {
             ">= 0.9",
             Some(b / d >= 0.9),
         );
+        if !d_cpu.is_empty() && !b_cpu.is_empty() {
+            let (d, b) = (median(&d_cpu), median(&b_cpu));
+            self.row(
+                "concurrency",
+                "machine CPU ms per session (all processes)",
+                Some(d),
+                Some(b),
+                Some(b / d),
+                "info",
+                None,
+            );
+        }
+        if !pb_cpu.is_empty() {
+            self.row(
+                "concurrency",
+                "of which popbridge itself",
+                None,
+                Some(median(&pb_cpu)),
+                None,
+                "info",
+                None,
+            );
+        }
         self.row(
             "concurrency",
             "failed sessions (all runs + B warm-up)",
