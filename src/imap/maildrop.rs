@@ -262,6 +262,9 @@ impl ImapUpstream {
             shared_map: self.shared_map && has_metadata,
             maps: Arc::clone(&self.maps),
             pending_seen: Vec::new(),
+            retrieved_before: Vec::new(),
+            retrieved_now: HashSet::new(),
+            retrieved_pruned: false,
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
         })
@@ -540,6 +543,14 @@ pub struct ImapMaildrop {
     maps: Arc<super::legacy::MapCache>,
     /// Retrieved messages still to be flagged `\Seen`.
     pending_seen: Vec<u32>,
+    /// Listed messages retrieved in earlier sessions (from sled at login, sorted): a RETR
+    /// of one of them counts as a repeated download.
+    retrieved_before: Vec<u32>,
+    /// Listed messages first retrieved in this session; with `retrieved_before`, written
+    /// back at the end of the session (when anything changed).
+    retrieved_now: HashSet<u32>,
+    /// `retrieved_before` lost messages no longer listed: the record needs writing.
+    retrieved_pruned: bool,
     /// What the session expects to be asked for next: (UID, size).
     ahead_hint: Vec<(u32, u64)>,
     /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
@@ -691,6 +702,16 @@ impl Maildrop for ImapMaildrop {
     async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {
         let opened = self.open_mailbox().await?;
         let messages = self.sizes(opened.uids).await?;
+        if let Some(state) = &self.state {
+            let before = state.retrieved(&self.user, &self.mailbox, self.uid_validity);
+            let listed = |uid: &u32| {
+                messages
+                    .binary_search_by_key(uid, |m: &MessageEntry| m.uid)
+                    .is_ok()
+            };
+            self.retrieved_before = before.iter().copied().filter(listed).collect();
+            self.retrieved_pruned = self.retrieved_before.len() != before.len();
+        }
         if let Some(state) = &self.state {
             if state.observe_mailbox(&self.user, &self.mailbox, self.uid_validity) {
                 metrics().uidl_changed_sessions.inc();
@@ -915,10 +936,14 @@ impl Maildrop for ImapMaildrop {
     }
 
     fn retrieved(&mut self, uid: u32) {
-        if let Some(state) = &self.state {
-            if state.note_retrieved(&self.user, &self.mailbox, self.uid_validity, uid) {
-                metrics().retr_repeated.inc();
-            }
+        if self.state.is_none() {
+            return;
+        }
+        if self.retrieved_before.binary_search(&uid).is_ok() {
+            metrics().retr_repeated.inc();
+        } else {
+            // At most one entry per listed message.
+            self.retrieved_now.insert(uid);
         }
     }
 
@@ -938,6 +963,7 @@ impl Maildrop for ImapMaildrop {
 
     /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.
     async fn close(mut self) {
+        self.store_retrieved();
         let owed = self.seen_owed().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
             Vec::new()
@@ -951,6 +977,21 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
+    /// Write back the record of retrieved messages, if this session changed it.
+    fn store_retrieved(&mut self) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        if self.retrieved_now.is_empty() && !self.retrieved_pruned {
+            return;
+        }
+        let mut all = std::mem::take(&mut self.retrieved_before);
+        all.extend(self.retrieved_now.drain());
+        all.sort_unstable();
+        all.dedup();
+        state.store_retrieved(&self.user, &self.mailbox, self.uid_validity, &all);
+    }
+
     /// A message was handed out whole: if the client's next RETR is probably for a message
     /// that is neither read ahead nor on its way, send its FETCH (with the small messages
     /// after it, as `read_body` would) now instead of after the client asked: that RETR then
