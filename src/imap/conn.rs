@@ -5,6 +5,8 @@
 //! and write, and treats any failure (timeout included) as fatal to the connection, because a
 //! command cut off mid-write leaves the IMAP session in an unknown state.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -127,11 +129,43 @@ pub struct ImapConnection {
     /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
     /// several UIDs can be streamed (each literal is known to be whose before it arrives).
     uid_before_body: bool,
-    /// A streamed FETCH has shown in which order this server sends `UID` and `BODY[]`.
+    /// A streamed FETCH has shown in which order this server sends `UID` and `BODY[]`
+    /// (on this connection, or on an earlier one to the same server: [`FetchOrder`]).
     fetch_order_known: bool,
+    /// Shared with the other connections to the same server.
+    fetch_order: Option<Arc<FetchOrder>>,
     limits: ConnLimits,
     next_tag: u32,
     broken: bool,
+}
+
+/// Whether a server sends `UID` before `BODY[]` in its FETCH responses, as the connections
+/// to it have seen: learnt once per server rather than once per session (the first FETCH of
+/// a session that does not know it has to name one message only).
+#[derive(Debug, Default)]
+pub struct FetchOrder(AtomicU8);
+
+impl FetchOrder {
+    const UID_FIRST: u8 = 1;
+    const UID_AFTER: u8 = 2;
+
+    /// `Some(true)` when UID comes first, `None` while unknown.
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::UID_FIRST => Some(true),
+            Self::UID_AFTER => Some(false),
+            _ => None,
+        }
+    }
+
+    pub fn set(&self, uid_first: bool) {
+        let v = if uid_first {
+            Self::UID_FIRST
+        } else {
+            Self::UID_AFTER
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// The state of one streamed `UID FETCH <uid> (UID BODY.PEEK[])`.
@@ -285,6 +319,7 @@ impl ImapConnection {
             prefetch: None,
             uid_before_body: false,
             fetch_order_known: false,
+            fetch_order: None,
             limits,
             next_tag: 1,
             broken: false,
@@ -627,8 +662,7 @@ impl ImapConnection {
         match self.fetch_lines(&tag, Some(uid), &others).await? {
             Step::Done(done) => Ok(BodyStart::NoBody(done)),
             Step::Body { len, info } => {
-                self.uid_before_body |= info.uid.is_some();
-                self.fetch_order_known = true;
+                self.learn_fetch_order(info.uid.is_some());
                 self.body = Some(BodyStream {
                     tag,
                     uid,
@@ -767,6 +801,9 @@ impl ImapConnection {
             let ours = info
                 .uid
                 .is_some_and(|u| u == p.uid || p.others.contains(&u));
+            if info.uid.is_none() {
+                self.learn_fetch_order(false);
+            }
             if !ours || u64::from(len) > DRAIN_MAX {
                 return Err(self.fail(ImapError::Malformed));
             }
@@ -811,6 +848,12 @@ impl ImapConnection {
                 (Some(u), Some(c)) if u == c => return Ok(Step::Body { len, info }),
                 // UID after the body: only acceptable when the command named one UID.
                 (None, Some(_)) if others.is_empty() => return Ok(Step::Body { len, info }),
+                // What earlier connections showed no longer holds (another server behind the
+                // address): this session fails, the next ones learn again.
+                (None, Some(_)) => {
+                    self.learn_fetch_order(false);
+                    return Err(self.fail(ImapError::Malformed));
+                }
                 (Some(u), _) if others.contains(&u) && len <= AHEAD_LITERAL_MAX => {
                     let data = self.take_exact(len as usize).await?;
                     let line = self.read_line().await?;
@@ -921,6 +964,24 @@ impl ImapConnection {
     /// Whether a FETCH of several UIDs may be streamed (see the field).
     pub fn uid_before_body(&self) -> bool {
         self.uid_before_body
+    }
+
+    /// Start from what earlier connections to this server showed about its FETCH item
+    /// order, and tell them what this one shows.
+    pub fn share_fetch_order(&mut self, order: Arc<FetchOrder>) {
+        if let Some(uid_first) = order.get() {
+            self.uid_before_body = uid_first;
+            self.fetch_order_known = true;
+        }
+        self.fetch_order = Some(order);
+    }
+
+    fn learn_fetch_order(&mut self, uid_first: bool) {
+        self.uid_before_body = uid_first;
+        self.fetch_order_known = true;
+        if let Some(order) = &self.fetch_order {
+            order.set(uid_first);
+        }
     }
 
     /// Whether a streamed FETCH has shown the server's order of `UID` and `BODY[]` yet.
@@ -1170,6 +1231,47 @@ mod tests {
             assert!(done.is_ok());
             assert_eq!(exists, 4);
         }
+    }
+
+    #[tokio::test]
+    async fn the_fetch_order_is_learnt_once_per_server_and_unlearnt_when_it_changes() {
+        let order = Arc::new(FetchOrder::default());
+        let msg = body(100);
+        let mut first = fetch_reply("* 1 FETCH (UID 7 BODY[] ", &msg, ")\r\n");
+        first.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![("UID FETCH 7 (UID BODY.PEEK[])", first)],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(!conn.fetch_order_known(), "nothing known yet");
+        conn.body_start(7, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+        assert_eq!(order.get(), Some(true), "learnt from the first connection");
+
+        // A later connection starts knowing it, and may read ahead at once. Its server now
+        // puts UID after BODY[] (another server behind the address): that FETCH fails, and
+        // the order is unknown-as-after for the connections that follow.
+        let mut changed = fetch_reply("* 1 FETCH (BODY[] ", &msg, " UID 7)\r\n");
+        changed.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![("UID FETCH 7,8 (UID BODY.PEEK[])", changed)],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(conn.fetch_order_known() && conn.uid_before_body());
+        assert!(matches!(
+            conn.body_start(7, &[8]).await,
+            Err(ImapError::Malformed)
+        ));
+        assert_eq!(order.get(), Some(false));
+        let mut conn = connect(vec![], 1 << 20, LIMITS).await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(conn.fetch_order_known() && !conn.uid_before_body());
     }
 
     #[tokio::test]

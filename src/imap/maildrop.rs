@@ -20,7 +20,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{
-    BodyStart, Completion, ConnLimits, ImapConnection, ImapError, Transport, Untagged,
+    BodyStart, Completion, ConnLimits, FetchOrder, ImapConnection, ImapError, Transport, Untagged,
 };
 use super::metadata::{self, MetadataError};
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
@@ -54,6 +54,8 @@ pub struct ImapUpstream {
     shared_map: bool,
     /// Decoded legacy UIDL maps, shared by the sessions.
     maps: Arc<super::legacy::MapCache>,
+    /// The server's FETCH item order, as its connections found it.
+    fetch_order: Arc<FetchOrder>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,7 @@ impl ImapUpstream {
             master,
             shared_map,
             maps: Arc::default(),
+            fetch_order: Arc::default(),
         })
     }
 
@@ -188,6 +191,7 @@ impl ImapUpstream {
             ImapConnection::connect(&self.host, self.port, self.transport(), self.limits)
                 .await
                 .map_err(unavailable)?;
+        conn.share_fetch_order(Arc::clone(&self.fetch_order));
 
         let login = self.login_command(user, password)?;
         let timer = Timer::start(&metrics().upstream_login_duration);
