@@ -212,6 +212,9 @@ fn snapshot_is_fixed_for_the_session<S: MailServer>(server: S) {
         ],
     );
     assert!(c.cmd("STAT").starts_with("+OK 3 "), "numbering is fixed");
+    // Within a second of the listing popbridge serves its view as it is, without asking the
+    // server for news first (ImapMaildrop::refresh_view); past it, it asks.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     let r = c.cmd("RETR 2");
     assert!(r.starts_with("-ERR"), "expunged upstream: {r}");
     assert!(c.cmd("RETR 3").starts_with("+OK"));

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use imap_next::imap_types::command::CommandBody;
@@ -269,6 +269,7 @@ impl ImapUpstream {
             retrieved_before: Vec::new(),
             retrieved_now: HashSet::new(),
             retrieved_pruned: false,
+            view_at: Instant::now(),
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
         })
@@ -398,6 +399,7 @@ impl ImapMaildrop {
         }
         self.uid_validity = uid_validity;
         self.uid_next = uid_next;
+        self.view_at = Instant::now();
         uids.sort_unstable();
         uids.dedup();
         let head = head_done.map(|done| metadata::head_from(values, done));
@@ -555,11 +557,17 @@ pub struct ImapMaildrop {
     retrieved_now: HashSet<u32>,
     /// `retrieved_before` lost messages no longer listed: the record needs writing.
     retrieved_pruned: bool,
+    /// When the server last told this session of expunges (SELECT or NOOP completed).
+    view_at: Instant,
     /// What the session expects to be asked for next: (UID, size).
     ahead_hint: Vec<(u32, u64)>,
     /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
     ahead: HashMap<u32, Bytes>,
 }
+
+/// How long after the listing (or the last NOOP) a FETCH is sent without a NOOP first: see
+/// [`ImapMaildrop::refresh_view`].
+const VIEW_FRESH: Duration = Duration::from_secs(1);
 
 /// Read ahead at most this many bytes per session ...
 const READ_AHEAD_BYTES: u64 = 256 * 1024;
@@ -744,13 +752,7 @@ impl Maildrop for ImapMaildrop {
             }
             // Whatever was read ahead and not asked for is stale now.
             self.ahead.clear();
-            // Servers keep an expunged message readable in a session until that session is
-            // told of the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP
-            // first lets the server deliver it, so a message another client expunged reads as
-            // Gone. It must complete before the FETCH is sent: Dovecot does not apply the
-            // expunge to a FETCH pipelined behind the NOOP (tests/errors.rs found that).
-            let noop = self.run(CommandBody::Noop, |_| {}).await?;
-            expect_ok("NOOP", noop)?;
+            self.refresh_view().await?;
             // Small messages the client will probably ask for next come along in the same
             // FETCH: a one-command-at-a-time client then costs one upstream round trip per
             // window of messages instead of two per message. Bounded in count and bytes.
@@ -876,9 +878,7 @@ impl Maildrop for ImapMaildrop {
         if stream_it {
             if !prefetched {
                 self.ahead.clear();
-                // See `fetch`: the NOOP lets a concurrent expunge be known before the FETCH.
-                let noop = self.run(CommandBody::Noop, |_| {}).await?;
-                expect_ok("NOOP", noop)?;
+                self.refresh_view().await?;
             }
             let others = if uid_first && !prefetched {
                 self.ahead_wanted(
@@ -981,6 +981,23 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
+    /// Servers keep an expunged message readable in a session until that session is told of
+    /// the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP before a
+    /// FETCH lets the server deliver it, so a message another client expunged reads as Gone;
+    /// it must complete before the FETCH is sent (Dovecot does not apply the expunge to a
+    /// FETCH pipelined behind the NOOP: tests/errors.rs found that). Within [`VIEW_FRESH`] of
+    /// the listing or the last NOOP the view is served as it is, like a message read ahead:
+    /// that saves most sessions a command (the first RETR follows the listing closely).
+    async fn refresh_view(&mut self) -> Result<(), MaildropError> {
+        if self.view_at.elapsed() < VIEW_FRESH {
+            return Ok(());
+        }
+        let noop = self.run(CommandBody::Noop, |_| {}).await?;
+        expect_ok("NOOP", noop)?;
+        self.view_at = Instant::now();
+        Ok(())
+    }
+
     /// Write back the record of retrieved messages, if this session changed it.
     fn store_retrieved(&mut self) {
         let Some(state) = &self.state else {
