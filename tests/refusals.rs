@@ -3,7 +3,8 @@
 //! Dovecots whose advertised capabilities were cut down with `imap_capability` (which replaces
 //! the list Dovecot sends, before and after login, but leaves the commands working: so only
 //! popbridge's own reading of CAPABILITY keeps it from using them). Every IMAP command
-//! popbridge sends after login is read back from Dovecot's rawlog.
+//! popbridge sends after login is read back from Dovecot's rawlog. Dovecot lists its
+//! capabilities in the LOGIN answer; a relay that strips them checks the CAPABILITY fallback.
 
 mod support;
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::relay::{Fault, Relay, Trigger};
 use support::*;
 
 const USER: &str = "u";
@@ -101,6 +103,12 @@ fn commands(session: &[String]) -> Vec<String> {
 /// The login is refused with `-ERR [SYS/PERM]`, popbridge logs `why`, nothing after PASS is
 /// accepted, popbridge logged out right after LOGIN and the account is untouched.
 fn assert_refused(dc: &Dovecot, pb: &Popbridge, why: &str) {
+    // Dovecot lists its capabilities in the LOGIN answer, so no CAPABILITY command is needed.
+    assert_refused_after(dc, pb, why, &["LOGOUT"]);
+}
+
+/// [`assert_refused`], with the commands popbridge sends after LOGIN.
+fn assert_refused_after(dc: &Dovecot, pb: &Popbridge, why: &str, after_login: &[&str]) {
     let s = poplib(
         pb.pop3_port(),
         &["user u", "pass pw", "stat", "dele 1", "quit"],
@@ -127,10 +135,10 @@ fn assert_refused(dc: &Dovecot, pb: &Popbridge, why: &str) {
 
     let sessions: Vec<Vec<String>> = imap_sessions(dc, 1).into_values().collect();
     assert_eq!(sessions.len(), 1, "one IMAP login: {sessions:?}");
-    // Dovecot lists its capabilities in the LOGIN answer, so no CAPABILITY command is needed.
+    // The rawlog starts after LOGIN.
     assert_eq!(
         commands(&sessions[0]),
-        ["LOGOUT"],
+        after_login,
         "popbridge must stop right after LOGIN: {sessions:?}"
     );
 
@@ -162,6 +170,63 @@ fn expunge_mode_is_refused_with_move_but_without_uidplus() {
     let dc = dovecot_advertising(&format!("{CAPS_BARE} MOVE"));
     let pb = Popbridge::start(&dc, "[deletion]\nmode = \"expunge\"");
     assert_refused(&dc, &pb, "\"expunge\" needs UIDPLUS");
+}
+
+/// A server that does not list its capabilities in the LOGIN answer (the relay strips them):
+/// popbridge asks with CAPABILITY, and refuses on what that answer lacks.
+#[test]
+fn expunge_mode_is_refused_without_uidplus_when_asked_with_capability() {
+    let dc = dovecot_advertising(CAPS_BARE);
+    let relay = Relay::start(dc.imap_port(), Trigger::Never, Fault::HideCapabilityCodes);
+    let pb = Popbridge::start(
+        &dc,
+        &format!(
+            "[imap]\nport = {}\n[deletion]\nmode = \"expunge\"",
+            relay.port()
+        ),
+    );
+    assert_refused_after(
+        &dc,
+        &pb,
+        "\"expunge\" needs UIDPLUS",
+        &["CAPABILITY", "LOGOUT"],
+    );
+}
+
+/// The same server with UIDPLUS: what CAPABILITY answers is used, and DELE + QUIT expunges.
+#[test]
+fn capabilities_asked_with_capability_are_used() {
+    let dc = dovecot_advertising(&format!("{CAPS_BARE} UIDPLUS"));
+    let relay = Relay::start(dc.imap_port(), Trigger::Never, Fault::HideCapabilityCodes);
+    let pb = Popbridge::start(
+        &dc,
+        &format!(
+            "[imap]\nport = {}\n[deletion]\nmode = \"expunge\"",
+            relay.port()
+        ),
+    );
+    let s = poplib(
+        pb.pop3_port(),
+        &["user u", "pass pw", "stat", "retr 2", "dele 2", "quit"],
+    );
+    s.assert_all_ok();
+    assert!(
+        s.step("stat").resp.starts_with("+OK 3 "),
+        "{}",
+        s.step("stat").resp
+    );
+    assert_eq!(s.step("retr 2").data(), MSGS[1]);
+    let sessions: Vec<Vec<String>> = imap_sessions(&dc, 1).into_values().collect();
+    let cmds = commands(&sessions[0]);
+    let at = |name: &str| {
+        cmds.iter()
+            .position(|c| c == name)
+            .unwrap_or_else(|| panic!("no {name} in {cmds:?}"))
+    };
+    // The rawlog starts after LOGIN.
+    assert_eq!(at("CAPABILITY"), 0, "{cmds:?}");
+    assert!(at("UID EXPUNGE") > at("UID STORE"), "{cmds:?}");
+    assert_eq!(dc.imap_state(USER, PW, "INBOX").uids(), vec![1, 3]);
 }
 
 #[test]

@@ -32,6 +32,32 @@ pub enum Fault {
     /// Forward everything, but hold the upstream's next bytes after the trigger this long
     /// (with [`Trigger::ClientSends`]: the answer to that command arrives late).
     Delay(Duration),
+    /// Forward everything, line by line, without the `[CAPABILITY ...]` response codes (the
+    /// greeting's and LOGIN's): the client has to ask with CAPABILITY. Use with
+    /// [`Trigger::Never`].
+    HideCapabilityCodes,
+}
+
+/// `line` without any `[CAPABILITY ...] ` response code.
+fn strip_capability_codes(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest
+        .windows(12)
+        .position(|w| w.eq_ignore_ascii_case(b"[CAPABILITY "))
+    {
+        out.extend_from_slice(&rest[..at]);
+        let Some(end) = rest[at..].iter().position(|&b| b == b']') else {
+            rest = &[];
+            break;
+        };
+        rest = &rest[at + end + 1..];
+        if rest.first() == Some(&b' ') {
+            rest = &rest[1..];
+        }
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 pub struct Relay {
@@ -128,11 +154,28 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
         thread::spawn(move || {
             let mut sent = 0u64;
             let mut buf = [0u8; 16 * 1024];
+            let mut partial: Vec<u8> = Vec::new();
             loop {
                 let n = match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
+                if fault == Fault::HideCapabilityCodes {
+                    partial.extend_from_slice(&buf[..n]);
+                    let Some(last_lf) = partial.iter().rposition(|&b| b == b'\n') else {
+                        continue;
+                    };
+                    let rest = partial.split_off(last_lf + 1);
+                    let lines = std::mem::replace(&mut partial, rest);
+                    let mut out = Vec::with_capacity(lines.len());
+                    for line in lines.split_inclusive(|&b| b == b'\n') {
+                        out.extend(strip_capability_codes(line));
+                    }
+                    if to.write_all(&out).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let pause = delay.lock().unwrap().take();
                 if let Some(d) = pause {
                     thread::sleep(d);
