@@ -137,34 +137,54 @@ impl StateStore {
     /// empty when unknown, damaged, or recorded under another UIDVALIDITY. One read per
     /// login (a read per RETR was a tenth of popbridge's CPU in the concurrency benchmark).
     pub fn retrieved(&self, user: &str, mailbox: &str, uid_validity: u32) -> Vec<u32> {
-        let Ok(Some(blob)) = self.db.get(retrieved_key(user, mailbox)) else {
+        self.uid_records(retrieved_key(user, mailbox), uid_validity, 1)
+    }
+
+    /// Replace the record of retrieved messages with `uids` (sorted, no duplicates).
+    pub fn store_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, uids: &[u32]) {
+        self.store_uid_records(
+            retrieved_key(user, mailbox),
+            uid_validity,
+            uids.iter().copied(),
+        );
+    }
+
+    /// The words after the UIDVALIDITY head of the blob at `key`, in records of `width`
+    /// words led by a UID; empty when absent, recorded under another UIDVALIDITY (then every
+    /// UID is another message) or damaged: a length that is not whole records, or records not
+    /// in ascending UID order (they are only ever written sorted).
+    fn uid_records(&self, key: Vec<u8>, uid_validity: u32, width: usize) -> Vec<u32> {
+        let Ok(Some(blob)) = self.db.get(key) else {
             return Vec::new();
         };
         let Some((head, body)) = blob.split_first_chunk::<4>() else {
             return Vec::new();
         };
-        if u32::from_be_bytes(*head) != uid_validity || body.len() % 4 != 0 {
+        if u32::from_be_bytes(*head) != uid_validity || body.len() % (4 * width) != 0 {
             return Vec::new();
         }
-        let uids: Vec<u32> = body
+        let words: Vec<u32> = body
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        if uids.windows(2).all(|w| w[0] < w[1]) {
-            uids
+        let sorted = words
+            .iter()
+            .step_by(width)
+            .zip(words.iter().step_by(width).skip(1))
+            .all(|(a, b)| a < b);
+        if sorted {
+            words
         } else {
             Vec::new()
         }
     }
 
-    /// Replace the record of retrieved messages with `uids` (sorted, no duplicates).
-    pub fn store_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, uids: &[u32]) {
-        let mut blob = Vec::with_capacity(4 + uids.len() * 4);
-        blob.extend_from_slice(&uid_validity.to_be_bytes());
-        for uid in uids {
-            blob.extend_from_slice(&uid.to_be_bytes());
+    fn store_uid_records(&self, key: Vec<u8>, uid_validity: u32, words: impl Iterator<Item = u32>) {
+        let mut blob = uid_validity.to_be_bytes().to_vec();
+        for w in words {
+            blob.extend_from_slice(&w.to_be_bytes());
         }
-        if let Err(e) = self.db.insert(retrieved_key(user, mailbox), blob) {
+        if let Err(e) = self.db.insert(key, blob) {
             tracing::warn!(error = %e, "could not update state cache");
         }
     }
@@ -172,43 +192,16 @@ impl StateStore {
     /// Cached message sizes of `user`'s `mailbox` under `uid_validity`, sorted by UID; empty
     /// when unknown or recorded under another UIDVALIDITY (then every UID is another message).
     pub fn sizes(&self, user: &str, mailbox: &str, uid_validity: u32) -> Vec<(u32, u32)> {
-        let Ok(Some(blob)) = self.db.get(sizes_key(user, mailbox)) else {
-            return Vec::new();
-        };
-        let Some((head, body)) = blob.split_first_chunk::<4>() else {
-            return Vec::new();
-        };
-        if u32::from_be_bytes(*head) != uid_validity || body.len() % 8 != 0 {
-            return Vec::new();
-        }
-        let pairs: Vec<(u32, u32)> = body
-            .chunks_exact(8)
-            .map(|c| {
-                (
-                    u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
-                    u32::from_be_bytes([c[4], c[5], c[6], c[7]]),
-                )
-            })
-            .collect();
-        // Only ever written sorted; anything else is damage, and damage means "unknown".
-        if pairs.windows(2).all(|w| w[0].0 < w[1].0) {
-            pairs
-        } else {
-            Vec::new()
-        }
+        self.uid_records(sizes_key(user, mailbox), uid_validity, 2)
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
+            .collect()
     }
 
-    /// Replace the cached sizes of `user`'s `mailbox` (pairs sorted by UID).
+    /// Replace the cached sizes of `user`'s `mailbox` (`sizes` sorted by UID).
     pub fn store_sizes(&self, user: &str, mailbox: &str, uid_validity: u32, sizes: &[(u32, u32)]) {
-        let mut blob = Vec::with_capacity(4 + sizes.len() * 8);
-        blob.extend_from_slice(&uid_validity.to_be_bytes());
-        for (uid, size) in sizes {
-            blob.extend_from_slice(&uid.to_be_bytes());
-            blob.extend_from_slice(&size.to_be_bytes());
-        }
-        if let Err(e) = self.db.insert(sizes_key(user, mailbox), blob) {
-            tracing::warn!(error = %e, "could not update state cache");
-        }
+        let words = sizes.iter().flat_map(|&(uid, size)| [uid, size]);
+        self.store_uid_records(sizes_key(user, mailbox), uid_validity, words);
     }
 
     /// The head of the cached legacy UIDL map of `user`'s `mailbox` (small: read at every

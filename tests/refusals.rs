@@ -172,19 +172,26 @@ fn expunge_mode_is_refused_with_move_but_without_uidplus() {
     assert_refused(&dc, &pb, "\"expunge\" needs UIDPLUS");
 }
 
-/// A server that does not list its capabilities in the LOGIN answer (the relay strips them):
-/// popbridge asks with CAPABILITY, and refuses on what that answer lacks.
-#[test]
-fn expunge_mode_is_refused_without_uidplus_when_asked_with_capability() {
-    let dc = dovecot_advertising(CAPS_BARE);
+/// popbridge in expunge mode, in front of `dc` through a relay that strips the capability
+/// codes from the greeting and the LOGIN answer.
+fn expunging_behind_capability_stripper(dc: &Dovecot) -> (Popbridge, Relay) {
     let relay = Relay::start(dc.imap_port(), Trigger::Never, Fault::HideCapabilityCodes);
     let pb = Popbridge::start(
-        &dc,
+        dc,
         &format!(
             "[imap]\nport = {}\n[deletion]\nmode = \"expunge\"",
             relay.port()
         ),
     );
+    (pb, relay)
+}
+
+/// A server that does not list its capabilities in the LOGIN answer (the relay strips them):
+/// popbridge asks with CAPABILITY, and refuses on what that answer lacks.
+#[test]
+fn expunge_mode_is_refused_without_uidplus_when_asked_with_capability() {
+    let dc = dovecot_advertising(CAPS_BARE);
+    let (pb, _relay) = expunging_behind_capability_stripper(&dc);
     assert_refused_after(
         &dc,
         &pb,
@@ -197,14 +204,7 @@ fn expunge_mode_is_refused_without_uidplus_when_asked_with_capability() {
 #[test]
 fn capabilities_asked_with_capability_are_used() {
     let dc = dovecot_advertising(&format!("{CAPS_BARE} UIDPLUS"));
-    let relay = Relay::start(dc.imap_port(), Trigger::Never, Fault::HideCapabilityCodes);
-    let pb = Popbridge::start(
-        &dc,
-        &format!(
-            "[imap]\nport = {}\n[deletion]\nmode = \"expunge\"",
-            relay.port()
-        ),
-    );
+    let (pb, _relay) = expunging_behind_capability_stripper(&dc);
     let s = poplib(
         pb.pop3_port(),
         &["user u", "pass pw", "stat", "retr 2", "dele 2", "quit"],
