@@ -775,28 +775,13 @@ impl ImapConnection {
 
     async fn drain_inner(&mut self, p: &Prefetch) -> Result<(), ImapError> {
         loop {
-            let line = self.read_line().await?;
-            let items_at = match fetch_stream::classify(&line, p.tag.as_bytes())
-                .map_err(|e| self.fail(e.into()))?
-            {
-                Line::Done { .. } => {
+            let (len, mut info) = match self.next_fetch_body(&p.tag).await? {
+                Step::Done(_) => {
                     tracing::debug!(uid = p.uid, "prefetched FETCH drained");
                     self.shrink_idle_buffer();
                     return Ok(());
                 }
-                Line::Other { literal } => {
-                    self.skip(literal.map_or(0, u64::from)).await?;
-                    continue;
-                }
-                Line::Fetch { items_at } => items_at,
-            };
-            let mut info = FetchInfo::default();
-            let items = &fetch_stream::trim_eol(&line)[items_at..];
-            let len = match fetch_stream::parse_items(items, &mut info)
-                .map_err(|e| self.fail(e.into()))?
-            {
-                Items::End => continue,
-                Items::Body(len) => len,
+                Step::Body { len, info } => (len, info),
             };
             let ours = info
                 .uid
@@ -808,22 +793,15 @@ impl ImapConnection {
                 return Err(self.fail(ImapError::Malformed));
             }
             self.skip(u64::from(len)).await?;
-            let line = self.read_line().await?;
-            match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
-                Ok(Items::End) => {}
-                _ => return Err(self.fail(ImapError::Malformed)),
-            }
+            self.finish_items(&mut info).await?;
         }
     }
 
-    /// Reads the responses of our FETCH `tag` until the body literal of `cur` starts or the
-    /// command completes; bodies of `others` are read whole into `self.ahead`.
-    async fn fetch_lines(
-        &mut self,
-        tag: &str,
-        cur: Option<u32>,
-        others: &[u32],
-    ) -> Result<Step, ImapError> {
+    /// The next step of the response to our FETCH `tag`: its completion, or a FETCH response
+    /// whose body literal of `len` octets starts next in the buffer. Other untagged responses
+    /// (their literals skipped) and FETCH responses without a body (flag updates) are passed
+    /// over.
+    async fn next_fetch_body(&mut self, tag: &str) -> Result<Step, ImapError> {
         loop {
             let line = self.read_line().await?;
             let classified = fetch_stream::classify(&line, tag.as_bytes());
@@ -837,12 +815,35 @@ impl ImapConnection {
             };
             let mut info = FetchInfo::default();
             let items = &fetch_stream::trim_eol(&line)[items_at..];
-            let len = match fetch_stream::parse_items(items, &mut info)
-                .map_err(|e| self.fail(e.into()))?
-            {
-                // A flag update, or a FETCH without a body: nothing to do.
+            match fetch_stream::parse_items(items, &mut info).map_err(|e| self.fail(e.into()))? {
                 Items::End => continue,
-                Items::Body(len) => len,
+                Items::Body(len) => return Ok(Step::Body { len, info }),
+            }
+        }
+    }
+
+    /// Reads the rest of a FETCH response's item list after a body literal into `info`; it
+    /// must hold no further literal.
+    async fn finish_items(&mut self, info: &mut FetchInfo) -> Result<(), ImapError> {
+        let line = self.read_line().await?;
+        match fetch_stream::parse_items(fetch_stream::trim_eol(&line), info) {
+            Ok(Items::End) => Ok(()),
+            _ => Err(self.fail(ImapError::Malformed)),
+        }
+    }
+
+    /// Reads the responses of our FETCH `tag` until the body literal of `cur` starts or the
+    /// command completes; bodies of `others` are read whole into `self.ahead`.
+    async fn fetch_lines(
+        &mut self,
+        tag: &str,
+        cur: Option<u32>,
+        others: &[u32],
+    ) -> Result<Step, ImapError> {
+        loop {
+            let (len, mut info) = match self.next_fetch_body(tag).await? {
+                Step::Done(done) => return Ok(Step::Done(done)),
+                Step::Body { len, info } => (len, info),
             };
             match (info.uid, cur) {
                 (Some(u), Some(c)) if u == c => return Ok(Step::Body { len, info }),
@@ -856,10 +857,9 @@ impl ImapConnection {
                 }
                 (Some(u), _) if others.contains(&u) && len <= AHEAD_LITERAL_MAX => {
                     let data = self.take_exact(len as usize).await?;
-                    let line = self.read_line().await?;
-                    match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
-                        Ok(Items::End) if info.uid == Some(u) => {}
-                        _ => return Err(self.fail(ImapError::Malformed)),
+                    self.finish_items(&mut info).await?;
+                    if info.uid != Some(u) {
+                        return Err(self.fail(ImapError::Malformed));
                     }
                     if self.ahead.iter().all(|(a, _)| *a != u) {
                         self.ahead.push((u, data));
@@ -936,10 +936,9 @@ impl ImapConnection {
             ..
         } = stream;
         // The rest of the FETCH item list.
-        let line = self.read_line().await?;
-        match fetch_stream::parse_items(fetch_stream::trim_eol(&line), &mut info) {
-            Ok(Items::End) if info.uid == Some(uid) => {}
-            Ok(_) | Err(_) => return Err(self.fail(ImapError::Malformed)),
+        self.finish_items(&mut info).await?;
+        if info.uid != Some(uid) {
+            return Err(self.fail(ImapError::Malformed));
         }
         let Step::Done(done) = self.fetch_lines(&tag, None, &others).await? else {
             return Err(self.fail(ImapError::Malformed));
