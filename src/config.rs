@@ -856,11 +856,14 @@ fn one_line(e: &impl std::fmt::Display) -> String {
         .join(": ")
 }
 
+/// Configurations for unit tests elsewhere in the crate.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use super::Config;
+    use std::path::Path;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid configuration.
+    pub const MINIMAL: &str = r#"
 [pop3]
 listen = "127.0.0.1:1110"
 plaintext_auth = "always"
@@ -870,6 +873,28 @@ security = "none"
 [state]
 dir = "/tmp/x"
 "#;
+
+    /// [`MINIMAL`] with a POP3 backend `legacy` and an IMAP backend `new`, then `extra`.
+    pub fn two_backends(extra: &str) -> Config {
+        let text = format!(
+            r#"{MINIMAL}[backends.legacy]
+kind = "pop3"
+host = "127.0.0.1"
+security = "none"
+[backends.new]
+kind = "imap"
+host = "127.0.0.1"
+security = "none"
+{extra}"#
+        );
+        Config::parse(Path::new("t.toml"), &text).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::MINIMAL;
+    use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)

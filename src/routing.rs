@@ -294,27 +294,7 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Config {
-        let text = format!(
-            r#"
-[pop3]
-listen = "127.0.0.1:1110"
-plaintext_auth = "always"
-[imap]
-host = "127.0.0.1"
-security = "none"
-[state]
-dir = "/tmp/x"
-[backends.legacy]
-kind = "pop3"
-host = "127.0.0.1"
-security = "none"
-[backends.new]
-kind = "imap"
-host = "127.0.0.1"
-security = "none"
-{extra}"#
-        );
-        Config::parse(Path::new("t.toml"), &text).unwrap()
+        crate::config::fixtures::two_backends(extra)
     }
 
     fn file(text: &str, c: &Config) -> Result<Router, RoutingError> {

@@ -1100,30 +1100,11 @@ mod tests {
 
     #[test]
     fn logins_follow_templates_then_the_current_route_then_the_client_login() {
-        let config = Config::parse(
-            Path::new("t.toml"),
-            r#"
-[pop3]
-listen = "127.0.0.1:1110"
-plaintext_auth = "always"
-[imap]
-host = "127.0.0.1"
-security = "none"
-[state]
-dir = "/tmp/x"
-[backends.legacy]
-kind = "pop3"
-host = "127.0.0.1"
-security = "none"
-[backends.new]
-kind = "imap"
-host = "127.0.0.1"
-security = "none"
-[routing]
+        let config = crate::config::fixtures::two_backends(
+            r#"[routing]
 rules = [{ match = "@example.org", backend = "legacy", login = "%n" }, { match = "done@example.org", backend = "new", login = "%n@new.example" }]
 "#,
-        )
-        .unwrap();
+        );
         let l = Logins::new(&config, None, None).unwrap();
         // The current route's rewrite for the backend it points at; else the client login.
         assert_eq!(l.from("legacy", "Al@example.org"), "Al");
