@@ -17,6 +17,7 @@ use crate::metrics::{metrics, Timer};
 use imap_next::client::{Client, Event, Options};
 use imap_next::imap_types::command::{Command, CommandBody};
 use imap_next::imap_types::core::Tag;
+use imap_next::imap_types::fetch::MessageDataItem;
 use imap_next::imap_types::response::{Code, Data, Greeting, GreetingKind, Status, StatusKind};
 use imap_next::{Interrupt, Io, State};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -94,6 +95,25 @@ pub enum Untagged {
         kind: StatusKind,
         code: Option<Code<'static>>,
     },
+}
+
+impl Untagged {
+    /// `(UID, RFC822.SIZE)` of a FETCH response that carries both; `None` for anything else
+    /// (unsolicited FETCHes, such as another client's flag changes, lack a size).
+    pub fn uid_and_size(&self) -> Option<(u32, u32)> {
+        let Untagged::Data(Data::Fetch { items, .. }) = self else {
+            return None;
+        };
+        let (mut uid, mut size) = (None, None);
+        for item in items.as_ref() {
+            match item {
+                MessageDataItem::Uid(u) => uid = Some(u.get()),
+                MessageDataItem::Rfc822Size(s) => size = Some(*s),
+                _ => {}
+            }
+        }
+        uid.zip(size)
+    }
 }
 
 /// Limits that bound what one connection may cost.

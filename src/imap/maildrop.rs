@@ -456,23 +456,7 @@ impl ImapMaildrop {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let done = conn
-                .execute_all(fetches, |u| {
-                    let Untagged::Data(Data::Fetch { items, .. }) = u else {
-                        return;
-                    };
-                    let (mut uid, mut size) = (None, None);
-                    for item in items.as_ref() {
-                        match item {
-                            MessageDataItem::Uid(u) => uid = Some(u.get()),
-                            MessageDataItem::Rfc822Size(s) => size = Some(*s),
-                            _ => {}
-                        }
-                    }
-                    // Unsolicited FETCHes (flag changes by other clients) lack a size.
-                    if let (Some(uid), Some(size)) = (uid, size) {
-                        fetched.push((uid, size));
-                    }
-                })
+                .execute_all(fetches, |u| fetched.extend(u.uid_and_size()))
                 .await
                 .map_err(unavailable)?;
             if let Some(failed) = done.iter().find(|d| !d.is_ok()) {

@@ -177,18 +177,8 @@ impl Store {
             let done = self
                 .conn
                 .execute(body, |u| {
-                    if let Untagged::Data(Data::Fetch { items, .. }) = u {
-                        let (mut uid, mut size) = (None, None);
-                        for item in items.as_ref() {
-                            match item {
-                                MessageDataItem::Uid(u) => uid = Some(u.get()),
-                                MessageDataItem::Rfc822Size(s) => size = Some(*s),
-                                _ => {}
-                            }
-                        }
-                        if let (Some(uid), Some(size)) = (uid, size) {
-                            sizes.insert(uid, u64::from(size));
-                        }
+                    if let Some((uid, size)) = u.uid_and_size() {
+                        sizes.insert(uid, u64::from(size));
                     }
                 })
                 .await?;
