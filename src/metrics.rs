@@ -44,6 +44,7 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
+    pub retr_gone: IntCounter,
     pub backend_logins: IntCounterVec,
     pub relay_sessions: IntCounterVec,
     pub relay_bytes: IntCounterVec,
@@ -220,6 +221,11 @@ impl Metrics {
                 &r,
                 "popbridge_retr_repeated_total",
                 "RETRs of a message the same user already retrieved in an earlier session.",
+            ),
+            retr_gone: counter(
+                &r,
+                "popbridge_retr_gone_total",
+                "RETRs and TOPs answered -ERR because another client removed the message since the session's listing.",
             ),
             backend_logins: counter_vec(
                 &r,

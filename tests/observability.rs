@@ -155,6 +155,11 @@ const CONTRACT: &[Family] = &[
         labels: &[],
     },
     Family {
+        name: "popbridge_retr_gone_total",
+        kind: "counter",
+        labels: &[],
+    },
+    Family {
         name: "popbridge_build_info",
         kind: "gauge",
         labels: &[("version", &[env!("CARGO_PKG_VERSION")])],

@@ -342,21 +342,19 @@ impl Run<'_> {
                 self.m.retr_i += 1;
                 match pick % 4 {
                     0 => {
+                        // A message gone since the listing: -ERR, not an error towards the cap.
                         let r = self.session.on_retrieve_failed(msg, &MaildropError::Gone);
-                        let capped = self.m.errors + 1 >= MAX_ERRORS;
-                        self.reply(&r, &Sent::Other, capped);
-                        if capped {
-                            Flow::End
-                        } else {
-                            Flow::Continue
-                        }
+                        assert!(!r.close, "a gone message never closes the session");
+                        assert!(check_single(&r.reply), "a gone message is -ERR");
+                        assert!(!self.session.error_limit_reached());
+                        Flow::Continue
                     }
                     1 => {
                         let r = self
                             .session
                             .on_retrieve_failed(msg, &MaildropError::Unavailable("down".into()));
-                        let capped = self.m.errors + 1 >= MAX_ERRORS;
-                        self.reply(&r, &Sent::Other, capped);
+                        assert!(r.close, "an upstream failure ends the session");
+                        self.reply(&r.reply, &Sent::Other, false);
                         Flow::End
                     }
                     _ => {

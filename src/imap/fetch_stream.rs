@@ -9,9 +9,10 @@
 //!
 //! Everything here is pure (bytes in, verdict out) so it can be unit-tested and fuzzed. It
 //! accepts exactly what a FETCH response of that command may carry: `UID n`, `FLAGS (..)`,
-//! `MODSEQ (n)`, `RFC822.SIZE n` and one `BODY[]` / `BODY[]<0>` literal, in any order, plus
-//! untagged responses unrelated to the command (EXISTS, EXPUNGE, RECENT, `* OK`, flag
-//! updates). Anything else is a [`StreamError`] and ends the upstream connection.
+//! `MODSEQ (n)`, `RFC822.SIZE n` and one `BODY[]` / `BODY[]<origin>` item (a literal, a
+//! quoted string, or `NIL` for a message another client expunged), in any order, plus
+//! untagged responses unrelated to the command (EXISTS, EXPUNGE, VANISHED, RECENT, `* OK`,
+//! flag updates). Anything else is a [`StreamError`] and ends the upstream connection.
 
 /// Why a streamed FETCH response was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,16 +134,34 @@ pub enum Items {
     Body(u32),
 }
 
+/// What the body item of a FETCH response carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyValue {
+    /// A literal of this many octets, which follows the line that announced it.
+    Literal(u32),
+    /// `NIL`: the server has no body for the message. Dovecot answers so for a message
+    /// another client expunged before this session was told (`BODY[] NIL`, then
+    /// `OK [EXPUNGEISSUED]`).
+    Nil,
+    /// A quoted string, unescaped: a short body, or `""` for a message that went away.
+    Quoted(Vec<u8>),
+}
+
 /// What the items of one FETCH response said.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FetchInfo {
     pub uid: Option<u32>,
-    /// A body literal was announced (at most one per response is accepted).
-    pub body: bool,
+    /// The body item, if the response had one (at most one per response is accepted).
+    pub body: Option<BodyValue>,
+    /// The origin octet of a partial body (`BODY[]<origin>`); 0 for a whole one.
+    pub origin: u32,
 }
 
 /// Parses a fragment of a FETCH item list: the part of a line after `* n FETCH (`, or the
-/// line that follows a literal. `frag` excludes the line end.
+/// line that follows a literal. `frag` excludes the line end. Accepts what a response to
+/// `UID FETCH .. (UID BODY.PEEK[])` (or a partial `BODY.PEEK[]<o.n>`) may carry, including
+/// the shapes servers send for a message that went away under the session (`BODY[] NIL`,
+/// `BODY[] ""`, no body item at all), and the flag updates other clients cause.
 pub fn parse_items(mut frag: &[u8], info: &mut FetchInfo) -> Result<Items, StreamError> {
     let m = StreamError::Malformed;
     loop {
@@ -182,16 +201,28 @@ pub fn parse_items(mut frag: &[u8], info: &mut FetchInfo) -> Result<Items, Strea
                 return Err(m("unexpected byte in list"));
             }
             frag = &rest[close + 1..];
-        } else if name.eq_ignore_ascii_case(b"BODY[]") || name.eq_ignore_ascii_case(b"BODY[]<0>") {
-            if info.body {
+        } else if let Some(origin) = body_origin(name) {
+            if info.body.is_some() {
                 return Err(m("two bodies in one FETCH"));
             }
-            info.body = true;
-            let n = rest
-                .strip_prefix(b"{")
-                .and_then(|r| r.strip_suffix(b"}"))
-                .ok_or(m("body is not a literal ending the line"))?;
-            return parse_u32(n).map(Items::Body).ok_or(m("bad literal length"));
+            info.origin = origin;
+            if let Some(n) = rest.strip_prefix(b"{").and_then(|r| r.strip_suffix(b"}")) {
+                let len = parse_u32(n).ok_or(m("bad literal length"))?;
+                info.body = Some(BodyValue::Literal(len));
+                return Ok(Items::Body(len));
+            }
+            let (value, after) = if rest.starts_with(b"\"") {
+                let (text, after) = quoted(rest)?;
+                (BodyValue::Quoted(text), after)
+            } else {
+                let (word, after) = split_item_value(rest);
+                if !word.eq_ignore_ascii_case(b"NIL") {
+                    return Err(m("body is neither a literal, a string nor NIL"));
+                }
+                (BodyValue::Nil, after)
+            };
+            info.body = Some(value);
+            frag = after;
         } else {
             return Err(m("unexpected FETCH item"));
         }
@@ -200,6 +231,44 @@ pub fn parse_items(mut frag: &[u8], info: &mut FetchInfo) -> Result<Items, Strea
         }
         if frag.is_empty() {
             return Err(m("FETCH item list not closed"));
+        }
+    }
+}
+
+/// `BODY[]` is origin 0, `BODY[]<n>` origin n; `None` for any other item name.
+fn body_origin(name: &[u8]) -> Option<u32> {
+    let upper = name.get(..6)?;
+    if !upper.eq_ignore_ascii_case(b"BODY[]") {
+        return None;
+    }
+    match &name[6..] {
+        [] => Some(0),
+        [b'<', digits @ .., b'>'] => parse_u32(digits),
+        _ => None,
+    }
+}
+
+/// An IMAP quoted string at the start of `s` (RFC 3501: `\\` and `\"` are the only
+/// escapes); its unescaped bytes and what follows it.
+fn quoted(s: &[u8]) -> Result<(Vec<u8>, &[u8]), StreamError> {
+    let m = StreamError::Malformed;
+    let mut out = Vec::new();
+    let mut i = 1;
+    loop {
+        match s.get(i) {
+            None => return Err(m("unterminated string")),
+            Some(b'"') => return Ok((out, &s[i + 1..])),
+            Some(b'\\') => match s.get(i + 1) {
+                Some(&c @ (b'\\' | b'"')) => {
+                    out.push(c);
+                    i += 2;
+                }
+                _ => return Err(m("bad escape in string")),
+            },
+            Some(&c) => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
 }
@@ -285,6 +354,24 @@ mod tests {
         let (i, info) = items(b"BODY[]<0> {77}").unwrap();
         assert_eq!(i, Items::Body(77));
         assert_eq!(info.uid, None);
+        assert_eq!(info.body, Some(BodyValue::Literal(77)));
+        let (i, info) = items(b"BODY[]<1048576> {5}").unwrap();
+        assert_eq!((i, info.origin), (Items::Body(5), 1_048_576));
+        // What Dovecot sends for a message another client expunged.
+        let (i, info) = items(b"UID 5 RFC822.SIZE 0 BODY[] NIL)").unwrap();
+        assert_eq!(i, Items::End);
+        assert_eq!((info.uid, info.body), (Some(5), Some(BodyValue::Nil)));
+        let (_, info) = items(b"BODY[]<0> nil UID 5)").unwrap();
+        assert_eq!((info.uid, info.body), (Some(5), Some(BodyValue::Nil)));
+        let (_, info) = items(b"BODY[] \"\" UID 6)").unwrap();
+        assert_eq!(info.body, Some(BodyValue::Quoted(Vec::new())));
+        let (_, info) = items(b"UID 6 BODY[] \"a \\\\ \\\"b\\\") {1}\")").unwrap();
+        assert_eq!(
+            info.body,
+            Some(BodyValue::Quoted(b"a \\ \"b\") {1}".to_vec()))
+        );
+        let (_, info) = items(b"UID 6 FLAGS (\\Seen))").unwrap();
+        assert_eq!(info.body, None);
         let (i, info) = items(b"FLAGS (\\Seen $X) MODSEQ (12) UID 4)").unwrap();
         assert_eq!(i, Items::End);
         assert_eq!(info.uid, Some(4));
@@ -298,11 +385,15 @@ mod tests {
             b"UID 3 ",
             b"UID 3)x",
             b"ENVELOPE (NIL))",
-            b"BODY[] \"abc\")",
-            b"BODY[] NIL)",
+            b"BODY[] \"abc)",
+            b"BODY[] \"a\\x\")",
+            b"BODY[] NILL)",
+            b"BODY[] NIL",
+            b"BODY[] NIL UID 3 BODY[] NIL)",
             b"BODY[] {5} UID 3",
             b"BODY[1] {5}",
-            b"BODY[]<10> {5}",
+            b"BODY[]<x> {5}",
+            b"BODY[]<> {5}",
             b"FLAGS (\\Seen",
             b"FLAGS (a (b)))",
             b"FLAGS \\Seen)",
@@ -314,8 +405,8 @@ mod tests {
         let mut info = FetchInfo::default();
         assert!(parse_items(b"UID 3 UID 4)", &mut info).is_err());
         let mut info = FetchInfo {
-            uid: None,
-            body: true,
+            body: Some(BodyValue::Nil),
+            ..FetchInfo::default()
         };
         assert!(parse_items(b"BODY[] {5}", &mut info).is_err());
     }

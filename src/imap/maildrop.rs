@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use imap_next::imap_types::command::CommandBody;
@@ -269,7 +269,6 @@ impl ImapUpstream {
             retrieved_before: Vec::new(),
             retrieved_now: HashSet::new(),
             retrieved_pruned: false,
-            view_at: Instant::now(),
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
         })
@@ -399,7 +398,6 @@ impl ImapMaildrop {
         }
         self.uid_validity = uid_validity;
         self.uid_next = uid_next;
-        self.view_at = Instant::now();
         uids.sort_unstable();
         uids.dedup();
         let head = head_done.map(|done| metadata::head_from(values, done));
@@ -459,7 +457,9 @@ impl ImapMaildrop {
                 .execute_all(fetches, |u| fetched.extend(u.uid_and_size()))
                 .await
                 .map_err(unavailable)?;
-            if let Some(failed) = done.iter().find(|d| !d.is_ok()) {
+            // NO [EXPUNGEISSUED]: some went away since the SEARCH; they get no size and are
+            // not listed.
+            if let Some(failed) = done.iter().find(|d| !d.answered_but_expunged()) {
                 return Err(MaildropError::Unavailable(format!(
                     "listing sizes failed: {}",
                     failed.text
@@ -541,17 +541,11 @@ pub struct ImapMaildrop {
     retrieved_now: HashSet<u32>,
     /// `retrieved_before` lost messages no longer listed: the record needs writing.
     retrieved_pruned: bool,
-    /// When the server last told this session of expunges (SELECT or NOOP completed).
-    view_at: Instant,
     /// What the session expects to be asked for next: (UID, size).
     ahead_hint: Vec<(u32, u64)>,
     /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
     ahead: HashMap<u32, Bytes>,
 }
-
-/// How long after the listing (or the last NOOP) a FETCH is sent without a NOOP first: see
-/// [`ImapMaildrop::refresh_view`].
-const VIEW_FRESH: Duration = Duration::from_secs(1);
 
 /// Read ahead at most this many bytes per session ...
 const READ_AHEAD_BYTES: u64 = 256 * 1024;
@@ -567,6 +561,25 @@ const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
 const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
 
 impl ImapMaildrop {
+    /// Whether `body`, read ahead for `uid`, can be the whole message: an empty one only if
+    /// the listing says the message is empty.
+    fn plausibly_whole(&self, uid: u32, body: &Bytes) -> bool {
+        !body.is_empty()
+            || self
+                .ahead_hint
+                .iter()
+                .any(|&(u, size)| u == uid && size == 0)
+    }
+
+    /// Keeps the messages a streamed FETCH read ahead, but for empty ones that cannot be.
+    fn keep_ahead(&mut self, read: Vec<(u32, Bytes)>) {
+        for (uid, body) in read {
+            if self.plausibly_whole(uid, &body) {
+                self.ahead.insert(uid, body);
+            }
+        }
+    }
+
     /// The small messages to fetch along with `uid` (from the session's hint): bounded in
     /// count and bytes, each smaller than `len`.
     fn ahead_wanted(&self, uid: u32, len: u64, (mut budget, max): (u64, u64)) -> Vec<u32> {
@@ -640,6 +653,22 @@ impl ImapMaildrop {
             .collect()
     }
 
+    /// Runs a command of the commit. A `NO [EXPUNGEISSUED]` means it named a message another
+    /// client expunged, which this session was not told of yet; Dovecot then copies or moves
+    /// nothing at all. A NOOP delivers the expunge, and the one retry passes over the message.
+    async fn run_commit(
+        &mut self,
+        body: CommandBody<'static>,
+    ) -> Result<Completion, MaildropError> {
+        let done = self.run(body.clone(), |_| {}).await?;
+        if done.kind != StatusKind::No || !done.expunge_issued() {
+            return Ok(done);
+        }
+        tracing::debug!(text = %done.text, "commit command named an expunged message; retrying after NOOP");
+        expect_ok("NOOP", self.run(CommandBody::Noop, |_| {}).await?)?;
+        self.run(body, |_| {}).await
+    }
+
     async fn store(&mut self, set: &SequenceSet, flag: Flag<'static>) -> Result<(), MaildropError> {
         let body = CommandBody::store(
             set.clone(),
@@ -649,14 +678,14 @@ impl ImapMaildrop {
             true,
         )
         .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
-        expect_ok("UID STORE", self.run(body, |_| {}).await?)
+        expect_ok("UID STORE", self.run_commit(body).await?)
     }
 
     async fn uid_expunge(&mut self, set: &SequenceSet) -> Result<(), MaildropError> {
         let body = CommandBody::ExpungeUid {
             sequence_set: set.clone(),
         };
-        expect_ok("UID EXPUNGE", self.run(body, |_| {}).await?)
+        expect_ok("UID EXPUNGE", self.run_commit(body).await?)
     }
 
     /// MOVE or COPY into `move_to`, creating it once if the server says TRYCREATE.
@@ -677,7 +706,7 @@ impl ImapMaildrop {
                     uid: true,
                 }
             };
-            let done = self.run(body, |_| {}).await?;
+            let done = self.run_commit(body).await?;
             if done.is_ok() {
                 return Ok(());
             }
@@ -736,7 +765,6 @@ impl Maildrop for ImapMaildrop {
             }
             // Whatever was read ahead and not asked for is stale now.
             self.ahead.clear();
-            self.refresh_view().await?;
             // Small messages the client will probably ask for next come along in the same
             // FETCH: a one-command-at-a-time client then costs one upstream round trip per
             // window of messages instead of two per message. Bounded in count and bytes.
@@ -774,17 +802,13 @@ impl Maildrop for ImapMaildrop {
                 for item in items.into_iter() {
                     match item {
                         MessageDataItem::Uid(u) => this_uid = Some(u.get()),
+                        // NIL: the server has no body for it (another client expunged it):
+                        // no data, so the message reads as gone.
                         MessageDataItem::BodyExt {
                             section: None,
                             data: d,
                             ..
-                        } => {
-                            data = Some(
-                                d.into_option()
-                                    .map(|c| Bytes::from(c.into_owned()))
-                                    .unwrap_or_default(),
-                            )
-                        }
+                        } => data = d.into_option().map(|c| Bytes::from(c.into_owned())),
                         _ => {}
                     }
                 }
@@ -797,10 +821,11 @@ impl Maildrop for ImapMaildrop {
             })
             .await?;
         let piece = pieces.remove(&uid);
-        // Keep only read-ahead pieces that are whole messages (shorter than asked).
+        // Keep only read-ahead pieces that are whole messages (shorter than asked, and not
+        // empty unless the listing says so: `""` is what some servers send for one gone).
         self.ahead = pieces
             .into_iter()
-            .filter(|(_, b)| b.len() < len as usize)
+            .filter(|(u, b)| b.len() < len as usize && self.plausibly_whole(*u, b))
             .collect();
         match piece {
             Some(bytes) => Ok(bytes),
@@ -815,7 +840,10 @@ impl Maildrop for ImapMaildrop {
 
     /// Messages too big to read ahead are streamed: one `UID FETCH uid (UID BODY.PEEK[])`
     /// whose literal goes to the client as it arrives, instead of `fetch_chunk_bytes` pieces
-    /// each decoded whole by imap-next before the first byte of it could be sent.
+    /// each decoded whole by imap-next before the first byte of it could be sent. A read that
+    /// starts past the beginning (the rest of a TOP whose first piece did not end it) streams
+    /// the rest of the message from there in one literal, so it cannot end short if the
+    /// message goes away meanwhile.
     async fn read_body(
         &mut self,
         uid: u32,
@@ -825,19 +853,21 @@ impl Maildrop for ImapMaildrop {
     ) -> Result<BodyPart, MaildropError> {
         if offset == 0 {
             if let Some(conn) = self.conn.as_mut().filter(|c| c.unsettled()) {
-                if let Err(e) = conn.settle().await {
-                    self.conn = None;
-                    return Err(unavailable(e));
+                let settled = conn.settle().await.map(|()| conn.take_ahead());
+                match settled {
+                    Ok(read) => self.keep_ahead(read),
+                    Err(e) => {
+                        self.conn = None;
+                        return Err(unavailable(e));
+                    }
                 }
-                self.ahead.extend(conn.take_ahead());
             }
         }
         let (streaming, uid_first, order_known) = match &self.conn {
             Some(c) => (c.streaming(uid), c.uid_before_body(), c.fetch_order_known()),
             None => (false, false, false),
         };
-        // Its FETCH was sent right after the previous message (`prefetch_next`): served as
-        // it was then, like a message read ahead, without the NOOP.
+        // Its FETCH was sent right after the previous message (`prefetch_next`).
         let prefetched = offset == 0
             && !self.ahead.contains_key(&uid)
             && self.conn.as_ref().is_some_and(|c| c.prefetched(uid));
@@ -851,7 +881,9 @@ impl Maildrop for ImapMaildrop {
             && (size > READ_AHEAD_MAX_MESSAGE || uid_first || !order_known)
             && !self.ahead.contains_key(&uid)
             && self.conn.is_some();
-        if !streaming && !stream_it {
+        let origin = u32::try_from(offset).unwrap_or(u32::MAX);
+        let ranged = offset > 0 && !streaming && self.conn.is_some();
+        if !streaming && !stream_it && !ranged {
             let data = self.fetch(uid, offset, max).await?;
             let last = data.len() < max as usize;
             if last {
@@ -859,12 +891,11 @@ impl Maildrop for ImapMaildrop {
             }
             return Ok(BodyPart { data, last });
         }
-        if stream_it {
-            if !prefetched {
+        if stream_it || ranged {
+            if stream_it && !prefetched {
                 self.ahead.clear();
-                self.refresh_view().await?;
             }
-            let others = if uid_first && !prefetched {
+            let others = if uid_first && stream_it && !prefetched {
                 self.ahead_wanted(
                     uid,
                     u64::from(max),
@@ -874,16 +905,21 @@ impl Maildrop for ImapMaildrop {
                 Vec::new()
             };
             let conn = self.conn.as_mut().ok_or_else(lost)?;
-            let started = conn.body_start(uid, &others).await;
-            if started.is_ok() {
-                self.ahead.extend(conn.take_ahead());
-            }
+            let started = conn
+                .body_start_at(uid, if ranged { origin } else { 0 }, &others)
+                .await
+                .map(|s| (s, conn.take_ahead()));
             match started {
-                Ok(BodyStart::Streaming) => {}
-                Ok(BodyStart::NoBody(done)) if done.is_ok() || done.kind == StatusKind::No => {
-                    return Err(MaildropError::Gone)
+                Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
+                // No body for it: another client expunged it (NIL, or no FETCH data, with
+                // OK or NO [EXPUNGEISSUED]).
+                Ok((BodyStart::NoBody(done), read))
+                    if done.is_ok() || done.kind == StatusKind::No =>
+                {
+                    self.keep_ahead(read);
+                    return Err(MaildropError::Gone);
                 }
-                Ok(BodyStart::NoBody(done)) => {
+                Ok((BodyStart::NoBody(done), _)) => {
                     return Err(MaildropError::Unavailable(format!(
                         "UID FETCH failed: {}",
                         done.text
@@ -896,10 +932,17 @@ impl Maildrop for ImapMaildrop {
             }
         }
         let conn = self.conn.as_mut().ok_or_else(lost)?;
-        match conn.body_next(max as usize).await {
-            Ok((data, last)) => {
+        let next = conn.body_next(max as usize).await.map(|(data, last)| {
+            (
+                data,
+                last,
+                if last { conn.take_ahead() } else { Vec::new() },
+            )
+        });
+        match next {
+            Ok((data, last, read)) => {
                 if last {
-                    self.ahead.extend(conn.take_ahead());
+                    self.keep_ahead(read);
                     self.prefetch_next(max).await;
                 }
                 Ok(BodyPart { data, last })
@@ -965,23 +1008,6 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
-    /// Servers keep an expunged message readable in a session until that session is told of
-    /// the expunge, and FETCH may not carry that news (RFC 3501 7.4.1). A NOOP before a
-    /// FETCH lets the server deliver it, so a message another client expunged reads as Gone;
-    /// it must complete before the FETCH is sent (Dovecot does not apply the expunge to a
-    /// FETCH pipelined behind the NOOP: tests/errors.rs found that). Within [`VIEW_FRESH`] of
-    /// the listing or the last NOOP the view is served as it is, like a message read ahead:
-    /// that saves most sessions a command (the first RETR follows the listing closely).
-    async fn refresh_view(&mut self) -> Result<(), MaildropError> {
-        if self.view_at.elapsed() < VIEW_FRESH {
-            return Ok(());
-        }
-        let noop = self.run(CommandBody::Noop, |_| {}).await?;
-        expect_ok("NOOP", noop)?;
-        self.view_at = Instant::now();
-        Ok(())
-    }
-
     /// Write back the record of retrieved messages, if this session changed it.
     fn store_retrieved(&mut self) {
         let Some(state) = &self.state else {
@@ -1148,11 +1174,7 @@ fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropError> {
 
 /// LOGIN said NO or BAD. RFC 5530 codes tell a temporary server failure from bad credentials.
 fn login_failure(done: &Completion) -> MaildropError {
-    // RFC 5530 codes are not modelled by imap-types; they arrive as `Code::Other`.
-    let code = match &done.code {
-        Some(Code::Other(other)) => String::from_utf8_lossy(other.inner()).to_ascii_uppercase(),
-        _ => String::new(),
-    };
+    let code = done.other_code().unwrap_or_default();
     if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"]
         .iter()
         .any(|c| code.starts_with(c))

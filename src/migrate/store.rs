@@ -182,7 +182,7 @@ impl Store {
                     }
                 })
                 .await?;
-            if !done.is_ok() {
+            if !done.answered_but_expunged() {
                 return Err(failed("UID FETCH", done.text));
             }
         }
@@ -232,13 +232,16 @@ impl Store {
                                 _ => {}
                             }
                         }
+                        // NIL or "": the message went away meanwhile (no message is empty).
                         if let (Some(uid), Some(data)) = (uid, data) {
-                            each(uid, &data);
+                            if !data.is_empty() {
+                                each(uid, &data);
+                            }
                         }
                     }
                 })
                 .await?;
-            if !done.is_ok() {
+            if !done.answered_but_expunged() {
                 return Err(failed("UID FETCH", done.text));
             }
         }

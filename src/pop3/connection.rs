@@ -198,6 +198,8 @@ const FLUSH_AT: usize = 64 * 1024;
 enum Flow {
     Continue,
     End(SessionOutcome),
+    /// Write what is queued for the client, then end.
+    EndAfterFlush(SessionOutcome),
     /// STLS was answered with +OK: switch to TLS before reading another byte.
     StartTls,
     /// Logged in at a legacy POP3 server: relay everything from now on.
@@ -382,6 +384,10 @@ where
                 match flow {
                     Flow::Continue => {}
                     Flow::End(o) => return o,
+                    Flow::EndAfterFlush(o) => {
+                        let _ = self.flush().await;
+                        return o;
+                    }
                     Flow::Relay(up, backend) => {
                         // What the client pipelined behind its login belongs to the relayed
                         // session.
@@ -669,42 +675,33 @@ where
         ok_line: Vec<u8>,
     ) -> Flow {
         let chunk = self.limits.fetch_chunk.max(1);
+        let top = top_lines.is_some();
         let Some((md, _)) = self.maildrop.as_mut() else {
-            let reply = self
-                .session
-                .on_retrieve_failed(msg, &MaildropError::Unavailable("no maildrop".into()));
-            self.emit(&reply);
-            return Flow::Continue;
+            return self.retrieve_failed(
+                msg,
+                uid,
+                MaildropError::Unavailable("no maildrop".into()),
+            );
         };
         md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
-        let mut part = match read_part(md, uid, size, top_lines.is_some(), 0, chunk).await {
+        let mut part = match read_part(md, uid, size, top, 0, chunk).await {
             Ok(d) => d,
-            Err(e) => {
-                let gone = e == MaildropError::Gone;
-                warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "fetch failed");
-                let reply = self.session.on_retrieve_failed(msg, &e);
-                self.emit(&reply);
-                if gone && !self.session.error_limit_reached() {
-                    return Flow::Continue;
-                }
-                let _ = self.flush().await;
-                return Flow::End(if gone {
-                    SessionOutcome::TooManyErrors
-                } else {
-                    SessionOutcome::UpstreamError
-                });
-            }
+            Err(e) => return self.retrieve_failed(msg, uid, e),
         };
         // Until something of this response is flushed, a failure can still become an -ERR.
         let mark = self.out.len();
         let mut flushed = false;
+        let mut parts = 1u32;
         self.emit(&ok_line);
         let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
         let mut offset = 0u64;
         loop {
             stuffer.feed(&part.data, &mut self.out);
             offset += part.data.len() as u64;
-            if self.out.len() >= FLUSH_AT {
+            // A TOP's first piece is held until the rest of the message is on its way in one
+            // literal: if the message went away in between, the client gets -ERR, not a
+            // truncated answer. A RETR streams one literal from its first part on.
+            if self.out.len() >= FLUSH_AT && (!top || parts > 1) {
                 if let Err(o) = self.flush().await {
                     return Flow::End(o);
                 }
@@ -716,30 +713,23 @@ where
             let Some((md, _)) = self.maildrop.as_mut() else {
                 return Flow::End(SessionOutcome::UpstreamError);
             };
-            part = match read_part(md, uid, size, top_lines.is_some(), offset, chunk).await {
+            part = match read_part(md, uid, size, top, offset, chunk).await {
                 Ok(d) => d,
-                Err(e) => {
+                Err(e) if flushed => {
                     warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
-                        "fetch failed mid-message");
-                    if flushed {
-                        // Part of the body is already on the wire: a truncated multi-line
-                        // response cannot be repaired, so the connection must go.
-                        return Flow::End(SessionOutcome::UpstreamError);
-                    }
-                    self.out.truncate(mark);
-                    let reply = self.session.on_retrieve_failed(msg, &e);
-                    self.emit(&reply);
-                    if e == MaildropError::Gone && !self.session.error_limit_reached() {
-                        return Flow::Continue;
-                    }
-                    let _ = self.flush().await;
+                        "fetch failed mid-message after part of it was sent");
                     return Flow::End(SessionOutcome::UpstreamError);
                 }
+                Err(e) => {
+                    self.out.truncate(mark);
+                    return self.retrieve_failed(msg, uid, e);
+                }
             };
+            parts += 1;
         }
         stuffer.finish(&mut self.out);
         debug!(uid, octets = offset, "message sent");
-        if top_lines.is_some() {
+        if top {
             return Flow::Continue;
         }
         metrics().messages_retrieved.inc();
@@ -756,10 +746,31 @@ where
         }
         Flow::Continue
     }
+
+    /// A RETR/TOP that failed before any of its bytes were sent: `-ERR`, and the end of the
+    /// session unless the message is simply gone.
+    fn retrieve_failed(&mut self, msg: u32, uid: u32, e: MaildropError) -> Flow {
+        let user = self.user.as_deref().unwrap_or("-");
+        if e == MaildropError::Gone {
+            info!(user, uid, msg, "message removed upstream since the listing");
+            metrics().retr_gone.inc();
+        } else {
+            warn!(user, uid, error = %e, "fetch failed");
+        }
+        let failed = self.session.on_retrieve_failed(msg, &e);
+        self.emit(&failed.reply);
+        if failed.close {
+            Flow::EndAfterFlush(SessionOutcome::UpstreamError)
+        } else {
+            Flow::Continue
+        }
+    }
 }
 
-/// The next part of a message: RETR reads it front to back with [`Maildrop::read_body`]
-/// (which may stream it), TOP in `fetch` pieces (it usually stops early).
+/// The next part of message `uid` (`size` octets listed) from `offset`. A TOP starts with a
+/// piece (usually all it needs: the header and a few lines); the rest, when needed, comes as
+/// one streamed range. A message listed as non-empty whose first part is empty and final
+/// went away under the session (some servers answer `""` instead of `NIL`).
 async fn read_part<M: Maildrop>(
     md: &mut M,
     uid: u32,
@@ -768,13 +779,17 @@ async fn read_part<M: Maildrop>(
     offset: u64,
     chunk: u32,
 ) -> Result<BodyPart, MaildropError> {
-    if top {
+    let part = if top && offset == 0 {
         let data = md.fetch(uid, offset, chunk).await?;
         let last = data.len() < chunk as usize;
-        Ok(BodyPart { data, last })
+        BodyPart { data, last }
     } else {
-        md.read_body(uid, size, offset, chunk).await
+        md.read_body(uid, size, offset, chunk).await?
+    };
+    if offset == 0 && size > 0 && part.last && part.data.is_empty() {
+        return Err(MaildropError::Gone);
     }
+    Ok(part)
 }
 
 #[cfg(test)]
@@ -1204,6 +1219,32 @@ mod tests {
         assert!(c.cmd("RETR 4").await.starts_with("-ERR [SYS/TEMP]"));
         assert!(c.eof().await);
         assert_eq!(task.await.unwrap(), SessionOutcome::UpstreamError);
+    }
+
+    #[tokio::test]
+    async fn a_top_whose_message_goes_away_after_its_first_piece_is_err_not_truncated() {
+        let mut h = Harness::new();
+        // A first piece far past the flush threshold, the rest of the message gone.
+        h.limits.fetch_chunk = 128 * 1024;
+        h.up.add_message("bob", 9, big_message(300 * 1024));
+        h.up.fail_fetch_from("bob", 9, 128 * 1024, MaildropError::Gone);
+        let (mut c, task) = h.login().await;
+        assert_eq!(
+            c.cmd("TOP 4 100000").await,
+            "-ERR message 4 no longer exists\r\n"
+        );
+        // Many such answers never reach the error cap: the session goes on.
+        for _ in 0..super::super::session::MAX_ERRORS + 5 {
+            assert_eq!(
+                c.cmd("TOP 4 100000").await,
+                "-ERR message 4 no longer exists\r\n"
+            );
+        }
+        // A TOP its first piece ends is served as before.
+        assert_eq!(c.cmd("TOP 4 0").await, "+OK\r\n");
+        assert!(!c.body().await.is_empty());
+        assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
+        assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
     }
 
     #[tokio::test]

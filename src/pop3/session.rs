@@ -81,6 +81,13 @@ enum State {
     Update,
 }
 
+/// What the driver does after a RETR/TOP failed: write `reply`, then close if `close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrieveFailed {
+    pub reply: Vec<u8>,
+    pub close: bool,
+}
+
 /// One client's POP3 session.
 #[derive(Debug)]
 pub struct Session {
@@ -368,8 +375,6 @@ impl Session {
         }
     }
 
-    /// Reply for a RETR/TOP whose first fetch failed before anything was written. `Gone` keeps
-    /// the session going; for other errors the driver closes after writing this.
     /// The messages after `msg` that are not marked deleted, as (UID, size), at most `max`:
     /// what a one-command-at-a-time client is likely to ask for next (read-ahead hints).
     pub fn upcoming(&self, msg: u32, max: usize) -> Vec<(u32, u64)> {
@@ -387,17 +392,23 @@ impl Session {
             .collect()
     }
 
-    pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> Vec<u8> {
-        let reply = match e {
-            MaildropError::Gone => err(None, &format!("message {msg} no longer exists")),
-            _ => err(
-                Some(RespCode::SysTemp),
-                "Mail server temporarily unavailable.",
-            ),
-        };
-        match self.fail(reply) {
-            Action::Reply(b) | Action::Close(b) => b,
-            _ => Vec::new(),
+    /// Reply for a RETR/TOP that failed before any of its bytes were sent.
+    pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> RetrieveFailed {
+        match e {
+            // Another client removed it since the listing: a fact of a shared mailbox, not a
+            // client error, so it does not count towards the error cap; the session goes on.
+            MaildropError::Gone => RetrieveFailed {
+                reply: err(None, &format!("message {msg} no longer exists")),
+                close: false,
+            },
+            // The upstream connection is gone: nothing more can be served.
+            _ => RetrieveFailed {
+                reply: err(
+                    Some(RespCode::SysTemp),
+                    "Mail server temporarily unavailable.",
+                ),
+                close: true,
+            },
         }
     }
 
@@ -883,12 +894,19 @@ mod tests {
     #[test]
     fn retrieve_failure_replies() {
         let mut s = logged_in();
-        assert_eq!(
-            s.on_retrieve_failed(2, &MaildropError::Gone),
-            b"-ERR message 2 no longer exists\r\n"
-        );
-        assert!(s
-            .on_retrieve_failed(2, &MaildropError::Unavailable("x".into()))
-            .starts_with(b"-ERR [SYS/TEMP]"));
+        // A message another client removed: -ERR naming it, as often as it happens, and the
+        // session goes on.
+        for _ in 0..MAX_ERRORS * 2 {
+            assert_eq!(
+                s.on_retrieve_failed(2, &MaildropError::Gone),
+                RetrieveFailed {
+                    reply: b"-ERR message 2 no longer exists\r\n".to_vec(),
+                    close: false
+                }
+            );
+        }
+        assert!(!s.error_limit_reached());
+        let down = s.on_retrieve_failed(2, &MaildropError::Unavailable("x".into()));
+        assert!(down.reply.starts_with(b"-ERR [SYS/TEMP]") && down.close);
     }
 }

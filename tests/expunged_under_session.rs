@@ -1,0 +1,207 @@
+//! Another IMAP client removes mail while a POP3 session runs, at the moments that used to hurt:
+//! right after the listing (before the server told popbridge's session of the expunge), while
+//! the message is read ahead in the same FETCH as an earlier one, and while it is prefetched
+//! behind the previous RETR. Every RETR/TOP then answers the exact bytes of the message the
+//! session listed or `-ERR` naming it, and the session goes on; a QUIT whose marks include a
+//! message someone else expunged still applies the others. Against Dovecot (which answers such
+//! a FETCH with `BODY[] NIL` and `[EXPUNGEISSUED]`) and Cyrus (which serves the message until
+//! the session is told). Raw sockets: the test needs exact control over when what is sent.
+
+mod support;
+
+use std::time::Duration;
+
+use support::imap_do::imap_do;
+use support::raw::RawPop3 as Raw;
+use support::*;
+
+on_both_servers!(
+    retr_and_top_right_after_another_client_expunged,
+    messages_read_ahead_or_prefetched_then_expunged,
+    quit_commits_the_marks_that_still_exist_in_every_mode,
+);
+
+fn message(i: usize) -> Vec<u8> {
+    // Long enough for TOP to have something to cut, dot lines for the stuffer; from 9 on
+    // too big to be read ahead (popbridge streams those alone, and prefetches them).
+    let mut m = format!("Subject: {i}\r\nX-Model-Id: m{i}\r\n\r\n").into_bytes();
+    let lines = if i >= 9 { 9000 } else { 40 };
+    for l in 0..lines {
+        m.extend_from_slice(format!("line {l} of message {i}\r\n").as_bytes());
+        if l % 9 == 0 {
+            m.extend_from_slice(b".dot line\r\n");
+        }
+    }
+    m
+}
+
+fn setup<S: MailServer>(dc: &S, n: usize, extra: &str) -> Popbridge {
+    dc.add_user("e", "epw");
+    let msgs: Vec<Vec<u8>> = (1..=n).map(message).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+    dc.seed("e", &refs);
+    Popbridge::start(dc, extra)
+}
+
+/// Expunge UIDs through another IMAP client (UID STORE \Deleted + UID EXPUNGE).
+fn expunge<S: MailServer>(dc: &S, uids: &str) {
+    imap_do(
+        dc.imap_port(),
+        "e",
+        "epw",
+        "INBOX",
+        &[
+            &["uid", "STORE", uids, "+FLAGS", "(\\Deleted)"],
+            &["uid", "EXPUNGE", uids],
+        ],
+    );
+}
+
+/// The answer to RETR/TOP `cmd` of message `i` is `-ERR` naming it, or `+OK` with exactly
+/// `expected` (dot-stuffed on the wire); returns whether it was served.
+fn exact_or_err(c: &mut Raw, cmd: &str, i: usize, expected: &[u8]) -> bool {
+    let status = c.cmd(cmd);
+    if status.starts_with("-ERR") {
+        assert!(
+            status.contains(&format!("message {i} ")),
+            "{cmd}: the -ERR names the message: {status:?}"
+        );
+        return false;
+    }
+    assert!(status.starts_with("+OK"), "{cmd}: {status:?}");
+    let got = dot_unstuff((c.multi().concat() + ".\r\n").as_bytes());
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected),
+        "{cmd}: the bytes of message {i}, exactly"
+    );
+    true
+}
+
+fn retr_and_top_right_after_another_client_expunged<S: MailServer>(dc: S) {
+    let pb = setup(&dc, 8, "");
+    let mut c = Raw::ready(pb.pop3_port());
+    c.login("e", "epw");
+    assert!(c.cmd("STAT").starts_with("+OK 8 "));
+    // The issue's recipe: TOP 5 0, RETR 6, then another client expunges 5; 0.2 s later RETR 5.
+    assert!(exact_or_err(
+        &mut c,
+        "TOP 5 0",
+        5,
+        &expected_top(&message(5), 0)
+    ));
+    assert!(exact_or_err(&mut c, "RETR 6", 6, &message(6)));
+    expunge(&dc, "5,7");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut served = 0;
+    served += exact_or_err(&mut c, "RETR 5", 5, &message(5)) as u32;
+    served += exact_or_err(&mut c, "TOP 5 0", 5, &expected_top(&message(5), 0)) as u32;
+    served += exact_or_err(&mut c, "TOP 7 3", 7, &expected_top(&message(7), 3)) as u32;
+    served += exact_or_err(&mut c, "RETR 7", 7, &message(7)) as u32;
+    // Untouched messages are served whole, and the numbering never moved.
+    for i in [8, 1, 6] {
+        assert!(exact_or_err(&mut c, &format!("RETR {i}"), i, &message(i)));
+    }
+    assert!(c.cmd("STAT").starts_with("+OK 8 "), "the listing is fixed");
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    report(&format!(
+        "expunged right after the listing ({}): {served} of 4 answers served the listed bytes, the rest -ERR",
+        std::any::type_name::<S>().rsplit("::").next().unwrap_or("?")
+    ));
+    let next = poplib(pb.pop3_port(), &["user e", "pass epw", "stat", "quit"]);
+    next.assert_all_ok();
+    assert!(
+        next.step("stat").resp.starts_with("+OK 6 "),
+        "5 and 7 are gone"
+    );
+}
+
+fn messages_read_ahead_or_prefetched_then_expunged<S: MailServer>(dc: S) {
+    // 1-8 small (read ahead several per FETCH), 9-12 big (streamed, prefetched one by one).
+    dc.add_user("e", "epw");
+    let msgs: Vec<Vec<u8>> = (1..=12).map(message).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+    dc.seed("e", &refs);
+    let pb = Popbridge::start(&dc, "");
+    let mut c = Raw::ready(pb.pop3_port());
+    c.login("e", "epw");
+    // Gone before anything was fetched: the FETCH after RETR 1 reads 2-8 ahead, 3 and 4 among
+    // them, for which Dovecot sends `BODY[] NIL`.
+    expunge(&dc, "3,4");
+    for i in 1..=9 {
+        let served = exact_or_err(&mut c, &format!("RETR {i}"), i, &message(i));
+        assert!(served || i == 3 || i == 4, "message {i} was never touched");
+    }
+    // RETR 9 was handed out, so the FETCH of 10 is on its way (prefetch); 11 and 12 are not.
+    expunge(&dc, "10,11");
+    for i in 10..=12 {
+        let served = exact_or_err(&mut c, &format!("RETR {i}"), i, &message(i));
+        assert!(served || i != 12, "message {i} was never touched");
+    }
+    // A TOP of a message gone is -ERR (never an empty +OK), and the session goes on.
+    exact_or_err(&mut c, "TOP 11 2", 11, &expected_top(&message(11), 2));
+    assert!(exact_or_err(
+        &mut c,
+        "TOP 12 2",
+        12,
+        &expected_top(&message(12), 2)
+    ));
+    assert!(c.cmd("NOOP").starts_with("+OK"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+}
+
+fn quit_commits_the_marks_that_still_exist_in_every_mode<S: MailServer>(dc: S) {
+    let modes = [
+        ("h", "hide", ""),
+        ("x", "expunge", ""),
+        ("m", "move", "move_to = \"Trash\"\n"),
+    ];
+    // Every user before the first login (Dovecot re-reads its passwd-file at most once a second).
+    let msgs: Vec<Vec<u8>> = (1..=4).map(message).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+    for (user, _, _) in modes {
+        dc.add_user(user, "pw");
+        dc.seed(user, &refs);
+    }
+    for (user, mode, toml) in modes {
+        let pb = Popbridge::start(&dc, &format!("[deletion]\nmode = \"{mode}\"\n{toml}"));
+        let mut c = Raw::ready(pb.pop3_port());
+        c.login(user, "pw");
+        for n in 1..=3 {
+            assert!(c.cmd(&format!("DELE {n}")).starts_with("+OK"));
+        }
+        // Another client expunges one of the marked messages before the QUIT.
+        imap_do(
+            dc.imap_port(),
+            user,
+            "pw",
+            "INBOX",
+            &[
+                &["uid", "STORE", "2", "+FLAGS", "(\\Deleted)"],
+                &["uid", "EXPUNGE", "2"],
+            ],
+        );
+        let quit = c.cmd("QUIT");
+        assert!(quit.starts_with("+OK"), "{mode}: QUIT commits: {quit:?}");
+        let inbox = dc.imap_state(user, "pw", "INBOX");
+        let next = poplib(
+            pb.pop3_port(),
+            &[&format!("user {user}"), "pass pw", "uidl", "quit"],
+        );
+        next.assert_all_ok();
+        let shown = String::from_utf8_lossy(&next.step("uidl").data())
+            .lines()
+            .count();
+        assert_eq!(shown, 1, "{mode}: only message 4 is left for POP3");
+        match mode {
+            "hide" => assert_eq!(inbox.uids(), vec![1, 3, 4], "{mode}: hidden, kept"),
+            "expunge" => assert_eq!(inbox.uids(), vec![4], "{mode}"),
+            _ => {
+                assert_eq!(inbox.uids(), vec![4], "{mode}");
+                let trash = dc.imap_state(user, "pw", "Trash");
+                assert_eq!(trash.uids().len(), 2, "{mode}: 1 and 3 moved to Trash");
+            }
+        }
+        drop(pb);
+    }
+}
