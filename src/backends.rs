@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
 use crate::imap::{ImapMaildrop, ImapUpstream, UpstreamSetupError};
-use crate::maildrop::MaildropError;
+use crate::live::Live;
+use crate::maildrop::{MaildropError, Mailstore};
 use crate::metrics::metrics;
 use crate::pop3::connection::{Opened, Routed, Upstream};
 use crate::pop3::relay::Pop3Backend;
 use crate::routing::Router;
-use crate::server::Live;
-use crate::state::StateStore;
+use crate::state::{state_prefix, StateStore};
 use crate::uidl::UidlFormat;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +51,6 @@ pub struct RoutedUpstream {
     router: Arc<Live<Router>>,
     backends: HashMap<String, (Arc<str>, Backend)>,
     default_imap: Arc<ImapUpstream>,
-}
-
-/// What goes before a login in the local state's keys for users of backend `name`: nothing
-/// for `[imap]` (the keys it always had), `name` and a line feed otherwise, which no POP3 login
-/// contains, so the same login on two backends is two maildrops whose caches never mix. The
-/// `migrate` commands store UIDL maps under the same keys.
-pub fn state_prefix(name: &str) -> String {
-    if name == DEFAULT_BACKEND {
-        String::new()
-    } else {
-        format!("{name}\n")
-    }
 }
 
 impl RoutedUpstream {
@@ -194,17 +182,6 @@ impl RoutedUpstream {
 
 impl Upstream for RoutedUpstream {
     type Maildrop = ImapMaildrop;
-
-    /// The `[imap]` backend, unrouted, with the same password check a routed login gets.
-    async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
-        let Some((name, backend)) = self.backends.get(DEFAULT_BACKEND) else {
-            return Err(MaildropError::Unavailable("no [imap] backend".into()));
-        };
-        match self.open(name, backend, user, password).await? {
-            Opened::Maildrop { maildrop, .. } => Ok(maildrop),
-            Opened::Relay(_) => Err(MaildropError::Unavailable("[imap] is not a relay".into())),
-        }
-    }
 
     async fn route(&self, user: &str, password: &str) -> Routed<ImapMaildrop> {
         let Some(route) = self.router.get().route(user) else {

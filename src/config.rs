@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::routing::{check_rule, RoutingConfig, RoutingSource};
 use crate::uidl::UidlFormat;
+
+pub use crate::routing::{RouteRule, UnknownUsers, DEFAULT_BACKEND};
 
 /// A configuration that could not be loaded: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +73,6 @@ impl Default for MigrationConfig {
     }
 }
 
-/// The name routing rules use for the `[imap]` section.
-pub const DEFAULT_BACKEND: &str = "imap";
-
 /// One upstream a login can be routed to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -114,53 +114,6 @@ impl Pop3BackendConfig {
             _ => 110,
         })
     }
-}
-
-/// What happens to a login no routing rule matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UnknownUsers {
-    /// Send it to `routing.default_backend`.
-    Default,
-    /// Refuse it with `-ERR [AUTH]`, without asking any upstream.
-    Reject,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutingConfig {
-    /// Backend for logins no rule matches (when `unknown_users = "default"`).
-    pub default_backend: String,
-    pub unknown_users: UnknownUsers,
-    /// Optional routing file (`match,backend[,login]` lines), reloaded on SIGHUP and on change.
-    pub file: Option<PathBuf>,
-    /// Inline rules; the routing file's rules take precedence over them for the same match.
-    pub rules: Vec<RouteRule>,
-}
-
-impl Default for RoutingConfig {
-    fn default() -> Self {
-        RoutingConfig {
-            default_backend: DEFAULT_BACKEND.into(),
-            unknown_users: UnknownUsers::Default,
-            file: None,
-            rules: Vec::new(),
-        }
-    }
-}
-
-/// Which logins go where, and under what upstream login name.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteRule {
-    /// `user@domain` or `user` (whole login, case-insensitive), or `@domain` (every login in it).
-    #[serde(rename = "match")]
-    pub matches: String,
-    /// A name from `[backends]`, or `imap` for `[imap]`.
-    pub backend: String,
-    /// Login sent upstream: `%u` the whole login, `%n` its local part, `%d` its domain,
-    /// `%%` a percent sign. Absent: the login as the client gave it.
-    pub login: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -598,14 +551,14 @@ impl Config {
                 "must not exceed limits.max_connections".into(),
             ));
         }
-        if !(1024..=crate::migrate::map::MAX_CHUNK_BYTES)
+        if !(1024..=crate::uidl::map::MAX_CHUNK_BYTES)
             .contains(&self.migration.metadata_chunk_bytes)
         {
             return Err((
                 "migration.metadata_chunk_bytes",
                 format!(
                     "must be between 1024 and {}",
-                    crate::migrate::map::MAX_CHUNK_BYTES
+                    crate::uidl::map::MAX_CHUNK_BYTES
                 ),
             ));
         }
@@ -640,61 +593,21 @@ impl Config {
     }
 }
 
+impl RoutingSource for Config {
+    fn routing(&self) -> &RoutingConfig {
+        &self.routing
+    }
+
+    fn has_backend(&self, name: &str) -> bool {
+        self.backend(name).is_some()
+    }
+}
+
 /// A backend looked up by name: `[imap]` or one of `[backends]`.
 #[derive(Debug, Clone, Copy)]
 pub enum BackendRef<'a> {
     Imap(&'a ImapConfig),
     Pop3(&'a Pop3BackendConfig),
-}
-
-/// Why a routing rule is unusable; shared by inline rules and the routing file.
-pub fn check_rule(config: &Config, rule: &RouteRule) -> Result<(), String> {
-    let m = rule.matches.trim();
-    let ok = match m.split_once('@') {
-        Some((local, domain)) => {
-            !domain.is_empty() && !domain.contains('@') && !local.contains(char::is_whitespace)
-        }
-        None => !m.is_empty(),
-    };
-    if !ok || m.contains(char::is_whitespace) {
-        return Err(format!(
-            "match {:?} must be `user`, `user@domain` or `@domain`",
-            rule.matches
-        ));
-    }
-    if config.backend(&rule.backend).is_none() {
-        return Err(format!("backend {:?} is not defined", rule.backend));
-    }
-    if let Some(login) = &rule.login {
-        check_login_template(login)?;
-    }
-    Ok(())
-}
-
-/// A login template may use `%u`, `%n`, `%d` and `%%` only, and must not be empty.
-pub fn check_login_template(t: &str) -> Result<(), String> {
-    if t.is_empty() {
-        return Err("login must not be empty".into());
-    }
-    let mut chars = t.chars();
-    while let Some(c) = chars.next() {
-        if c == '%' {
-            match chars.next() {
-                Some('u' | 'n' | 'd' | '%') => {}
-                Some(o) => {
-                    return Err(format!(
-                        "login {t:?}: unknown variable %{o} (use %u, %n, %d or %%)"
-                    ))
-                }
-                None => return Err(format!("login {t:?}: '%' at the end")),
-            }
-        } else if c.is_whitespace() || c.is_control() {
-            return Err(format!(
-                "login {t:?} must not contain spaces or control characters"
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)> {

@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::imap::ImapUpstream;
+use crate::live::Live;
 use crate::metrics::metrics;
-use crate::server::Live;
 
 /// How often the upstream is probed in the background for `popbridge_upstream_up`.
 const PROBE_INTERVAL: Duration = Duration::from_secs(15);

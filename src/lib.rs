@@ -26,6 +26,7 @@ pub mod config;
 pub mod http;
 pub mod imap;
 pub mod limits;
+pub mod live;
 pub mod maildrop;
 pub mod metrics;
 pub mod migrate;

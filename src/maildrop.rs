@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::migrate::map::UidlMap;
+use crate::uidl::map::UidlMap;
 use crate::uidl::UidlFormat;
 
 use bytes::Bytes;
@@ -58,6 +58,32 @@ pub enum MaildropError {
     /// The message was expunged by another client after the snapshot was taken.
     #[error("message no longer exists upstream")]
     Gone,
+}
+
+impl MaildropError {
+    /// The `result` label of `popbridge_logins_total` for a login that failed so (one of
+    /// [`crate::metrics::LOGIN_RESULTS`], with `ok`).
+    pub fn login_label(&self) -> &'static str {
+        match self {
+            MaildropError::Auth => "bad_credentials",
+            MaildropError::Unavailable(_) | MaildropError::Gone => "upstream_unavailable",
+            MaildropError::Unsupported(_) => "refused",
+            MaildropError::InUse => "in_use",
+        }
+    }
+}
+
+/// A mailbox store users log in to (an IMAP backend in production, memory in tests).
+pub trait Mailstore: Send + Sync {
+    type Maildrop: Maildrop;
+
+    /// Authenticate and open the maildrop, without listing it yet (see
+    /// [`Maildrop::snapshot`]).
+    fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
 }
 
 /// An open, authenticated maildrop. One per POP3 session.
@@ -274,7 +300,7 @@ impl MemoryUpstream {
     }
 }
 
-impl crate::pop3::connection::Upstream for MemoryUpstream {
+impl Mailstore for MemoryUpstream {
     type Maildrop = MemoryMaildrop;
 
     fn login(
@@ -378,5 +404,27 @@ impl Maildrop for MemoryMaildrop {
         let mut st = locked(&self.state);
         self.record(&mut st, MemoryEvent::Close);
         async {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_labels_are_the_preinitialised_ones() {
+        for e in [
+            MaildropError::Auth,
+            MaildropError::InUse,
+            MaildropError::Gone,
+            MaildropError::Unsupported(String::new()),
+            MaildropError::Unavailable(String::new()),
+        ] {
+            assert!(
+                crate::metrics::LOGIN_RESULTS.contains(&e.login_label()),
+                "{e:?}"
+            );
+        }
+        assert!(crate::metrics::LOGIN_RESULTS.contains(&"ok"));
     }
 }

@@ -9,7 +9,7 @@ use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{check_rule, Config, RouteRule, UnknownUsers};
+use serde::Deserialize;
 
 /// Longest line accepted in a routing file.
 pub const MAX_LINE: usize = 4096;
@@ -113,8 +113,8 @@ impl Router {
     /// The table for `config`: its inline rules, then its routing file (whose rules win over
     /// inline rules with the same match). Any bad rule or file line refuses the whole table.
     /// File lines go straight into the table: a million rules cost no second copy.
-    pub fn from_config(config: &Config) -> Result<Router, RoutingError> {
-        match &config.routing.file {
+    pub fn from_config(config: &dyn RoutingSource) -> Result<Router, RoutingError> {
+        match &config.routing().file {
             Some(path) => {
                 let f = std::fs::File::open(path).map_err(|e| RoutingError::File {
                     file: path.to_owned(),
@@ -128,9 +128,13 @@ impl Router {
 
     /// Build from the configuration's inline rules plus routing file text (`file` names it in
     /// errors).
-    pub fn build(config: &Config, file: &Path, text: impl BufRead) -> Result<Router, RoutingError> {
+    pub fn build(
+        config: &dyn RoutingSource,
+        file: &Path,
+        text: impl BufRead,
+    ) -> Result<Router, RoutingError> {
         let mut b = Builder::default();
-        let r = &config.routing;
+        let r = config.routing();
         b.router.default = match r.unknown_users {
             UnknownUsers::Default => Some(b.backend(&r.default_backend)),
             UnknownUsers::Reject => None,
@@ -224,7 +228,7 @@ pub fn expand(template: &str, login: &str) -> String {
 pub fn parse_routing_file(
     file: &Path,
     reader: impl BufRead,
-    config: &Config,
+    config: &dyn RoutingSource,
     mut each: impl FnMut(usize, RouteRule) -> Result<(), String>,
 ) -> Result<(), RoutingError> {
     let err = |line: usize, reason: String| RoutingError::Line {
@@ -289,9 +293,118 @@ pub fn parse_routing_file(
     Ok(())
 }
 
+/// The name routing rules use for the `[imap]` section.
+pub const DEFAULT_BACKEND: &str = "imap";
+
+/// What routing needs of the configuration: its `[routing]` section, and which backend names
+/// exist (a rule may only name one of those).
+pub trait RoutingSource {
+    fn routing(&self) -> &RoutingConfig;
+    fn has_backend(&self, name: &str) -> bool;
+}
+
+/// What happens to a login no routing rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownUsers {
+    /// Send it to `routing.default_backend`.
+    Default,
+    /// Refuse it with `-ERR [AUTH]`, without asking any upstream.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Backend for logins no rule matches (when `unknown_users = "default"`).
+    pub default_backend: String,
+    pub unknown_users: UnknownUsers,
+    /// Optional routing file (`match,backend[,login]` lines), reloaded on SIGHUP and on change.
+    pub file: Option<PathBuf>,
+    /// Inline rules; the routing file's rules take precedence over them for the same match.
+    pub rules: Vec<RouteRule>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            default_backend: DEFAULT_BACKEND.into(),
+            unknown_users: UnknownUsers::Default,
+            file: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Which logins go where, and under what upstream login name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// `user@domain` or `user` (whole login, case-insensitive), or `@domain` (every login in it).
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// A name from `[backends]`, or `imap` for `[imap]`.
+    pub backend: String,
+    /// Login sent upstream: `%u` the whole login, `%n` its local part, `%d` its domain,
+    /// `%%` a percent sign. Absent: the login as the client gave it.
+    pub login: Option<String>,
+}
+
+/// Why a routing rule is unusable; shared by inline rules and the routing file.
+pub fn check_rule(config: &dyn RoutingSource, rule: &RouteRule) -> Result<(), String> {
+    let m = rule.matches.trim();
+    let ok = match m.split_once('@') {
+        Some((local, domain)) => {
+            !domain.is_empty() && !domain.contains('@') && !local.contains(char::is_whitespace)
+        }
+        None => !m.is_empty(),
+    };
+    if !ok || m.contains(char::is_whitespace) {
+        return Err(format!(
+            "match {:?} must be `user`, `user@domain` or `@domain`",
+            rule.matches
+        ));
+    }
+    if !config.has_backend(&rule.backend) {
+        return Err(format!("backend {:?} is not defined", rule.backend));
+    }
+    if let Some(login) = &rule.login {
+        check_login_template(login)?;
+    }
+    Ok(())
+}
+
+/// A login template may use `%u`, `%n`, `%d` and `%%` only, and must not be empty.
+pub fn check_login_template(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("login must not be empty".into());
+    }
+    let mut chars = t.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            match chars.next() {
+                Some('u' | 'n' | 'd' | '%') => {}
+                Some(o) => {
+                    return Err(format!(
+                        "login {t:?}: unknown variable %{o} (use %u, %n, %d or %%)"
+                    ))
+                }
+                None => return Err(format!("login {t:?}: '%' at the end")),
+            }
+        } else if c.is_whitespace() || c.is_control() {
+            return Err(format!(
+                "login {t:?} must not contain spaces or control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::Config;
 
     fn config(extra: &str) -> Config {
         crate::config::fixtures::two_backends(extra)

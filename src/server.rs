@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -18,7 +18,8 @@ use crate::config::PlaintextAuth;
 use crate::http::{self, Health};
 use crate::imap::{ImapUpstream, UpstreamSetupError};
 use crate::limits::{AuthPenalty, ConnectionLimiter, ConnectionSlot, Rejected};
-use crate::metrics::{metrics, outcome_label};
+use crate::live::Live;
+use crate::metrics::metrics;
 use crate::pop3::connection::{
     self, ClientPolicy, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
 };
@@ -109,22 +110,6 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-/// A value that new sessions read and a SIGHUP replaces; running sessions keep the one they
-/// started with.
-pub struct Live<T>(RwLock<Arc<T>>);
-
-impl<T> Live<T> {
-    pub fn new(value: Arc<T>) -> Self {
-        Live(RwLock::new(value))
-    }
-    pub fn get(&self) -> Arc<T> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-    pub fn set(&self, value: Arc<T>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = value;
-    }
 }
 
 /// What lives for the whole process, across configuration reloads.
@@ -430,7 +415,7 @@ async fn watch_routes(
         }
         last = Some((path.clone(), now));
         let c = config.clone();
-        match tokio::task::spawn_blocking(move || Router::from_config(&c)).await {
+        match tokio::task::spawn_blocking(move || Router::from_config(&*c)).await {
             Ok(Ok(router)) => {
                 let (exact, domains) = router.len();
                 routes.get().set(Arc::new(router));
@@ -662,7 +647,7 @@ pub async fn run<U: Upstream + 'static>(
                             };
                             active.dec();
                             m.sessions_ended
-                                .with_label_values(&[listener, outcome_label(outcome)])
+                                .with_label_values(&[listener, outcome.label()])
                                 .inc();
                             m.session_duration
                                 .with_label_values(&[listener])

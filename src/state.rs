@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::migrate::map::{MapHead, UidlMap};
+use crate::uidl::map::{MapHead, UidlMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -296,7 +296,7 @@ fn sizes_key(user: &str, mailbox: &str) -> Vec<u8> {
     key
 }
 
-/// `v2/uidlmap/<user>\0<mailbox>`: the map's entry text (see [`crate::migrate::map`]).
+/// `v2/uidlmap/<user>\0<mailbox>`: the map's entry text (see [`crate::uidl::map`]).
 fn uidl_map_key(user: &str, mailbox: &str) -> Vec<u8> {
     let mut key = b"v2/uidlmap/".to_vec();
     key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
@@ -339,6 +339,18 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// What goes before a login in the local state's keys for users of backend `name`: nothing
+/// for `[imap]` (the keys it always had), `name` and a line feed otherwise, which no POP3 login
+/// contains, so the same login on two backends is two maildrops whose caches never mix. The
+/// `migrate` commands store UIDL maps under the same keys.
+pub fn state_prefix(name: &str) -> String {
+    if name == crate::routing::DEFAULT_BACKEND {
+        String::new()
+    } else {
+        format!("{name}\n")
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use popbridge::migrate::map::{is_legal_uidl, UidlMap};
+use popbridge::uidl::map::{is_legal_uidl, UidlMap};
 use popbridge::migrate::matcher::{header_hash, without_skipped_headers};
 use popbridge::migrate::pop3::{parse_listing, parse_status, Response};
 use popbridge::uidl::UidlFormat;

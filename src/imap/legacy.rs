@@ -7,7 +7,7 @@
 //! map at the next login, and a map deleted from METADATA is dropped from sled too. Without METADATA (the
 //! server lacks it, or `shared_map = "none"`) sled is the only copy.
 //!
-//! Decoding and checking a large map (up to [`crate::migrate::map::MAX_MAP_BYTES`] of entry
+//! Decoding and checking a large map (up to [`crate::uidl::map::MAX_MAP_BYTES`] of entry
 //! text) runs on the blocking pool, and decoded maps are kept in a small bounded in-memory
 //! cache keyed by user, folder and head, so a login usually decodes nothing.
 
@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use super::conn::ImapConnection;
 use super::metadata::{self, MetadataError};
-use crate::migrate::map::{MapError, MapHead, UidlMap};
 use crate::state::StateStore;
+use crate::uidl::map::{MapError, MapHead, UidlMap};
 
 /// Decoded maps kept in memory, at most ...
 const CACHE_MAPS: usize = 256;

@@ -24,11 +24,11 @@ use super::conn::{
 };
 use super::metadata::{self, MetadataError};
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, Security};
-use crate::maildrop::{BodyPart, Maildrop, MaildropError, MessageEntry, Snapshot};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, Mailstore, MessageEntry, Snapshot};
 use crate::metrics::{metrics, Timer};
-use crate::migrate::map::{MapHead, UidlMap};
-use crate::pop3::connection::Upstream;
-use crate::pop3::Password;
+use crate::uidl::map::{MapHead, UidlMap};
+
+use crate::pop3::command::Password;
 use crate::state::StateStore;
 use imap_next::imap_types::auth::AuthMechanism;
 use imap_next::imap_types::secret::Secret;
@@ -501,7 +501,7 @@ impl ImapUpstream {
     }
 }
 
-impl Upstream for ImapUpstream {
+impl Mailstore for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
     /// With a master user this logs in for `user` whatever `password` is: callers serving

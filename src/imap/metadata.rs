@@ -1,13 +1,13 @@
 //! The shared copy of a legacy UIDL map in IMAP METADATA (RFC 5464), private to the user, on
 //! the maildrop folder: every popbridge instance reads the same map, whichever instance ran
-//! `popbridge migrate`. Layout (see [`crate::migrate::map`]): the head at
+//! `popbridge migrate`. Layout (see [`crate::uidl::map`]): the head at
 //! [`METADATA_ENTRY`], the chunks of generation `gen` at `<ENTRY>/<gen>/0`, `<ENTRY>/<gen>/1`,
 //! ... A write puts a new generation's chunks first and the head naming it last, then deletes
 //! the previous generation's chunks: a reader sees the old map or the new one, never a mix,
 //! and an interrupted write leaves the old map in force.
 //!
 //! What a user can write to /private is never trusted for more than the limits of
-//! [`crate::migrate::map`]: the head is asked for with `MAXSIZE`, the chunks in batches of
+//! [`crate::uidl::map`]: the head is asked for with `MAXSIZE`, the chunks in batches of
 //! bounded size, each with `MAXSIZE` of the head's largest chunk, and reading stops past the
 //! bytes the head announced (itself at most [`MAX_MAP_BYTES`]).
 
@@ -22,7 +22,7 @@ use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data};
 
 use super::conn::{Completion, ImapConnection, ImapError, Untagged};
-use crate::migrate::map::{
+use crate::uidl::map::{
     new_generation, MapError, MapHead, UidlMap, MAX_HEAD_BYTES, MAX_MAP_BYTES, METADATA_ENTRY,
 };
 

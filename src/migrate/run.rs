@@ -6,7 +6,6 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::map::{is_legal_uidl, MapError, UidlMap};
 use super::matcher::{
     header_hash, match_by_size, match_rest, without_skipped_headers, LegacyMessage, MatchedBy,
 };
@@ -15,9 +14,10 @@ use super::store::{Store, StoreError};
 use super::Credential;
 use crate::config::{read_secret, BackendRef, Config, ImapConfig, Pop3BackendConfig, SharedMap};
 use crate::maildrop::Maildrop;
-use crate::pop3::connection::Upstream;
+use crate::maildrop::Mailstore;
 use crate::routing::{expand, Router};
 use crate::state::StateStore;
+use crate::uidl::map::{is_legal_uidl, MapError, UidlMap};
 use crate::uidl::UidlFormat;
 
 /// Largest message read whole (RETR for verify and header fallbacks).
@@ -502,8 +502,8 @@ async fn migrate_user(
     login_pop3(&mut pop, from_login, lc).await?;
     let listed = pop.listing().await?;
     let mut store = Store::open(imap, to_login, ic).await?;
-    // The key a session routed to `to` with this login uses (backends::state_prefix).
-    store.state_key = format!("{}{to_login}", crate::backends::state_prefix(to));
+    // The key a session routed to `to` with this login uses (state::state_prefix).
+    store.state_key = format!("{}{to_login}", crate::state::state_prefix(to));
     let new = store.messages().await?;
     let legacy: Vec<LegacyMessage> = listed
         .iter()
@@ -702,7 +702,7 @@ pub async fn import(
         let result: Result<(usize, Vec<String>, Vec<&'static str>), MigrateError> = async {
             let cred = credential(&imap_master, &spec, "new")?;
             let mut store = Store::open(imap, &login, &cred).await?;
-            store.state_key = format!("{}{login}", crate::backends::state_prefix(to));
+            store.state_key = format!("{}{login}", crate::state::state_prefix(to));
             let present: std::collections::HashSet<u32> =
                 store.messages().await?.iter().map(|m| m.uid).collect();
             let shared = config.migration.shared_map == SharedMap::Metadata && store.has_metadata;
@@ -940,7 +940,7 @@ pub async fn verify(
         imap,
         &config.deletion,
         state,
-        &crate::backends::state_prefix(to),
+        &crate::state::state_prefix(to),
         config.migration.shared_map == SharedMap::Metadata,
     )
     .map_err(|e| MigrateError::Bridge(e.to_string()))?;

@@ -22,7 +22,7 @@ use super::Credential;
 use crate::config::{ImapConfig, Security};
 use crate::imap::conn::{ConnLimits, ImapConnection, ImapError, Transport, Untagged};
 use crate::imap::metadata::{self, MetadataError};
-use crate::migrate::map::{MapHead, UidlMap};
+use crate::uidl::map::{MapHead, UidlMap};
 
 /// UIDs per FETCH command.
 const BATCH: usize = 256;
@@ -48,7 +48,7 @@ pub struct Store {
     /// UIDNEXT at EXAMINE, when reported: bounds the entries of a map read from METADATA.
     pub uid_next: Option<u32>,
     pub has_metadata: bool,
-    /// The user's key in the local state (see [`crate::backends::state_prefix`]).
+    /// The user's key in the local state (see [`crate::state::state_prefix`]).
     pub state_key: String,
 }
 

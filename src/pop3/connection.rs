@@ -15,43 +15,45 @@ use super::response::DotStuffer;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
 use crate::limits::AuthPenalty;
-use crate::maildrop::{BodyPart, Maildrop, MaildropError};
-use crate::metrics::{command_label, login_result_label, metrics};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, Mailstore};
+use crate::metrics::{command_label, metrics};
 use crate::uidl::UidlFormat;
 use std::net::IpAddr;
 use tokio_rustls::TlsAcceptor;
 
-/// Logs in to the upstream mailbox store (IMAP in production, memory in tests).
+/// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
+/// the bridge or a legacy POP3 session to relay.
 pub trait Upstream: Send + Sync {
     type Maildrop: Maildrop;
 
-    /// Authenticate and open the maildrop, without listing it yet (see
+    /// Route a login to its backend and open it there, without listing it yet (see
     /// [`Maildrop::snapshot`]).
-    fn login(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
-
-    /// Route a login to its backend and open it there. The default serves every login from
-    /// [`Upstream::login`], locked under its lower-cased name.
     fn route(
         &self,
         user: &str,
         password: &str,
-    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
-        async move {
-            Routed {
-                backend: None,
-                result: self
-                    .login(user, password)
-                    .await
-                    .map(|maildrop| Opened::Maildrop {
-                        maildrop,
-                        lock_key: user.to_lowercase(),
-                        uidl_format: None,
-                    }),
-            }
+    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send;
+}
+
+/// One [`Mailstore`] serving every login, unrouted, each locked under its lower-cased name
+/// (the driver's unit tests).
+pub struct Unrouted<S>(pub S);
+
+impl<S: Mailstore> Upstream for Unrouted<S> {
+    type Maildrop = S::Maildrop;
+
+    async fn route(&self, user: &str, password: &str) -> Routed<S::Maildrop> {
+        Routed {
+            backend: None,
+            result: self
+                .0
+                .login(user, password)
+                .await
+                .map(|maildrop| Opened::Maildrop {
+                    maildrop,
+                    lock_key: user.to_lowercase(),
+                    uidl_format: None,
+                }),
         }
     }
 }
@@ -78,14 +80,6 @@ pub enum Opened<M> {
 
 impl<T: Upstream> Upstream for Arc<T> {
     type Maildrop = T::Maildrop;
-
-    fn login(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send {
-        (**self).login(user, password)
-    }
 
     fn route(
         &self,
@@ -129,6 +123,21 @@ pub enum SessionOutcome {
     Shutdown,
     /// The error cap was reached.
     TooManyErrors,
+}
+
+impl SessionOutcome {
+    /// The `outcome` label of `popbridge_sessions_ended_total` (one of
+    /// [`crate::metrics::OUTCOMES`]).
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionOutcome::Quit => "quit",
+            SessionOutcome::Timeout => "timeout",
+            SessionOutcome::ClientGone => "client_gone",
+            SessionOutcome::UpstreamError => "upstream_error",
+            SessionOutcome::Shutdown => "shutdown",
+            SessionOutcome::TooManyErrors => "too_many_errors",
+        }
+    }
 }
 
 /// One POP3 session per maildrop (RFC 1939 exclusive access), within this process. Keys are
@@ -594,7 +603,9 @@ where
                     }
                 }
                 drop(password);
-                let label = login_result_label(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+                let label = result
+                    .as_ref()
+                    .map_or_else(MaildropError::login_label, |_| "ok");
                 let m = metrics();
                 m.logins.with_label_values(&[label]).inc();
                 if let Some(b) = &backend {
@@ -874,7 +885,7 @@ mod tests {
         async fn connect(&self) -> (Client, JoinHandle<SessionOutcome>) {
             let (client, server) = tokio::io::duplex(8 * 1024);
             let (up, locks, cfg, limits) = (
-                self.up.clone(),
+                Unrouted(self.up.clone()),
                 self.locks.clone(),
                 Arc::clone(&self.cfg),
                 self.limits.clone(),
@@ -896,6 +907,21 @@ mod tests {
             assert_eq!(c.cmd("USER bob").await, "+OK\r\n");
             assert_eq!(c.cmd("PASS pw").await, "+OK Logged in.\r\n");
             (c, t)
+        }
+    }
+
+    #[test]
+    fn outcome_labels_are_the_preinitialised_ones() {
+        use SessionOutcome::*;
+        for o in [
+            Quit,
+            Timeout,
+            ClientGone,
+            UpstreamError,
+            Shutdown,
+            TooManyErrors,
+        ] {
+            assert!(crate::metrics::OUTCOMES.contains(&o.label()), "{o:?}");
         }
     }
 

@@ -864,14 +864,6 @@ mod tests {
     impl crate::pop3::connection::Upstream for Legacy {
         type Maildrop = crate::maildrop::MemoryMaildrop;
 
-        async fn login(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<crate::maildrop::MemoryMaildrop, MaildropError> {
-            Err(MaildropError::Auth)
-        }
-
         async fn route(
             &self,
             user: &str,

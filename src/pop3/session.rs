@@ -636,7 +636,7 @@ mod tests {
 
     #[test]
     fn migrated_messages_keep_their_legacy_uidls() {
-        let mut map = crate::migrate::map::UidlMap::new(0x6b08_0e83);
+        let mut map = crate::uidl::map::UidlMap::new(0x6b08_0e83);
         map.insert(1, "legacy-one").unwrap();
         // The legacy server's UIDL for UID 9 equals what the format gives UID 5.
         map.insert(9, "000000056b080e83").unwrap();

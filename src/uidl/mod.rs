@@ -1,0 +1,10 @@
+//! UIDLs: the formats popbridge generates them in ([`format`], Dovecot's `pop3_uidl_format`
+//! syntax) and the legacy UIDL maps migrated from old POP3 servers ([`map`]). Sans-I/O.
+
+pub mod format;
+pub mod map;
+
+pub use format::{
+    expand_preset, UidlFormat, UidlFormatError, DEFAULT_UIDL_FORMAT, MAX_UIDL_LEN, PRESETS,
+};
+pub use map::UidlMap;
