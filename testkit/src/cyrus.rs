@@ -20,8 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::imap_raw::Imap;
-use super::{free_ports, imap_state, keep_dirs, repo_root, require_tools, wait_port, ImapState};
+use crate::clients::{imap_state, ImapState};
+use crate::imap_raw::Imap;
+use crate::reaper::{Registration, Started};
+use crate::{free_ports, keep_dirs, repo_root, require_tools, wait_port};
 
 const MASTER: &str = "/usr/lib/cyrus/bin/master";
 const SASLPASSWD: &str = "/usr/sbin/saslpasswd2";
@@ -59,6 +61,8 @@ pub struct Cyrus {
     path: PathBuf,
     port: u16,
     master: Child,
+    /// Master's process group, until it is killed (then taken, before master is reaped).
+    registration: Option<Registration>,
     passwords: Mutex<HashMap<String, String>>,
     greeting: String,
 }
@@ -185,11 +189,13 @@ impl Cyrus {
             .spawn()
             .map_err(|e| format!("cannot run {MASTER}: {e}"))?;
         // From here on, dropping `c` stops master and its children.
+        let registration = Some(Registration::new(Started::Group(master.id())));
         let mut c = Cyrus {
             path: d,
             dir: Some(dir),
             port,
             master,
+            registration,
             passwords: Mutex::new(HashMap::new()),
             greeting: String::new(),
         };
@@ -303,6 +309,7 @@ impl Drop for Cyrus {
         // The data is throwaway: no graceful stop.
         let group = format!("-{}", self.master.id());
         let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        self.registration = None;
         let _ = self.master.wait();
         // Anything that left the group but still runs from the sandbox.
         for pid in self.sandbox_pids() {

@@ -2,18 +2,29 @@
 //! mailboxes of a private Dovecot, with a fetchmail-like client.
 //!
 //! ```sh
-//! cargo build --release --bins
+//! cargo build --release --workspace                        # popbridge and popbridge-bench
 //! target/release/popbridge-bench --scenario all            # the full benchmark
 //! target/release/popbridge-bench --smoke                   # tiny, seconds
 //! ```
+//!
+//! A workspace member of its own (`bench/`, not published, not installed by `cargo install
+//! popbridge`); it runs popbridge as a black box and imports nothing from the library. The
+//! private Dovecot and the popbridge processes come from the test kit the integration tests use
+//! (`testkit/`, crate `popbridge-testkit`); the bench adds its settings for them
+//! (`servers.rs`), its own POP3 client (`pop3.rs`), mailboxes (`corpus.rs`), /proc readings
+//! (`procfs.rs`) and clean-up on exit or Ctrl-C (`cleanup.rs`). `bench/tests/smoke.rs` runs
+//! `--smoke` in the suite.
 //!
 //! Exits 0 when every session succeeded and popbridge delivered exactly what Dovecot did
 //! (message count, octets, a checksum of the content, UIDL and LIST output); 1 otherwise;
 //! 2 when the environment could not be set up. Missed performance targets are reported in
 //! the table (`MISS`) but do not change the exit status.
 
-mod env;
+mod cleanup;
+mod corpus;
 mod pop3;
+mod procfs;
+mod servers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,8 +35,13 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use tokio_rustls::rustls;
 
-use env::{Dovecot, Pool, Popbridge, Result, Rng};
+use popbridge_testkit::{Dovecot, Popbridge};
+
+use corpus::{Pool, Rng};
 use pop3::{Download, Endpoint};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Parser)]
 #[command(about = "Benchmark popbridge (B) against Dovecot's POP3 service (D)")]
@@ -162,32 +178,32 @@ impl Ctx {
     }
     fn d_plain(&self) -> Endpoint {
         Endpoint {
-            addr: Self::addr(self.dc.pop3),
+            addr: Self::addr(self.dc.pop3_port()),
             tls: None,
         }
     }
     fn d_tls(&self) -> Endpoint {
         Endpoint {
-            addr: Self::addr(self.dc.pop3s),
+            addr: Self::addr(self.dc.pop3s_port()),
             tls: Some(self.tls.clone()),
         }
     }
     fn b_plain(pb: &Popbridge) -> Endpoint {
         Endpoint {
-            addr: Self::addr(pb.port),
+            addr: Self::addr(pb.pop3_port()),
             tls: None,
         }
     }
     fn b_tls(&self, pb: &Popbridge) -> Endpoint {
         Endpoint {
-            addr: Self::addr(pb.tls_port),
+            addr: Self::addr(servers::tls_port(pb)),
             tls: Some(self.tls.clone()),
         }
     }
 
     fn popbridge(&mut self) -> Result<Popbridge> {
         self.pb_seq += 1;
-        Popbridge::start(
+        servers::start_popbridge(
             &self.bin,
             &self.dc,
             self.root.join(format!("pb{}", self.pb_seq)),
@@ -264,7 +280,7 @@ impl Ctx {
             total += m.len() as u64;
             m
         });
-        self.dc.seed("tput", msgs)?;
+        self.dc.try_seed("tput", msgs)?;
         eprintln!(
             "popbridge-bench: seeded {} messages ({:.1} MB) in {:.1} s",
             s.tput_msgs,
@@ -392,7 +408,7 @@ impl Ctx {
             let size = rng.log_uniform(600, 2000);
             pool.message(i, size, &mut rng)
         });
-        let n = self.dc.seed("huge", msgs)?;
+        let n = self.dc.try_seed("huge", msgs)?;
         eprintln!(
             "popbridge-bench: seeded {n} messages in {:.1} s",
             t.elapsed().as_secs_f64()
@@ -475,7 +491,7 @@ impl Ctx {
         eprintln!("popbridge-bench: scenario big");
         let mut rng = Rng::new(3);
         let m = self.pool.message(0, self.sizes.big_bytes, &mut rng);
-        self.dc.seed("big", std::iter::once(m))?;
+        self.dc.try_seed("big", std::iter::once(m))?;
         let mut pb = self.popbridge()?;
         let (d_ep, b_ep) = (self.d_plain(), Self::b_plain(&pb));
         let reference = self.session("big D warm-up", || {
@@ -494,13 +510,13 @@ impl Ctx {
                     d_r.push(retr_rate(&got));
                 } else {
                     let pid = pb.pid();
-                    hwm_exact &= env::reset_hwm(pid);
-                    let before = env::proc_kib(pid, "VmRSS")?;
-                    let hwm_before = env::proc_kib(pid, "VmHWM")?;
+                    hwm_exact &= procfs::reset_hwm(pid);
+                    let before = procfs::proc_kib(pid, "VmRSS")?;
+                    let hwm_before = procfs::proc_kib(pid, "VmHWM")?;
                     let got = self.session(&format!("big B run {r}"), || {
                         pop3::download_all(&b_ep, "big", PASSWORD)
                     })?;
-                    let hwm = env::proc_kib(pid, "VmHWM")?;
+                    let hwm = procfs::proc_kib(pid, "VmHWM")?;
                     self.check("big", "popbridge", &reference, &got);
                     b_r.push(retr_rate(&got));
                     let g = hwm.saturating_sub(before.max(if hwm_exact { 0 } else { hwm_before }));
@@ -554,7 +570,7 @@ impl Ctx {
                 let size = rng.log_uniform(1000, 8000);
                 pool.message(u as u64 * 1000 + i, size, &mut rng)
             });
-            self.dc.seed(&user, msgs)?;
+            self.dc.try_seed(&user, msgs)?;
         }
         eprintln!(
             "popbridge-bench: seeded {n} users in {:.1} s",
@@ -584,15 +600,18 @@ impl Ctx {
             for side in if r % 2 == 0 { ["D", "B"] } else { ["B", "D"] } {
                 let ep = if side == "D" { &d_ep } else { &b_ep };
                 let t0 = Instant::now();
-                let busy0 = env::busy_cpu_ms();
-                let pb0 = env::process_cpu_ms(pb.pid());
+                let busy0 = procfs::busy_cpu_ms();
+                let pb0 = procfs::process_cpu_ms(pb.pid());
                 let (got, errs) = swarm(ep, n);
                 let wall = t0.elapsed();
-                let cpu = env::busy_cpu_ms()
+                let cpu = procfs::busy_cpu_ms()
                     .zip(busy0)
                     .map(|(b, a)| (b - a) / n as f64);
                 if side == "B" {
-                    if let Some(used) = env::process_cpu_ms(pb.pid()).zip(pb0).map(|(b, a)| b - a) {
+                    if let Some(used) = procfs::process_cpu_ms(pb.pid())
+                        .zip(pb0)
+                        .map(|(b, a)| b - a)
+                    {
                         pb_cpu.push(used / n as f64);
                     }
                 }
@@ -671,10 +690,10 @@ impl Ctx {
         let b_ep = Self::b_plain(&pb);
         self.session("idle warm-up", || pop3::list_only(&b_ep, "user0", PASSWORD))?;
         std::thread::sleep(Duration::from_millis(300));
-        let before = env::proc_kib(pb.pid(), "VmRSS")?;
+        let before = procfs::proc_kib(pb.pid(), "VmRSS")?;
         let (clients, errs) = open_idle(&b_ep, n);
         std::thread::sleep(Duration::from_millis(500));
-        let with = env::proc_kib(pb.pid(), "VmRSS")?;
+        let with = procfs::proc_kib(pb.pid(), "VmRSS")?;
         let ok = clients.len();
         for c in clients {
             let _ = c.quit();
@@ -888,20 +907,17 @@ fn run(cli: &Cli) -> Result<bool> {
     };
     if !bin.is_file() {
         return Err(format!(
-            "no popbridge executable at {} (build it: cargo build --release --bins, or pass --popbridge)",
+            "no popbridge executable at {} (build it: cargo build --release --workspace, or pass --popbridge)",
             bin.display()
         )
         .into());
     }
-    let script = cli.sandbox_script.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/dovecot-sandbox")
-    });
     let sizes = if cli.smoke { &SMOKE } else { &FULL };
     let runs = cli.runs.unwrap_or(if cli.smoke { 1 } else { 5 }).max(1);
-    let root = env::make_root()?;
+    let root = cleanup::make_root()?;
     let t0 = Instant::now();
-    let dc = Dovecot::start(&script, root.join("dc"))?;
-    let tls = tls_config(&dc.dir.join("ca.pem"))?;
+    let dc = servers::start_dovecot(cli.sandbox_script.clone(), root.join("dc"))?;
+    let tls = tls_config(&dc.ca_pem_path())?;
     let mut ctx = Ctx {
         dc,
         bin,
@@ -946,7 +962,7 @@ fn run(cli: &Cli) -> Result<bool> {
     }
     users.dedup();
     for u in &users {
-        ctx.dc.add_user(u, PASSWORD)?;
+        ctx.dc.try_add_user(u, PASSWORD)?;
     }
     std::thread::sleep(Duration::from_millis(1100));
     for (name, f) in order {
@@ -995,9 +1011,9 @@ fn dovecot_version() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env::install_signal_handler(cli.keep);
+    cleanup::install_signal_handler(cli.keep);
     let r = run(&cli);
-    env::cleanup_all(cli.keep);
+    cleanup::cleanup_all(cli.keep);
     match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

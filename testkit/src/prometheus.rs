@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_ports, keep_dirs, repo_root};
+use crate::reaper::{Registration, Started};
+use crate::tools::have;
+use crate::{free_ports, keep_dirs, repo_root};
 
 const INSTALL_HINT: &str = "run scripts/test, which installs it (or: apt-get install -y \
      --no-install-recommends prometheus)";
@@ -32,15 +34,6 @@ pub fn dashboard_path() -> PathBuf {
 /// The Prometheus alerting rules shipped in the repository.
 pub fn alerts_path() -> PathBuf {
     repo_root().join("dashboards/alerts.yml")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Panics (never skips) unless `prometheus` and `promtool` are installed.
@@ -155,6 +148,8 @@ impl Sample {
 /// A private Prometheus (see the module documentation). Dropping it kills the process.
 pub struct Prometheus {
     child: Child,
+    /// Until the child is killed (then taken, before it is reaped).
+    registration: Option<Registration>,
     port: u16,
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -191,8 +186,10 @@ impl Prometheus {
                 .stderr(log)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start prometheus: {e}; {INSTALL_HINT}"));
+            let registration = Some(Registration::new(Started::Process(child.id())));
             let mut prom = Prometheus {
                 child,
+                registration,
                 port,
                 dir: Some(dir),
                 path,
@@ -306,6 +303,7 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
+        self.registration = None;
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log = self.log();

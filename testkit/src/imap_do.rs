@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use super::repo_root;
+use crate::repo_root;
 
 /// Runs `tests/clients/imap_do.py`: each step is a list of strings (see that script), run in
 /// order on `mailbox` after SELECT. Panics with imaplib's message when a step fails.
@@ -14,7 +14,7 @@ pub fn imap_do(port: u16, user: &str, password: &str, mailbox: &str, steps: &[&[
             .map(|step| format!(
                 "[{}]",
                 step.iter()
-                    .map(|s| super::json_quote(s))
+                    .map(|s| crate::clients::json_quote(s))
                     .collect::<Vec<_>>()
                     .join(",")
             ))
