@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
-use crate::imap::{ImapMaildrop, ImapUpstream, UpstreamSetupError};
 use crate::live::Live;
+use crate::maildrop::imap::{ImapMaildrop, ImapUpstream};
 use crate::maildrop::{MaildropError, Mailstore};
 use crate::metrics::metrics;
 use crate::pop3::connection::{Opened, Routed, Upstream};
@@ -15,14 +15,12 @@ use crate::pop3::relay::Pop3Backend;
 use crate::routing::Router;
 use crate::state::{state_prefix, StateStore};
 use crate::uidl::UidlFormat;
+use crate::upstream::SetupError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("backend {backend:?}: {source}")]
-    Setup {
-        backend: String,
-        source: UpstreamSetupError,
-    },
+    Setup { backend: String, source: SetupError },
     #[error("backend {backend:?}: uidl_format: {message}")]
     Uidl { backend: String, message: String },
 }

@@ -10,8 +10,11 @@ use serde::Deserialize;
 
 use crate::routing::{check_rule, RoutingConfig, RoutingSource};
 use crate::uidl::UidlFormat;
+use crate::upstream::{EndpointSettings, Protocol};
 
 pub use crate::routing::{RouteRule, UnknownUsers, DEFAULT_BACKEND};
+pub use crate::upstream::credentials::read_secret;
+pub use crate::upstream::Security;
 
 /// A configuration that could not be loaded: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,52 @@ impl Default for MigrationConfig {
     }
 }
 
+/// Declares a server section: the endpoint keys every server section shares
+/// ([`EndpointSettings`], validated there), then the section's own keys. A macro rather than
+/// `#[serde(flatten)]`, which would lose the key names in error messages.
+macro_rules! server_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            pub host: String,
+            /// Defaults to the protocol's port: 993/143 (IMAP), 995/110 (POP3).
+            pub port: Option<u16>,
+            #[serde(default = "default_security")]
+            pub security: Security,
+            /// Extra trust anchor (PEM) besides the system roots; verification is always on.
+            pub ca_file: Option<PathBuf>,
+            /// Name checked against the server certificate; defaults to `host`.
+            pub tls_server_name: Option<String>,
+            #[serde(default = "default_connect_timeout")]
+            pub connect_timeout_secs: u64,
+            /// Deadline for the greeting and each read or write after it.
+            #[serde(default = "default_command_timeout")]
+            pub command_timeout_secs: u64,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// The endpoint keys of this section.
+            pub fn endpoint(&self) -> EndpointSettings {
+                EndpointSettings {
+                    host: self.host.clone(),
+                    port: self.port,
+                    security: self.security,
+                    ca_file: self.ca_file.clone(),
+                    tls_server_name: self.tls_server_name.clone(),
+                    connect_timeout_secs: self.connect_timeout_secs,
+                    command_timeout_secs: self.command_timeout_secs,
+                }
+            }
+        }
+    };
+}
+
 /// One upstream a login can be routed to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -83,36 +132,23 @@ pub enum BackendConfig {
     Pop3(Pop3BackendConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pop3BackendConfig {
-    pub host: String,
-    /// Defaults to 995 for `tls`, 110 otherwise.
-    pub port: Option<u16>,
-    #[serde(default = "default_security")]
-    pub security: Security,
-    /// Extra trust anchor (PEM) besides the system roots; verification is always on.
-    pub ca_file: Option<PathBuf>,
-    /// Name checked against the server certificate; defaults to `host`.
-    pub tls_server_name: Option<String>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_secs: u64,
-    /// Deadline for the greeting and each login step (the relay itself uses pop3.idle_timeout_secs).
-    #[serde(default = "default_command_timeout")]
-    pub command_timeout_secs: u64,
-    /// Operator credentials for `popbridge migrate` (SASL PLAIN with the user as authorization
-    /// identity); client sessions always log in with the client's own password.
-    pub master_user: Option<String>,
-    /// File holding the master user's password (first line); never inline in this file.
-    pub master_password_file: Option<PathBuf>,
+server_section! {
+    /// A legacy POP3 server (`kind = "pop3"`): the endpoint keys, then its own.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Pop3BackendConfig {
+        /// Operator credentials for `popbridge migrate` (SASL PLAIN with the user as
+        /// authorization identity); client sessions always log in with the client's own
+        /// password.
+        pub master_user: Option<String>,
+        /// File holding the master user's password (first line); never inline in this file.
+        pub master_password_file: Option<PathBuf>,
+    }
 }
 
 impl Pop3BackendConfig {
     pub fn port(&self) -> u16 {
-        self.port.unwrap_or(match self.security {
-            Security::Tls => 995,
-            _ => 110,
-        })
+        self.endpoint().port(Protocol::Pop3)
     }
 }
 
@@ -227,58 +263,34 @@ pub struct ClientTlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Security {
-    /// Implicit TLS from the first byte (IMAPS, port 993).
-    Tls,
-    /// Plain connection upgraded with STARTTLS before login; refused if the server lacks it.
-    Starttls,
-    /// No encryption: only for loopback or a trusted private network.
-    None,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImapConfig {
-    pub host: String,
-    /// Defaults to 993 for `tls`, 143 otherwise.
-    pub port: Option<u16>,
-    #[serde(default = "default_security")]
-    pub security: Security,
-    /// The folder served as the POP3 maildrop.
-    #[serde(default = "default_mailbox")]
-    pub mailbox: String,
-    /// Extra trust anchor (PEM) besides the system roots; verification is always on.
-    pub ca_file: Option<PathBuf>,
-    /// Name checked against the server certificate; defaults to `host`.
-    pub tls_server_name: Option<String>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_secs: u64,
-    /// Deadline for any single upstream command (and for the greeting).
-    #[serde(default = "default_command_timeout")]
-    pub command_timeout_secs: u64,
-    /// Size of each `BODY.PEEK[]<offset.length>` piece when streaming a message.
-    #[serde(default = "default_fetch_chunk")]
-    pub fetch_chunk_bytes: u32,
-    /// UIDL format for users of this store; defaults to `pop3.uidl_format`.
-    pub uidl_format: Option<String>,
-    /// Log in as this master user (SASL PLAIN, the user as authorization identity) instead of
-    /// with the client's password. Needs `verify_password_with`.
-    pub master_user: Option<String>,
-    /// File holding the master user's password (first line); never inline in this file.
-    pub master_password_file: Option<PathBuf>,
-    /// With a master user: the backend (a name from `[backends]`) that checks the client's
-    /// password first, so no login is ever let in unchecked.
-    pub verify_password_with: Option<String>,
+server_section! {
+    /// An IMAP store, served through the bridge: `[imap]` and `kind = "imap"` backends.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ImapConfig {
+        /// The folder served as the POP3 maildrop.
+        #[serde(default = "default_mailbox")]
+        pub mailbox: String,
+        /// Size of each `BODY.PEEK[]<offset.length>` piece (TOP, and RETR of small messages
+        /// on servers that send UID after the body); also bounds one upstream response.
+        #[serde(default = "default_fetch_chunk")]
+        pub fetch_chunk_bytes: u32,
+        /// UIDL format for users of this store; defaults to `pop3.uidl_format`.
+        pub uidl_format: Option<String>,
+        /// Log in as this master user (SASL PLAIN, the user as authorization identity)
+        /// instead of with the client's password. Needs `verify_password_with`.
+        pub master_user: Option<String>,
+        /// File holding the master user's password (first line); never inline in this file.
+        pub master_password_file: Option<PathBuf>,
+        /// With a master user: the backend (a name from `[backends]`) that checks the client's
+        /// password first, so no login is ever let in unchecked.
+        pub verify_password_with: Option<String>,
+    }
 }
 
 impl ImapConfig {
     pub fn port(&self) -> u16 {
-        self.port.unwrap_or(match self.security {
-            Security::Tls => 993,
-            _ => 143,
-        })
+        self.endpoint().port(Protocol::Imap)
     }
 }
 
@@ -612,20 +624,9 @@ pub enum BackendRef<'a> {
 
 fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)> {
     let key = |k: &str| format!("{prefix}.{k}");
-    if imap.host.trim().is_empty() {
-        return Err((key("host"), "must not be empty".into()));
-    }
-    if imap.port == Some(0) {
-        return Err((key("port"), "must be 1-65535".into()));
-    }
+    validate_endpoint(prefix, &imap.endpoint())?;
     if imap.mailbox.is_empty() {
         return Err((key("mailbox"), "must not be empty".into()));
-    }
-    if imap.connect_timeout_secs == 0 {
-        return Err((key("connect_timeout_secs"), "must be at least 1".into()));
-    }
-    if imap.command_timeout_secs == 0 {
-        return Err((key("command_timeout_secs"), "must be at least 1".into()));
     }
     if !(4096..=16 * 1024 * 1024).contains(&imap.fetch_chunk_bytes) {
         return Err((
@@ -633,12 +634,6 @@ fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)
             "must be between 4096 and 16777216".into(),
         ));
     }
-    validate_tls(
-        prefix,
-        imap.security,
-        imap.ca_file.as_deref(),
-        imap.tls_server_name.as_deref(),
-    )?;
     if let Some(f) = &imap.uidl_format {
         UidlFormat::parse(f).map_err(|e| (key("uidl_format"), e.to_string()))?;
     }
@@ -658,25 +653,7 @@ fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)
 }
 
 fn validate_pop3_backend(prefix: &str, p: &Pop3BackendConfig) -> Result<(), (String, String)> {
-    let key = |k: &str| format!("{prefix}.{k}");
-    if p.host.trim().is_empty() {
-        return Err((key("host"), "must not be empty".into()));
-    }
-    if p.port == Some(0) {
-        return Err((key("port"), "must be 1-65535".into()));
-    }
-    if p.connect_timeout_secs == 0 {
-        return Err((key("connect_timeout_secs"), "must be at least 1".into()));
-    }
-    if p.command_timeout_secs == 0 {
-        return Err((key("command_timeout_secs"), "must be at least 1".into()));
-    }
-    validate_tls(
-        prefix,
-        p.security,
-        p.ca_file.as_deref(),
-        p.tls_server_name.as_deref(),
-    )?;
+    validate_endpoint(prefix, &p.endpoint())?;
     validate_master(
         prefix,
         p.master_user.as_deref(),
@@ -684,31 +661,13 @@ fn validate_pop3_backend(prefix: &str, p: &Pop3BackendConfig) -> Result<(), (Str
     )
 }
 
-fn validate_tls(
-    prefix: &str,
-    security: Security,
-    ca_file: Option<&Path>,
-    server_name: Option<&str>,
-) -> Result<(), (String, String)> {
-    if let Some(ca) = ca_file {
-        if security == Security::None {
-            return Err((
-                format!("{prefix}.ca_file"),
-                format!("is set but {prefix}.security = \"none\" never uses TLS"),
-            ));
-        }
-        crate::imap::tls::load_ca_file(ca)
-            .map_err(|e| (format!("{prefix}.ca_file"), e.to_string()))?;
-    }
-    if let Some(name) = server_name {
-        if rustls_pki_types::ServerName::try_from(name).is_err() {
-            return Err((
-                format!("{prefix}.tls_server_name"),
-                format!("{name:?} is not a valid DNS name or IP address"),
-            ));
-        }
-    }
-    Ok(())
+/// The endpoint keys of a server section, checked where they are defined.
+fn validate_endpoint(prefix: &str, e: &EndpointSettings) -> Result<(), (String, String)> {
+    e.validate().map_err(|(key, why)| {
+        // The reasons may name sibling keys ("security"): qualify them too.
+        let why = why.replace("security = ", &format!("{prefix}.security = "));
+        (format!("{prefix}.{key}"), why)
+    })
 }
 
 fn validate_master(
@@ -735,17 +694,6 @@ fn validate_master(
                 .map_err(|e| (format!("{prefix}.master_password_file"), e))
         }
     }
-}
-
-/// The first line of a secret file, without its line ending.
-pub fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let line = text.lines().next().unwrap_or("");
-    if line.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    Ok(line.to_owned())
 }
 
 /// RFC 3501 `atom`: what a keyword flag may contain.

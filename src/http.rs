@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::imap::ImapUpstream;
 use crate::live::Live;
+use crate::maildrop::imap::ImapUpstream;
 use crate::metrics::metrics;
 
 /// How often the upstream is probed in the background for `popbridge_upstream_up`.

@@ -16,9 +16,9 @@ use crate::client_tls::{CertError, ReloadableCert};
 use crate::config::Config;
 use crate::config::PlaintextAuth;
 use crate::http::{self, Health};
-use crate::imap::{ImapUpstream, UpstreamSetupError};
 use crate::limits::{AuthPenalty, ConnectionLimiter, ConnectionSlot, Rejected};
 use crate::live::Live;
+use crate::maildrop::imap::ImapUpstream;
 use crate::metrics::metrics;
 use crate::pop3::connection::{
     self, ClientPolicy, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
@@ -29,6 +29,7 @@ use crate::proxy_protocol;
 use crate::routing::{Router, RoutingError};
 use crate::state::{StateError, StateStore};
 use crate::uidl::UidlFormat;
+use crate::upstream::SetupError;
 use std::net::SocketAddr;
 use tokio_rustls::TlsAcceptor;
 
@@ -42,7 +43,7 @@ pub enum ServeError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    Upstream(#[from] UpstreamSetupError),
+    Upstream(#[from] SetupError),
     #[error("invalid pop3.uidl_format: {0}")]
     Uidl(String),
     #[error("client TLS: {0}")]

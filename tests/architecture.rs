@@ -24,18 +24,12 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("migrate::matcher", 0, "core"),
     // 1: talking to servers and keeping local state.
     ("upstream", 1, "upstream"),
-    ("imap::conn", 1, "upstream"),
-    ("imap::fetch_stream", 1, "upstream"),
-    ("imap::metadata", 1, "upstream"),
-    ("imap::tls", 1, "upstream"),
     ("client_tls", 1, "upstream"),
     ("state", 1, "upstream"),
     // 2: the configuration, made of each subsystem's own settings.
     ("config", 2, "config"),
     // 3: maildrops: the IMAP-backed maildrop (snapshot, retrieval, commit).
-    ("imap", 3, "maildrops"),
-    ("imap::legacy", 3, "maildrops"),
-    ("imap::maildrop", 3, "maildrops"),
+    ("maildrop::imap", 3, "maildrops"),
     // 4: session drivers: the POP3 connection driver, the relay, migrate runs.
     ("pop3", 0, "core"),
     ("pop3::connection", 4, "drivers"),
@@ -43,7 +37,6 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("pop3::stream", 4, "drivers"),
     ("migrate", 4, "drivers"),
     ("migrate::store", 4, "drivers"),
-    ("migrate::pop3", 4, "drivers"),
     ("migrate::run", 4, "drivers"),
     // 5: the server: listeners, backends, health, reload.
     ("backends", 5, "server"),

@@ -3,7 +3,7 @@
 //! [`crate::uidl::map`], and verifying what a user would see).
 
 pub mod matcher;
-pub mod pop3;
+
 pub mod store;
 
 /// How `popbridge migrate` logs in as a user on one side.

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use super::matcher::{
     header_hash, match_by_size, match_rest, without_skipped_headers, LegacyMessage, MatchedBy,
 };
-use super::pop3::{ListedMessage, Pop3Client, Pop3Error};
 use super::store::{Store, StoreError};
 use super::Credential;
 use crate::config::{read_secret, BackendRef, Config, ImapConfig, Pop3BackendConfig, SharedMap};
@@ -19,6 +18,8 @@ use crate::routing::{expand, Router};
 use crate::state::StateStore;
 use crate::uidl::map::{is_legal_uidl, MapError, UidlMap};
 use crate::uidl::UidlFormat;
+use crate::upstream::pop3::{ListedMessage, Pop3Client, Pop3Error};
+use crate::upstream::{Endpoint, Protocol};
 
 /// Largest message read whole (RETR for verify and header fallbacks).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -31,6 +32,8 @@ pub enum MigrateError {
     Usage(String),
     #[error("legacy POP3: {0}")]
     Pop3(#[from] Pop3Error),
+    #[error("legacy POP3 backend: {0}")]
+    Setup(#[from] crate::upstream::SetupError),
     #[error("new store: {0}")]
     Store(#[from] StoreError),
     #[error("UIDL map: {0}")]
@@ -498,8 +501,7 @@ async fn migrate_user(
     accept: bool,
 ) -> Result<UserReport, MigrateError> {
     let imap = imap_backend(config, to)?;
-    let mut pop = Pop3Client::connect(legacy_cfg).await?;
-    login_pop3(&mut pop, from_login, lc).await?;
+    let mut pop = legacy_session(legacy_cfg, from_login, lc).await?;
     let listed = pop.listing().await?;
     let mut store = Store::open(imap, to_login, ic).await?;
     // The key a session routed to `to` with this login uses (state::state_prefix).
@@ -589,11 +591,19 @@ async fn migrate_user(
     Ok(report)
 }
 
-async fn login_pop3(pop: &mut Pop3Client, user: &str, cred: &Credential) -> Result<(), Pop3Error> {
+/// Connects to the legacy POP3 backend and logs `user` in.
+async fn legacy_session(
+    backend: &Pop3BackendConfig,
+    user: &str,
+    cred: &Credential,
+) -> Result<Pop3Client, MigrateError> {
+    let endpoint = Endpoint::new(Protocol::Pop3, &backend.endpoint())?;
+    let mut pop = Pop3Client::connect(&endpoint).await?;
     match cred {
-        Credential::Password(pw) => pop.login(user, pw, None).await,
-        Credential::Master { user: m, password } => pop.login(user, "", Some((m, password))).await,
-    }
+        Credential::Password(pw) => pop.login(user, pw).await?,
+        Credential::Master { user: m, password } => pop.login_master(user, m, password).await?,
+    };
+    Ok(pop)
 }
 
 /// One validated line of an import file.
@@ -907,8 +917,7 @@ pub async fn verify(
     print_logins(&spec.user, Some((from, &from_login)), (to, &to_login));
 
     // The legacy server, as a client sees it.
-    let mut pop = Pop3Client::connect(legacy_cfg).await?;
-    login_pop3(&mut pop, &from_login, &lc).await?;
+    let mut pop = legacy_session(legacy_cfg, &from_login, &lc).await?;
     let listed: Vec<ListedMessage> = pop.listing().await?;
     let mut legacy = Vec::with_capacity(listed.len());
     for m in &listed {
@@ -936,7 +945,7 @@ pub async fn verify(
             "the local state is in use and migration.shared_map = \"none\": the UIDL map cannot be read".into(),
         ));
     }
-    let upstream = crate::imap::ImapUpstream::new(
+    let upstream = crate::maildrop::imap::ImapUpstream::new(
         imap,
         &config.deletion,
         state,

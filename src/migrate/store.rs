@@ -3,26 +3,22 @@
 //! identity), the maildrop folder examined read-only, sizes and headers fetched in batches,
 //! and the legacy UIDL map read from and written to METADATA.
 
-use std::collections::HashSet;
-use std::time::Duration;
-
-use imap_next::imap_types::auth::AuthMechanism;
 use imap_next::imap_types::command::CommandBody;
 use imap_next::imap_types::core::Vec1;
 use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName, Section};
-use imap_next::imap_types::mailbox::Mailbox;
-use imap_next::imap_types::response::{Code, Data};
+use imap_next::imap_types::response::Data;
 use imap_next::imap_types::search::SearchKey;
 use imap_next::imap_types::sequence::SequenceSet;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
 
 use super::matcher::NewMessage;
 use super::Credential;
-use crate::config::{ImapConfig, Security};
-use crate::imap::conn::{ConnLimits, ImapConnection, ImapError, Transport, Untagged};
-use crate::imap::metadata::{self, MetadataError};
+use crate::config::ImapConfig;
 use crate::uidl::map::{MapHead, UidlMap};
+use crate::upstream::imap::login::{password, plain, Mechanism};
+use crate::upstream::imap::metadata::{self, MetadataError};
+use crate::upstream::imap::session::{self, MailboxStatus, SessionError};
+use crate::upstream::imap::{uid_sets, ConnLimits, ImapConnection, ImapError, Untagged};
+use crate::upstream::{Endpoint, Protocol, SetupError};
 
 /// UIDs per FETCH command.
 const BATCH: usize = 256;
@@ -37,6 +33,8 @@ pub enum StoreError {
     Failed { command: &'static str, text: String },
     #[error("IMAP setup: {0}")]
     Setup(String),
+    #[error("IMAP setup: {0}")]
+    Endpoint(#[from] SetupError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
 }
@@ -62,87 +60,49 @@ impl Store {
         user: &str,
         cred: &Credential,
     ) -> Result<Store, StoreError> {
-        let limits = ConnLimits {
-            connect_timeout: Duration::from_secs(imap.connect_timeout_secs),
-            io_timeout: Duration::from_secs(imap.command_timeout_secs),
-            max_response_size: 64 << 20,
-        };
-        let tls = match imap.security {
-            Security::None => None,
-            _ => {
-                let config = crate::imap::tls::client_config(imap.ca_file.as_deref())
-                    .map_err(|e| StoreError::Setup(e.to_string()))?;
-                let name = imap.tls_server_name.as_deref().unwrap_or(&imap.host);
-                let name = ServerName::try_from(name.to_owned())
-                    .map_err(|_| StoreError::Setup(format!("bad TLS server name {name:?}")))?;
-                Some((TlsConnector::from(config), name))
+        let endpoint = Endpoint::new(Protocol::Imap, &imap.endpoint())?;
+        let limits = ConnLimits::of(&endpoint, 64 << 20);
+        let by_password;
+        let by_master;
+        let mechanism: &dyn Mechanism = match cred {
+            Credential::Password(pw) => {
+                by_password = password::Password { user, password: pw };
+                &by_password
+            }
+            Credential::Master { user: m, password } => {
+                by_master = plain::Plain::master(user, m, password);
+                &by_master
             }
         };
-        let transport = match (&tls, imap.security) {
-            (Some((c, n)), Security::Tls) => Transport::Tls {
-                connector: c,
-                name: n.clone(),
-            },
-            (Some((c, n)), Security::Starttls) => Transport::StartTls {
-                connector: c,
-                name: n.clone(),
-            },
-            _ => Transport::Plain,
+        let session::Session {
+            mut conn,
+            capabilities,
+        } = match session::open(&endpoint, limits, mechanism).await {
+            Ok(s) => s,
+            Err(SessionError::Refused(done)) => return Err(StoreError::Login(done.text)),
+            Err(SessionError::Unsendable(e)) => return Err(StoreError::Login(e.to_string())),
+            Err(SessionError::Imap(e)) => return Err(e.into()),
+            Err(e @ SessionError::Capability(_)) => return Err(StoreError::Setup(e.to_string())),
         };
-        let mut conn = ImapConnection::connect(&imap.host, imap.port(), transport, limits).await?;
-        let login = match cred {
-            Credential::Password(pw) => CommandBody::login(user.to_owned(), pw.clone())
-                .map_err(|_| StoreError::Login("user name or password not sendable".into()))?,
-            Credential::Master { user: m, password } => CommandBody::authenticate_with_ir(
-                AuthMechanism::Plain,
-                sasl_plain(user, m, password)?,
-            ),
-        };
-        let done = conn.execute(login, |_| {}).await?;
-        if !done.is_ok() {
-            conn.logout().await;
-            return Err(StoreError::Login(done.text));
-        }
-        let mut caps = HashSet::new();
-        conn.execute(CommandBody::Capability, |u| {
-            if let Untagged::Data(Data::Capability(list)) = u {
-                caps.extend(
-                    list.as_ref()
-                        .iter()
-                        .map(|c| c.to_string().to_ascii_uppercase()),
-                );
-            }
-        })
-        .await?;
-        let mailbox = Mailbox::try_from(imap.mailbox.clone())
-            .map_err(|e| StoreError::Setup(format!("mailbox {:?}: {e}", imap.mailbox)))?;
-        let examine =
-            CommandBody::examine(mailbox).map_err(|e| StoreError::Setup(e.to_string()))?;
-        let (mut uid_validity, mut uid_next) = (None, None);
+        let examine = session::select(&imap.mailbox, true).map_err(StoreError::Setup)?;
+        let mut status = MailboxStatus::default();
         let done = conn
-            .execute(examine, |u| match u {
-                Untagged::Status {
-                    code: Some(Code::UidValidity(v)),
-                    ..
-                } => uid_validity = Some(v.get()),
-                Untagged::Status {
-                    code: Some(Code::UidNext(v)),
-                    ..
-                } => uid_next = Some(v.get()),
-                _ => {}
+            .execute(examine, |u| {
+                status.absorb(&u);
             })
             .await?;
         if !done.is_ok() {
             return Err(failed("EXAMINE", done.text));
         }
-        let uid_validity =
-            uid_validity.ok_or_else(|| failed("EXAMINE", "no UIDVALIDITY reported".into()))?;
+        let uid_validity = status
+            .uid_validity
+            .ok_or_else(|| failed("EXAMINE", "no UIDVALIDITY reported".into()))?;
         Ok(Store {
             conn,
             mailbox: imap.mailbox.clone(),
             uid_validity,
-            uid_next,
-            has_metadata: caps.contains("METADATA"),
+            uid_next: status.uid_next,
+            has_metadata: capabilities.has("METADATA"),
             state_key: user.to_owned(),
         })
     }
@@ -267,43 +227,10 @@ impl Store {
     }
 }
 
-/// The SASL PLAIN message `authzid NUL authcid NUL password` (RFC 4616), refused when a part
-/// holds a NUL (it would shift the parts: another user, or a password the server cuts short).
-fn sasl_plain(user: &str, master: &str, password: &str) -> Result<Vec<u8>, StoreError> {
-    if [user, master, password].iter().any(|s| s.contains('\0')) {
-        return Err(StoreError::Login(
-            "the user name, master user or master password contains NUL and cannot be sent in AUTHENTICATE PLAIN".into(),
-        ));
-    }
-    Ok(format!("{user}\0{master}\0{password}").into_bytes())
-}
-
 fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
-    let text = uids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    SequenceSet::try_from(text.as_str()).map_err(|e| StoreError::Setup(format!("UID set: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sasl_plain_refuses_nul_in_any_part() {
-        assert_eq!(
-            sasl_plain("alice", "admin", "pw").unwrap(),
-            b"alice\0admin\0pw"
-        );
-        for (u, m, p) in [
-            ("al\0ice", "admin", "pw"),
-            ("alice", "ad\0min", "pw"),
-            ("alice", "admin", "p\0w"),
-        ] {
-            let e = sasl_plain(u, m, p).unwrap_err();
-            assert!(e.to_string().contains("contains NUL"), "{e}");
-        }
-    }
+    uid_sets(uids)
+        .map_err(StoreError::Setup)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Setup("empty UID set".into()))
 }

@@ -806,7 +806,7 @@ async fn read_part<M: Maildrop>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maildrop::{MemoryEvent, MemoryUpstream};
+    use crate::maildrop::memory::{MemoryEvent, MemoryUpstream};
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;

@@ -1,9 +1,6 @@
 //! Passthrough to a legacy POP3 server (`kind = "pop3"` backends): popbridge logs in there with
-//! the client's (rewritten) login and password, and from then on relays bytes both ways.
-//!
-//! The login is a sans-I/O state machine ([`Pop3Login`]); [`Pop3Backend::login`] is its thin
-//! tokio driver (connect, STLS, deadlines, bounded lines) and [`relay`] the byte pump (bounded
-//! buffers, idle timeout, shutdown).
+//! the client's (rewritten) login and password, through the upstream layer's POP3 client, and
+//! from then on relays bytes both ways ([`relay`]: bounded buffers, idle timeout, shutdown).
 
 use std::io;
 use std::pin::Pin;
@@ -12,39 +9,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::command::Password;
-use crate::config::{Pop3BackendConfig, Security};
-use crate::imap::UpstreamSetupError;
+use crate::config::Pop3BackendConfig;
 use crate::maildrop::MaildropError;
 use crate::metrics::metrics;
+use crate::upstream::pop3::{LoginRefusal, Pop3Client, Pop3Error};
+use crate::upstream::{AsyncStream, Endpoint, Protocol, SetupError};
 
-/// Longest line accepted from the legacy server during login (RFC 2449 allows 512).
-pub const MAX_LINE: usize = 4096;
 /// Size of each direction's relay buffer.
 pub const RELAY_BUFFER: usize = 16 * 1024;
-
-/// What the login state machine wants done next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Read one more line from the server and hand it to [`Pop3Login::on_line`].
-    Read,
-    /// Write these bytes (they may carry the password: zero them after writing), then read.
-    Send(Vec<u8>),
-    /// Run the TLS handshake (after STLS was accepted), then call [`Pop3Login::on_tls`].
-    StartTls,
-    /// Logged in: this is the server's `+OK` line (line end included), for the client.
-    LoggedIn(Vec<u8>),
-    /// The login failed.
-    Failed(LoginError),
-}
 
 /// Why a login at the legacy server failed, and what the client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +36,16 @@ pub enum LoginError {
     Unavailable(String),
 }
 
+impl From<Pop3Error> for LoginError {
+    fn from(e: Pop3Error) -> LoginError {
+        match e.login_refusal() {
+            LoginRefusal::Auth => LoginError::Auth,
+            LoginRefusal::InUse => LoginError::InUse,
+            LoginRefusal::Unavailable => LoginError::Unavailable(format!("legacy server: {e}")),
+        }
+    }
+}
+
 impl From<LoginError> for MaildropError {
     fn from(e: LoginError) -> MaildropError {
         match e {
@@ -71,185 +56,9 @@ impl From<LoginError> for MaildropError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Greeting,
-    Stls,
-    User,
-    Pass,
-    AuthPlain,
-    Done,
-}
-
-/// The client side of a POP3 login: greeting, optional STLS, `USER`/`PASS` (or `AUTH PLAIN`
-/// with an initial response when the server refuses `USER`).
-pub struct Pop3Login {
-    state: State,
-    stls: bool,
-    user: String,
-    password: Password,
-}
-
-impl Pop3Login {
-    pub fn new(user: &str, password: &str, stls: bool) -> Pop3Login {
-        Pop3Login {
-            state: State::Greeting,
-            stls,
-            user: user.to_owned(),
-            password: Password::new(password.to_owned()),
-        }
-    }
-
-    /// The first step: read the greeting.
-    pub fn start(&self) -> Step {
-        Step::Read
-    }
-
-    /// The handshake after STLS succeeded: log in (RFC 2595: no new greeting).
-    pub fn on_tls(&mut self) -> Step {
-        self.user_step()
-    }
-
-    fn user_step(&mut self) -> Step {
-        if self.user.is_empty() || self.user.contains(['\r', '\n', ' ']) {
-            self.state = State::Done;
-            return Step::Failed(LoginError::Auth);
-        }
-        self.state = State::User;
-        Step::Send(format!("USER {}\r\n", self.user).into_bytes())
-    }
-
-    /// One line from the server, line end included or not.
-    pub fn on_line(&mut self, line: &[u8]) -> Step {
-        let ok = line.starts_with(b"+OK");
-        let shown = || {
-            let s = String::from_utf8_lossy(line);
-            let s = s.trim_end();
-            s.chars().take(200).collect::<String>()
-        };
-        match self.state {
-            State::Greeting if ok => {
-                if self.stls {
-                    self.state = State::Stls;
-                    Step::Send(b"STLS\r\n".to_vec())
-                } else {
-                    self.user_step()
-                }
-            }
-            State::Greeting => self.fail(LoginError::Unavailable(format!(
-                "legacy server greeting: {}",
-                shown()
-            ))),
-            State::Stls if ok => Step::StartTls,
-            State::Stls => self.fail(LoginError::Unavailable(format!(
-                "legacy server refused STLS: {}",
-                shown()
-            ))),
-            State::User if ok => {
-                self.state = State::Pass;
-                if self.password.as_str().contains(['\r', '\n']) {
-                    return self.fail(LoginError::Auth);
-                }
-                Step::Send(format!("PASS {}\r\n", self.password.as_str()).into_bytes())
-            }
-            State::User if classify(line) != LoginError::Auth => self.fail(classify(line)),
-            State::User => {
-                // Some servers take SASL only.
-                self.state = State::AuthPlain;
-                let mut plain =
-                    Vec::with_capacity(self.user.len() + self.password.as_str().len() + 2);
-                plain.push(0);
-                plain.extend_from_slice(self.user.as_bytes());
-                plain.push(0);
-                plain.extend_from_slice(self.password.as_str().as_bytes());
-                let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
-                plain.iter_mut().for_each(|b| *b = 0);
-                std::hint::black_box(&mut plain);
-                Step::Send(format!("AUTH PLAIN {b64}\r\n").into_bytes())
-            }
-            State::Pass | State::AuthPlain if ok => {
-                self.state = State::Done;
-                let mut l = line.to_vec();
-                if !l.ends_with(b"\n") {
-                    l.extend_from_slice(b"\r\n");
-                }
-                Step::LoggedIn(l)
-            }
-            State::Pass | State::AuthPlain => self.fail(classify(line)),
-            State::Done => Step::Failed(LoginError::Unavailable("login already finished".into())),
-        }
-    }
-
-    fn fail(&mut self, e: LoginError) -> Step {
-        self.state = State::Done;
-        Step::Failed(e)
-    }
-}
-
-/// What a `-ERR` during login means (RFC 3206 codes).
-fn classify(line: &[u8]) -> LoginError {
-    let rest = line.strip_prefix(b"-ERR").unwrap_or(line);
-    let rest = String::from_utf8_lossy(rest);
-    let rest = rest.trim_start();
-    let code = rest
-        .strip_prefix('[')
-        .and_then(|r| r.split_once(']'))
-        .map(|(c, _)| c.to_ascii_uppercase());
-    match code.as_deref() {
-        Some("IN-USE") => LoginError::InUse,
-        Some(c) if c.starts_with("SYS/") => {
-            LoginError::Unavailable(format!("legacy server: [{c}]"))
-        }
-        _ if !line.starts_with(b"-ERR") => {
-            LoginError::Unavailable("legacy server sent neither +OK nor -ERR".into())
-        }
-        _ => LoginError::Auth,
-    }
-}
-
-/// A connection to the legacy server: plain TCP or TLS.
-pub enum LegacyStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for LegacyStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LegacyStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            LegacyStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for LegacyStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LegacyStream::Plain(s) => Pin::new(s).poll_write(cx, b),
-            LegacyStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LegacyStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            LegacyStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LegacyStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            LegacyStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
 /// A logged-in session at the legacy server, ready to be relayed.
 pub struct Relayed {
-    pub stream: LegacyStream,
+    pub stream: Box<dyn AsyncStream>,
     /// The server's `+OK` answer to the login, for the client.
     pub ok_line: Vec<u8>,
     /// Bytes the server sent after that line (none from a well-behaved server).
@@ -259,181 +68,42 @@ pub struct Relayed {
 /// One `kind = "pop3"` backend: where it is and how to reach it.
 pub struct Pop3Backend {
     pub name: Arc<str>,
-    host: String,
-    port: u16,
-    security: Security,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-    connect_timeout: Duration,
-    command_timeout: Duration,
+    endpoint: Endpoint,
 }
 
 impl Pop3Backend {
-    pub fn new(name: &str, c: &Pop3BackendConfig) -> Result<Pop3Backend, UpstreamSetupError> {
-        let tls = match c.security {
-            Security::None => None,
-            Security::Tls | Security::Starttls => {
-                let client = crate::imap::tls::client_config(c.ca_file.as_deref())?;
-                let sni = c.tls_server_name.as_deref().unwrap_or(&c.host);
-                let sni = ServerName::try_from(sni.to_owned())
-                    .map_err(|_| UpstreamSetupError::ServerName(sni.to_owned()))?;
-                Some((TlsConnector::from(client), sni))
-            }
-        };
+    pub fn new(name: &str, c: &Pop3BackendConfig) -> Result<Pop3Backend, SetupError> {
         Ok(Pop3Backend {
             name: Arc::from(name),
-            host: c.host.clone(),
-            port: c.port(),
-            security: c.security,
-            tls,
-            connect_timeout: Duration::from_secs(c.connect_timeout_secs),
-            command_timeout: Duration::from_secs(c.command_timeout_secs),
+            endpoint: Endpoint::new(Protocol::Pop3, &c.endpoint())?,
         })
-    }
-
-    async fn handshake(&self, tcp: TcpStream) -> Result<LegacyStream, LoginError> {
-        let Some((connector, name)) = &self.tls else {
-            return Err(LoginError::Unavailable("no TLS configuration".into()));
-        };
-        match tokio::time::timeout(self.command_timeout, connector.connect(name.clone(), tcp)).await
-        {
-            Ok(Ok(tls)) => Ok(LegacyStream::Tls(Box::new(tls))),
-            Ok(Err(e)) => Err(LoginError::Unavailable(format!(
-                "TLS with the legacy server failed: {e}"
-            ))),
-            Err(_) => Err(LoginError::Unavailable(
-                "TLS handshake with the legacy server timed out".into(),
-            )),
-        }
     }
 
     /// Connect and log in with `user` and `password`.
     pub async fn login(&self, user: &str, password: &str) -> Result<Relayed, LoginError> {
-        let addr = format!("{}:{}", self.host, self.port);
-        let tcp = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return Err(LoginError::Unavailable(format!(
-                    "cannot connect to {addr}: {e}"
-                )))
+        let mut client = Pop3Client::connect(&self.endpoint).await?;
+        match client.login(user, password).await {
+            Ok(ok_line) => {
+                let (stream, leftover) = client.into_parts();
+                Ok(Relayed {
+                    stream,
+                    ok_line,
+                    leftover,
+                })
             }
-            Err(_) => {
-                return Err(LoginError::Unavailable(format!(
-                    "cannot connect to {addr}: timed out"
-                )))
+            Err(e) => {
+                client.quit().await;
+                Err(e.into())
             }
-        };
-        let _ = tcp.set_nodelay(true);
-        let mut stream = match self.security {
-            Security::Tls => self.handshake(tcp).await?,
-            _ => LegacyStream::Plain(tcp),
-        };
-        let mut machine = Pop3Login::new(user, password, self.security == Security::Starttls);
-        let mut buf: Vec<u8> = Vec::with_capacity(512);
-        let mut step = machine.start();
-        loop {
-            step = match step {
-                Step::Read => {
-                    let line = read_line(&mut stream, &mut buf, self.command_timeout).await?;
-                    machine.on_line(&line)
-                }
-                Step::Send(mut bytes) => {
-                    let w = tokio::time::timeout(self.command_timeout, async {
-                        stream.write_all(&bytes).await?;
-                        stream.flush().await
-                    })
-                    .await;
-                    bytes.iter_mut().for_each(|b| *b = 0);
-                    std::hint::black_box(&mut bytes);
-                    match w {
-                        Ok(Ok(())) => Step::Read,
-                        Ok(Err(e)) => return Err(LoginError::Unavailable(format!("write: {e}"))),
-                        Err(_) => {
-                            return Err(LoginError::Unavailable("legacy server timed out".into()))
-                        }
-                    }
-                }
-                Step::StartTls => {
-                    // Anything sent before the handshake would be injected into the TLS
-                    // session's view (CVE-2011-0411 class).
-                    if !buf.is_empty() {
-                        return Err(LoginError::Unavailable(
-                            "legacy server sent data after its STLS reply".into(),
-                        ));
-                    }
-                    let LegacyStream::Plain(tcp) = stream else {
-                        return Err(LoginError::Unavailable("STLS on a TLS connection".into()));
-                    };
-                    stream = self.handshake(tcp).await?;
-                    machine.on_tls()
-                }
-                Step::LoggedIn(ok_line) => {
-                    return Ok(Relayed {
-                        stream,
-                        ok_line,
-                        leftover: buf,
-                    })
-                }
-                Step::Failed(e) => {
-                    quit(&mut stream).await;
-                    return Err(e);
-                }
-            };
         }
     }
 
     /// Check a password: log in and QUIT (for `verify_password_with`).
     pub async fn check_password(&self, user: &str, password: &str) -> Result<(), LoginError> {
-        let mut r = self.login(user, password).await?;
-        quit(&mut r.stream).await;
-        Ok(())
-    }
-}
-
-/// Say QUIT and close, without waiting long (best effort).
-async fn quit(stream: &mut LegacyStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        stream.write_all(b"QUIT\r\n").await?;
-        stream.flush().await?;
-        let mut sink = [0u8; 512];
-        let _ = stream.read(&mut sink).await;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-/// One line (through LF) from `stream`, at most [`MAX_LINE`] bytes; `buf` keeps what follows.
-async fn read_line(
-    stream: &mut LegacyStream,
-    buf: &mut Vec<u8>,
-    timeout: Duration,
-) -> Result<Vec<u8>, LoginError> {
-    loop {
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            let rest = buf.split_off(end + 1);
-            return Ok(std::mem::replace(buf, rest));
-        }
-        if buf.len() > MAX_LINE {
-            return Err(LoginError::Unavailable(
-                "legacy server sent an over-long line".into(),
-            ));
-        }
-        let mut chunk = [0u8; 1024];
-        let n = match tokio::time::timeout(timeout, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) => {
-                return Err(LoginError::Unavailable(
-                    "legacy server closed the connection".into(),
-                ))
-            }
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(LoginError::Unavailable(format!("read: {e}"))),
-            Err(_) => return Err(LoginError::Unavailable("legacy server timed out".into())),
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        let mut client = Pop3Client::connect(&self.endpoint).await?;
+        let r = client.login(user, password).await;
+        client.quit().await;
+        r.map(|_| ()).map_err(Into::into)
     }
 }
 
@@ -627,102 +297,7 @@ async fn pump<C: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run(m: &mut Pop3Login, lines: &[&str]) -> Vec<Step> {
-        let mut out = vec![m.start()];
-        for l in lines {
-            out.push(m.on_line(l.as_bytes()));
-        }
-        out
-    }
-
-    #[test]
-    fn user_pass_login() {
-        let mut m = Pop3Login::new("bob", "s3cret", false);
-        let steps = run(
-            &mut m,
-            &["+OK Dovecot ready.\r\n", "+OK\r\n", "+OK Logged in.\r\n"],
-        );
-        assert_eq!(
-            steps,
-            vec![
-                Step::Read,
-                Step::Send(b"USER bob\r\n".to_vec()),
-                Step::Send(b"PASS s3cret\r\n".to_vec()),
-                Step::LoggedIn(b"+OK Logged in.\r\n".to_vec()),
-            ]
-        );
-    }
-
-    #[test]
-    fn stls_first() {
-        let mut m = Pop3Login::new("bob", "pw", true);
-        assert_eq!(m.start(), Step::Read);
-        assert_eq!(m.on_line(b"+OK hi\r\n"), Step::Send(b"STLS\r\n".to_vec()));
-        assert_eq!(m.on_line(b"+OK Begin TLS\r\n"), Step::StartTls);
-        assert_eq!(m.on_tls(), Step::Send(b"USER bob\r\n".to_vec()));
-        let mut m = Pop3Login::new("bob", "pw", true);
-        m.on_line(b"+OK hi\r\n");
-        assert!(matches!(
-            m.on_line(b"-ERR no TLS here\r\n"),
-            Step::Failed(LoginError::Unavailable(t)) if t.contains("refused STLS")
-        ));
-    }
-
-    #[test]
-    fn wrong_password_and_response_codes() {
-        for (line, want) in [
-            ("-ERR [AUTH] Authentication failed.\r\n", LoginError::Auth),
-            ("-ERR bad password\r\n", LoginError::Auth),
-            ("-ERR [IN-USE] locked\r\n", LoginError::InUse),
-            (
-                "-ERR [SYS/TEMP] try later\r\n",
-                LoginError::Unavailable("legacy server: [SYS/TEMP]".into()),
-            ),
-        ] {
-            let mut m = Pop3Login::new("bob", "pw", false);
-            let steps = run(&mut m, &["+OK\r\n", "+OK\r\n", line]);
-            assert_eq!(steps.last(), Some(&Step::Failed(want)), "{line}");
-        }
-    }
-
-    #[test]
-    fn user_refused_falls_back_to_auth_plain() {
-        let mut m = Pop3Login::new("bob", "pw", false);
-        let steps = run(&mut m, &["+OK\r\n", "-ERR USER disabled\r\n", "+OK in\r\n"]);
-        let plain = base64::engine::general_purpose::STANDARD.encode(b"\0bob\0pw");
-        assert_eq!(
-            steps[2],
-            Step::Send(format!("AUTH PLAIN {plain}\r\n").into_bytes())
-        );
-        assert_eq!(steps[3], Step::LoggedIn(b"+OK in\r\n".to_vec()));
-        let mut m = Pop3Login::new("bob", "pw", false);
-        let steps = run(&mut m, &["+OK\r\n", "-ERR no\r\n", "-ERR [AUTH] no\r\n"]);
-        assert_eq!(steps[3], Step::Failed(LoginError::Auth));
-    }
-
-    #[test]
-    fn bad_greeting_and_injection_attempts() {
-        let mut m = Pop3Login::new("bob", "pw", false);
-        assert!(matches!(
-            m.on_line(b"-ERR go away\r\n"),
-            Step::Failed(LoginError::Unavailable(_))
-        ));
-        // A login name or password with a line break would smuggle a second command.
-        let mut m = Pop3Login::new("bob\r\nDELE 1", "pw", false);
-        assert_eq!(m.on_line(b"+OK\r\n"), Step::Failed(LoginError::Auth));
-        let mut m = Pop3Login::new("bob", "pw\r\nDELE 1", false);
-        m.on_line(b"+OK\r\n");
-        assert_eq!(m.on_line(b"+OK\r\n"), Step::Failed(LoginError::Auth));
-        // Garbage instead of a status line is a server failure, not a wrong password.
-        let mut m = Pop3Login::new("bob", "pw", false);
-        m.on_line(b"+OK\r\n");
-        m.on_line(b"+OK\r\n");
-        assert!(matches!(
-            m.on_line(b"* OK imap?\r\n"),
-            Step::Failed(LoginError::Unavailable(_))
-        ));
-    }
+    use tokio::io::AsyncReadExt;
 
     /// A scripted legacy server: greeting, USER, PASS (accepting only `pw`), then an echo of
     /// every line prefixed with `>`. Returns its port.
@@ -862,13 +437,13 @@ mod tests {
     struct Legacy(Pop3Backend);
 
     impl crate::pop3::connection::Upstream for Legacy {
-        type Maildrop = crate::maildrop::MemoryMaildrop;
+        type Maildrop = crate::maildrop::memory::MemoryMaildrop;
 
         async fn route(
             &self,
             user: &str,
             password: &str,
-        ) -> crate::pop3::connection::Routed<crate::maildrop::MemoryMaildrop> {
+        ) -> crate::pop3::connection::Routed<crate::maildrop::memory::MemoryMaildrop> {
             crate::pop3::connection::Routed {
                 backend: Some(self.0.name.clone()),
                 result: self

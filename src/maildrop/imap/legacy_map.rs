@@ -14,10 +14,10 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use super::conn::ImapConnection;
-use super::metadata::{self, MetadataError};
 use crate::state::StateStore;
 use crate::uidl::map::{MapError, MapHead, UidlMap};
+use crate::upstream::imap::conn::ImapConnection;
+use crate::upstream::imap::metadata::{self, MetadataError};
 
 /// Decoded maps kept in memory, at most ...
 const CACHE_MAPS: usize = 256;

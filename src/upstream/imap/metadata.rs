@@ -21,7 +21,8 @@ use imap_next::imap_types::extensions::metadata::{
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data};
 
-use super::conn::{Completion, ImapConnection, ImapError, Untagged};
+use super::conn::ImapConnection;
+use super::engine::{Completion, ImapError, Untagged};
 use crate::uidl::map::{
     new_generation, MapError, MapHead, UidlMap, MAX_HEAD_BYTES, MAX_MAP_BYTES, METADATA_ENTRY,
 };

@@ -1,219 +1,31 @@
-//! One upstream IMAP connection: a thin tokio driver around imap-next's sans-I/O `Client`.
-//!
-//! imap-next's own `Stream` only takes a `TcpStream` or a `TlsStream`, and keeps its buffers
-//! unbounded; this driver works over any `AsyncRead + AsyncWrite`, puts a deadline on every read
-//! and write, and treats any failure (timeout included) as fatal to the connection, because a
-//! command cut off mid-write leaves the IMAP session in an unknown state.
+//! One upstream IMAP connection: the command [`Engine`] and the one response popbridge
+//! streams instead of letting imap-next decode it, `UID FETCH <uid>,<others> (UID BODY.PEEK[])`. The body literal of `<uid>` goes to the client
+//! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
+//! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
+//! be sent before the client asks for it ([`ImapConnection::prefetch`]). The lines around the
+//! literals are read by the pure parser in [`super::fetch_parse`], which accepts every shape a
+//! server sends for a message that went away under the session.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use imap_next::imap_types::command::CommandBody;
+use imap_next::imap_types::response::StatusKind;
+use tokio::io::AsyncWriteExt;
 
-use super::fetch_stream::{self, BodyValue, FetchInfo, Items, Line};
-use crate::metrics::{metrics, Timer};
-
-use imap_next::client::{Client, Event, Options};
-use imap_next::imap_types::command::{Command, CommandBody};
-use imap_next::imap_types::core::Tag;
-use imap_next::imap_types::fetch::MessageDataItem;
-use imap_next::imap_types::response::{Code, Data, Greeting, GreetingKind, Status, StatusKind};
-use imap_next::{Interrupt, Io, State};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
-
-/// Anything a connection can run over: TCP, or TLS on TCP.
-pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImapError {
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: String, reason: String },
-    #[error("upstream did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("upstream closed the connection")]
-    Closed,
-    #[error("upstream I/O error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("TLS with upstream failed: {0}")]
-    Tls(String),
-    #[error("upstream sent something we cannot parse")]
-    Malformed,
-    #[error("upstream said BYE: {0}")]
-    Bye(String),
-    #[error("upstream refused STARTTLS: {0}")]
-    StartTlsRefused(String),
-    #[error("connection is unusable after an earlier failure")]
-    Broken,
-    #[error("cannot build IMAP command: {0}")]
-    Command(String),
-    #[error(transparent)]
-    Stream(#[from] fetch_stream::StreamError),
-    #[error("upstream refused the command: {0}")]
-    Refused(String),
-}
-
-impl ImapError {
-    /// The `kind` label of `popbridge_upstream_errors_total`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ImapError::Connect { .. } => "connect",
-            ImapError::Timeout(_) => "timeout",
-            ImapError::Closed | ImapError::Broken => "closed",
-            ImapError::Io(_) => "io",
-            ImapError::Tls(_) | ImapError::StartTlsRefused(_) => "tls",
-            ImapError::Malformed | ImapError::Command(_) | ImapError::Stream(_) => "protocol",
-            ImapError::Refused(_) => "command_failed",
-            ImapError::Bye(_) => "bye",
-        }
-    }
-}
-
-/// A tagged completion: OK, NO or BAD, with its response code and text.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    pub kind: StatusKind,
-    pub code: Option<Code<'static>>,
-    pub text: String,
-}
-
-impl Completion {
-    pub fn is_ok(&self) -> bool {
-        self.kind == StatusKind::Ok
-    }
-
-    /// The response code imap-types does not model (RFC 5530's `EXPUNGEISSUED`,
-    /// `UNAVAILABLE`, ...), upper-cased, with any argument after a space.
-    pub fn other_code(&self) -> Option<String> {
-        match &self.code {
-            Some(Code::Other(other)) => {
-                Some(String::from_utf8_lossy(other.inner()).to_ascii_uppercase())
-            }
-            _ => None,
-        }
-    }
-
-    /// OK, or `NO [EXPUNGEISSUED]`: a FETCH whose other messages were answered while some
-    /// had gone away meanwhile (another client expunged them).
-    pub fn answered_but_expunged(&self) -> bool {
-        self.is_ok() || (self.kind == StatusKind::No && self.expunge_issued())
-    }
-
-    /// `[EXPUNGEISSUED]` (RFC 5530): the command named a message that was expunged.
-    pub fn expunge_issued(&self) -> bool {
-        self.other_code()
-            .is_some_and(|c| c.split(' ').next() == Some("EXPUNGEISSUED"))
-    }
-}
-
-/// What arrives untagged while a command runs.
-pub enum Untagged {
-    Data(Data<'static>),
-    /// `* OK [CODE] text` and friends (SELECT reports UIDVALIDITY and PERMANENTFLAGS this way).
-    Status {
-        kind: StatusKind,
-        code: Option<Code<'static>>,
-    },
-}
-
-impl Untagged {
-    /// `(UID, RFC822.SIZE)` of a FETCH response that carries both; `None` for anything else
-    /// (unsolicited FETCHes, such as another client's flag changes, lack a size).
-    pub fn uid_and_size(&self) -> Option<(u32, u32)> {
-        let Untagged::Data(Data::Fetch { items, .. }) = self else {
-            return None;
-        };
-        let (mut uid, mut size) = (None, None);
-        for item in items.as_ref() {
-            match item {
-                MessageDataItem::Uid(u) => uid = Some(u.get()),
-                MessageDataItem::Rfc822Size(s) => size = Some(*s),
-                _ => {}
-            }
-        }
-        uid.zip(size)
-    }
-}
-
-/// Limits that bound what one connection may cost.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnLimits {
-    pub connect_timeout: Duration,
-    /// Deadline for each read and each write; an upstream silent for longer is dead.
-    pub io_timeout: Duration,
-    /// Largest single response accepted (a FETCH piece and its framing must fit).
-    pub max_response_size: u32,
-}
-
-pub struct ImapConnection {
-    io: Box<dyn AsyncStream>,
-    client: Client,
-    /// Bytes read from the server and not yet consumed. imap-next is fed from here one line
-    /// or literal at a time and never past the end of a response, so between commands it
-    /// holds no input and a streamed FETCH ([`Self::body_start`]) can read the socket itself.
-    inbuf: BytesMut,
-    /// Framing of what imap-next is fed: literal bytes still due to it ...
-    feed_literal: u64,
-    /// ... or how much of the current line was already searched for its end.
-    line_scan: usize,
-    /// How much to read at a time (see [`Self::fill`]).
-    read_size: usize,
-    /// A FETCH body being streamed by [`Self::body_next`].
-    body: Option<BodyStream>,
-    /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
-    ahead: Vec<(u32, Bytes)>,
-    /// A FETCH sent ahead of the client's next RETR ([`Self::prefetch`]) whose response is
-    /// still unread in the socket.
-    prefetch: Option<Prefetch>,
-    /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
-    /// several UIDs can be streamed (each literal is known to be whose before it arrives).
-    uid_before_body: bool,
-    /// A streamed FETCH has shown in which order this server sends `UID` and `BODY[]`
-    /// (on this connection, or on an earlier one to the same server: [`FetchOrder`]).
-    fetch_order_known: bool,
-    /// Shared with the other connections to the same server.
-    fetch_order: Option<Arc<FetchOrder>>,
-    limits: ConnLimits,
-    next_tag: u32,
-    broken: bool,
-}
-
-/// Whether a server sends `UID` before `BODY[]` in its FETCH responses, as the connections
-/// to it have seen: learnt once per server rather than once per session (the first FETCH of
-/// a session that does not know it has to name one message only).
-#[derive(Debug, Default)]
-pub struct FetchOrder(AtomicU8);
-
-impl FetchOrder {
-    const UID_FIRST: u8 = 1;
-    const UID_AFTER: u8 = 2;
-
-    /// `Some(true)` when UID comes first, `None` while unknown.
-    pub fn get(&self) -> Option<bool> {
-        match self.0.load(Ordering::Relaxed) {
-            Self::UID_FIRST => Some(true),
-            Self::UID_AFTER => Some(false),
-            _ => None,
-        }
-    }
-
-    pub fn set(&self, uid_first: bool) {
-        let v = if uid_first {
-            Self::UID_FIRST
-        } else {
-            Self::UID_AFTER
-        };
-        self.0.store(v, Ordering::Relaxed);
-    }
-}
+use super::engine::{Completion, ConnLimits, Engine, ImapError, Untagged};
+use super::fetch_parse::{self, BodyValue, FetchInfo, Items, Line};
+use super::login::LoginCommand;
+use crate::metrics::metrics;
+use crate::upstream::endpoint::Endpoint;
+use crate::upstream::reader::LARGE_READ;
+use crate::upstream::transport::AsyncStream;
 
 /// The state of one streamed `UID FETCH <uid> (UID BODY.PEEK[])` (or of a range of the
 /// body, `BODY.PEEK[]<origin.n>`).
-struct BodyStream {
+pub(super) struct BodyStream {
     tag: String,
     uid: u32,
     /// The other UIDs of the command, read ahead whole.
@@ -239,7 +51,7 @@ struct BodyStream {
 /// A `UID FETCH <uid>,<others> (UID BODY.PEEK[])` sent but not read yet: its response follows
 /// the current one (if any) in the socket, bounded by the kernel's buffers, until the next
 /// RETR streams it ([`ImapConnection::body_start`]) or the next other command drains it.
-struct Prefetch {
+pub(super) struct Prefetch {
     tag: String,
     uid: u32,
     others: Vec<u32>,
@@ -277,87 +89,66 @@ enum Step {
     Done(Completion),
 }
 
-/// Read at least this much free space into while streaming a body ...
-const BODY_READ: usize = 128 * 1024;
-/// ... and this much otherwise (responses between bodies are small).
-const LINE_READ: usize = 8 * 1024;
 /// An abandoned body stream is read to its end if at most this much is left; otherwise the
 /// connection is given up.
 const DRAIN_MAX: u64 = 4 << 20;
 
-/// How to reach the server.
-pub enum Transport<'a> {
-    Plain,
-    Tls {
-        connector: &'a TlsConnector,
-        name: ServerName<'static>,
-    },
-    StartTls {
-        connector: &'a TlsConnector,
-        name: ServerName<'static>,
-    },
+/// An IMAP connection: its command [`Engine`], and the state of the FETCHes streamed over it.
+pub struct ImapConnection {
+    pub(super) engine: Engine,
+    /// A FETCH body being streamed by [`Self::body_next`].
+    body: Option<BodyStream>,
+    /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
+    ahead: Vec<(u32, Bytes)>,
+    /// A FETCH sent ahead of the client's next RETR ([`Self::prefetch`]) whose response is
+    /// still unread in the socket.
+    prefetch: Option<Prefetch>,
+    /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
+    /// several UIDs can be streamed (each literal is known to be whose before it arrives).
+    uid_before_body: bool,
+    /// A streamed FETCH has shown in which order this server sends `UID` and `BODY[]`
+    /// (on this connection, or on an earlier one to the same server: [`FetchOrder`]).
+    fetch_order_known: bool,
+    /// Shared with the other connections to the same server.
+    fetch_order: Option<Arc<FetchOrder>>,
+}
+
+/// Whether a server sends `UID` before `BODY[]` in its FETCH responses, as the connections
+/// to it have seen: learnt once per server rather than once per session (the first FETCH of
+/// a session that does not know it has to name one message only).
+#[derive(Debug, Default)]
+pub struct FetchOrder(AtomicU8);
+
+impl FetchOrder {
+    const UID_FIRST: u8 = 1;
+    const UID_AFTER: u8 = 2;
+
+    /// `Some(true)` when UID comes first, `None` while unknown.
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::UID_FIRST => Some(true),
+            Self::UID_AFTER => Some(false),
+            _ => None,
+        }
+    }
+
+    pub fn set(&self, uid_first: bool) {
+        let v = if uid_first {
+            Self::UID_FIRST
+        } else {
+            Self::UID_AFTER
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 impl ImapConnection {
-    /// Connect, secure the connection as asked, and read the greeting.
+    /// Connect to `endpoint`, secure the connection as it says, and read the greeting.
     pub async fn connect(
-        host: &str,
-        port: u16,
-        transport: Transport<'_>,
+        endpoint: &Endpoint,
         limits: ConnLimits,
     ) -> Result<ImapConnection, ImapError> {
-        let _timer = Timer::start(&metrics().upstream_connect_duration);
-        Self::connect_inner(host, port, transport, limits)
-            .await
-            .inspect_err(|e| {
-                metrics()
-                    .upstream_errors
-                    .with_label_values(&[e.kind()])
-                    .inc()
-            })
-    }
-
-    async fn connect_inner(
-        host: &str,
-        port: u16,
-        transport: Transport<'_>,
-        limits: ConnLimits,
-    ) -> Result<ImapConnection, ImapError> {
-        let addr = format!("{host}:{port}");
-        let tcp = tokio::time::timeout(limits.connect_timeout, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| ImapError::Connect {
-                addr: addr.clone(),
-                reason: format!("timed out after {:?}", limits.connect_timeout),
-            })?
-            .map_err(|e| ImapError::Connect {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        // Without it every small command waits for the peer's delayed ACK (~40 ms).
-        tcp.set_nodelay(true)?;
-
-        let (io, greeting_done): (Box<dyn AsyncStream>, bool) = match transport {
-            Transport::Plain => (Box::new(tcp), false),
-            Transport::Tls { connector, name } => {
-                let tls = tokio::time::timeout(limits.io_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| ImapError::Timeout(limits.io_timeout))?
-                    .map_err(|e| ImapError::Tls(e.to_string()))?;
-                (Box::new(tls), false)
-            }
-            Transport::StartTls { connector, name } => {
-                let mut tcp = tcp;
-                starttls_preamble(&mut tcp, limits.io_timeout).await?;
-                let tls = tokio::time::timeout(limits.io_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| ImapError::Timeout(limits.io_timeout))?
-                    .map_err(|e| ImapError::Tls(e.to_string()))?;
-                (Box::new(tls), true)
-            }
-        };
-
-        Self::over(io, limits, greeting_done).await
+        Ok(Self::with(Engine::connect(endpoint, limits).await?))
     }
 
     /// A connection over an established stream (`greeting_done`: the greeting was already
@@ -367,168 +158,53 @@ impl ImapConnection {
         limits: ConnLimits,
         greeting_done: bool,
     ) -> Result<ImapConnection, ImapError> {
-        let mut options = Options::default();
-        options.max_response_size = limits.max_response_size;
-        options.discard_greeting = greeting_done;
-        // Some servers end lines with a bare LF; accepting it costs nothing.
-        options.crlf_relaxed = true;
-        let mut conn = ImapConnection {
-            io,
-            client: Client::new(options),
-            inbuf: BytesMut::new(),
-            feed_literal: 0,
-            line_scan: 0,
-            read_size: LINE_READ,
+        Ok(Self::with(Engine::over(io, limits, greeting_done).await?))
+    }
+
+    fn with(engine: Engine) -> ImapConnection {
+        ImapConnection {
+            engine,
             body: None,
             ahead: Vec::new(),
             prefetch: None,
             uid_before_body: false,
             fetch_order_known: false,
             fetch_order: None,
-            limits,
-            next_tag: 1,
-            broken: false,
-        };
-        if !greeting_done {
-            match conn.next_event().await? {
-                Event::GreetingReceived { greeting } => check_greeting(&greeting)?,
-                _ => return Err(ImapError::Malformed),
-            }
         }
-        Ok(conn)
     }
 
-    /// Run one command to its tagged completion, handing every untagged response to
-    /// `on_untagged` as it arrives.
+    /// Run one command to its tagged completion (see [`Engine::execute`]), after reading
+    /// the rest of any streamed or prefetched FETCH.
     pub async fn execute(
         &mut self,
         body: CommandBody<'static>,
         on_untagged: impl FnMut(Untagged),
     ) -> Result<Completion, ImapError> {
-        let mut done = self.execute_all(vec![body], on_untagged).await?;
-        done.pop().ok_or(ImapError::Malformed)
+        self.abandon_body().await?;
+        self.drain_prefetch().await?;
+        self.engine.execute(body, on_untagged).await
     }
 
-    /// Send `bodies` back to back (IMAP pipelining: one round trip instead of one each) and
-    /// collect their tagged completions in order, handing every untagged response to
-    /// `on_untagged` as it arrives.
+    /// Commands pipelined (see [`Engine::execute_all`]), after reading the rest of any
+    /// streamed or prefetched FETCH.
     pub async fn execute_all(
         &mut self,
         bodies: Vec<CommandBody<'static>>,
-        mut on_untagged: impl FnMut(Untagged),
+        on_untagged: impl FnMut(Untagged),
     ) -> Result<Vec<Completion>, ImapError> {
-        if self.broken {
-            return Err(ImapError::Broken);
-        }
         self.abandon_body().await?;
         self.drain_prefetch().await?;
-        let started = Instant::now();
-        let mut pending = Vec::with_capacity(bodies.len());
-        let mut logging_out = false;
-        for body in bodies {
-            logging_out |= matches!(body, CommandBody::Logout);
-            let name = body.name();
-            let tag = Tag::try_from(format!("P{}", self.next_tag))
-                .map_err(|e| ImapError::Command(e.to_string()))?;
-            self.next_tag = self.next_tag.wrapping_add(1);
-            let handle = self.client.enqueue_command(Command {
-                tag: tag.clone(),
-                body,
-            });
-            pending.push((name, tag, handle, None::<Completion>));
-        }
-        let m = metrics();
-        loop {
-            if pending.iter().all(|p| p.3.is_some()) {
-                break;
-            }
-            let event = match self.next_event().await {
-                Ok(e) => e,
-                Err(e) => {
-                    if !logging_out {
-                        m.upstream_errors.with_label_values(&[e.kind()]).inc();
-                    }
-                    return Err(e);
-                }
-            };
-            let (index, completion) = match event {
-                Event::StatusReceived {
-                    status: Status::Tagged(tagged),
-                } => match pending.iter().position(|p| p.1 == tagged.tag) {
-                    Some(i) => (
-                        i,
-                        Completion {
-                            kind: tagged.body.kind,
-                            code: tagged.body.code,
-                            text: tagged.body.text.to_string(),
-                        },
-                    ),
-                    None => continue,
-                },
-                // AUTHENTICATE (with SASL-IR: no continuation) completes through its own event.
-                Event::CommandRejected { handle, status, .. }
-                | Event::AuthenticateStatusReceived { handle, status, .. } => {
-                    let Some(i) = pending.iter().position(|p| p.2 == handle) else {
-                        continue;
-                    };
-                    let (kind, code, text) = match status {
-                        Status::Tagged(t) => (t.body.kind, t.body.code, t.body.text.to_string()),
-                        Status::Untagged(b) => (b.kind, b.code, b.text.to_string()),
-                        Status::Bye(b) => return Err(self.fail(ImapError::Bye(b.text.to_string()))),
-                    };
-                    (i, Completion { kind, code, text })
-                }
-                // A server that wants more than the initial response: cancel, it answers NO/BAD.
-                Event::AuthenticateContinuationRequestReceived { .. } => {
-                    let _ = self.client.set_authenticate_data(
-                        imap_next::imap_types::auth::AuthenticateData::Cancel,
-                    );
-                    continue;
-                }
-                // The BYE that answers our LOGOUT is the expected goodbye, not a failure.
-                Event::StatusReceived {
-                    status: Status::Bye(_),
-                } if logging_out => {
-                    self.broken = true;
-                    continue;
-                }
-                Event::StatusReceived {
-                    status: Status::Bye(bye),
-                } => {
-                    m.upstream_errors.with_label_values(&["bye"]).inc();
-                    return Err(self.fail(ImapError::Bye(bye.text.to_string())));
-                }
-                Event::StatusReceived {
-                    status: Status::Untagged(body),
-                } => {
-                    on_untagged(Untagged::Status {
-                        kind: body.kind,
-                        code: body.code,
-                    });
-                    continue;
-                }
-                Event::DataReceived { data } => {
-                    on_untagged(Untagged::Data(data));
-                    continue;
-                }
-                // Our own command being sent, or a continuation request we never asked for
-                // (we send no IDLE): nothing to do.
-                _ => continue,
-            };
-            let name = pending[index].0;
-            m.upstream_command_duration
-                .with_label_values(&[name])
-                .observe(started.elapsed().as_secs_f64());
-            // A refused LOGIN is a user's wrong password, counted by popbridge_logins_total.
-            if !completion.is_ok() && name != "LOGIN" && name != "AUTHENTICATE" {
-                m.upstream_errors
-                    .with_label_values(&["command_failed"])
-                    .inc();
-            }
-            pending[index].3 = Some(completion);
-        }
-        self.shrink_idle_buffer();
-        Ok(pending.into_iter().filter_map(|p| p.3).collect())
+        self.engine.execute_all(bodies, on_untagged).await
+    }
+
+    /// See [`Engine::offers_sasl_ir`].
+    pub fn offers_sasl_ir(&self) -> bool {
+        self.engine.offers_sasl_ir()
+    }
+
+    /// See [`Engine::execute_login`] (a login is the first command: nothing to drain).
+    pub async fn execute_login(&mut self, login: LoginCommand) -> Result<Completion, ImapError> {
+        self.engine.execute_login(login).await
     }
 
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.
@@ -536,160 +212,26 @@ impl ImapConnection {
         self.logout_after(Vec::new()).await;
     }
 
-    /// Run `before` pipelined with a LOGOUT behind it, waiting briefly; returns the texts of
-    /// those of `before` the server refused or could not answer (LOGOUT's own fate is
-    /// irrelevant at this point).
+    /// Run `before` pipelined with a LOGOUT behind it, waiting briefly (see
+    /// [`Engine::logout_after`]), after reading the rest of any streamed FETCH.
     pub async fn logout_after(mut self, before: Vec<CommandBody<'static>>) -> Vec<String> {
-        self.limits.io_timeout = self.limits.io_timeout.min(Duration::from_secs(2));
         let owed = before.len();
-        let mut bodies = before;
-        bodies.push(CommandBody::Logout);
-        let failed = match self.execute_all(bodies, |_| {}).await {
-            Ok(done) => done
-                .into_iter()
-                .take(owed)
-                .filter(|d| !d.is_ok())
-                .map(|d| d.text)
-                .collect(),
-            Err(e) if owed > 0 => vec![e.to_string()],
-            Err(_) => Vec::new(),
+        let drained = async {
+            self.abandon_body().await?;
+            self.drain_prefetch().await
         };
-        let _ = self.io.shutdown().await;
-        failed
-    }
-
-    fn fail(&mut self, e: ImapError) -> ImapError {
-        self.broken = true;
-        e
-    }
-
-    async fn next_event(&mut self) -> Result<Event, ImapError> {
-        loop {
-            match self.client.next() {
-                Ok(event) => return Ok(event),
-                Err(Interrupt::Io(Io::Output(bytes))) => {
-                    let t = self.limits.io_timeout;
-                    let written = tokio::time::timeout(t, async {
-                        self.io.write_all(&bytes).await?;
-                        self.io.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(self.fail(e.into())),
-                        Err(_) => return Err(self.fail(ImapError::Timeout(t))),
-                    }
-                }
-                Err(Interrupt::Io(Io::NeedMoreInput)) => {
-                    let fragment = self.next_fragment().await?;
-                    self.client.enqueue_input(&fragment);
-                }
-                Err(Interrupt::Error(e)) => {
-                    tracing::warn!(error = %e, "upstream response could not be parsed");
-                    return Err(self.fail(ImapError::Malformed));
-                }
-            }
+        if let Err(e) = drained.await {
+            return if owed > 0 {
+                vec![e.to_string()]
+            } else {
+                Vec::new()
+            };
         }
+        self.engine.logout_after(before).await
     }
 }
 
 impl ImapConnection {
-    /// Reads more from the server into `inbuf`, with the I/O deadline.
-    /// Reads grow (up to `BODY_READ`) while they come back full, so a long response costs
-    /// few reads and an idle connection keeps a small buffer.
-    async fn fill(&mut self, at_least: usize) -> Result<(), ImapError> {
-        let want = at_least.max(self.read_size);
-        if self.inbuf.capacity() - self.inbuf.len() < want / 2 {
-            self.inbuf.reserve(want.max(self.inbuf.len()));
-        }
-        let spare = self.inbuf.capacity() - self.inbuf.len();
-        let t = self.limits.io_timeout;
-        match tokio::time::timeout(t, self.io.read_buf(&mut self.inbuf)).await {
-            Ok(Ok(0)) => Err(self.fail(ImapError::Closed)),
-            Ok(Ok(n)) => {
-                metrics().upstream_received_bytes.inc_by(n as u64);
-                if n >= spare {
-                    self.read_size = (self.read_size * 2).min(BODY_READ);
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => Err(self.fail(e.into())),
-            Err(_) => Err(self.fail(ImapError::Timeout(t))),
-        }
-    }
-
-    /// Between responses, give a grown read buffer back (idle sessions stay small).
-    fn shrink_idle_buffer(&mut self) {
-        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * LINE_READ {
-            self.inbuf = BytesMut::new();
-            self.read_size = LINE_READ;
-        }
-    }
-
-    /// The next line (with its line end) or literal part for imap-next, never reaching past
-    /// the end of the response it belongs to.
-    async fn next_fragment(&mut self) -> Result<BytesMut, ImapError> {
-        loop {
-            if self.feed_literal > 0 {
-                if !self.inbuf.is_empty() {
-                    let k = usize::try_from(self.feed_literal)
-                        .unwrap_or(usize::MAX)
-                        .min(self.inbuf.len());
-                    self.feed_literal -= k as u64;
-                    return Ok(self.inbuf.split_to(k));
-                }
-            } else if let Some(line) = self.take_line()? {
-                if let Some(n) = fetch_stream::announced_literal(&line) {
-                    self.feed_literal = u64::from(n);
-                }
-                return Ok(line);
-            }
-            self.fill(LINE_READ).await?;
-        }
-    }
-
-    /// A complete line out of `inbuf`, if there is one; bounded by `max_response_size`.
-    fn take_line(&mut self) -> Result<Option<BytesMut>, ImapError> {
-        match memchr::memchr(b'\n', &self.inbuf[self.line_scan..]) {
-            Some(i) => {
-                let end = self.line_scan + i + 1;
-                self.line_scan = 0;
-                Ok(Some(self.inbuf.split_to(end)))
-            }
-            None => {
-                self.line_scan = self.inbuf.len();
-                if self.line_scan > self.limits.max_response_size as usize {
-                    return Err(self.fail(ImapError::Malformed));
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    async fn read_line(&mut self) -> Result<BytesMut, ImapError> {
-        loop {
-            if let Some(line) = self.take_line()? {
-                return Ok(line);
-            }
-            self.fill(LINE_READ).await?;
-        }
-    }
-
-    /// Reads and drops `n` bytes (a literal nobody asked for).
-    async fn skip(&mut self, mut n: u64) -> Result<(), ImapError> {
-        loop {
-            let k = usize::try_from(n)
-                .unwrap_or(usize::MAX)
-                .min(self.inbuf.len());
-            let _ = self.inbuf.split_to(k);
-            n -= k as u64;
-            if n == 0 {
-                return Ok(());
-            }
-            self.fill(BODY_READ).await?;
-        }
-    }
-
     /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` and reads up to the start of the
     /// body literal of `uid`, which [`Self::body_next`] then hands out in parts as it arrives,
     /// so a message of any size flows to the client through bounded buffers without being
@@ -723,7 +265,7 @@ impl ImapConnection {
         origin: u32,
         others: &[u32],
     ) -> Result<BodyStart, ImapError> {
-        if self.broken {
+        if self.engine.broken {
             return Err(ImapError::Broken);
         }
         self.abandon_body().await?;
@@ -782,8 +324,8 @@ impl ImapConnection {
                 "read-ahead needs UID before BODY".into(),
             ));
         }
-        let tag = format!("P{}", self.next_tag);
-        self.next_tag = self.next_tag.wrapping_add(1);
+        let tag = format!("P{}", self.engine.next_tag);
+        self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
         let mut command = format!("{tag} UID FETCH {uid}");
         for o in others {
             command.push_str(&format!(",{o}"));
@@ -795,16 +337,16 @@ impl ImapConnection {
             let len = RANGE_TO_END - origin.min(RANGE_TO_END - 1);
             command.push_str(&format!(" (UID BODY.PEEK[]<{origin}.{len}>)\r\n"));
         }
-        let t = self.limits.io_timeout;
+        let t = self.engine.limits.io_timeout;
         let written = tokio::time::timeout(t, async {
-            self.io.write_all(command.as_bytes()).await?;
-            self.io.flush().await
+            self.engine.io.write_all(command.as_bytes()).await?;
+            self.engine.io.flush().await
         })
         .await;
         match written {
             Ok(Ok(())) => Ok(tag),
-            Ok(Err(e)) => Err(self.fail(e.into())),
-            Err(_) => Err(self.fail(ImapError::Timeout(t))),
+            Ok(Err(e)) => Err(self.engine.fail(e.into())),
+            Err(_) => Err(self.engine.fail(ImapError::Timeout(t))),
         }
     }
 
@@ -815,7 +357,7 @@ impl ImapConnection {
     /// the responses come in order), none is prefetched yet, and the server is known to send
     /// `UID` before `BODY[]` (so a drain knows whose every literal is).
     pub async fn prefetch(&mut self, uid: u32, others: &[u32]) -> Result<(), ImapError> {
-        if self.broken {
+        if self.engine.broken {
             return Err(ImapError::Broken);
         }
         if self.prefetch.is_some()
@@ -859,13 +401,13 @@ impl ImapConnection {
     /// Reads and discards the response to a prefetched FETCH that the client did not ask for,
     /// before any other command: every body must be one of its UIDs and at most `DRAIN_MAX`
     /// bytes, every read has the I/O deadline; anything else ends the connection.
-    async fn drain_prefetch(&mut self) -> Result<(), ImapError> {
+    pub(super) async fn drain_prefetch(&mut self) -> Result<(), ImapError> {
         let Some(p) = self.prefetch.take() else {
             return Ok(());
         };
         let r = self.drain_inner(&p).await;
         if let Err(e) = &r {
-            self.broken = true;
+            self.engine.broken = true;
             metrics()
                 .upstream_errors
                 .with_label_values(&[e.kind()])
@@ -879,7 +421,7 @@ impl ImapConnection {
             let (len, mut info) = match self.next_fetch_body(&p.tag).await? {
                 Step::Done(_) => {
                     tracing::debug!(uid = p.uid, "prefetched FETCH drained");
-                    self.shrink_idle_buffer();
+                    self.engine.reader.shrink_idle();
                     return Ok(());
                 }
                 // Nothing to skip: a NIL (gone) or quoted body is already read.
@@ -893,9 +435,9 @@ impl ImapConnection {
                 self.learn_fetch_order(false);
             }
             if !ours || u64::from(len) > DRAIN_MAX {
-                return Err(self.fail(ImapError::Malformed));
+                return Err(self.engine.fail(ImapError::Malformed));
             }
-            self.skip(u64::from(len)).await?;
+            self.engine.skip(u64::from(len)).await?;
             self.finish_items(&mut info).await?;
         }
     }
@@ -907,19 +449,21 @@ impl ImapConnection {
     /// over.
     async fn next_fetch_body(&mut self, tag: &str) -> Result<Step, ImapError> {
         loop {
-            let line = self.read_line().await?;
-            let classified = fetch_stream::classify(&line, tag.as_bytes());
-            let items_at = match classified.map_err(|e| self.fail(e.into()))? {
+            let line = self.engine.read_line().await?;
+            let classified = fetch_parse::classify(&line, tag.as_bytes());
+            let items_at = match classified.map_err(|e| self.engine.fail(e.into()))? {
                 Line::Done { kind, text } => return Ok(Step::Done(completion(kind, text))),
                 Line::Other { literal } => {
-                    self.skip(literal.map_or(0, u64::from)).await?;
+                    self.engine.skip(literal.map_or(0, u64::from)).await?;
                     continue;
                 }
                 Line::Fetch { items_at } => items_at,
             };
             let mut info = FetchInfo::default();
-            let items = &fetch_stream::trim_eol(&line)[items_at..];
-            match fetch_stream::parse_items(items, &mut info).map_err(|e| self.fail(e.into()))? {
+            let items = &fetch_parse::trim_eol(&line)[items_at..];
+            match fetch_parse::parse_items(items, &mut info)
+                .map_err(|e| self.engine.fail(e.into()))?
+            {
                 Items::Body(len) => return Ok(Step::Body { len, info }),
                 Items::End => match info.body.take() {
                     None => continue,
@@ -930,7 +474,9 @@ impl ImapConnection {
                             info,
                         })
                     }
-                    Some(BodyValue::Literal(_)) => return Err(self.fail(ImapError::Malformed)),
+                    Some(BodyValue::Literal(_)) => {
+                        return Err(self.engine.fail(ImapError::Malformed))
+                    }
                 },
             }
         }
@@ -939,10 +485,10 @@ impl ImapConnection {
     /// Reads the rest of a FETCH response's item list after a body literal into `info`; it
     /// must hold no further literal.
     async fn finish_items(&mut self, info: &mut FetchInfo) -> Result<(), ImapError> {
-        let line = self.read_line().await?;
-        match fetch_stream::parse_items(fetch_stream::trim_eol(&line), info) {
+        let line = self.engine.read_line().await?;
+        match fetch_parse::parse_items(fetch_parse::trim_eol(&line), info) {
             Ok(Items::End) => Ok(()),
-            _ => Err(self.fail(ImapError::Malformed)),
+            _ => Err(self.engine.fail(ImapError::Malformed)),
         }
     }
 
@@ -981,7 +527,7 @@ impl ImapConnection {
                             }
                             continue;
                         }
-                        _ => return Err(self.fail(ImapError::Malformed)),
+                        _ => return Err(self.engine.fail(ImapError::Malformed)),
                     }
                 }
                 Step::Body { len, info } => (len, info),
@@ -998,31 +544,23 @@ impl ImapConnection {
                 // address): this session fails, the next ones learn again.
                 (None, Some(_)) => {
                     self.learn_fetch_order(false);
-                    return Err(self.fail(ImapError::Malformed));
+                    return Err(self.engine.fail(ImapError::Malformed));
                 }
                 (Some(u), _)
                     if others.contains(&u) && len <= AHEAD_LITERAL_MAX && info.origin == 0 =>
                 {
-                    let data = self.take_exact(len as usize).await?;
+                    let data = self.engine.take_exact(len as usize).await?;
                     self.finish_items(&mut info).await?;
                     if info.uid != Some(u) {
-                        return Err(self.fail(ImapError::Malformed));
+                        return Err(self.engine.fail(ImapError::Malformed));
                     }
                     if self.ahead.iter().all(|(a, _)| *a != u) {
                         self.ahead.push((u, data));
                     }
                 }
-                _ => return Err(self.fail(ImapError::Malformed)),
+                _ => return Err(self.engine.fail(ImapError::Malformed)),
             }
         }
-    }
-
-    /// Exactly `n` bytes (n is bounded by the caller).
-    async fn take_exact(&mut self, n: usize) -> Result<Bytes, ImapError> {
-        while self.inbuf.len() < n {
-            self.fill(n - self.inbuf.len()).await?;
-        }
-        Ok(self.inbuf.split_to(n).freeze())
     }
 
     /// The next part of the body being streamed: at least one byte unless the body is
@@ -1052,14 +590,14 @@ impl ImapConnection {
             }
         } else if b.left > 0 {
             let left = b.left;
-            if self.inbuf.is_empty() {
-                self.fill(BODY_READ).await?;
+            if self.engine.reader.is_empty() {
+                self.engine.fill(LARGE_READ).await?;
             }
             let k = usize::try_from(left)
                 .unwrap_or(usize::MAX)
-                .min(self.inbuf.len())
+                .min(self.engine.reader.len())
                 .min(max);
-            data = self.inbuf.split_to(k).freeze();
+            data = self.engine.reader.split_to(k).freeze();
             let left = left - k as u64;
             if let Some(b) = self.body.as_mut() {
                 b.left = left;
@@ -1095,16 +633,16 @@ impl ImapConnection {
             self.finish_items(&mut info).await?;
         }
         if info.uid != Some(uid) {
-            return Err(self.fail(ImapError::Malformed));
+            return Err(self.engine.fail(ImapError::Malformed));
         }
         let Step::Done(done) = self.fetch_lines(&tag, None, &others).await? else {
-            return Err(self.fail(ImapError::Malformed));
+            return Err(self.engine.fail(ImapError::Malformed));
         };
         metrics()
             .upstream_command_duration
             .with_label_values(&["FETCH"])
             .observe(started.elapsed().as_secs_f64());
-        self.shrink_idle_buffer();
+        self.engine.reader.shrink_idle();
         if !done.is_ok() {
             // The body was complete and its UID checked: a NO after it (`[EXPUNGEISSUED]`
             // for a message read ahead that went away) changes nothing already handed out.
@@ -1178,7 +716,7 @@ impl ImapConnection {
 
     /// Ends a body stream: read to its end if that is cheap (always, once the body was
     /// delivered), otherwise give the connection up.
-    async fn abandon_body(&mut self) -> Result<(), ImapError> {
+    pub(super) async fn abandon_body(&mut self) -> Result<(), ImapError> {
         let Some((left, origin)) = self.body.as_mut().map(|b| {
             b.inline = None;
             (b.left, b.origin)
@@ -1189,102 +727,35 @@ impl ImapConnection {
         // its end whatever its size (bounded by the message, every read with its deadline).
         if left > DRAIN_MAX && origin == 0 {
             self.body = None;
-            return Err(self.fail(ImapError::Broken));
+            return Err(self.engine.fail(ImapError::Broken));
         }
-        self.skip(left).await?;
+        self.engine.skip(left).await?;
         self.finish_body().await
     }
 }
 
-fn completion(kind: fetch_stream::Completion, text: &[u8]) -> Completion {
+fn completion(kind: fetch_parse::Completion, text: &[u8]) -> Completion {
     Completion {
         kind: match kind {
-            fetch_stream::Completion::Ok => StatusKind::Ok,
-            fetch_stream::Completion::No => StatusKind::No,
-            fetch_stream::Completion::Bad => StatusKind::Bad,
+            fetch_parse::Completion::Ok => StatusKind::Ok,
+            fetch_parse::Completion::No => StatusKind::No,
+            fetch_parse::Completion::Bad => StatusKind::Bad,
         },
         code: None,
         text: String::from_utf8_lossy(text).into_owned(),
     }
 }
 
-fn check_greeting(greeting: &Greeting<'_>) -> Result<(), ImapError> {
-    match greeting.kind {
-        GreetingKind::Ok => Ok(()),
-        // PREAUTH would log us in as someone else's identity: never acceptable for a proxy
-        // that logs in with the client's credentials.
-        GreetingKind::PreAuth => Err(ImapError::Bye(
-            "server greeted with PREAUTH; popbridge needs to log in as the POP3 user".into(),
-        )),
-        GreetingKind::Bye => Err(ImapError::Bye(greeting.text.to_string())),
-    }
-}
-
-/// The plaintext part of STARTTLS: greeting, `STARTTLS`, tagged OK. Any byte the server sends
-/// after its OK and before the handshake would be injected into the TLS session's view, so it
-/// is an error (the server-side mirror of CVE-2011-0411).
-async fn starttls_preamble(tcp: &mut TcpStream, timeout: Duration) -> Result<(), ImapError> {
-    const MAX_LINE: usize = 8 * 1024;
-    let mut buf = Vec::with_capacity(1024);
-    let greeting = read_line(tcp, &mut buf, MAX_LINE, timeout).await?;
-    if !greeting.starts_with(b"* OK") {
-        return Err(ImapError::StartTlsRefused(
-            String::from_utf8_lossy(&greeting).trim_end().to_string(),
-        ));
-    }
-    tokio::time::timeout(timeout, tcp.write_all(b"S0 STARTTLS\r\n"))
-        .await
-        .map_err(|_| ImapError::Timeout(timeout))??;
-    loop {
-        let line = read_line(tcp, &mut buf, MAX_LINE, timeout).await?;
-        if line.starts_with(b"* ") {
-            continue;
-        }
-        if line.starts_with(b"S0 OK") {
-            if !buf.is_empty() {
-                return Err(ImapError::StartTlsRefused(
-                    "server sent data after its STARTTLS reply".into(),
-                ));
-            }
-            return Ok(());
-        }
-        return Err(ImapError::StartTlsRefused(
-            String::from_utf8_lossy(&line).trim_end().to_string(),
-        ));
-    }
-}
-
-/// Read one line (through LF) out of `buf`, reading more from `tcp` as needed.
-async fn read_line(
-    tcp: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    max: usize,
-    timeout: Duration,
-) -> Result<Vec<u8>, ImapError> {
-    loop {
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            let rest = buf.split_off(end + 1);
-            return Ok(std::mem::replace(buf, rest));
-        }
-        if buf.len() > max {
-            return Err(ImapError::Malformed);
-        }
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(timeout, tcp.read(&mut chunk))
-            .await
-            .map_err(|_| ImapError::Timeout(timeout))??;
-        if n == 0 {
-            return Err(ImapError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::imap::conn::{ConnLimits, Untagged};
+    use imap_next::imap_types::command::CommandBody;
     use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
+    use imap_next::imap_types::response::Data;
     use imap_next::imap_types::sequence::SequenceSet;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     const LIMITS: ConnLimits = ConnLimits {

@@ -1,0 +1,343 @@
+//! The maildrop backed by an IMAP folder. [`ImapUpstream`] (one per IMAP backend) logs users
+//! in; each session's [`ImapMaildrop`] takes the listing ([`snapshot`]), serves message bytes
+//! with read-ahead and prefetch ([`retrieve`]), and applies the deletion mode at QUIT with UID
+//! commands only ([`commit`]). Migrated UIDL maps come from [`legacy_map`].
+
+mod commit;
+pub mod legacy_map;
+mod retrieve;
+mod snapshot;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use imap_next::imap_types::mailbox::Mailbox;
+
+use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, Mailstore, Snapshot};
+use crate::pop3::command::Password;
+use crate::state::StateStore;
+use crate::upstream::imap::login::{password, plain, Mechanism};
+use crate::upstream::imap::session::{self, SessionError};
+use crate::upstream::imap::{Completion, ConnLimits, FetchOrder, ImapConnection, ImapError};
+use crate::upstream::{Endpoint, Protocol, SetupError};
+
+/// Everything needed to open maildrops on one IMAP server; shared by all sessions.
+pub struct ImapUpstream {
+    endpoint: Endpoint,
+    limits: ConnLimits,
+    mailbox: String,
+    deletion: DeletionMode,
+    move_to: String,
+    hide_keyword: String,
+    state: Option<Arc<StateStore>>,
+    /// Put before the login in state keys (see [`ImapUpstream::new`]).
+    state_prefix: String,
+    /// Master user and password, when the operator logs in for the users.
+    master: Option<(String, Password)>,
+    /// Read migrated UIDL maps from IMAP METADATA (`migration.shared_map`).
+    shared_map: bool,
+    /// Decoded legacy UIDL maps, shared by the sessions.
+    maps: Arc<legacy_map::MapCache>,
+    /// The server's FETCH item order, as its connections found it.
+    fetch_order: Arc<FetchOrder>,
+}
+
+impl ImapUpstream {
+    /// The upstream for one IMAP backend. `state_prefix` keeps its users' cache entries apart
+    /// from another backend's users of the same name (empty for `[imap]`).
+    pub fn new(
+        imap: &ImapConfig,
+        deletion: &DeletionConfig,
+        state: Option<Arc<StateStore>>,
+        state_prefix: &str,
+        shared_map: bool,
+    ) -> Result<ImapUpstream, SetupError> {
+        let endpoint = Endpoint::new(Protocol::Imap, &imap.endpoint())?;
+        let master = match (&imap.master_user, &imap.master_password_file) {
+            (Some(user), Some(file)) => Some((
+                user.clone(),
+                Password::new(read_secret(file).map_err(SetupError::Secret)?),
+            )),
+            _ => None,
+        };
+        Ok(ImapUpstream {
+            // A FETCH piece and its framing, or the one-line UID SEARCH of a huge mailbox.
+            limits: ConnLimits::of(
+                &endpoint,
+                imap.fetch_chunk_bytes.saturating_mul(2).max(16 << 20),
+            ),
+            endpoint,
+            mailbox: imap.mailbox.clone(),
+            deletion: deletion.mode,
+            move_to: deletion.move_to.clone(),
+            hide_keyword: deletion.hide_keyword.clone(),
+            state,
+            state_prefix: state_prefix.to_owned(),
+            master,
+            shared_map,
+            maps: Arc::default(),
+            fetch_order: Arc::default(),
+        })
+    }
+
+    /// `host:port`, which with the login names one maildrop whatever backend reaches it.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.address()
+    }
+
+    /// Check `password` by logging in and out (for `verify_password_with`).
+    pub async fn check_password(&self, user: &str, password: &str) -> Result<(), MaildropError> {
+        let login = password::Password { user, password };
+        let s = session::open(&self.endpoint, self.limits, &login)
+            .await
+            .map_err(login_error)?;
+        s.conn.logout().await;
+        Ok(())
+    }
+
+    /// Connect and read the greeting, without logging in: is the upstream there?
+    pub async fn probe(&self) -> Result<(), ImapError> {
+        let conn = ImapConnection::connect(&self.endpoint, self.limits).await?;
+        conn.logout().await;
+        Ok(())
+    }
+
+    /// Logs in with the user's password or, with a master user, `AUTHENTICATE PLAIN` with the
+    /// user as authorization identity (Dovecot's master passdb).
+    async fn open(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
+        let by_password = password::Password { user, password };
+        let by_master;
+        let mechanism: &dyn Mechanism = match &self.master {
+            None => &by_password,
+            Some((master, master_pw)) => {
+                by_master = plain::Plain::master(user, master, master_pw.as_str());
+                &by_master
+            }
+        };
+        let session::Session {
+            mut conn,
+            capabilities: caps,
+        } = session::open(&self.endpoint, self.limits, mechanism)
+            .await
+            .map_err(login_error)?;
+        conn.share_fetch_order(Arc::clone(&self.fetch_order));
+        let has_move = caps.has("MOVE");
+        let has_metadata = caps.has("METADATA");
+        let has_uidplus = caps.has("UIDPLUS");
+        match self.deletion {
+            DeletionMode::Expunge if !has_uidplus => {
+                conn.logout().await;
+                return Err(MaildropError::Unsupported(
+                    "deletion.mode = \"expunge\" needs UIDPLUS (UID EXPUNGE), which the server lacks".into(),
+                ));
+            }
+            DeletionMode::Move if !has_move && !has_uidplus => {
+                conn.logout().await;
+                return Err(MaildropError::Unsupported(
+                    "deletion.mode = \"move\" needs MOVE or UIDPLUS, which the server lacks".into(),
+                ));
+            }
+            _ => {}
+        }
+
+        Ok(ImapMaildrop {
+            conn: Some(conn),
+            state: self.state.clone(),
+            user: format!("{}{user}", self.state_prefix),
+            mailbox: self.mailbox.clone(),
+            // Set by `select`, which `snapshot` runs under the IN-USE lock.
+            uid_validity: 0,
+            uid_next: None,
+            deletion: self.deletion,
+            move_to: self.move_to.clone(),
+            hide_keyword: self.hide_keyword.clone(),
+            has_move,
+            shared_map: self.shared_map && has_metadata,
+            maps: Arc::clone(&self.maps),
+            pending_seen: Vec::new(),
+            retrieved_before: Vec::new(),
+            retrieved_now: HashSet::new(),
+            retrieved_pruned: false,
+            ahead_hint: Vec::new(),
+            ahead: HashMap::new(),
+        })
+    }
+}
+
+/// A login that did not open a session, as the client is told.
+fn login_error(e: SessionError) -> MaildropError {
+    match e {
+        SessionError::Refused(done) => login_failure(&done),
+        // Credentials no server could be sent are credentials that cannot be right.
+        SessionError::Unsendable(_) => MaildropError::Auth,
+        other => MaildropError::Unavailable(other.to_string()),
+    }
+}
+
+impl Mailstore for ImapUpstream {
+    type Maildrop = ImapMaildrop;
+
+    /// With a master user this logs in for `user` whatever `password` is: callers serving
+    /// clients must check the password first (`RoutedUpstream` does, via
+    /// `verify_password_with`, which the configuration requires with a master user).
+    async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
+        self.open(user, password).await
+    }
+}
+
+/// An authenticated upstream session with the maildrop folder selected.
+pub struct ImapMaildrop {
+    /// `None` once the connection failed: every later call fails fast.
+    conn: Option<ImapConnection>,
+    state: Option<Arc<StateStore>>,
+    /// The user in state keys: the upstream login, after the backend's name and a line feed
+    /// for backends other than `[imap]`.
+    user: String,
+    mailbox: String,
+    uid_validity: u32,
+    /// UIDNEXT at SELECT, when reported (bounds a legacy UIDL map's entries).
+    uid_next: Option<u32>,
+    deletion: DeletionMode,
+    move_to: String,
+    hide_keyword: String,
+    has_move: bool,
+    /// Look for a migrated UIDL map in METADATA (configured, and the server offers it).
+    shared_map: bool,
+    maps: Arc<legacy_map::MapCache>,
+    /// Retrieved messages still to be flagged `\Seen`.
+    pending_seen: Vec<u32>,
+    /// Listed messages retrieved in earlier sessions (from sled at login, sorted): a RETR
+    /// of one of them counts as a repeated download.
+    retrieved_before: Vec<u32>,
+    /// Listed messages first retrieved in this session; with `retrieved_before`, written
+    /// back at the end of the session (when anything changed).
+    retrieved_now: HashSet<u32>,
+    /// `retrieved_before` lost messages no longer listed: the record needs writing.
+    retrieved_pruned: bool,
+    /// What the session expects to be asked for next: (UID, size).
+    ahead_hint: Vec<(u32, u64)>,
+    /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
+    ahead: HashMap<u32, Bytes>,
+}
+
+/// Read ahead at most this many bytes per session ...
+const READ_AHEAD_BYTES: u64 = 256 * 1024;
+/// The same limits when the messages read ahead come in a streamed FETCH (no decoding cost,
+/// so medium-sized messages are worth reading ahead too: each saves two round trips).
+const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
+const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
+/// ... and only messages up to this size (bigger ones are streamed anyway).
+const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
+/// The next message is prefetched (its FETCH sent as soon as the current one was handed out,
+/// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
+/// something else makes popbridge read and discard it before its next command.
+const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
+
+impl Maildrop for ImapMaildrop {
+    async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {
+        self.take_snapshot().await
+    }
+
+    async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+        self.fetch_piece(uid, offset, len).await
+    }
+
+    async fn read_body(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> Result<BodyPart, MaildropError> {
+        self.read_part(uid, size, offset, max).await
+    }
+
+    fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
+        self.set_ahead_hint(upcoming);
+    }
+
+    /// Owed until the next upstream command (or the end of the session), so a RETR costs one
+    /// round trip, not two.
+    async fn mark_seen(&mut self, uid: u32) -> Result<(), MaildropError> {
+        self.pending_seen.push(uid);
+        Ok(())
+    }
+
+    fn retrieved(&mut self, uid: u32) {
+        self.note_retrieved(uid);
+    }
+
+    async fn commit(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
+        self.apply_deletions(uids).await
+    }
+
+    /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.
+    async fn close(self) {
+        self.finish().await;
+    }
+}
+
+pub(super) fn lost() -> MaildropError {
+    MaildropError::Unavailable("upstream connection lost".into())
+}
+
+pub(super) fn unavailable(e: ImapError) -> MaildropError {
+    MaildropError::Unavailable(e.to_string())
+}
+
+pub(super) fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropError> {
+    if done.is_ok() {
+        Ok(())
+    } else {
+        Err(MaildropError::Unavailable(format!(
+            "{what} failed: {}",
+            done.text
+        )))
+    }
+}
+
+/// LOGIN said NO or BAD. RFC 5530 codes tell a temporary server failure from bad credentials.
+fn login_failure(done: &Completion) -> MaildropError {
+    let code = done.other_code().unwrap_or_default();
+    if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"]
+        .iter()
+        .any(|c| code.starts_with(c))
+    {
+        MaildropError::Unavailable(format!("upstream login failed: {}", done.text))
+    } else if code.starts_with("PRIVACYREQUIRED") {
+        MaildropError::Unsupported("upstream requires TLS before login (set imap.security)".into())
+    } else {
+        MaildropError::Auth
+    }
+}
+
+pub(super) fn mailbox_arg(name: &str) -> Result<Mailbox<'static>, MaildropError> {
+    Mailbox::try_from(name.to_owned())
+        .map_err(|e| MaildropError::Unsupported(format!("mailbox name {name:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_next::imap_types::response::{Code, StatusKind};
+
+    #[test]
+    fn login_failure_classification() {
+        let c = |code: Option<Code<'static>>| Completion {
+            kind: StatusKind::No,
+            code,
+            text: "x".into(),
+        };
+        assert_eq!(login_failure(&c(None)), MaildropError::Auth);
+        let unavailable = Code::Other(imap_next::imap_types::response::CodeOther::unvalidated(
+            &b"UNAVAILABLE"[..],
+        ));
+        assert!(matches!(
+            login_failure(&c(Some(unavailable))),
+            MaildropError::Unavailable(_)
+        ));
+    }
+}

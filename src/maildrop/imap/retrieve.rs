@@ -1,0 +1,351 @@
+//! Message bytes for RETR and TOP: one streamed FETCH per message (small ones read ahead in
+//! the same FETCH, the next one prefetched once the current one is handed out), or decoded
+//! pieces where streaming cannot apply; and the record of what the user retrieved.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+
+use bytes::Bytes;
+use imap_next::imap_types::command::CommandBody;
+use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
+use imap_next::imap_types::response::{Data, StatusKind};
+
+use super::{
+    lost, unavailable, ImapMaildrop, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
+    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE,
+};
+use crate::maildrop::{BodyPart, MaildropError};
+use crate::metrics::metrics;
+use crate::upstream::imap::{uid_sets, BodyStart, ImapError, Untagged};
+
+impl ImapMaildrop {
+    /// Whether `body`, read ahead for `uid`, can be the whole message: an empty one only if
+    /// the listing says the message is empty.
+    pub(super) fn plausibly_whole(&self, uid: u32, body: &Bytes) -> bool {
+        !body.is_empty()
+            || self
+                .ahead_hint
+                .iter()
+                .any(|&(u, size)| u == uid && size == 0)
+    }
+
+    /// Keeps the messages a streamed FETCH read ahead, but for empty ones that cannot be.
+    pub(super) fn keep_ahead(&mut self, read: Vec<(u32, Bytes)>) {
+        for (uid, body) in read {
+            if self.plausibly_whole(uid, &body) {
+                self.ahead.insert(uid, body);
+            }
+        }
+    }
+
+    /// The small messages to fetch along with `uid` (from the session's hint): bounded in
+    /// count and bytes, each smaller than `len`.
+    pub(super) fn ahead_wanted(
+        &self,
+        uid: u32,
+        len: u64,
+        (mut budget, max): (u64, u64),
+    ) -> Vec<u32> {
+        let mut wanted = Vec::new();
+        for &(next, size) in &self.ahead_hint {
+            if next == uid || size > max || size >= len {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size) else {
+                break;
+            };
+            budget = left;
+            wanted.push(next);
+        }
+        wanted
+    }
+
+    /// Up to `len` octets of `uid` from `offset`, decoded (see [`Maildrop::fetch`]).
+    pub(super) async fn fetch_piece(
+        &mut self,
+        uid: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, MaildropError> {
+        let (Some(_), Some(len_nz), Ok(offset32)) = (
+            NonZeroU32::new(uid),
+            NonZeroU32::new(len),
+            u32::try_from(offset),
+        ) else {
+            return Ok(Bytes::new());
+        };
+        let mut wanted = vec![uid];
+        if offset == 0 {
+            if let Some(whole) = self.ahead.remove(&uid) {
+                return Ok(whole);
+            }
+            // Whatever was read ahead and not asked for is stale now.
+            self.ahead.clear();
+            // Small messages the client will probably ask for next come along in the same
+            // FETCH: a one-command-at-a-time client then costs one upstream round trip per
+            // window of messages instead of two per message. Bounded in count and bytes.
+            wanted.extend(self.ahead_wanted(
+                uid,
+                u64::from(len),
+                (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
+            ));
+        }
+        let set = uid_sets(&wanted)
+            .map_err(MaildropError::Unavailable)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| MaildropError::Unavailable("empty UID set".into()))?;
+        let body = CommandBody::fetch(
+            set,
+            vec![
+                MessageDataItemName::Uid,
+                MessageDataItemName::BodyExt {
+                    section: None,
+                    partial: Some((offset32, len_nz)),
+                    peek: true,
+                },
+            ],
+            true,
+        )
+        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        let mut pieces: HashMap<u32, Bytes> = HashMap::with_capacity(wanted.len());
+        let done = self
+            .run(body, |u| {
+                let Untagged::Data(Data::Fetch { items, .. }) = u else {
+                    return;
+                };
+                let mut this_uid = None;
+                let mut data = None;
+                for item in items.into_iter() {
+                    match item {
+                        MessageDataItem::Uid(u) => this_uid = Some(u.get()),
+                        // NIL: the server has no body for it (another client expunged it):
+                        // no data, so the message reads as gone.
+                        MessageDataItem::BodyExt {
+                            section: None,
+                            data: d,
+                            ..
+                        } => data = d.into_option().map(|c| Bytes::from(c.into_owned())),
+                        _ => {}
+                    }
+                }
+                // Unsolicited FETCHes (flag updates) and UIDs we did not ask for are ignored.
+                if let (Some(u), Some(d)) = (this_uid, data) {
+                    if wanted.contains(&u) {
+                        pieces.insert(u, d);
+                    }
+                }
+            })
+            .await?;
+        let piece = pieces.remove(&uid);
+        // Keep only read-ahead pieces that are whole messages (shorter than asked, and not
+        // empty unless the listing says so: `""` is what some servers send for one gone).
+        self.ahead = pieces
+            .into_iter()
+            .filter(|(u, b)| b.len() < len as usize && self.plausibly_whole(*u, b))
+            .collect();
+        match piece {
+            Some(bytes) => Ok(bytes),
+            // No data for the UID: the message was expunged by another client since login.
+            None if done.is_ok() || done.kind == StatusKind::No => Err(MaildropError::Gone),
+            None => Err(MaildropError::Unavailable(format!(
+                "UID FETCH failed: {}",
+                done.text
+            ))),
+        }
+    }
+
+    /// Messages too big to read ahead are streamed: one `UID FETCH uid (UID BODY.PEEK[])`
+    /// whose literal goes to the client as it arrives, instead of `fetch_chunk_bytes` pieces
+    /// each decoded whole by imap-next before the first byte of it could be sent. A read that
+    /// starts past the beginning (the rest of a TOP whose first piece did not end it) streams
+    /// the rest of the message from there in one literal, so it cannot end short if the
+    /// message goes away meanwhile.
+    pub(super) async fn read_part(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> Result<BodyPart, MaildropError> {
+        if offset == 0 {
+            if let Some(conn) = self.conn.as_mut().filter(|c| c.unsettled()) {
+                let settled = conn.settle().await.map(|()| conn.take_ahead());
+                match settled {
+                    Ok(read) => self.keep_ahead(read),
+                    Err(e) => {
+                        self.conn = None;
+                        return Err(unavailable(e));
+                    }
+                }
+            }
+        }
+        let (streaming, uid_first, order_known) = match &self.conn {
+            Some(c) => (c.streaming(uid), c.uid_before_body(), c.fetch_order_known()),
+            None => (false, false, false),
+        };
+        // Its FETCH was sent right after the previous message (`prefetch_next`).
+        let prefetched = offset == 0
+            && !self.ahead.contains_key(&uid)
+            && self.conn.as_ref().is_some_and(|c| c.prefetched(uid));
+        // The first message of a session is streamed alone, whatever its size: that shows
+        // whether the server puts UID before BODY[]. If it does, everything is streamed
+        // (small messages read ahead come in the same FETCH, and the next FETCH is sent
+        // ahead, see `prefetch_next`); if not, small messages are fetched whole and decoded,
+        // with a read-ahead window (`fetch`). Decoding is the costlier path: imap-codec
+        // takes a literal a byte at a time.
+        let stream_it = offset == 0
+            && (size > READ_AHEAD_MAX_MESSAGE || uid_first || !order_known)
+            && !self.ahead.contains_key(&uid)
+            && self.conn.is_some();
+        let origin = u32::try_from(offset).unwrap_or(u32::MAX);
+        let ranged = offset > 0 && !streaming && self.conn.is_some();
+        if !streaming && !stream_it && !ranged {
+            let data = self.fetch_piece(uid, offset, max).await?;
+            let last = data.len() < max as usize;
+            if last {
+                self.prefetch_next(max).await;
+            }
+            return Ok(BodyPart { data, last });
+        }
+        if stream_it || ranged {
+            if stream_it && !prefetched {
+                self.ahead.clear();
+            }
+            let others = if uid_first && stream_it && !prefetched {
+                self.ahead_wanted(
+                    uid,
+                    u64::from(max),
+                    (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+                )
+            } else {
+                Vec::new()
+            };
+            let conn = self.conn.as_mut().ok_or_else(lost)?;
+            let started = conn
+                .body_start_at(uid, if ranged { origin } else { 0 }, &others)
+                .await
+                .map(|s| (s, conn.take_ahead()));
+            match started {
+                Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
+                // No body for it: another client expunged it (NIL, or no FETCH data, with
+                // OK or NO [EXPUNGEISSUED]).
+                Ok((BodyStart::NoBody(done), read))
+                    if done.is_ok() || done.kind == StatusKind::No =>
+                {
+                    self.keep_ahead(read);
+                    return Err(MaildropError::Gone);
+                }
+                Ok((BodyStart::NoBody(done), _)) => {
+                    return Err(MaildropError::Unavailable(format!(
+                        "UID FETCH failed: {}",
+                        done.text
+                    )))
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
+        let next = conn.body_next(max as usize).await.map(|(data, last)| {
+            (
+                data,
+                last,
+                if last { conn.take_ahead() } else { Vec::new() },
+            )
+        });
+        match next {
+            Ok((data, last, read)) => {
+                if last {
+                    self.keep_ahead(read);
+                    self.prefetch_next(max).await;
+                }
+                Ok(BodyPart { data, last })
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    pub(super) fn set_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
+        self.ahead_hint.clear();
+        self.ahead_hint.extend_from_slice(upcoming);
+    }
+
+    /// A RETR of `uid` completed: note it for the repeated-download record.
+    pub(super) fn note_retrieved(&mut self, uid: u32) {
+        if self.state.is_none() {
+            return;
+        }
+        if self.retrieved_before.binary_search(&uid).is_ok() {
+            metrics().retr_repeated.inc();
+        } else {
+            // At most one entry per listed message.
+            self.retrieved_now.insert(uid);
+        }
+    }
+
+    /// Write back the record of retrieved messages, if this session changed it.
+    pub(super) fn store_retrieved(&mut self) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        if self.retrieved_now.is_empty() && !self.retrieved_pruned {
+            return;
+        }
+        let mut all = std::mem::take(&mut self.retrieved_before);
+        all.extend(self.retrieved_now.drain());
+        all.sort_unstable();
+        all.dedup();
+        state.store_retrieved(&self.user, &self.mailbox, self.uid_validity, &all);
+    }
+
+    /// A message was handed out whole: if the client's next RETR is probably for a message
+    /// that is neither read ahead nor on its way, send its FETCH (with the small messages
+    /// after it, as `read_body` would) now instead of after the client asked: that RETR then
+    /// needs no upstream round trip at all (no NOOP either, like a message read ahead).
+    /// Anything else the client does first drains the response (bounded, with deadlines).
+    pub(super) async fn prefetch_next(&mut self, max: u32) {
+        let Some(&(next, size)) = self.ahead_hint.first() else {
+            return;
+        };
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        if size > PREFETCH_MAX_MESSAGE
+            || !conn.uid_before_body()
+            || conn.has_prefetch()
+            || conn.streaming_any()
+            || self.ahead.contains_key(&next)
+        {
+            return;
+        }
+        let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
+        if coming.contains(&next) {
+            return;
+        }
+        let others: Vec<u32> = self
+            .ahead_wanted(
+                next,
+                u64::from(max),
+                (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+            )
+            .into_iter()
+            .filter(|u| !coming.contains(u))
+            .collect();
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = conn.prefetch(next, &others).await {
+            tracing::debug!(error = %e, uid = next, "prefetch failed");
+            if matches!(e, ImapError::Command(_)) {
+                return;
+            }
+            self.conn = None;
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The maildrop as the POP3 session sees it: a fixed snapshot taken at login, byte ranges of
+//! messages, and one commit of deletions at QUIT. [`imap::ImapMaildrop`] is the real one;
+//! [`memory::MemoryMaildrop`] serves unit tests of the session driver.
+
+pub mod imap;
+pub mod memory;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::uidl::map::UidlMap;
+use crate::uidl::UidlFormat;
+
+use bytes::Bytes;
+
+/// One message of the snapshot: its upstream UID and its size in octets (CRLF line ends,
+/// before dot-stuffing) as `LIST` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageEntry {
+    pub uid: u32,
+    pub size: u64,
+}
+
+/// The mailbox as it stood at login. Message number n (1-based) is `messages[n - 1]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub uid_validity: u32,
+    pub messages: Vec<MessageEntry>,
+    /// UIDLs migrated from a legacy POP3 server (`popbridge migrate`), when this maildrop has
+    /// a map for `uid_validity`; mapped messages are served with their legacy UIDL.
+    pub legacy: Option<Arc<UidlMap>>,
+}
+
+impl Snapshot {
+    /// The UIDL message `uid` is shown with: its legacy UIDL when migrated, else `format`'s
+    /// (escaped when it would equal a legacy UIDL; see [`UidlMap::serve`]).
+    pub fn uidl(&self, uid: u32, format: &UidlFormat) -> String {
+        match &self.legacy {
+            Some(map) => map.serve(uid, self.uid_validity, format).into_string(),
+            None => format.format(uid, self.uid_validity),
+        }
+    }
+}
+
+/// Why the upstream could not do what the session asked. Each maps onto one RFC 3206 code.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MaildropError {
+    /// The upstream rejected the credentials: `-ERR [AUTH]`.
+    #[error("authentication failed")]
+    Auth,
+    /// The upstream is down, timed out or failed: `-ERR [SYS/TEMP]`.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// The upstream cannot do what the configuration requires (missing capability, read-only
+    /// mailbox): `-ERR [SYS/PERM]`.
+    #[error("upstream cannot serve this maildrop: {0}")]
+    Unsupported(String),
+    /// Another session of this process holds the maildrop: `-ERR [IN-USE]`.
+    #[error("maildrop already in use")]
+    InUse,
+    /// The message was expunged by another client after the snapshot was taken.
+    #[error("message no longer exists upstream")]
+    Gone,
+}
+
+impl MaildropError {
+    /// The `result` label of `popbridge_logins_total` for a login that failed so (one of
+    /// [`crate::metrics::LOGIN_RESULTS`], with `ok`).
+    pub fn login_label(&self) -> &'static str {
+        match self {
+            MaildropError::Auth => "bad_credentials",
+            MaildropError::Unavailable(_) | MaildropError::Gone => "upstream_unavailable",
+            MaildropError::Unsupported(_) => "refused",
+            MaildropError::InUse => "in_use",
+        }
+    }
+}
+
+/// A mailbox store users log in to (an IMAP backend in production, memory in tests).
+pub trait Mailstore: Send + Sync {
+    type Maildrop: Maildrop;
+
+    /// Authenticate and open the maildrop, without listing it yet (see
+    /// [`Maildrop::snapshot`]).
+    fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
+}
+
+/// An open, authenticated maildrop. One per POP3 session.
+pub trait Maildrop: Send {
+    /// The mailbox as it stands now: message numbers, sizes and UIDLs for the whole session.
+    /// Taken only once the session holds the maildrop lock, so a session that just committed
+    /// deletions and released it can never be listed from before its commit.
+    fn snapshot(&mut self) -> impl Future<Output = Result<Snapshot, MaildropError>> + Send;
+
+    /// Up to `len` octets of message `uid` starting at `offset`. An empty result means the end of
+    /// the message; [`MaildropError::Gone`] means the message was expunged upstream.
+    fn fetch(
+        &mut self,
+        uid: u32,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, MaildropError>> + Send;
+
+    /// Part of message `uid` (`size` octets in the snapshot) from `offset` for RETR, which reads
+    /// a message front to back: at most `max` octets, and [`BodyPart::last`] set on the part
+    /// that ends the message. A maildrop may stream the message here instead of fetching it
+    /// in pieces; the default asks [`fetch`](Self::fetch).
+    fn read_body(
+        &mut self,
+        uid: u32,
+        size: u64,
+        offset: u64,
+        max: u32,
+    ) -> impl Future<Output = Result<BodyPart, MaildropError>> + Send {
+        let _ = size;
+        async move {
+            let data = self.fetch(uid, offset, max).await?;
+            let last = data.len() < max as usize;
+            Ok(BodyPart { data, last })
+        }
+    }
+
+    /// Flag the message as read upstream (after a complete RETR, when `mark_seen` is on).
+    fn mark_seen(&mut self, uid: u32) -> impl Future<Output = Result<(), MaildropError>> + Send;
+
+    /// Apply the deletion policy to these UIDs. Called once, only after a client's QUIT.
+    fn commit(&mut self, uids: &[u32]) -> impl Future<Output = Result<(), MaildropError>> + Send;
+
+    /// Close the upstream connection politely (best effort).
+    fn close(self) -> impl Future<Output = ()> + Send;
+
+    /// A RETR of `uid` completed: a hook for bookkeeping (repeated-download metrics).
+    fn retrieved(&mut self, _uid: u32) {}
+
+    /// The messages (UID, size) the client will probably ask for after the one about to be
+    /// fetched; a maildrop may fetch small ones ahead in the same round trip.
+    fn read_ahead_hint(&mut self, _upcoming: &[(u32, u64)]) {}
+}
+
+/// A part of a message read by [`Maildrop::read_body`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyPart {
+    pub data: Bytes,
+    /// Nothing of the message follows this part.
+    pub last: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_labels_are_the_preinitialised_ones() {
+        for e in [
+            MaildropError::Auth,
+            MaildropError::InUse,
+            MaildropError::Gone,
+            MaildropError::Unsupported(String::new()),
+            MaildropError::Unavailable(String::new()),
+        ] {
+            assert!(
+                crate::metrics::LOGIN_RESULTS.contains(&e.login_label()),
+                "{e:?}"
+            );
+        }
+        assert!(crate::metrics::LOGIN_RESULTS.contains(&"ok"));
+    }
+}

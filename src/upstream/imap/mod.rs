@@ -1,0 +1,16 @@
+//! IMAP towards the store: the command engine of one connection ([`engine`]), the connection
+//! with its streamed FETCH of message bodies ([`conn`], with the pure parser [`fetch_parse`]),
+//! session setup and every login mechanism popbridge uses ([`session`], [`login`]), and
+//! METADATA ([`metadata`]).
+
+pub mod conn;
+pub mod engine;
+pub mod fetch_parse;
+pub mod login;
+pub mod metadata;
+pub mod session;
+pub mod uids;
+
+pub use conn::{BodyStart, FetchOrder, ImapConnection};
+pub use engine::{Completion, ConnLimits, ImapError, Untagged};
+pub use uids::uid_sets;

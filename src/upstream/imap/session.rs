@@ -1,0 +1,172 @@
+//! Setting up an IMAP session: connect, log in with a [`Mechanism`], learn the capabilities
+//! (from the login's answer when the server lists them there, else with `CAPABILITY`), and the
+//! `SELECT`/`EXAMINE` answer every user of a folder needs ([`MailboxStatus`]). `serve` and
+//! `migrate` open their sessions here.
+
+use std::collections::HashSet;
+
+use imap_next::imap_types::command::CommandBody;
+use imap_next::imap_types::flag::FlagPerm;
+use imap_next::imap_types::mailbox::Mailbox;
+use imap_next::imap_types::response::{Code, Data};
+
+use super::conn::ImapConnection;
+use super::engine::{Completion, ConnLimits, ImapError, Untagged};
+use super::login::Mechanism;
+use crate::metrics::{metrics, Timer};
+use crate::upstream::credentials::Unsendable;
+use crate::upstream::endpoint::Endpoint;
+
+/// What the server says it can do after login, upper-cased (`MOVE`, `UIDPLUS`, `METADATA`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities(HashSet<String>);
+
+impl Capabilities {
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains(&name.to_ascii_uppercase())
+    }
+
+    /// Adds capabilities as the server names them (`Capability` displays as on the wire).
+    pub fn extend<T: std::fmt::Display>(&mut self, list: impl IntoIterator<Item = T>) {
+        self.0
+            .extend(list.into_iter().map(|c| c.to_string().to_ascii_uppercase()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connecting, TLS or the conversation failed.
+    #[error(transparent)]
+    Imap(#[from] ImapError),
+    /// The credentials cannot be sent; nothing was.
+    #[error(transparent)]
+    Unsendable(#[from] Unsendable),
+    /// The server answered the login NO or BAD (RFC 5530 codes tell why).
+    #[error("login refused: {}", .0.text)]
+    Refused(Completion),
+    /// The `CAPABILITY` command failed.
+    #[error("CAPABILITY failed: {0}")]
+    Capability(String),
+}
+
+/// A logged-in IMAP session.
+pub struct Session {
+    pub conn: ImapConnection,
+    pub capabilities: Capabilities,
+}
+
+/// Connects to `endpoint` and logs in with `mechanism`.
+pub async fn open(
+    endpoint: &Endpoint,
+    limits: ConnLimits,
+    mechanism: &dyn Mechanism,
+) -> Result<Session, SessionError> {
+    let mut conn = ImapConnection::connect(endpoint, limits).await?;
+    let login = match mechanism.command(conn.offers_sasl_ir()) {
+        Ok(l) => l,
+        Err(e) => {
+            conn.logout().await;
+            return Err(e.into());
+        }
+    };
+    let timer = Timer::start(&metrics().upstream_login_duration);
+    let done = conn.execute_login(login).await?;
+    drop(timer);
+    if !done.is_ok() {
+        conn.logout().await;
+        return Err(SessionError::Refused(done));
+    }
+    // Servers may list their post-login capabilities in the login's answer (Dovecot and
+    // Cyrus do, RFC 3501 7.1): that saves a round trip on every login.
+    let mut capabilities = Capabilities::default();
+    if let Some(Code::Capability(list)) = &done.code {
+        capabilities.extend(list.as_ref());
+    }
+    if capabilities.is_empty() {
+        let done = conn
+            .execute(CommandBody::Capability, |u| {
+                if let Untagged::Data(Data::Capability(list)) = u {
+                    capabilities.extend(list.as_ref());
+                }
+            })
+            .await?;
+        if !done.is_ok() {
+            return Err(SessionError::Capability(done.text));
+        }
+    }
+    Ok(Session { conn, capabilities })
+}
+
+/// `SELECT` (or, `read_only`, `EXAMINE`) of `name`.
+pub fn select(name: &str, read_only: bool) -> Result<CommandBody<'static>, String> {
+    let mailbox =
+        Mailbox::try_from(name.to_owned()).map_err(|e| format!("mailbox name {name:?}: {e}"))?;
+    let body = if read_only {
+        CommandBody::examine(mailbox)
+    } else {
+        CommandBody::select(mailbox)
+    };
+    body.map_err(|e| format!("mailbox name {name:?}: {e}"))
+}
+
+/// What a `SELECT`/`EXAMINE` reported about the folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailboxStatus {
+    pub uid_validity: Option<u32>,
+    /// UIDNEXT, when reported (bounds a legacy UIDL map's entries).
+    pub uid_next: Option<u32>,
+    pub read_only: bool,
+    /// `PERMANENTFLAGS`: whether `\*` (any new keyword) is allowed, and the flags named
+    /// (lower-cased); `None` when not reported (RFC 3501: then every flag is permanent).
+    pub permanent_flags: Option<(bool, HashSet<String>)>,
+}
+
+impl MailboxStatus {
+    /// Takes what it needs from an untagged response of the SELECT; `false` for anything else.
+    pub fn absorb(&mut self, u: &Untagged) -> bool {
+        let Untagged::Status {
+            code: Some(code), ..
+        } = u
+        else {
+            return false;
+        };
+        match code {
+            Code::UidValidity(v) => self.uid_validity = Some(v.get()),
+            Code::UidNext(v) => self.uid_next = Some(v.get()),
+            Code::ReadOnly => self.read_only = true,
+            Code::PermanentFlags(flags) => {
+                let any = flags.iter().any(|f| matches!(f, FlagPerm::Asterisk));
+                let named = flags
+                    .iter()
+                    .filter_map(|f| match f {
+                        FlagPerm::Flag(f) => Some(f.to_string().to_ascii_lowercase()),
+                        FlagPerm::Asterisk => None,
+                    })
+                    .collect();
+                self.permanent_flags = Some((any, named));
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The SELECT's own completion may say `[READ-ONLY]`.
+    pub fn complete(&mut self, done: &Completion) {
+        if matches!(done.code, Some(Code::ReadOnly)) {
+            self.read_only = true;
+        }
+    }
+
+    /// Whether keyword `flag` can be stored for good in this folder.
+    pub fn can_store(&self, flag: &str) -> bool {
+        match &self.permanent_flags {
+            None => true,
+            Some((any, named)) => *any || named.contains(&flag.to_ascii_lowercase()),
+        }
+    }
+}
