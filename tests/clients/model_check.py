@@ -19,7 +19,8 @@ each POP3 client's plan come from random.Random streams seeded from it, so SEED=
 one round replays the same choices (thread timing aside).
 
 The model. Every change is an event on one UID with the time window [t0, t1] of the command that
-made it (sent .. answered, one clock for all threads): created (APPEND, COPY in: "visible"),
+made it (sent .. answered, one clock for all threads): created (APPEND, COPY in: "visible", or
+"hidden" when the copied message carries the hide keyword, which COPY keeps),
 hidden (the hide keyword set by the IMAP client, or a POP3 commit in hide mode), visible again
 (the keyword cleared), gone (UID EXPUNGE, MOVE out, or a POP3 commit in expunge/move mode).
 A commit whose QUIT got +OK is definite; one whose QUIT got -ERR or no answer is in doubt (it
@@ -221,10 +222,10 @@ class Box:
         with self.lock:
             self.log.append(f"{now():8.3f} {line}")
 
-    def created(self, uid, data, t0, t1, who):
+    def created(self, uid, data, t0, t1, who, kind="visible"):
         with self.lock:
             self.data[uid] = data
-            self.events.setdefault(uid, []).append(Event(t0, t1, "visible", True, who))
+            self.events.setdefault(uid, []).append(Event(t0, t1, kind, True, who))
             self.alive.append(uid)
 
     def event(self, uid, kind, t0, t1, definite, who):
@@ -424,16 +425,23 @@ class Changer(threading.Thread):
         if not auids:
             box.note(f"imap copy-in of {mid}: not found in the archive")
             return
+        auid = auids[0].decode()
+        # COPY keeps the flags: a message hidden before it was moved out comes back hidden.
+        a.m.untagged_responses.pop("FETCH", None)
+        typ, flags = a.m.uid("FETCH", auid, "(FLAGS)")
+        hidden = any(isinstance(f, bytes) and HIDE_KEYWORD.lower().encode() in f.lower()
+                     for f in flags)
+        kind = "hidden" if hidden and box.mode == "hide" else "visible"
         t0 = now()
-        typ, text = a.cmd("UID", "COPY", auids[0].decode(), "INBOX")
+        typ, text = a.cmd("UID", "COPY", auid, "INBOX")
         t1 = now()
         m = re.search(r"COPYUID \d+ \S+ (\d+)", text)
-        box.note(f"imap UID COPY {mid} in: {typ} {text.strip()} [{t0:.3f},{t1:.3f}]")
+        box.note(f"imap UID COPY {mid} in ({kind}): {typ} {text.strip()} [{t0:.3f},{t1:.3f}]")
         if typ != "OK" or not m:
             raise RuntimeError(f"UID COPY in: {typ} {text}")
         with box.lock:
             data = box.archived[mid]
-        box.created(int(m.group(1)), data, t0, t1, "imap")
+        box.created(int(m.group(1)), data, t0, t1, "imap", kind)
         bump(self.ctx.changes, "copy-in")
 
     def planned(self):
