@@ -20,9 +20,9 @@ use crate::limits::{AuthPenalty, ConnectionLimiter, ConnectionSlot, Rejected};
 use crate::live::Live;
 use crate::maildrop::imap::ImapUpstream;
 use crate::metrics::metrics;
-use crate::pop3::connection::{
-    self, ClientPolicy, ConnectionLimits, MaildropLocks, SessionOutcome, Upstream,
-};
+use crate::pop3::connection::{self, ClientPolicy, ConnectionLimits, SessionOutcome};
+use crate::pop3::locks::MaildropLocks;
+use crate::pop3::routed::Upstream;
 use crate::pop3::session::SessionConfig;
 use crate::pop3::stream::ClientStream;
 use crate::proxy_protocol;

@@ -309,18 +309,14 @@ impl Run<'_> {
                 }
                 let next = self.session.on_login(result);
                 assert_eq!(self.session.is_authenticated(), ok);
-                match next {
-                    Action::Reply(b) => {
-                        self.reply(&b, &Sent::Other, false);
-                        assert_eq!(b.starts_with(b"+OK"), ok);
-                        Flow::Continue
-                    }
-                    Action::Close(b) => {
-                        assert!(!ok);
-                        self.reply(&b, &Sent::Other, true);
-                        Flow::End
-                    }
-                    other => panic!("on_login gave {other:?}"),
+                if next.close {
+                    assert!(!ok);
+                    self.reply(&next.bytes, &Sent::Other, true);
+                    Flow::End
+                } else {
+                    self.reply(&next.bytes, &Sent::Other, false);
+                    assert_eq!(next.bytes.starts_with(b"+OK"), ok);
+                    Flow::Continue
                 }
             }
             Action::Retrieve { msg, uid, size, top_lines, ok_line } => {
@@ -345,7 +341,7 @@ impl Run<'_> {
                         // A message gone since the listing: -ERR, not an error towards the cap.
                         let r = self.session.on_retrieve_failed(msg, &MaildropError::Gone);
                         assert!(!r.close, "a gone message never closes the session");
-                        assert!(check_single(&r.reply), "a gone message is -ERR");
+                        assert!(check_single(&r.bytes), "a gone message is -ERR");
                         assert!(!self.session.error_limit_reached());
                         Flow::Continue
                     }
@@ -354,7 +350,7 @@ impl Run<'_> {
                             .session
                             .on_retrieve_failed(msg, &MaildropError::Unavailable("down".into()));
                         assert!(r.close, "an upstream failure ends the session");
-                        self.reply(&r.reply, &Sent::Other, false);
+                        self.reply(&r.bytes, &Sent::Other, false);
                         Flow::End
                     }
                     _ => {

@@ -1,94 +1,23 @@
 //! The thin tokio driver: moves bytes between the client and the [`Session`], performs its
 //! [`Action`]s against the upstream, and streams message bodies chunk by chunk.
 
-use std::collections::HashSet;
-use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use super::command::{LineBuffer, MAX_COMMAND_LINE};
+use super::locks::{MaildropLock, MaildropLocks};
 use super::relay::{self, Relayed};
-use super::response::DotStuffer;
+use super::routed::Upstream;
 use super::session::{Action, Security, Session, SessionConfig};
 use super::stream::ClientStream;
 use crate::limits::AuthPenalty;
-use crate::maildrop::{BodyPart, Maildrop, MaildropError, Mailstore};
+use crate::maildrop::{Maildrop, MaildropError};
 use crate::metrics::{command_label, metrics};
-use crate::uidl::UidlFormat;
 use std::net::IpAddr;
 use tokio_rustls::TlsAcceptor;
-
-/// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
-/// the bridge or a legacy POP3 session to relay.
-pub trait Upstream: Send + Sync {
-    type Maildrop: Maildrop;
-
-    /// Route a login to its backend and open it there, without listing it yet (see
-    /// [`Maildrop::snapshot`]).
-    fn route(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send;
-}
-
-/// One [`Mailstore`] serving every login, unrouted, each locked under its lower-cased name
-/// (the driver's unit tests).
-pub struct Unrouted<S>(pub S);
-
-impl<S: Mailstore> Upstream for Unrouted<S> {
-    type Maildrop = S::Maildrop;
-
-    async fn route(&self, user: &str, password: &str) -> Routed<S::Maildrop> {
-        Routed {
-            backend: None,
-            result: self
-                .0
-                .login(user, password)
-                .await
-                .map(|maildrop| Opened::Maildrop {
-                    maildrop,
-                    lock_key: user.to_lowercase(),
-                    uidl_format: None,
-                }),
-        }
-    }
-}
-
-/// Where a login went (the backend name, for metrics and logs) and what it opened.
-pub struct Routed<M> {
-    pub backend: Option<Arc<str>>,
-    pub result: Result<Opened<M>, MaildropError>,
-}
-
-/// An open upstream for one POP3 session.
-pub enum Opened<M> {
-    /// Served through the bridge from this maildrop.
-    Maildrop {
-        maildrop: M,
-        /// Key of the RFC 1939 exclusive-access lock (see [`MaildropLocks`]).
-        lock_key: String,
-        /// The backend's UIDL format, when it differs from the listener's.
-        uidl_format: Option<UidlFormat>,
-    },
-    /// Logged in at a legacy POP3 server: relay the rest of the session byte for byte.
-    Relay(Box<Relayed>),
-}
-
-impl<T: Upstream> Upstream for Arc<T> {
-    type Maildrop = T::Maildrop;
-
-    fn route(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
-        (**self).route(user, password)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -140,57 +69,6 @@ impl SessionOutcome {
     }
 }
 
-/// One POP3 session per maildrop (RFC 1939 exclusive access), within this process. Keys are
-/// lower-cased login names (for a routed backend other than `[imap]`: the backend name, a line
-/// feed, and the login sent upstream, so the same name on two backends is two maildrops).
-#[derive(Debug, Clone, Default)]
-pub struct MaildropLocks {
-    held: Arc<Mutex<HashSet<String>>>,
-}
-
-impl MaildropLocks {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The lock for `user`, or `None` if another session holds it.
-    pub fn try_lock(&self, user: &str) -> Option<MaildropLock> {
-        let key = user.to_lowercase();
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.insert(key.clone()) {
-            Some(MaildropLock {
-                key,
-                held: Arc::clone(&self.held),
-            })
-        } else {
-            None
-        }
-    }
-
-    pub fn is_locked(&self, user: &str) -> bool {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&user.to_lowercase())
-    }
-}
-
-/// Held for the life of a TRANSACTION; released on drop.
-#[derive(Debug)]
-pub struct MaildropLock {
-    key: String,
-    held: Arc<Mutex<HashSet<String>>>,
-}
-
-impl Drop for MaildropLock {
-    fn drop(&mut self) {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
-    }
-}
-
 /// Resolves when shutdown is signalled; never, if the sender is gone without signalling.
 async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
     if rx.wait_for(|v| *v).await.is_err() {
@@ -199,12 +77,12 @@ async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// How many following messages the maildrop is told about before a RETR/TOP.
-const READ_AHEAD_MESSAGES: usize = 16;
+pub(super) const READ_AHEAD_MESSAGES: usize = 16;
 
 /// Flush the output buffer when it grows past this while streaming a body.
-const FLUSH_AT: usize = 64 * 1024;
+pub(super) const FLUSH_AT: usize = 64 * 1024;
 
-enum Flow {
+pub(super) enum Flow {
     Continue,
     End(SessionOutcome),
     /// Write what is queued for the client, then end.
@@ -247,28 +125,28 @@ impl Default for ClientPolicy {
     }
 }
 
-struct Conn<'a, IO, U: Upstream> {
-    io: ClientStream<IO>,
-    tls: &'a ClientPolicy,
-    out: Vec<u8>,
-    upstream: &'a U,
-    locks: &'a MaildropLocks,
-    cfg: &'a Arc<SessionConfig>,
-    limits: &'a ConnectionLimits,
-    session: Session,
-    user: Option<String>,
-    maildrop: Option<(U::Maildrop, MaildropLock)>,
+pub(super) struct Conn<'a, IO, U: Upstream> {
+    pub(super) io: ClientStream<IO>,
+    pub(super) tls: &'a ClientPolicy,
+    pub(super) out: Vec<u8>,
+    pub(super) upstream: &'a U,
+    pub(super) locks: &'a MaildropLocks,
+    pub(super) cfg: &'a Arc<SessionConfig>,
+    pub(super) limits: &'a ConnectionLimits,
+    pub(super) session: Session,
+    pub(super) user: Option<String>,
+    pub(super) maildrop: Option<(U::Maildrop, MaildropLock)>,
     /// Whether the answer to the command being handled began with +OK (for metrics).
-    reply_ok: Option<bool>,
-    stats: SessionStats,
+    pub(super) reply_ok: Option<bool>,
+    pub(super) stats: SessionStats,
 }
 
 /// What one session did, for its summary log line.
 #[derive(Debug, Default, Clone, Copy)]
-struct SessionStats {
-    retrieved: u32,
-    bytes_sent: u64,
-    deleted: usize,
+pub(super) struct SessionStats {
+    pub(super) retrieved: u32,
+    pub(super) bytes_sent: u64,
+    pub(super) deleted: usize,
 }
 
 /// Serves one plain client connection, no TLS on offer, passwords allowed.
@@ -501,14 +379,14 @@ where
     }
 
     /// Queue reply bytes for the client, noting whether the command's answer is +OK.
-    fn emit(&mut self, bytes: &[u8]) {
+    pub(super) fn emit(&mut self, bytes: &[u8]) {
         if self.reply_ok.is_none() {
             self.reply_ok = bytes.first().map(|&b| b == b'+');
         }
         self.out.extend_from_slice(bytes);
     }
 
-    async fn flush(&mut self) -> Result<(), SessionOutcome> {
+    pub(super) async fn flush(&mut self) -> Result<(), SessionOutcome> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -543,102 +421,7 @@ where
                     SessionOutcome::Quit
                 })
             }
-            Action::Login { user, password } => {
-                let routed = self.upstream.route(&user, password.as_str()).await;
-                let backend = routed.backend;
-                let shown_backend = backend.as_deref().unwrap_or("-");
-                let mut relayed = None;
-                let result = match routed.result {
-                    Ok(Opened::Maildrop {
-                        maildrop: mut md,
-                        lock_key,
-                        uidl_format,
-                    }) => match self.locks.try_lock(&lock_key) {
-                        // The listing is taken under the lock: a session that committed and
-                        // released it a moment ago is already reflected upstream.
-                        Some(lock) => match md.snapshot().await {
-                            Ok(snapshot) => {
-                                info!(user = %user, backend = shown_backend, messages = snapshot.messages.len(), "pop3 login");
-                                if let Some(format) = uidl_format {
-                                    self.session.set_uidl_format(format);
-                                }
-                                self.user = Some(user.clone());
-                                self.maildrop = Some((md, lock));
-                                Ok(Some(snapshot))
-                            }
-                            Err(e) => {
-                                info!(user = %user, error = %e, "pop3 login failed: listing");
-                                md.close().await;
-                                Err(e)
-                            }
-                        },
-                        None => {
-                            info!(user = %user, "pop3 login refused: maildrop in use");
-                            md.close().await;
-                            Err(MaildropError::InUse)
-                        }
-                    },
-                    Ok(Opened::Relay(up)) => {
-                        info!(user = %user, backend = shown_backend, "pop3 login relayed to legacy server");
-                        self.user = Some(user.clone());
-                        relayed = Some(up);
-                        Ok(None)
-                    }
-                    Err(e) => {
-                        info!(user = %user, backend = shown_backend, error = %e, "pop3 login failed");
-                        Err(e)
-                    }
-                };
-                if let Some(penalty) = &self.tls.penalty {
-                    match &result {
-                        Ok(_) => penalty.succeeded(self.tls.peer, &user),
-                        Err(MaildropError::Auth) => {
-                            let (delay, failures) = penalty.failed(self.tls.peer, &user);
-                            if !delay.is_zero() {
-                                info!(user = %user, failures, delay_ms = delay.as_millis() as u64, "login penalty");
-                                tokio::time::sleep(delay).await;
-                            }
-                        }
-                        Err(_) => {}
-                    }
-                }
-                drop(password);
-                let label = result
-                    .as_ref()
-                    .map_or_else(MaildropError::login_label, |_| "ok");
-                let m = metrics();
-                m.logins.with_label_values(&[label]).inc();
-                if let Some(b) = &backend {
-                    m.backend_logins.with_label_values(&[b, label]).inc();
-                }
-                if let Some(user) = &self.user {
-                    tracing::Span::current().record("user", user.as_str());
-                }
-                if let Some(up) = relayed {
-                    // The legacy server's own +OK line: from here on the client talks to it.
-                    self.emit(&up.ok_line);
-                    return match self.flush().await {
-                        Ok(()) => Flow::Relay(up, backend.unwrap_or_else(|| Arc::from("-"))),
-                        Err(o) => Flow::End(o),
-                    };
-                }
-                let result = result.map(Option::unwrap_or_default);
-                match self.session.on_login(result) {
-                    Action::Close(b) => {
-                        self.emit(&b);
-                        let _ = self.flush().await;
-                        Flow::End(SessionOutcome::TooManyErrors)
-                    }
-                    Action::Reply(b) => {
-                        self.emit(&b);
-                        Flow::Continue
-                    }
-                    other => {
-                        warn!(?other, "unexpected action after login");
-                        Flow::Continue
-                    }
-                }
-            }
+            Action::Login { user, password } => self.login(user, password).await,
             Action::StartTls(b) => {
                 self.emit(&b);
                 match self.flush().await {
@@ -676,137 +459,13 @@ where
             }
         }
     }
-
-    async fn retrieve(
-        &mut self,
-        msg: u32,
-        uid: u32,
-        size: u64,
-        top_lines: Option<u32>,
-        ok_line: Vec<u8>,
-    ) -> Flow {
-        let chunk = self.limits.fetch_chunk.max(1);
-        let top = top_lines.is_some();
-        let Some((md, _)) = self.maildrop.as_mut() else {
-            return self.retrieve_failed(
-                msg,
-                uid,
-                MaildropError::Unavailable("no maildrop".into()),
-            );
-        };
-        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
-        let mut part = match read_part(md, uid, size, top, 0, chunk).await {
-            Ok(d) => d,
-            Err(e) => return self.retrieve_failed(msg, uid, e),
-        };
-        // Until something of this response is flushed, a failure can still become an -ERR.
-        let mark = self.out.len();
-        let mut flushed = false;
-        let mut parts = 1u32;
-        self.emit(&ok_line);
-        let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
-        let mut offset = 0u64;
-        loop {
-            stuffer.feed(&part.data, &mut self.out);
-            offset += part.data.len() as u64;
-            // A TOP's first piece is held until the rest of the message is on its way in one
-            // literal: if the message went away in between, the client gets -ERR, not a
-            // truncated answer. A RETR streams one literal from its first part on.
-            if self.out.len() >= FLUSH_AT && (!top || parts > 1) {
-                if let Err(o) = self.flush().await {
-                    return Flow::End(o);
-                }
-                flushed = true;
-            }
-            if stuffer.is_done() || part.last {
-                break;
-            }
-            let Some((md, _)) = self.maildrop.as_mut() else {
-                return Flow::End(SessionOutcome::UpstreamError);
-            };
-            part = match read_part(md, uid, size, top, offset, chunk).await {
-                Ok(d) => d,
-                Err(e) if flushed => {
-                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
-                        "fetch failed mid-message after part of it was sent");
-                    return Flow::End(SessionOutcome::UpstreamError);
-                }
-                Err(e) => {
-                    self.out.truncate(mark);
-                    return self.retrieve_failed(msg, uid, e);
-                }
-            };
-            parts += 1;
-        }
-        stuffer.finish(&mut self.out);
-        debug!(uid, octets = offset, "message sent");
-        if top {
-            return Flow::Continue;
-        }
-        metrics().messages_retrieved.inc();
-        self.stats.retrieved += 1;
-        if let Some((md, _)) = self.maildrop.as_mut() {
-            md.retrieved(uid);
-        }
-        if self.cfg.mark_seen {
-            if let Some((md, _)) = self.maildrop.as_mut() {
-                if let Err(e) = md.mark_seen(uid).await {
-                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "mark_seen failed");
-                }
-            }
-        }
-        Flow::Continue
-    }
-
-    /// A RETR/TOP that failed before any of its bytes were sent: `-ERR`, and the end of the
-    /// session unless the message is simply gone.
-    fn retrieve_failed(&mut self, msg: u32, uid: u32, e: MaildropError) -> Flow {
-        let user = self.user.as_deref().unwrap_or("-");
-        if e == MaildropError::Gone {
-            info!(user, uid, msg, "message removed upstream since the listing");
-            metrics().retr_gone.inc();
-        } else {
-            warn!(user, uid, error = %e, "fetch failed");
-        }
-        let failed = self.session.on_retrieve_failed(msg, &e);
-        self.emit(&failed.reply);
-        if failed.close {
-            Flow::EndAfterFlush(SessionOutcome::UpstreamError)
-        } else {
-            Flow::Continue
-        }
-    }
-}
-
-/// The next part of message `uid` (`size` octets listed) from `offset`. A TOP starts with a
-/// piece (usually all it needs: the header and a few lines); the rest, when needed, comes as
-/// one streamed range. A message listed as non-empty whose first part is empty and final
-/// went away under the session (some servers answer `""` instead of `NIL`).
-async fn read_part<M: Maildrop>(
-    md: &mut M,
-    uid: u32,
-    size: u64,
-    top: bool,
-    offset: u64,
-    chunk: u32,
-) -> Result<BodyPart, MaildropError> {
-    let part = if top && offset == 0 {
-        let data = md.fetch(uid, offset, chunk).await?;
-        let last = data.len() < chunk as usize;
-        BodyPart { data, last }
-    } else {
-        md.read_body(uid, size, offset, chunk).await?
-    };
-    if offset == 0 && size > 0 && part.last && part.data.is_empty() {
-        return Err(MaildropError::Gone);
-    }
-    Ok(part)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::maildrop::memory::{MemoryEvent, MemoryUpstream};
+    use crate::pop3::routed::Unrouted;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;

@@ -4,14 +4,18 @@
 
 pub mod command;
 pub mod connection;
+pub mod locks;
+mod login;
 pub mod relay;
 pub mod response;
+mod retrieve;
+pub mod routed;
 pub mod session;
 pub mod stream;
 
 pub use command::{Command, CommandError, LineBuffer, Password, TooLong};
-pub use connection::{
-    serve, ConnectionLimits, MaildropLock, MaildropLocks, SessionOutcome, Upstream,
-};
+pub use connection::{serve, ConnectionLimits, SessionOutcome};
+pub use locks::{MaildropLock, MaildropLocks};
 pub use response::{DotStuffer, RespCode};
-pub use session::{Action, Session, SessionConfig};
+pub use routed::{Opened, Routed, Unrouted, Upstream};
+pub use session::{Action, Reply, Session, SessionConfig};

@@ -436,21 +436,21 @@ mod tests {
     /// Routes every login to the scripted legacy server.
     struct Legacy(Pop3Backend);
 
-    impl crate::pop3::connection::Upstream for Legacy {
+    impl crate::pop3::routed::Upstream for Legacy {
         type Maildrop = crate::maildrop::memory::MemoryMaildrop;
 
         async fn route(
             &self,
             user: &str,
             password: &str,
-        ) -> crate::pop3::connection::Routed<crate::maildrop::memory::MemoryMaildrop> {
-            crate::pop3::connection::Routed {
+        ) -> crate::pop3::routed::Routed<crate::maildrop::memory::MemoryMaildrop> {
+            crate::pop3::routed::Routed {
                 backend: Some(self.0.name.clone()),
                 result: self
                     .0
                     .login(user, password)
                     .await
-                    .map(|r| crate::pop3::connection::Opened::Relay(Box::new(r)))
+                    .map(|r| crate::pop3::routed::Opened::Relay(Box::new(r)))
                     .map_err(Into::into),
             }
         }
@@ -458,7 +458,8 @@ mod tests {
 
     #[tokio::test]
     async fn session_hands_over_to_the_relay_with_what_was_pipelined() {
-        use crate::pop3::connection::{serve, ConnectionLimits, MaildropLocks, SessionOutcome};
+        use crate::pop3::connection::{serve, ConnectionLimits, SessionOutcome};
+        use crate::pop3::locks::MaildropLocks;
         let up = Legacy(backend(legacy_server().await));
         let (client, ours) = tokio::io::duplex(4096);
         let (_tx, rx) = tokio::sync::watch::channel(false);

@@ -81,10 +81,11 @@ enum State {
     Update,
 }
 
-/// What the driver does after a RETR/TOP failed: write `reply`, then close if `close`.
+/// An answer to an upstream result (a login, a failed RETR/TOP): write `bytes`, then close
+/// the connection if `close`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetrieveFailed {
-    pub reply: Vec<u8>,
+pub struct Reply {
+    pub bytes: Vec<u8>,
     pub close: bool,
 }
 
@@ -190,11 +191,27 @@ impl Session {
 
     /// Counts an error; the reply, or a closing one once the cap is reached.
     fn fail(&mut self, reply: Vec<u8>) -> Action {
+        let r = self.fail_reply(reply);
+        if r.close {
+            Action::Close(r.bytes)
+        } else {
+            Action::Reply(r.bytes)
+        }
+    }
+
+    /// [`Self::fail`] as a [`Reply`].
+    fn fail_reply(&mut self, reply: Vec<u8>) -> Reply {
         self.errors = self.errors.saturating_add(1);
         if self.error_limit_reached() {
-            Action::Close(err(None, "Too many errors, closing connection."))
+            Reply {
+                bytes: err(None, "Too many errors, closing connection."),
+                close: true,
+            }
         } else {
-            Action::Reply(reply)
+            Reply {
+                bytes: reply,
+                close: false,
+            }
         }
     }
 
@@ -347,12 +364,15 @@ impl Session {
     }
 
     /// Reply to the upstream login started by [`Action::Login`].
-    pub fn on_login(&mut self, r: Result<Snapshot, MaildropError>) -> Action {
+    pub fn on_login(&mut self, r: Result<Snapshot, MaildropError>) -> Reply {
         match r {
             Ok(snapshot) => {
                 let deleted = vec![false; snapshot.messages.len()];
                 self.state = State::Transaction { snapshot, deleted };
-                Action::Reply(ok("Logged in."))
+                Reply {
+                    bytes: ok("Logged in."),
+                    close: false,
+                }
             }
             Err(e) => {
                 self.state = auth_state();
@@ -370,7 +390,7 @@ impl Session {
                         "Mailbox is locked by another POP3 session.",
                     ),
                 };
-                self.fail(reply)
+                self.fail_reply(reply)
             }
         }
     }
@@ -393,17 +413,17 @@ impl Session {
     }
 
     /// Reply for a RETR/TOP that failed before any of its bytes were sent.
-    pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> RetrieveFailed {
+    pub fn on_retrieve_failed(&mut self, msg: u32, e: &MaildropError) -> Reply {
         match e {
             // Another client removed it since the listing: a fact of a shared mailbox, not a
             // client error, so it does not count towards the error cap; the session goes on.
-            MaildropError::Gone => RetrieveFailed {
-                reply: err(None, &format!("message {msg} no longer exists")),
+            MaildropError::Gone => Reply {
+                bytes: err(None, &format!("message {msg} no longer exists")),
                 close: false,
             },
             // The upstream connection is gone: nothing more can be served.
-            _ => RetrieveFailed {
-                reply: err(
+            _ => Reply {
+                bytes: err(
                     Some(RespCode::SysTemp),
                     "Mail server temporarily unavailable.",
                 ),
@@ -622,6 +642,11 @@ mod tests {
         }
     }
 
+    fn login_reply(r: Reply) -> String {
+        assert!(!r.close, "closed after login");
+        String::from_utf8(r.bytes).unwrap()
+    }
+
     fn line(s: &mut Session, l: &str) -> Action {
         s.on_line(Ok(l.as_bytes()))
     }
@@ -630,7 +655,10 @@ mod tests {
         let mut s = session();
         assert_eq!(reply(line(&mut s, "USER bob")), "+OK\r\n");
         assert!(matches!(line(&mut s, "PASS pw"), Action::Login { .. }));
-        assert_eq!(reply(s.on_login(Ok(snapshot()))), "+OK Logged in.\r\n");
+        assert_eq!(
+            login_reply(s.on_login(Ok(snapshot()))),
+            "+OK Logged in.\r\n"
+        );
         s
     }
 
@@ -691,7 +719,7 @@ mod tests {
         // Lines during login are refused, not misinterpreted.
         assert!(reply(line(&mut s, "USER eve")).starts_with("-ERR"));
         assert_eq!(
-            reply(s.on_login(Err(MaildropError::Auth))),
+            login_reply(s.on_login(Err(MaildropError::Auth))),
             "-ERR [AUTH] Authentication failed.\r\n"
         );
         // Still AUTHORIZATION, and the user was consumed.
@@ -709,7 +737,7 @@ mod tests {
             let mut s = session();
             line(&mut s, "USER a");
             line(&mut s, "PASS b");
-            assert!(reply(s.on_login(Err(e))).starts_with(code));
+            assert!(login_reply(s.on_login(Err(e))).starts_with(code));
             assert!(!s.is_authenticated());
         }
     }
@@ -899,14 +927,14 @@ mod tests {
         for _ in 0..MAX_ERRORS * 2 {
             assert_eq!(
                 s.on_retrieve_failed(2, &MaildropError::Gone),
-                RetrieveFailed {
-                    reply: b"-ERR message 2 no longer exists\r\n".to_vec(),
+                Reply {
+                    bytes: b"-ERR message 2 no longer exists\r\n".to_vec(),
                     close: false
                 }
             );
         }
         assert!(!s.error_limit_reached());
         let down = s.on_retrieve_failed(2, &MaildropError::Unavailable("x".into()));
-        assert!(down.reply.starts_with(b"-ERR [SYS/TEMP]") && down.close);
+        assert!(down.bytes.starts_with(b"-ERR [SYS/TEMP]") && down.close);
     }
 }

@@ -1,0 +1,142 @@
+//! RETR and TOP on a POP3 connection: the message's parts from the maildrop through the
+//! dot-stuffer to the client, with an `-ERR` instead whenever nothing was sent yet.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use super::connection::{Conn, Flow, SessionOutcome, FLUSH_AT, READ_AHEAD_MESSAGES};
+use super::response::DotStuffer;
+use super::routed::Upstream;
+use crate::maildrop::{BodyPart, Maildrop, MaildropError};
+use crate::metrics::metrics;
+
+impl<IO, U> Conn<'_, IO, U>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+    U: Upstream,
+{
+    pub(super) async fn retrieve(
+        &mut self,
+        msg: u32,
+        uid: u32,
+        size: u64,
+        top_lines: Option<u32>,
+        ok_line: Vec<u8>,
+    ) -> Flow {
+        let chunk = self.limits.fetch_chunk.max(1);
+        let top = top_lines.is_some();
+        let Some((md, _)) = self.maildrop.as_mut() else {
+            return self.retrieve_failed(
+                msg,
+                uid,
+                MaildropError::Unavailable("no maildrop".into()),
+            );
+        };
+        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
+        let mut part = match read_part(md, uid, size, top, 0, chunk).await {
+            Ok(d) => d,
+            Err(e) => return self.retrieve_failed(msg, uid, e),
+        };
+        // Until something of this response is flushed, a failure can still become an -ERR.
+        let mark = self.out.len();
+        let mut flushed = false;
+        let mut parts = 1u32;
+        self.emit(&ok_line);
+        let mut stuffer = top_lines.map_or_else(DotStuffer::new, DotStuffer::top);
+        let mut offset = 0u64;
+        loop {
+            stuffer.feed(&part.data, &mut self.out);
+            offset += part.data.len() as u64;
+            // A TOP's first piece is held until the rest of the message is on its way in one
+            // literal: if the message went away in between, the client gets -ERR, not a
+            // truncated answer. A RETR streams one literal from its first part on.
+            if self.out.len() >= FLUSH_AT && (!top || parts > 1) {
+                if let Err(o) = self.flush().await {
+                    return Flow::End(o);
+                }
+                flushed = true;
+            }
+            if stuffer.is_done() || part.last {
+                break;
+            }
+            let Some((md, _)) = self.maildrop.as_mut() else {
+                return Flow::End(SessionOutcome::UpstreamError);
+            };
+            part = match read_part(md, uid, size, top, offset, chunk).await {
+                Ok(d) => d,
+                Err(e) if flushed => {
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
+                        "fetch failed mid-message after part of it was sent");
+                    return Flow::End(SessionOutcome::UpstreamError);
+                }
+                Err(e) => {
+                    self.out.truncate(mark);
+                    return self.retrieve_failed(msg, uid, e);
+                }
+            };
+            parts += 1;
+        }
+        stuffer.finish(&mut self.out);
+        debug!(uid, octets = offset, "message sent");
+        if top {
+            return Flow::Continue;
+        }
+        metrics().messages_retrieved.inc();
+        self.stats.retrieved += 1;
+        if let Some((md, _)) = self.maildrop.as_mut() {
+            md.retrieved(uid);
+        }
+        if self.cfg.mark_seen {
+            if let Some((md, _)) = self.maildrop.as_mut() {
+                if let Err(e) = md.mark_seen(uid).await {
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "mark_seen failed");
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A RETR/TOP that failed before any of its bytes were sent: `-ERR`, and the end of the
+    /// session unless the message is simply gone.
+    fn retrieve_failed(&mut self, msg: u32, uid: u32, e: MaildropError) -> Flow {
+        let user = self.user.as_deref().unwrap_or("-");
+        if e == MaildropError::Gone {
+            info!(user, uid, msg, "message removed upstream since the listing");
+            metrics().retr_gone.inc();
+        } else {
+            warn!(user, uid, error = %e, "fetch failed");
+        }
+        let failed = self.session.on_retrieve_failed(msg, &e);
+        self.emit(&failed.bytes);
+        if failed.close {
+            Flow::EndAfterFlush(SessionOutcome::UpstreamError)
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+/// The next part of message `uid` (`size` octets listed) from `offset`. A TOP starts with a
+/// piece (usually all it needs: the header and a few lines); the rest, when needed, comes as
+/// one streamed range. A message listed as non-empty whose first part is empty and final
+/// went away under the session (some servers answer `""` instead of `NIL`).
+async fn read_part<M: Maildrop>(
+    md: &mut M,
+    uid: u32,
+    size: u64,
+    top: bool,
+    offset: u64,
+    chunk: u32,
+) -> Result<BodyPart, MaildropError> {
+    let part = if top && offset == 0 {
+        let data = md.fetch(uid, offset, chunk).await?;
+        let last = data.len() < chunk as usize;
+        BodyPart { data, last }
+    } else {
+        md.read_body(uid, size, offset, chunk).await?
+    };
+    if offset == 0 && size > 0 && part.last && part.data.is_empty() {
+        return Err(MaildropError::Gone);
+    }
+    Ok(part)
+}

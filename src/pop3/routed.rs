@@ -1,0 +1,78 @@
+//! The driver's view of where a login goes: routed to a backend and opened there, as a maildrop
+//! served through the bridge or a legacy POP3 session to relay.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::relay::Relayed;
+use crate::maildrop::{Maildrop, MaildropError, Mailstore};
+use crate::uidl::UidlFormat;
+
+/// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
+/// the bridge or a legacy POP3 session to relay.
+pub trait Upstream: Send + Sync {
+    type Maildrop: Maildrop;
+
+    /// Route a login to its backend and open it there, without listing it yet (see
+    /// [`Maildrop::snapshot`]).
+    fn route(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send;
+}
+
+/// One [`Mailstore`] serving every login, unrouted, each locked under its lower-cased name
+/// (the driver's unit tests).
+pub struct Unrouted<S>(pub S);
+
+impl<S: Mailstore> Upstream for Unrouted<S> {
+    type Maildrop = S::Maildrop;
+
+    async fn route(&self, user: &str, password: &str) -> Routed<S::Maildrop> {
+        Routed {
+            backend: None,
+            result: self
+                .0
+                .login(user, password)
+                .await
+                .map(|maildrop| Opened::Maildrop {
+                    maildrop,
+                    lock_key: user.to_lowercase(),
+                    uidl_format: None,
+                }),
+        }
+    }
+}
+
+/// Where a login went (the backend name, for metrics and logs) and what it opened.
+pub struct Routed<M> {
+    pub backend: Option<Arc<str>>,
+    pub result: Result<Opened<M>, MaildropError>,
+}
+
+/// An open upstream for one POP3 session.
+pub enum Opened<M> {
+    /// Served through the bridge from this maildrop.
+    Maildrop {
+        maildrop: M,
+        /// Key of the RFC 1939 exclusive-access lock (see [`super::locks::MaildropLocks`]).
+        lock_key: String,
+        /// The backend's UIDL format, when it differs from the listener's.
+        uidl_format: Option<UidlFormat>,
+    },
+    /// Logged in at a legacy POP3 server: relay the rest of the session byte for byte.
+    Relay(Box<Relayed>),
+}
+
+impl<T: Upstream> Upstream for Arc<T> {
+    type Maildrop = T::Maildrop;
+
+    fn route(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
+        (**self).route(user, password)
+    }
+}
