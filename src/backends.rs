@@ -35,6 +35,9 @@ enum Backend {
     Imap {
         upstream: Arc<ImapUpstream>,
         uidl_format: Option<UidlFormat>,
+        /// Its `fetch_chunk_bytes`: its connections' response limit follows from it, so its
+        /// sessions must ask for pieces of this size, not the listener's.
+        fetch_chunk: u32,
         /// Set for master-user backends: the name of the backend that checks the password.
         verify_with: Option<String>,
     },
@@ -81,6 +84,7 @@ impl RoutedUpstream {
             Ok(Backend::Imap {
                 upstream: Arc::new(upstream),
                 uidl_format,
+                fetch_chunk: c.fetch_chunk_bytes,
                 verify_with: c.verify_password_with.clone(),
             })
         };
@@ -145,6 +149,7 @@ impl RoutedUpstream {
             Backend::Imap {
                 upstream,
                 uidl_format,
+                fetch_chunk,
                 verify_with,
             } => {
                 if let Some(v) = verify_with {
@@ -155,12 +160,12 @@ impl RoutedUpstream {
                             .check_password(login, password)
                             .await
                             .map_err(MaildropError::from),
-                        None => Err(MaildropError::Unavailable(format!(
+                        None => Err(MaildropError::unavailable(format!(
                             "verify_password_with names no backend: {v:?}"
                         ))),
                     };
                     if let Err(e) = checked {
-                        tracing::info!(backend = name, verified_with = %v, error = %e, "password check failed");
+                        tracing::info!(backend = name, verified_with = %v, error = %crate::errors::Chain(&e), "password check failed");
                         return Err(e);
                     }
                 }
@@ -172,6 +177,7 @@ impl RoutedUpstream {
                     maildrop,
                     lock_key,
                     uidl_format: uidl_format.clone(),
+                    fetch_chunk: Some(*fetch_chunk),
                 })
             }
         }
@@ -194,7 +200,7 @@ impl Upstream for RoutedUpstream {
             tracing::error!(backend = %route.backend, "route names an unknown backend");
             return Routed {
                 backend: None,
-                result: Err(MaildropError::Unavailable("unknown backend".into())),
+                result: Err(MaildropError::unavailable("unknown backend")),
             };
         };
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");

@@ -1,28 +1,27 @@
 //! popbridge: POP3 clients served from an upstream IMAP mailbox.
 //!
 //! The way a byte travels: client socket → [`pop3::command`] (frame and parse a line) →
-//! [`pop3::session`] (the sans-I/O state machine decides) → [`pop3::connection`] (performs the
-//! action against a [`maildrop::Maildrop`]) → [`imap`] (upstream) → back through
-//! [`pop3::response`] (status lines, streaming dot-stuffer) → client socket.
+//! [`pop3::session`] (the sans-I/O state machine decides) → [`pop3::connection`] (the tokio
+//! driver performs the action: login, RETR and TOP in its own files)
+//! → a [`maildrop::Maildrop`] ([`maildrop::imap`]: snapshot, retrieval, commit) →
+//! [`upstream`] (the IMAP connection, streamed FETCH) → back through [`pop3::response`]
+//! (status lines, streaming dot-stuffer) → client socket. docs/architecture.md draws the
+//! layers; tests/architecture.rs keeps them true.
 //!
-//! | module | job |
+//! | layer | modules |
 //! |---|---|
-//! | [`config`] | TOML schema and start-up validation |
-//! | [`server`] | listener, accept loop, graceful stop |
-//! | [`pop3`] | the POP3 protocol: parser, session state machine, responses, tokio driver |
-//! | [`maildrop`] | the contract between a POP3 session and its store (+ an in-memory store) |
-//! | [`imap`] | upstream IMAP: connection driver, TLS, the IMAP-backed maildrop |
-//! | [`uidl`] | Dovecot-compatible UIDL format strings |
-//! | [`state`] | the sled cache (sizes, UIDVALIDITY, migrated UIDL maps) |
-//! | [`migrate`] | legacy UIDL maps, `popbridge migrate` (uidls, import, verify) |
-//! | [`metrics`] | Prometheus metrics (one process-wide registry) |
-//! | [`http`] | `/metrics`, `/healthz`, `/readyz` over hyper |
-//! | [`routing`] | which backend serves which login (sans-I/O) |
-//! | [`backends`] | the routed upstream: IMAP backends, legacy POP3 passthrough, master login |
+//! | core (sans-I/O) | [`pop3`] (command, session, response), [`uidl`], [`maildrop`] (the contract), [`routing`], [`limits`], [`metrics`], [`proxy_protocol`], [`live`], [`errors`] |
+//! | upstream | [`upstream`] (endpoints, transports, reader, IMAP, POP3 client), [`state`] (the sled cache), [`client_tls`] |
+//! | config | [`config`]: each subsystem's settings, validated at start-up |
+//! | maildrops | [`maildrop::imap`]: the IMAP-backed maildrop |
+//! | drivers | [`pop3::connection`] and its parts, [`pop3::relay`], [`migrate`] |
+//! | server | [`server`] (listeners, reload, stop), [`backends`] (routing to backends), [`http`] |
+#![forbid(unsafe_code)]
 
 pub mod backends;
 pub mod client_tls;
 pub mod config;
+pub mod errors;
 pub mod http;
 pub mod limits;
 pub mod live;

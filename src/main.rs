@@ -1,4 +1,5 @@
 //! The `popbridge` command: thin glue between the command line and the library.
+#![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -43,14 +43,19 @@ impl Snapshot {
 }
 
 /// Why the upstream could not do what the session asked. Each maps onto one RFC 3206 code.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone)]
 pub enum MaildropError {
     /// The upstream rejected the credentials: `-ERR [AUTH]`.
     #[error("authentication failed")]
     Auth,
-    /// The upstream is down, timed out or failed: `-ERR [SYS/TEMP]`.
-    #[error("upstream unavailable: {0}")]
-    Unavailable(String),
+    /// The upstream is down, timed out or failed: `-ERR [SYS/TEMP]`. `source` says why
+    /// (shown whole by [`crate::errors::Chain`]).
+    #[error("upstream unavailable: {context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// The upstream cannot do what the configuration requires (missing capability, read-only
     /// mailbox): `-ERR [SYS/PERM]`.
     #[error("upstream cannot serve this maildrop: {0}")]
@@ -63,13 +68,48 @@ pub enum MaildropError {
     Gone,
 }
 
+impl PartialEq for MaildropError {
+    /// The same kind and text; causes are not compared.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                MaildropError::Unavailable { context: a, .. },
+                MaildropError::Unavailable { context: b, .. },
+            ) => a == b,
+            (MaildropError::Unsupported(a), MaildropError::Unsupported(b)) => a == b,
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
+}
+
+impl Eq for MaildropError {}
+
 impl MaildropError {
+    /// [`MaildropError::Unavailable`] with nothing behind it.
+    pub fn unavailable(context: impl Into<String>) -> MaildropError {
+        MaildropError::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// [`MaildropError::Unavailable`] because of `source`.
+    pub fn unavailable_by(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> MaildropError {
+        MaildropError::Unavailable {
+            context: context.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
     /// The `result` label of `popbridge_logins_total` for a login that failed so (one of
     /// [`crate::metrics::LOGIN_RESULTS`], with `ok`).
     pub fn login_label(&self) -> &'static str {
         match self {
             MaildropError::Auth => "bad_credentials",
-            MaildropError::Unavailable(_) | MaildropError::Gone => "upstream_unavailable",
+            MaildropError::Unavailable { .. } | MaildropError::Gone => "upstream_unavailable",
             MaildropError::Unsupported(_) => "refused",
             MaildropError::InUse => "in_use",
         }
@@ -160,7 +200,7 @@ mod tests {
             MaildropError::InUse,
             MaildropError::Gone,
             MaildropError::Unsupported(String::new()),
-            MaildropError::Unavailable(String::new()),
+            MaildropError::unavailable(""),
         ] {
             assert!(
                 crate::metrics::LOGIN_RESULTS.contains(&e.login_label()),

@@ -24,7 +24,7 @@ pub struct ConnectionLimits {
     /// RFC 1939 autologout: no complete read or write progress for this long closes the
     /// connection without committing.
     pub idle_timeout: Duration,
-    /// Octets asked of the upstream per fetch.
+    /// Octets asked of the upstream per fetch, unless the session's backend sets its own.
     pub fetch_chunk: u32,
 }
 
@@ -126,6 +126,8 @@ impl Default for ClientPolicy {
 }
 
 pub(super) struct Conn<'a, IO, U: Upstream> {
+    /// Octets asked of the upstream per piece: the session's backend's.
+    pub(super) fetch_chunk: u32,
     pub(super) io: ClientStream<IO>,
     pub(super) tls: &'a ClientPolicy,
     pub(super) out: Vec<u8>,
@@ -196,6 +198,7 @@ where
         cfg,
         limits,
         session: Session::new(Arc::clone(cfg)).with_security(security),
+        fetch_chunk: limits.fetch_chunk,
         user: None,
         maildrop: None,
         reply_ok: None,
@@ -444,13 +447,13 @@ where
                             self.stats.deleted = uids.len();
                         }
                         if let Err(e) = &r {
-                            warn!(user = self.user.as_deref().unwrap_or("-"), error = %e, "commit failed");
+                            warn!(user = self.user.as_deref().unwrap_or("-"), error = %crate::errors::Chain(e), "commit failed");
                         }
                         md.close().await;
                         drop(lock);
                         r
                     }
-                    None => Err(MaildropError::Unavailable("no maildrop".into())),
+                    None => Err(MaildropError::unavailable("no maildrop")),
                 };
                 let reply = self.session.on_commit(result);
                 self.emit(&reply);
@@ -674,7 +677,7 @@ mod tests {
     #[tokio::test]
     async fn failed_commit_reports_sys_temp() {
         let h = Harness::new();
-        h.up.fail_commit("bob", MaildropError::Unavailable("boom".into()));
+        h.up.fail_commit("bob", MaildropError::unavailable("boom"));
         let (mut c, task) = h.login().await;
         c.cmd("DELE 1").await;
         assert_eq!(
@@ -873,12 +876,7 @@ mod tests {
         h.limits.fetch_chunk = 1024;
         h.up.add_message("bob", 9, big_message(200 * 1024));
         // Past the first 64 KiB flush: the body is partly on the wire.
-        h.up.fail_fetch_from(
-            "bob",
-            9,
-            128 * 1024,
-            MaildropError::Unavailable("lost".into()),
-        );
+        h.up.fail_fetch_from("bob", 9, 128 * 1024, MaildropError::unavailable("lost"));
         let (mut c, task) = h.login().await;
         c.cmd("DELE 1").await;
         let status = c.cmd("RETR 4").await;
@@ -900,7 +898,7 @@ mod tests {
         let (mut c, task) = h.login().await;
         assert_eq!(c.cmd("RETR 4").await, "-ERR message 4 no longer exists\r\n");
         assert_eq!(c.cmd("NOOP").await, "+OK\r\n");
-        h.up.fail_fetch_from("bob", 9, 2048, MaildropError::Unavailable("x".into()));
+        h.up.fail_fetch_from("bob", 9, 2048, MaildropError::unavailable("x"));
         assert!(c.cmd("RETR 4").await.starts_with("-ERR [SYS/TEMP]"));
         assert!(c.eof().await);
         assert_eq!(task.await.unwrap(), SessionOutcome::UpstreamError);
@@ -935,7 +933,7 @@ mod tests {
     #[tokio::test]
     async fn first_fetch_failure_other_than_gone_closes() {
         let h = Harness::new();
-        h.up.fail_fetch_from("bob", 1, 0, MaildropError::Unavailable("lost".into()));
+        h.up.fail_fetch_from("bob", 1, 0, MaildropError::unavailable("lost"));
         let (mut c, task) = h.login().await;
         assert!(c.cmd("RETR 1").await.starts_with("-ERR [SYS/TEMP]"));
         assert!(c.eof().await);
@@ -1000,7 +998,7 @@ mod tests {
     #[tokio::test]
     async fn quit_in_authorization_and_login_unavailable() {
         let h = Harness::new();
-        h.up.fail_logins(Some(MaildropError::Unavailable("down".into())));
+        h.up.fail_logins(Some(MaildropError::unavailable("down")));
         let (mut c, task) = h.connect().await;
         c.cmd("USER bob").await;
         assert!(c.cmd("PASS pw").await.starts_with("-ERR [SYS/TEMP]"));

@@ -28,12 +28,16 @@ where
                 maildrop: mut md,
                 lock_key,
                 uidl_format,
+                fetch_chunk,
             }) => match self.locks.try_lock(&lock_key) {
                 // The listing is taken under the lock: a session that committed and
                 // released it a moment ago is already reflected upstream.
                 Some(lock) => match md.snapshot().await {
                     Ok(snapshot) => {
                         info!(user = %user, backend = shown_backend, messages = snapshot.messages.len(), "pop3 login");
+                        if let Some(chunk) = fetch_chunk {
+                            self.fetch_chunk = chunk;
+                        }
                         if let Some(format) = uidl_format {
                             self.session.set_uidl_format(format);
                         }
@@ -42,7 +46,7 @@ where
                         Ok(Some(snapshot))
                     }
                     Err(e) => {
-                        info!(user = %user, error = %e, "pop3 login failed: listing");
+                        info!(user = %user, error = %crate::errors::Chain(&e), "pop3 login failed: listing");
                         md.close().await;
                         Err(e)
                     }
@@ -60,7 +64,7 @@ where
                 Ok(None)
             }
             Err(e) => {
-                info!(user = %user, backend = shown_backend, error = %e, "pop3 login failed");
+                info!(user = %user, backend = shown_backend, error = %crate::errors::Chain(&e), "pop3 login failed");
                 Err(e)
             }
         };

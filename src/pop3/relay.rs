@@ -51,7 +51,7 @@ impl From<LoginError> for MaildropError {
         match e {
             LoginError::Auth => MaildropError::Auth,
             LoginError::InUse => MaildropError::InUse,
-            LoginError::Unavailable(m) => MaildropError::Unavailable(m),
+            LoginError::Unavailable(m) => MaildropError::unavailable(m),
         }
     }
 }

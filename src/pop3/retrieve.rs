@@ -23,14 +23,10 @@ where
         top_lines: Option<u32>,
         ok_line: Vec<u8>,
     ) -> Flow {
-        let chunk = self.limits.fetch_chunk.max(1);
+        let chunk = self.fetch_chunk.max(1);
         let top = top_lines.is_some();
         let Some((md, _)) = self.maildrop.as_mut() else {
-            return self.retrieve_failed(
-                msg,
-                uid,
-                MaildropError::Unavailable("no maildrop".into()),
-            );
+            return self.retrieve_failed(msg, uid, MaildropError::unavailable("no maildrop"));
         };
         md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
         let mut part = match read_part(md, uid, size, top, 0, chunk).await {
@@ -65,7 +61,7 @@ where
             part = match read_part(md, uid, size, top, offset, chunk).await {
                 Ok(d) => d,
                 Err(e) if flushed => {
-                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %e,
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %crate::errors::Chain(&e),
                         "fetch failed mid-message after part of it was sent");
                     return Flow::End(SessionOutcome::UpstreamError);
                 }
@@ -89,7 +85,7 @@ where
         if self.cfg.mark_seen {
             if let Some((md, _)) = self.maildrop.as_mut() {
                 if let Err(e) = md.mark_seen(uid).await {
-                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %e, "mark_seen failed");
+                    warn!(user = self.user.as_deref().unwrap_or("-"), uid, error = %crate::errors::Chain(&e), "mark_seen failed");
                 }
             }
         }
@@ -104,7 +100,7 @@ where
             info!(user, uid, msg, "message removed upstream since the listing");
             metrics().retr_gone.inc();
         } else {
-            warn!(user, uid, error = %e, "fetch failed");
+            warn!(user, uid, error = %crate::errors::Chain(&e), "fetch failed");
         }
         let failed = self.session.on_retrieve_failed(msg, &e);
         self.emit(&failed.bytes);

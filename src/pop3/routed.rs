@@ -40,6 +40,7 @@ impl<S: Mailstore> Upstream for Unrouted<S> {
                     maildrop,
                     lock_key: user.to_lowercase(),
                     uidl_format: None,
+                    fetch_chunk: None,
                 }),
         }
     }
@@ -60,6 +61,9 @@ pub enum Opened<M> {
         lock_key: String,
         /// The backend's UIDL format, when it differs from the listener's.
         uidl_format: Option<UidlFormat>,
+        /// The backend's piece size (`fetch_chunk_bytes`): its upstream responses are bounded
+        /// by it. `None`: the listener's default.
+        fetch_chunk: Option<u32>,
     },
     /// Logged in at a legacy POP3 server: relay the rest of the session byte for byte.
     Relay(Box<Relayed>),

@@ -378,7 +378,7 @@ impl Session {
                 self.state = auth_state();
                 let reply = match e {
                     MaildropError::Auth => err(Some(RespCode::Auth), "Authentication failed."),
-                    MaildropError::Unavailable(_) | MaildropError::Gone => err(
+                    MaildropError::Unavailable { .. } | MaildropError::Gone => err(
                         Some(RespCode::SysTemp),
                         "Mail server temporarily unavailable, try again later.",
                     ),
@@ -730,7 +730,7 @@ mod tests {
     #[test]
     fn login_error_codes() {
         for (e, code) in [
-            (MaildropError::Unavailable("x".into()), "-ERR [SYS/TEMP] "),
+            (MaildropError::unavailable("x"), "-ERR [SYS/TEMP] "),
             (MaildropError::Unsupported("x".into()), "-ERR [SYS/PERM] "),
             (MaildropError::InUse, "-ERR [IN-USE] "),
         ] {
@@ -887,7 +887,7 @@ mod tests {
         }
         assert!(reply(line(&mut s, "STAT")).starts_with("-ERR"));
         assert_eq!(
-            s.on_commit(Err(MaildropError::Unavailable("x".into()))),
+            s.on_commit(Err(MaildropError::unavailable("x"))),
             b"-ERR [SYS/TEMP] some deleted messages not removed\r\n"
         );
     }
@@ -934,7 +934,7 @@ mod tests {
             );
         }
         assert!(!s.error_limit_reached());
-        let down = s.on_retrieve_failed(2, &MaildropError::Unavailable("x".into()));
+        let down = s.on_retrieve_failed(2, &MaildropError::unavailable("x"));
         assert!(down.bytes.starts_with(b"-ERR [SYS/TEMP]") && down.close);
     }
 }

@@ -22,7 +22,7 @@ impl ImapMaildrop {
     ) -> Result<Completion, MaildropError> {
         let mut done = self.run_all(vec![body], on_untagged).await?;
         done.pop()
-            .ok_or_else(|| MaildropError::Unavailable("no completion".into()))
+            .ok_or_else(|| MaildropError::unavailable("no completion"))
     }
 
     /// Run commands pipelined, preceded by any `\Seen` flags still owed for retrieved messages
@@ -38,7 +38,7 @@ impl ImapMaildrop {
         let conn = self
             .conn
             .as_mut()
-            .ok_or_else(|| MaildropError::Unavailable("upstream connection lost".into()))?;
+            .ok_or_else(|| MaildropError::unavailable("upstream connection lost"))?;
         match conn.execute_all(all, on_untagged).await {
             Ok(mut done) => {
                 for failed in done.iter().take(owed).filter(|d| !d.is_ok()) {
@@ -57,7 +57,7 @@ impl ImapMaildrop {
     pub(super) fn seen_owed(&mut self) -> Result<Vec<CommandBody<'static>>, MaildropError> {
         let seen = std::mem::take(&mut self.pending_seen);
         uid_sets(&seen)
-            .map_err(MaildropError::Unavailable)?
+            .map_err(MaildropError::unavailable)?
             .into_iter()
             .map(|set| {
                 CommandBody::store(
@@ -67,7 +67,7 @@ impl ImapMaildrop {
                     vec![Flag::Seen],
                     true,
                 )
-                .map_err(|e| MaildropError::Unavailable(e.to_string()))
+                .map_err(|e| MaildropError::unavailable_by("cannot build the IMAP command", e))
             })
             .collect()
     }
@@ -100,7 +100,7 @@ impl ImapMaildrop {
             vec![flag],
             true,
         )
-        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        .map_err(|e| MaildropError::unavailable_by("cannot build the IMAP command", e))?;
         expect_ok("UID STORE", self.run_commit(body).await?)
     }
 
@@ -138,15 +138,16 @@ impl ImapMaildrop {
                 return Ok(());
             }
             if attempt == 0 && matches!(done.code, Some(Code::TryCreate)) {
-                let create = CommandBody::create(mailbox_arg(&self.move_to)?)
-                    .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+                let create = CommandBody::create(mailbox_arg(&self.move_to)?).map_err(|e| {
+                    MaildropError::unavailable_by("cannot build the IMAP command", e)
+                })?;
                 let created = self.run(create, |_| {}).await?;
                 tracing::info!(mailbox = %self.move_to, ok = created.is_ok(), "created deletion target folder");
                 continue;
             }
             return expect_ok(name, done);
         }
-        Err(MaildropError::Unavailable(format!("{name} failed")))
+        Err(MaildropError::unavailable(format!("{name} failed")))
     }
     /// Applies the deletion mode to `uids` (see [`Maildrop::commit`]).
     pub(super) async fn apply_deletions(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
@@ -177,7 +178,7 @@ impl ImapMaildrop {
         }
     }
     pub(super) async fn commit_sets(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
-        for set in uid_sets(uids).map_err(MaildropError::Unavailable)? {
+        for set in uid_sets(uids).map_err(MaildropError::unavailable)? {
             match self.deletion {
                 DeletionMode::Hide => {
                     let atom = Atom::try_from(self.hide_keyword.clone())

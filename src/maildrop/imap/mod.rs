@@ -1,7 +1,7 @@
 //! The maildrop backed by an IMAP folder. [`ImapUpstream`] (one per IMAP backend) logs users
-//! in; each session's [`ImapMaildrop`] takes the listing ([`snapshot`]), serves message bytes
-//! with read-ahead and prefetch ([`retrieve`]), and applies the deletion mode at QUIT with UID
-//! commands only ([`commit`]). Migrated UIDL maps come from [`legacy_map`].
+//! in; each session's [`ImapMaildrop`] takes the listing (`snapshot.rs`), serves message bytes
+//! with read-ahead and prefetch (`retrieve.rs`), and applies the deletion mode at QUIT with UID
+//! commands only (`commit.rs`). Migrated UIDL maps come from [`legacy_map`].
 
 mod commit;
 pub mod legacy_map;
@@ -173,7 +173,7 @@ fn login_error(e: SessionError) -> MaildropError {
         SessionError::Refused(done) => login_failure(&done),
         // Credentials no server could be sent are credentials that cannot be right.
         SessionError::Unsendable(_) => MaildropError::Auth,
-        other => MaildropError::Unavailable(other.to_string()),
+        other => MaildropError::unavailable_by("cannot log in", other),
     }
 }
 
@@ -281,18 +281,18 @@ impl Maildrop for ImapMaildrop {
 }
 
 pub(super) fn lost() -> MaildropError {
-    MaildropError::Unavailable("upstream connection lost".into())
+    MaildropError::unavailable("upstream connection lost")
 }
 
 pub(super) fn unavailable(e: ImapError) -> MaildropError {
-    MaildropError::Unavailable(e.to_string())
+    MaildropError::unavailable_by("IMAP connection failed", e)
 }
 
 pub(super) fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropError> {
     if done.is_ok() {
         Ok(())
     } else {
-        Err(MaildropError::Unavailable(format!(
+        Err(MaildropError::unavailable(format!(
             "{what} failed: {}",
             done.text
         )))
@@ -306,7 +306,7 @@ fn login_failure(done: &Completion) -> MaildropError {
         .iter()
         .any(|c| code.starts_with(c))
     {
-        MaildropError::Unavailable(format!("upstream login failed: {}", done.text))
+        MaildropError::unavailable(format!("upstream login failed: {}", done.text))
     } else if code.starts_with("PRIVACYREQUIRED") {
         MaildropError::Unsupported("upstream requires TLS before login (set imap.security)".into())
     } else {
@@ -337,7 +337,7 @@ mod tests {
         ));
         assert!(matches!(
             login_failure(&c(Some(unavailable))),
-            MaildropError::Unavailable(_)
+            MaildropError::Unavailable { .. }
         ));
     }
 }

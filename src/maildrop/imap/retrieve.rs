@@ -91,10 +91,10 @@ impl ImapMaildrop {
             ));
         }
         let set = uid_sets(&wanted)
-            .map_err(MaildropError::Unavailable)?
+            .map_err(MaildropError::unavailable)?
             .into_iter()
             .next()
-            .ok_or_else(|| MaildropError::Unavailable("empty UID set".into()))?;
+            .ok_or_else(|| MaildropError::unavailable("empty UID set"))?;
         let body = CommandBody::fetch(
             set,
             vec![
@@ -107,7 +107,7 @@ impl ImapMaildrop {
             ],
             true,
         )
-        .map_err(|e| MaildropError::Unavailable(e.to_string()))?;
+        .map_err(|e| MaildropError::unavailable_by("cannot build the IMAP command", e))?;
         let mut pieces: HashMap<u32, Bytes> = HashMap::with_capacity(wanted.len());
         let done = self
             .run(body, |u| {
@@ -148,7 +148,7 @@ impl ImapMaildrop {
             Some(bytes) => Ok(bytes),
             // No data for the UID: the message was expunged by another client since login.
             None if done.is_ok() || done.kind == StatusKind::No => Err(MaildropError::Gone),
-            None => Err(MaildropError::Unavailable(format!(
+            None => Err(MaildropError::unavailable(format!(
                 "UID FETCH failed: {}",
                 done.text
             ))),
@@ -237,7 +237,7 @@ impl ImapMaildrop {
                     return Err(MaildropError::Gone);
                 }
                 Ok((BodyStart::NoBody(done), _)) => {
-                    return Err(MaildropError::Unavailable(format!(
+                    return Err(MaildropError::unavailable(format!(
                         "UID FETCH failed: {}",
                         done.text
                     )))

@@ -76,7 +76,7 @@ impl ImapMaildrop {
             })?;
         let head_done = if self.shared_map { done.pop() } else { None };
         let (Some(search_done), Some(select_done)) = (done.pop(), done.pop()) else {
-            return Err(MaildropError::Unavailable("no completion".into()));
+            return Err(MaildropError::unavailable("no completion"));
         };
         if !select_done.is_ok() {
             self.abandon().await;
@@ -95,8 +95,8 @@ impl ImapMaildrop {
         }
         let Some(uid_validity) = status.uid_validity else {
             self.abandon().await;
-            return Err(MaildropError::Unavailable(
-                "server did not report UIDVALIDITY on SELECT".into(),
+            return Err(MaildropError::unavailable(
+                "server did not report UIDVALIDITY on SELECT",
             ));
         };
         if self.deletion == DeletionMode::Hide {
@@ -110,7 +110,7 @@ impl ImapMaildrop {
             }
         }
         if !search_done.is_ok() {
-            return Err(MaildropError::Unavailable(format!(
+            return Err(MaildropError::unavailable(format!(
                 "listing failed: {}",
                 search_done.text
             )));
@@ -139,9 +139,7 @@ impl ImapMaildrop {
         let (user, uid_validity) = (self.user.clone(), self.uid_validity);
         let user = user.as_str();
         let Some(conn) = self.conn.as_mut() else {
-            return Err(MaildropError::Unavailable(
-                "upstream connection lost".into(),
-            ));
+            return Err(MaildropError::unavailable("upstream connection lost"));
         };
         let cached = self
             .state
@@ -162,7 +160,7 @@ impl ImapMaildrop {
         let mut fetched: Vec<(u32, u32)> = Vec::with_capacity(missing.len());
         if !missing.is_empty() {
             let fetches = uid_sets(&missing)
-                .map_err(MaildropError::Unavailable)?
+                .map_err(MaildropError::unavailable)?
                 .into_iter()
                 .map(|set| {
                     CommandBody::fetch(
@@ -170,7 +168,7 @@ impl ImapMaildrop {
                         vec![MessageDataItemName::Uid, MessageDataItemName::Rfc822Size],
                         true,
                     )
-                    .map_err(|e| MaildropError::Unavailable(e.to_string()))
+                    .map_err(|e| MaildropError::unavailable_by("cannot build the IMAP command", e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let done = conn
@@ -180,7 +178,7 @@ impl ImapMaildrop {
             // NO [EXPUNGEISSUED]: some went away since the SEARCH; they get no size and are
             // not listed.
             if let Some(failed) = done.iter().find(|d| !d.answered_but_expunged()) {
-                return Err(MaildropError::Unavailable(format!(
+                return Err(MaildropError::unavailable(format!(
                     "listing sizes failed: {}",
                     failed.text
                 )));
@@ -300,6 +298,6 @@ impl ImapMaildrop {
         if matches!(e, MetadataError::Imap(_)) {
             self.conn = None;
         }
-        MaildropError::Unavailable(format!("legacy UIDL map unusable: {e}"))
+        MaildropError::unavailable(format!("legacy UIDL map unusable: {e}"))
     }
 }

@@ -1,10 +1,12 @@
 //! IMAP towards the store: the command engine of one connection ([`engine`]), the connection
-//! with its streamed FETCH of message bodies ([`conn`], with the pure parser [`fetch_parse`]),
+//! ([`conn`]) with its streamed FETCH of message bodies ([`fetch`], with the pure parser
+//! [`fetch_parse`]),
 //! session setup and every login mechanism popbridge uses ([`session`], [`login`]), and
 //! METADATA ([`metadata`]).
 
 pub mod conn;
 pub mod engine;
+pub mod fetch;
 pub mod fetch_parse;
 pub mod login;
 pub mod metadata;

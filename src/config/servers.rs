@@ -1,0 +1,211 @@
+//! The upstream server sections: `[imap]` and `[backends.X]` of either kind. Their endpoint
+//! keys are declared once ([`server_section!`]) and checked by the upstream layer
+//! ([`EndpointSettings::validate`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::read_secret;
+use crate::uidl::UidlFormat;
+use crate::upstream::{EndpointSettings, Protocol, Security};
+
+/// Declares a server section: the endpoint keys every server section shares
+/// ([`EndpointSettings`], validated there), then the section's own keys. A macro rather than
+/// `#[serde(flatten)]`, which would lose the key names in error messages.
+macro_rules! server_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            pub host: String,
+            /// Defaults to the protocol's port: 993/143 (IMAP), 995/110 (POP3).
+            pub port: Option<u16>,
+            #[serde(default = "default_security")]
+            pub security: Security,
+            /// Extra trust anchor (PEM) besides the system roots; verification is always on.
+            pub ca_file: Option<PathBuf>,
+            /// Name checked against the server certificate; defaults to `host`.
+            pub tls_server_name: Option<String>,
+            #[serde(default = "default_connect_timeout")]
+            pub connect_timeout_secs: u64,
+            /// Deadline for the greeting and each read or write after it.
+            #[serde(default = "default_command_timeout")]
+            pub command_timeout_secs: u64,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// The endpoint keys of this section.
+            pub fn endpoint(&self) -> EndpointSettings {
+                EndpointSettings {
+                    host: self.host.clone(),
+                    port: self.port,
+                    security: self.security,
+                    ca_file: self.ca_file.clone(),
+                    tls_server_name: self.tls_server_name.clone(),
+                    connect_timeout_secs: self.connect_timeout_secs,
+                    command_timeout_secs: self.command_timeout_secs,
+                }
+            }
+        }
+    };
+}
+
+/// One upstream a login can be routed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendConfig {
+    /// An IMAP store, served through the bridge (same keys as `[imap]`).
+    Imap(ImapConfig),
+    /// A legacy POP3 server: after login the session is relayed byte for byte.
+    Pop3(Pop3BackendConfig),
+}
+
+server_section! {
+    /// A legacy POP3 server (`kind = "pop3"`): the endpoint keys, then its own.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Pop3BackendConfig {
+        /// Operator credentials for `popbridge migrate` (SASL PLAIN with the user as
+        /// authorization identity); client sessions always log in with the client's own
+        /// password.
+        pub master_user: Option<String>,
+        /// File holding the master user's password (first line); never inline in this file.
+        pub master_password_file: Option<PathBuf>,
+    }
+}
+
+impl Pop3BackendConfig {
+    pub fn port(&self) -> u16 {
+        self.endpoint().port(Protocol::Pop3)
+    }
+}
+
+server_section! {
+    /// An IMAP store, served through the bridge: `[imap]` and `kind = "imap"` backends.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ImapConfig {
+        /// The folder served as the POP3 maildrop.
+        #[serde(default = "default_mailbox")]
+        pub mailbox: String,
+        /// Size of each `BODY.PEEK[]<offset.length>` piece (TOP, and RETR of small messages
+        /// on servers that send UID after the body); also bounds one upstream response.
+        #[serde(default = "default_fetch_chunk")]
+        pub fetch_chunk_bytes: u32,
+        /// UIDL format for users of this store; defaults to `pop3.uidl_format`.
+        pub uidl_format: Option<String>,
+        /// Log in as this master user (SASL PLAIN, the user as authorization identity)
+        /// instead of with the client's password. Needs `verify_password_with`.
+        pub master_user: Option<String>,
+        /// File holding the master user's password (first line); never inline in this file.
+        pub master_password_file: Option<PathBuf>,
+        /// With a master user: the backend (a name from `[backends]`) that checks the client's
+        /// password first, so no login is ever let in unchecked.
+        pub verify_password_with: Option<String>,
+    }
+}
+
+impl ImapConfig {
+    pub fn port(&self) -> u16 {
+        self.endpoint().port(Protocol::Imap)
+    }
+}
+
+pub(super) fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    validate_endpoint(prefix, &imap.endpoint())?;
+    if imap.mailbox.is_empty() {
+        return Err((key("mailbox"), "must not be empty".into()));
+    }
+    if !(4096..=16 * 1024 * 1024).contains(&imap.fetch_chunk_bytes) {
+        return Err((
+            key("fetch_chunk_bytes"),
+            "must be between 4096 and 16777216".into(),
+        ));
+    }
+    if let Some(f) = &imap.uidl_format {
+        UidlFormat::parse(f).map_err(|e| (key("uidl_format"), e.to_string()))?;
+    }
+    validate_master(
+        prefix,
+        imap.master_user.as_deref(),
+        imap.master_password_file.as_deref(),
+    )?;
+    match (&imap.master_user, &imap.verify_password_with) {
+        (Some(_), None) => Err((
+            key("verify_password_with"),
+            "is required with master_user: name the backend that checks the client's password (a master login alone would let any password in)".into(),
+        )),
+        (None, Some(_)) => Err((key("verify_password_with"), "only makes sense with master_user".into())),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn validate_pop3_backend(
+    prefix: &str,
+    p: &Pop3BackendConfig,
+) -> Result<(), (String, String)> {
+    validate_endpoint(prefix, &p.endpoint())?;
+    validate_master(
+        prefix,
+        p.master_user.as_deref(),
+        p.master_password_file.as_deref(),
+    )
+}
+
+/// The endpoint keys of a server section, checked where they are defined.
+fn validate_endpoint(prefix: &str, e: &EndpointSettings) -> Result<(), (String, String)> {
+    e.validate().map_err(|(key, why)| {
+        // The reasons may name sibling keys ("security"): qualify them too.
+        let why = why.replace("security = ", &format!("{prefix}.security = "));
+        (format!("{prefix}.{key}"), why)
+    })
+}
+
+fn validate_master(
+    prefix: &str,
+    user: Option<&str>,
+    password_file: Option<&Path>,
+) -> Result<(), (String, String)> {
+    match (user, password_file) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err((
+            format!("{prefix}.master_password_file"),
+            "is required with master_user".into(),
+        )),
+        (None, Some(_)) => Err((
+            format!("{prefix}.master_user"),
+            "is required with master_password_file".into(),
+        )),
+        (Some(u), Some(f)) => {
+            if u.is_empty() {
+                return Err((format!("{prefix}.master_user"), "must not be empty".into()));
+            }
+            read_secret(f)
+                .map(|_| ())
+                .map_err(|e| (format!("{prefix}.master_password_file"), e))
+        }
+    }
+}
+
+fn default_security() -> Security {
+    Security::Tls
+}
+fn default_mailbox() -> String {
+    "INBOX".into()
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_command_timeout() -> u64 {
+    60
+}
+fn default_fetch_chunk() -> u32 {
+    1024 * 1024
+}

@@ -1,0 +1,220 @@
+//! The server: what `popbridge serve` runs. [`serve`] builds everything from the
+//! configuration, opens the listeners ([`listener`]), reloads on SIGHUP (`generation.rs`), watches
+//! the routing file (`watchers.rs`) and stops gracefully.
+
+mod generation;
+pub mod listener;
+mod watchers;
+
+pub use listener::{run, Bridge, ListenerSpec, ProxySettings};
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::backends::BackendError;
+use crate::client_tls::{CertError, ReloadableCert};
+use crate::config::Config;
+use crate::http::{self, Health};
+use crate::limits::{AuthPenalty, ConnectionLimiter};
+use crate::live::Live;
+use crate::pop3::locks::MaildropLocks;
+use crate::routing::{Router, RoutingError};
+use crate::state::{StateError, StateStore};
+use crate::upstream::SetupError;
+
+use generation::{restart_only_changes, Generation, Shared};
+use listener::bind;
+use watchers::{wait_for_stop_signal, watch_routes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Upstream(#[from] SetupError),
+    #[error("invalid pop3.uidl_format: {0}")]
+    Uidl(String),
+    #[error("client TLS: {0}")]
+    Cert(#[from] CertError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("routing: {0}")]
+    Routing(#[from] RoutingError),
+}
+
+/// The `listener` label of session metrics for the plain POP3 listener.
+pub(super) const LISTENER: &str = "pop3";
+
+/// How often certificate files are checked for a renewal.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the routing file is checked for a change.
+const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Run popbridge as configured until SIGINT or SIGTERM; SIGHUP reloads `path`.
+pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
+    let cert = match &config.pop3.tls {
+        Some(tls) => {
+            let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
+            cert.clone().watch(CERT_CHECK_INTERVAL);
+            Some(cert)
+        }
+        None => None,
+    };
+    let limits = &config.limits;
+    let shared = Shared {
+        state: Arc::new(StateStore::open(&config.state.dir)?),
+        locks: MaildropLocks::default(),
+        connections: ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip),
+        penalty: AuthPenalty::new(
+            Duration::from_millis(limits.auth_penalty_base_ms),
+            Duration::from_secs(limits.auth_penalty_max_secs),
+            Duration::from_secs(limits.auth_penalty_window_secs),
+        ),
+        acceptor: cert.as_ref().map(|c| c.acceptor()).transpose()?,
+    };
+    let router = Router::from_config(&config)?;
+    let (exact, domains) = router.len();
+    tracing::info!(exact, domains, "routing table loaded");
+    // The current generation's routing table. Each generation keeps its own (the file watcher
+    // updates the current one), so a session never routes by rules newer than its backends.
+    let routes: Arc<Live<Live<Router>>> =
+        Arc::new(Live::new(Arc::new(Live::new(Arc::new(router)))));
+    let routes_basis = Arc::new(Live::new(Arc::new(config.clone())));
+    let generation = Generation::build(&config, &shared, &routes.get())?;
+    let bridge = Arc::new(Live::new(generation.bridge));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let health = Health::new(generation.upstream);
+    let metrics_task = match config.metrics.listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            tracing::info!(listen = %addr, "metrics and health endpoint listening");
+            Some(tokio::spawn(http::serve(
+                listener,
+                health.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    let routes_task = tokio::spawn(watch_routes(
+        routes.clone(),
+        routes_basis.clone(),
+        ROUTES_CHECK_INTERVAL,
+        stop_rx.clone(),
+    ));
+
+    let pop3_spec = Arc::new(Live::new(generation.pop3));
+    let pop3s_spec = generation.pop3s.map(|s| Arc::new(Live::new(s)));
+    let mut listeners = vec![(config.pop3.listen, pop3_spec.clone())];
+    if let (Some(addr), Some(spec)) = (config.pop3.listen_tls, &pop3s_spec) {
+        listeners.push((addr, spec.clone()));
+    }
+
+    let drain = Duration::from_secs(config.pop3.shutdown_drain_secs);
+    let mut servers = Vec::new();
+    for (addr, spec) in listeners {
+        let listener = bind(addr, config.pop3.listen_backlog)
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let current = spec.get();
+        tracing::info!(
+            listener = current.name,
+            listen = %listener.local_addr().unwrap_or(addr),
+            stls = current.stls.is_some(),
+            upstream = %format!("{}:{}", config.imap.host, config.imap.port()),
+            mailbox = %config.imap.mailbox,
+            deletion = ?config.deletion.mode,
+            "popbridge listening"
+        );
+        servers.push(tokio::spawn(run(
+            listener,
+            spec,
+            bridge.clone(),
+            stop_rx.clone(),
+            drain,
+        )));
+    }
+    health.listening.store(true, Ordering::Release);
+
+    let mut running = config;
+    let reload = |running: &mut Config| {
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one");
+                return;
+            }
+        };
+        let pinned = restart_only_changes(running, &new);
+        if !pinned.is_empty() {
+            tracing::warn!(keys = ?pinned, "SIGHUP: these settings only change with a restart; keeping their old values");
+        }
+        // A bad routing file refuses the whole reload: old routes, old everything.
+        // A big routing file takes a moment: let the runtime move other tasks off this thread.
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let build = || Router::from_config(&new);
+        let built = if multi_thread {
+            tokio::task::block_in_place(build)
+        } else {
+            build()
+        };
+        let router = match built {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one and the old routes");
+                return;
+            }
+        };
+        let (exact, domains) = router.len();
+        let fresh = Arc::new(Live::new(Arc::new(router)));
+        match Generation::build(&new, &shared, &fresh) {
+            Ok(g) => {
+                routes.set(fresh);
+                routes_basis.set(Arc::new(new.clone()));
+                tracing::info!(exact, domains, "SIGHUP: routing table reloaded");
+                bridge.set(g.bridge);
+                pop3_spec.set(g.pop3);
+                if let (Some(live), Some(spec)) = (&pop3s_spec, g.pop3s) {
+                    live.set(spec);
+                }
+                health.upstream.set(g.upstream);
+                tracing::info!(path = %path.display(), "SIGHUP: configuration reloaded; new sessions use it");
+                *running = new;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the old one");
+            }
+        }
+    };
+    wait_for_stop_signal(cert.as_deref(), || reload(&mut running)).await?;
+    tracing::info!(drain_secs = drain.as_secs(), "stopping: no new sessions");
+    health.listening.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    let _ = routes_task.await;
+    shared.state.flush();
+    tracing::info!("stopped");
+    Ok(())
+}

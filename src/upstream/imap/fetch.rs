@@ -1,0 +1,1149 @@
+//! The one response popbridge streams instead of letting imap-next decode it:
+//! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`. The body literal of `<uid>` goes to the client
+//! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
+//! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
+//! be sent before the client asks for it ([`ImapConnection::prefetch`]). The lines around the
+//! literals are read by the pure parser in [`super::fetch_parse`], which accepts every shape a
+//! server sends for a message that went away under the session.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use imap_next::imap_types::response::StatusKind;
+use tokio::io::AsyncWriteExt;
+
+use super::conn::{
+    BodyStart, BodyStream, FetchOrder, ImapConnection, Prefetch, Step, AHEAD_LITERAL_MAX,
+    DRAIN_MAX, RANGE_TO_END,
+};
+use super::engine::{Completion, ImapError};
+use super::fetch_parse::{self, BodyValue, FetchInfo, Items, Line};
+use crate::metrics::metrics;
+use crate::upstream::reader::LARGE_READ;
+
+impl ImapConnection {
+    /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` and reads up to the start of the
+    /// body literal of `uid`, which [`Self::body_next`] then hands out in parts as it arrives,
+    /// so a message of any size flows to the client through bounded buffers without being
+    /// decoded. The bodies of `others` (small messages read ahead; only when
+    /// [`Self::uid_before_body`]) are kept whole for [`Self::take_ahead`].
+    pub async fn body_start(&mut self, uid: u32, others: &[u32]) -> Result<BodyStart, ImapError> {
+        self.body_start_at(uid, 0, others).await
+    }
+
+    /// [`Self::body_start`] of the part of the body from octet `origin` on
+    /// (`BODY.PEEK[]<origin.n>`, one literal); with `origin` 0, the whole body.
+    pub async fn body_start_at(
+        &mut self,
+        uid: u32,
+        origin: u32,
+        others: &[u32],
+    ) -> Result<BodyStart, ImapError> {
+        let r = self.body_start_inner(uid, origin, others).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_start_inner(
+        &mut self,
+        uid: u32,
+        origin: u32,
+        others: &[u32],
+    ) -> Result<BodyStart, ImapError> {
+        if self.engine.broken {
+            return Err(ImapError::Broken);
+        }
+        self.abandon_body().await?;
+        self.ahead.clear();
+        // A FETCH of this very message sent ahead: its response is next in the socket, no
+        // command and no round trip needed (its `others` replace the ones asked for now).
+        let (tag, others, started) = match self.prefetch.take() {
+            Some(p) if p.uid == uid && origin == 0 => (p.tag, p.others, p.started),
+            p => {
+                self.prefetch = p;
+                self.drain_prefetch().await?;
+                let started = Instant::now();
+                let others = if origin == 0 { others } else { &[] };
+                let tag = self.send_fetch(uid, origin, others).await?;
+                (tag, others.to_vec(), started)
+            }
+        };
+        let (left, inline, items_pending, info) =
+            match self.fetch_lines(&tag, Some((uid, origin)), &others).await? {
+                Step::Done(done) => return Ok(BodyStart::NoBody(done)),
+                Step::Body { len, info } => {
+                    self.learn_fetch_order(info.uid.is_some());
+                    (u64::from(len), None, true, info)
+                }
+                Step::Inline { data, info } => (0, data, false, info),
+            };
+        self.body = Some(BodyStream {
+            tag,
+            uid,
+            others,
+            left,
+            inline,
+            items_pending,
+            origin,
+            delivered: false,
+            info,
+            started,
+        });
+        Ok(BodyStart::Streaming)
+    }
+
+    /// Writes `UID FETCH <uid>,<others> (UID BODY.PEEK[])`, or with a non-zero `origin` (and
+    /// no others) `UID FETCH <uid> (UID BODY.PEEK[]<origin.n>)` for the rest of the body from
+    /// there (deadline on the write); its tag.
+    async fn send_fetch(
+        &mut self,
+        uid: u32,
+        origin: u32,
+        others: &[u32],
+    ) -> Result<String, ImapError> {
+        if uid == 0 || others.contains(&0) || others.contains(&uid) {
+            return Err(ImapError::Command("bad UID set".into()));
+        }
+        if !others.is_empty() && !self.uid_before_body {
+            return Err(ImapError::Command(
+                "read-ahead needs UID before BODY".into(),
+            ));
+        }
+        let tag = format!("P{}", self.engine.next_tag);
+        self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
+        let mut command = format!("{tag} UID FETCH {uid}");
+        for o in others {
+            command.push_str(&format!(",{o}"));
+        }
+        if origin == 0 {
+            command.push_str(" (UID BODY.PEEK[])\r\n");
+        } else {
+            // The rest of the message, however long: servers end the range at its end.
+            let len = RANGE_TO_END - origin.min(RANGE_TO_END - 1);
+            command.push_str(&format!(" (UID BODY.PEEK[]<{origin}.{len}>)\r\n"));
+        }
+        let t = self.engine.limits.io_timeout;
+        let written = tokio::time::timeout(t, async {
+            self.engine.io.write_all(command.as_bytes()).await?;
+            self.engine.io.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(tag),
+            Ok(Err(e)) => Err(self.engine.fail(e.into())),
+            Err(_) => Err(self.engine.fail(ImapError::Timeout(t))),
+        }
+    }
+
+    /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` now and leaves its response unread
+    /// in the socket: if the next body asked for is `uid`, [`Self::body_start`] streams it
+    /// without a round trip; any other command first drains it ([`Self::drain_prefetch`]).
+    /// Only while no body is being streamed (a delivered one whose tail is unread is fine:
+    /// the responses come in order), none is prefetched yet, and the server is known to send
+    /// `UID` before `BODY[]` (so a drain knows whose every literal is).
+    pub async fn prefetch(&mut self, uid: u32, others: &[u32]) -> Result<(), ImapError> {
+        if self.engine.broken {
+            return Err(ImapError::Broken);
+        }
+        if self.prefetch.is_some()
+            || !self.uid_before_body
+            || self.body.as_ref().is_some_and(|b| !b.delivered)
+        {
+            return Err(ImapError::Command("cannot prefetch now".into()));
+        }
+        let started = Instant::now();
+        let tag = self.send_fetch(uid, 0, others).await?;
+        self.prefetch = Some(Prefetch {
+            tag,
+            uid,
+            others: others.to_vec(),
+            started,
+        });
+        Ok(())
+    }
+
+    /// Whether a prefetched FETCH of `uid` is waiting to be streamed.
+    pub fn prefetched(&self, uid: u32) -> bool {
+        self.prefetch.as_ref().is_some_and(|p| p.uid == uid)
+    }
+
+    /// Whether some FETCH was prefetched.
+    pub fn has_prefetch(&self) -> bool {
+        self.prefetch.is_some()
+    }
+
+    /// The UIDs of the streamed FETCH (current body and read-ahead) whose bodies are not
+    /// handed out yet, and those of a prefetched one.
+    pub fn in_flight(&self) -> impl Iterator<Item = u32> + '_ {
+        let body = self.body.iter().flat_map(|b| b.others.iter().copied());
+        let pre = self
+            .prefetch
+            .iter()
+            .flat_map(|p| std::iter::once(p.uid).chain(p.others.iter().copied()));
+        body.chain(pre)
+    }
+
+    /// Reads and discards the response to a prefetched FETCH that the client did not ask for,
+    /// before any other command: every body must be one of its UIDs and at most `DRAIN_MAX`
+    /// bytes, every read has the I/O deadline; anything else ends the connection.
+    pub(super) async fn drain_prefetch(&mut self) -> Result<(), ImapError> {
+        let Some(p) = self.prefetch.take() else {
+            return Ok(());
+        };
+        let r = self.drain_inner(&p).await;
+        if let Err(e) = &r {
+            self.engine.broken = true;
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn drain_inner(&mut self, p: &Prefetch) -> Result<(), ImapError> {
+        loop {
+            let (len, mut info) = match self.next_fetch_body(&p.tag).await? {
+                Step::Done(_) => {
+                    tracing::debug!(uid = p.uid, "prefetched FETCH drained");
+                    self.engine.reader.shrink_idle();
+                    return Ok(());
+                }
+                // Nothing to skip: a NIL (gone) or quoted body is already read.
+                Step::Inline { .. } => continue,
+                Step::Body { len, info } => (len, info),
+            };
+            let ours = info
+                .uid
+                .is_some_and(|u| u == p.uid || p.others.contains(&u));
+            if info.uid.is_none() {
+                self.learn_fetch_order(false);
+            }
+            if !ours || u64::from(len) > DRAIN_MAX {
+                return Err(self.engine.fail(ImapError::Malformed));
+            }
+            self.engine.skip(u64::from(len)).await?;
+            self.finish_items(&mut info).await?;
+        }
+    }
+
+    /// The next step of the response to our FETCH `tag`: its completion, a FETCH response
+    /// whose body literal of `len` octets starts next in the buffer, or one whose body came
+    /// inline (quoted, or NIL). Other untagged responses (EXISTS, EXPUNGE, VANISHED, `* OK`;
+    /// their literals skipped) and FETCH responses without a body (flag updates) are passed
+    /// over.
+    async fn next_fetch_body(&mut self, tag: &str) -> Result<Step, ImapError> {
+        loop {
+            let line = self.engine.read_line().await?;
+            let classified = fetch_parse::classify(&line, tag.as_bytes());
+            let items_at = match classified.map_err(|e| self.engine.fail(e.into()))? {
+                Line::Done { kind, text } => return Ok(Step::Done(completion(kind, text))),
+                Line::Other { literal } => {
+                    self.engine.skip(literal.map_or(0, u64::from)).await?;
+                    continue;
+                }
+                Line::Fetch { items_at } => items_at,
+            };
+            let mut info = FetchInfo::default();
+            let items = &fetch_parse::trim_eol(&line)[items_at..];
+            match fetch_parse::parse_items(items, &mut info)
+                .map_err(|e| self.engine.fail(e.into()))?
+            {
+                Items::Body(len) => return Ok(Step::Body { len, info }),
+                Items::End => match info.body.take() {
+                    None => continue,
+                    Some(BodyValue::Nil) => return Ok(Step::Inline { data: None, info }),
+                    Some(BodyValue::Quoted(q)) => {
+                        return Ok(Step::Inline {
+                            data: Some(Bytes::from(q)),
+                            info,
+                        })
+                    }
+                    Some(BodyValue::Literal(_)) => {
+                        return Err(self.engine.fail(ImapError::Malformed))
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads the rest of a FETCH response's item list after a body literal into `info`; it
+    /// must hold no further literal.
+    async fn finish_items(&mut self, info: &mut FetchInfo) -> Result<(), ImapError> {
+        let line = self.engine.read_line().await?;
+        match fetch_parse::parse_items(fetch_parse::trim_eol(&line), info) {
+            Ok(Items::End) => Ok(()),
+            _ => Err(self.engine.fail(ImapError::Malformed)),
+        }
+    }
+
+    /// Reads the responses of our FETCH `tag` until the body of `cur` (UID and origin) starts
+    /// or the command completes; bodies of `others` are read whole into `self.ahead`. A `NIL`
+    /// body (a message another client expunged) is passed over: the message's absence from
+    /// the response says it is gone.
+    async fn fetch_lines(
+        &mut self,
+        tag: &str,
+        cur: Option<(u32, u32)>,
+        others: &[u32],
+    ) -> Result<Step, ImapError> {
+        let cur_uid = cur.map(|c| c.0);
+        loop {
+            let (len, mut info) = match self.next_fetch_body(tag).await? {
+                Step::Done(done) => return Ok(Step::Done(done)),
+                Step::Inline { data: None, .. } => continue,
+                Step::Inline {
+                    data: Some(data),
+                    info,
+                } => {
+                    // A short body sent as a quoted string: whose it is, the line said whole
+                    // (with one UID asked for, it can only be that one's).
+                    let whose = info.uid.or(cur_uid.filter(|_| others.is_empty()));
+                    match whose {
+                        Some(u) if Some((u, info.origin)) == cur => {
+                            return Ok(Step::Inline {
+                                data: Some(data),
+                                info,
+                            })
+                        }
+                        Some(u) if others.contains(&u) && info.origin == 0 => {
+                            if self.ahead.iter().all(|(a, _)| *a != u) {
+                                self.ahead.push((u, data));
+                            }
+                            continue;
+                        }
+                        _ => return Err(self.engine.fail(ImapError::Malformed)),
+                    }
+                }
+                Step::Body { len, info } => (len, info),
+            };
+            match (info.uid, cur) {
+                (Some(u), Some((c, origin))) if u == c && info.origin == origin => {
+                    return Ok(Step::Body { len, info })
+                }
+                // UID after the body: only acceptable when the command named one UID.
+                (None, Some((_, origin))) if others.is_empty() && info.origin == origin => {
+                    return Ok(Step::Body { len, info })
+                }
+                // What earlier connections showed no longer holds (another server behind the
+                // address): this session fails, the next ones learn again.
+                (None, Some(_)) => {
+                    self.learn_fetch_order(false);
+                    return Err(self.engine.fail(ImapError::Malformed));
+                }
+                (Some(u), _)
+                    if others.contains(&u) && len <= AHEAD_LITERAL_MAX && info.origin == 0 =>
+                {
+                    let data = self.engine.take_exact(len as usize).await?;
+                    self.finish_items(&mut info).await?;
+                    if info.uid != Some(u) {
+                        return Err(self.engine.fail(ImapError::Malformed));
+                    }
+                    if self.ahead.iter().all(|(a, _)| *a != u) {
+                        self.ahead.push((u, data));
+                    }
+                }
+                _ => return Err(self.engine.fail(ImapError::Malformed)),
+            }
+        }
+    }
+
+    /// The next part of the body being streamed: at least one byte unless the body is
+    /// empty, at most `max`; `true` with the last part, once the response has completed.
+    pub async fn body_next(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let r = self.body_next_inner(max).await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    async fn body_next_inner(&mut self, max: usize) -> Result<(Bytes, bool), ImapError> {
+        let Some(b) = self.body.as_mut() else {
+            return Err(ImapError::Command("no body is being streamed".into()));
+        };
+        let max = max.max(1);
+        let mut data = Bytes::new();
+        if let Some(mut inline) = b.inline.take() {
+            data = inline.split_to(inline.len().min(max));
+            if !inline.is_empty() {
+                b.inline = Some(inline);
+                return Ok((data, false));
+            }
+        } else if b.left > 0 {
+            let left = b.left;
+            if self.engine.reader.is_empty() {
+                self.engine.fill(LARGE_READ).await?;
+            }
+            let k = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.engine.reader.len())
+                .min(max);
+            data = self.engine.reader.split_to(k).freeze();
+            let left = left - k as u64;
+            if let Some(b) = self.body.as_mut() {
+                b.left = left;
+            }
+            if left > 0 {
+                return Ok((data, false));
+            }
+        }
+        match self.body.as_mut() {
+            // Whose body this was is known: the rest can wait for the next command.
+            Some(b) if b.info.uid.is_some() => b.delivered = true,
+            _ => self.finish_body().await?,
+        }
+        Ok((data, true))
+    }
+
+    /// Reads what follows the body literal up to the tagged completion.
+    async fn finish_body(&mut self) -> Result<(), ImapError> {
+        let Some(stream) = self.body.take() else {
+            return Ok(());
+        };
+        let BodyStream {
+            tag,
+            uid,
+            others,
+            mut info,
+            started,
+            items_pending,
+            ..
+        } = stream;
+        // The rest of the FETCH item list.
+        if items_pending {
+            self.finish_items(&mut info).await?;
+        }
+        if info.uid != Some(uid) {
+            return Err(self.engine.fail(ImapError::Malformed));
+        }
+        let Step::Done(done) = self.fetch_lines(&tag, None, &others).await? else {
+            return Err(self.engine.fail(ImapError::Malformed));
+        };
+        metrics()
+            .upstream_command_duration
+            .with_label_values(&["FETCH"])
+            .observe(started.elapsed().as_secs_f64());
+        self.engine.reader.shrink_idle();
+        if !done.is_ok() {
+            // The body was complete and its UID checked: a NO after it (`[EXPUNGEISSUED]`
+            // for a message read ahead that went away) changes nothing already handed out.
+            tracing::debug!(uid, text = %done.text, "streamed FETCH completed with NO/BAD");
+        }
+        Ok(())
+    }
+
+    /// The read-ahead messages of the last streamed FETCH.
+    pub fn take_ahead(&mut self) -> Vec<(u32, Bytes)> {
+        std::mem::take(&mut self.ahead)
+    }
+
+    /// Whether a FETCH of several UIDs may be streamed (see the field).
+    pub fn uid_before_body(&self) -> bool {
+        self.uid_before_body
+    }
+
+    /// Start from what earlier connections to this server showed about its FETCH item
+    /// order, and tell them what this one shows.
+    pub fn share_fetch_order(&mut self, order: Arc<FetchOrder>) {
+        if let Some(uid_first) = order.get() {
+            self.uid_before_body = uid_first;
+            self.fetch_order_known = true;
+        }
+        self.fetch_order = Some(order);
+    }
+
+    fn learn_fetch_order(&mut self, uid_first: bool) {
+        self.uid_before_body = uid_first;
+        self.fetch_order_known = true;
+        if let Some(order) = &self.fetch_order {
+            order.set(uid_first);
+        }
+    }
+
+    /// Whether a streamed FETCH has shown the server's order of `UID` and `BODY[]` yet.
+    pub fn fetch_order_known(&self) -> bool {
+        self.fetch_order_known
+    }
+
+    /// Whether a body is being streamed and not yet handed out whole.
+    pub fn streaming_any(&self) -> bool {
+        self.body.as_ref().is_some_and(|b| !b.delivered)
+    }
+
+    /// Whether a body is being streamed for `uid`.
+    pub fn streaming(&self, uid: u32) -> bool {
+        self.body
+            .as_ref()
+            .is_some_and(|b| b.uid == uid && !b.delivered)
+    }
+
+    /// Whether a streamed FETCH has not been read to its completion yet.
+    pub fn unsettled(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// Reads the rest of a streamed FETCH (see [`BodyStream::delivered`]); the read-ahead
+    /// bodies in it are then ready for [`Self::take_ahead`].
+    pub async fn settle(&mut self) -> Result<(), ImapError> {
+        let r = self.abandon_body().await;
+        if let Err(e) = &r {
+            metrics()
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        r
+    }
+
+    /// Ends a body stream: read to its end if that is cheap (always, once the body was
+    /// delivered), otherwise give the connection up.
+    pub(super) async fn abandon_body(&mut self) -> Result<(), ImapError> {
+        let Some((left, origin)) = self.body.as_mut().map(|b| {
+            b.inline = None;
+            (b.left, b.origin)
+        }) else {
+            return Ok(());
+        };
+        // A range (TOP's remainder) was asked for because the client needs its start: read to
+        // its end whatever its size (bounded by the message, every read with its deadline).
+        if left > DRAIN_MAX && origin == 0 {
+            self.body = None;
+            return Err(self.engine.fail(ImapError::Broken));
+        }
+        self.engine.skip(left).await?;
+        self.finish_body().await
+    }
+}
+
+fn completion(kind: fetch_parse::Completion, text: &[u8]) -> Completion {
+    Completion {
+        kind: match kind {
+            fetch_parse::Completion::Ok => StatusKind::Ok,
+            fetch_parse::Completion::No => StatusKind::No,
+            fetch_parse::Completion::Bad => StatusKind::Bad,
+        },
+        code: None,
+        text: String::from_utf8_lossy(text).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::imap::engine::{ConnLimits, Untagged};
+    use imap_next::imap_types::command::CommandBody;
+    use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
+    use imap_next::imap_types::response::Data;
+    use imap_next::imap_types::sequence::SequenceSet;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    const LIMITS: ConnLimits = ConnLimits {
+        connect_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        max_response_size: 1 << 20,
+    };
+
+    /// A scripted server: for each step, read one command line, check it contains `expect`,
+    /// and answer `reply` with `{tag}` replaced, written in `split`-byte pieces.
+    async fn server(io: DuplexStream, steps: Vec<(&'static str, Vec<u8>)>, split: usize) {
+        let (r, mut w) = tokio::io::split(io);
+        let mut r = BufReader::new(r);
+        w.write_all(b"* OK ready\r\n").await.unwrap();
+        for (expect, reply) in steps {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap() == 0 {
+                return;
+            }
+            assert!(line.contains(expect), "{line:?} lacks {expect:?}");
+            let tag = line.split(' ').next().unwrap().as_bytes().to_vec();
+            let mut out = Vec::new();
+            let mut rest = &reply[..];
+            while let Some(i) = rest.windows(5).position(|w| w == b"{tag}") {
+                out.extend_from_slice(&rest[..i]);
+                out.extend_from_slice(&tag);
+                rest = &rest[i + 5..];
+            }
+            out.extend_from_slice(rest);
+            for piece in out.chunks(split.max(1)) {
+                w.write_all(piece).await.unwrap();
+            }
+        }
+        // Keep the stream open until the client goes.
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink).await;
+    }
+
+    async fn connect(
+        steps: Vec<(&'static str, Vec<u8>)>,
+        split: usize,
+        limits: ConnLimits,
+    ) -> ImapConnection {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(server(b, steps, split));
+        ImapConnection::over(Box::new(a), limits, false)
+            .await
+            .unwrap()
+    }
+
+    async fn read_all(conn: &mut ImapConnection) -> Result<Vec<u8>, ImapError> {
+        let mut body = Vec::new();
+        loop {
+            let (part, last) = conn.body_next(1000).await?;
+            assert!(part.len() <= 1000);
+            body.extend_from_slice(&part);
+            if last {
+                return Ok(body);
+            }
+        }
+    }
+
+    fn body(n: usize) -> Vec<u8> {
+        (0..n).map(|i| b"ab\r\n.x{1}\r\n"[i % 11]).collect()
+    }
+
+    fn fetch_reply(prefix: &str, body: &[u8], suffix: &str) -> Vec<u8> {
+        let mut r = format!("{prefix}{{{}}}\r\n", body.len()).into_bytes();
+        r.extend_from_slice(body);
+        r.extend_from_slice(suffix.as_bytes());
+        r
+    }
+
+    #[tokio::test]
+    async fn streams_a_body_and_stays_in_step_with_imap_next() {
+        let msg = body(50_000);
+        let mut reply = b"* 3 EXISTS\r\n* 1 FETCH (FLAGS (\\Seen))\r\n".to_vec();
+        reply.extend(fetch_reply("* 2 FETCH (UID 7 BODY[] ", &msg, ")\r\n"));
+        reply.extend_from_slice(b"{tag} OK done\r\n");
+        for split in [1, 7, 4096, 1 << 20] {
+            let steps = vec![
+                ("UID FETCH 7 (UID BODY.PEEK[])", reply.clone()),
+                ("NOOP", b"* 4 EXISTS\r\n{tag} OK noop\r\n".to_vec()),
+            ];
+            let mut conn = connect(steps, split, LIMITS).await;
+            assert!(matches!(
+                conn.body_start(7, &[]).await.unwrap(),
+                BodyStart::Streaming
+            ));
+            assert!(conn.streaming(7));
+            assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+            assert!(conn.uid_before_body());
+            assert!(!conn.streaming(7));
+            let mut exists = 0;
+            let done = conn
+                .execute(CommandBody::Noop, |u| {
+                    if let Untagged::Data(Data::Exists(n)) = u {
+                        exists = n;
+                    }
+                })
+                .await
+                .unwrap();
+            assert!(done.is_ok());
+            assert_eq!(exists, 4);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fetch_order_is_learnt_once_per_server_and_unlearnt_when_it_changes() {
+        let order = Arc::new(FetchOrder::default());
+        let msg = body(100);
+        let mut first = fetch_reply("* 1 FETCH (UID 7 BODY[] ", &msg, ")\r\n");
+        first.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![("UID FETCH 7 (UID BODY.PEEK[])", first)],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(!conn.fetch_order_known(), "nothing known yet");
+        conn.body_start(7, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+        assert_eq!(order.get(), Some(true), "learnt from the first connection");
+
+        // A later connection starts knowing it, and may read ahead at once. Its server now
+        // puts UID after BODY[] (another server behind the address): that FETCH fails, and
+        // the order is unknown-as-after for the connections that follow.
+        let mut changed = fetch_reply("* 1 FETCH (BODY[] ", &msg, " UID 7)\r\n");
+        changed.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![("UID FETCH 7,8 (UID BODY.PEEK[])", changed)],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(conn.fetch_order_known() && conn.uid_before_body());
+        assert!(matches!(
+            conn.body_start(7, &[8]).await,
+            Err(ImapError::Malformed)
+        ));
+        assert_eq!(order.get(), Some(false));
+        let mut conn = connect(vec![], 1 << 20, LIMITS).await;
+        conn.share_fetch_order(Arc::clone(&order));
+        assert!(conn.fetch_order_known() && !conn.uid_before_body());
+    }
+
+    #[tokio::test]
+    async fn uid_after_the_body_is_checked() {
+        let msg = body(3000);
+        let ok = fetch_reply(
+            "* 2 FETCH (BODY[] ",
+            &msg,
+            " UID 7 FLAGS ())\r\n{tag} OK\r\n",
+        );
+        let mut conn = connect(vec![("UID FETCH 7", ok)], 100, LIMITS).await;
+        assert!(matches!(
+            conn.body_start(7, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+        assert!(!conn.uid_before_body());
+
+        let wrong = fetch_reply("* 2 FETCH (BODY[] ", &msg, " UID 8)\r\n{tag} OK\r\n");
+        let mut conn = connect(vec![("UID FETCH 7", wrong)], 100, LIMITS).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert!(matches!(
+            read_all(&mut conn).await,
+            Err(ImapError::Malformed)
+        ));
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn read_ahead_bodies_before_and_after_the_streamed_one() {
+        let (a, b, c) = (body(10), body(70_000), body(0));
+        let mut reply = fetch_reply("* 1 FETCH (UID 3 BODY[] ", &a, ")\r\n");
+        reply.extend(fetch_reply("* 2 FETCH (UID 5 BODY[] ", &b, ")\r\n"));
+        reply.extend(fetch_reply("* 3 FETCH (UID 6 BODY[] ", &c, ")\r\n"));
+        reply.extend_from_slice(b"{tag} OK\r\n");
+        let first = fetch_reply("* 2 FETCH (UID 5 BODY[] ", &b, ")\r\n{tag} OK\r\n");
+        let steps = vec![("UID FETCH 5 (", first), ("UID FETCH 5,3,6 (", reply)];
+        let mut conn = connect(steps, 999, LIMITS).await;
+        // Several UIDs only once the server showed UID before BODY[].
+        assert!(conn.body_start(5, &[3]).await.is_err());
+        conn.body_start(5, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), b);
+        conn.body_start(5, &[3, 6]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), b);
+        // The bodies after the streamed one are read when the connection settles.
+        assert!(conn.unsettled());
+        conn.settle().await.unwrap();
+        assert!(!conn.unsettled());
+        let mut ahead = conn.take_ahead();
+        ahead.sort_by_key(|x| x.0);
+        assert_eq!(ahead, vec![(3, Bytes::from(a)), (6, Bytes::from(c))]);
+    }
+
+    /// What servers send for a message another client expunged, or changed, under the
+    /// session, around and between the streamed literal: every shape, split at every byte,
+    /// reads as "no body" (or the exact body) and leaves the connection in step.
+    #[tokio::test]
+    async fn messages_that_went_away_read_as_no_body_at_every_split() {
+        let gone_shapes: [&[u8]; 6] = [
+            // Dovecot 2.3: NIL, the EXPUNGE after it, OK [EXPUNGEISSUED].
+            b"* 5 FETCH (UID 9 RFC822.SIZE 0 BODY[] NIL)\r\n* 5 EXPUNGE\r\n{tag} OK [EXPUNGEISSUED] Some messages were already expunged\r\n",
+            // UID after the NIL body, lower case.
+            b"* 5 FETCH (BODY[] nil UID 9)\r\n{tag} OK done\r\n",
+            // No FETCH data at all, NO [EXPUNGEISSUED].
+            b"* 5 EXPUNGE\r\n* 4 EXISTS\r\n{tag} NO [EXPUNGEISSUED] gone\r\n",
+            // VANISHED (QRESYNC) and a flag update of the message, no body.
+            b"* VANISHED (EARLIER) 9\r\n* 5 FETCH (UID 9 FLAGS (\\Deleted))\r\n{tag} OK\r\n",
+            // A flag update with MODSEQ before, EXISTS after.
+            b"* 2 FETCH (FLAGS (\\Seen $POP3Deleted) MODSEQ (77) UID 9)\r\n* 6 EXISTS\r\n{tag} OK\r\n",
+            // Nothing but the completion.
+            b"{tag} OK [EXPUNGEISSUED] gone\r\n",
+        ];
+        for shape in gone_shapes {
+            let len = shape.len() + 8;
+            for split in (1..=len).chain([1 << 16]) {
+                let steps = vec![
+                    ("UID FETCH 9 (UID BODY.PEEK[])", shape.to_vec()),
+                    ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+                ];
+                let mut conn = connect(steps, split, LIMITS).await;
+                let what = String::from_utf8_lossy(shape);
+                match conn.body_start(9, &[]).await {
+                    Ok(BodyStart::NoBody(_)) => {}
+                    Ok(BodyStart::Streaming) => panic!("a body for {what} (split {split})"),
+                    Err(e) => panic!("{e} for {what} (split {split})"),
+                }
+                assert!(
+                    conn.execute(CommandBody::Noop, |_| {})
+                        .await
+                        .unwrap()
+                        .is_ok(),
+                    "out of step after {what} (split {split})"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_among_changes_is_exact_at_every_split() {
+        let msg = body(300);
+        let mut reply = b"* 3 EXISTS\r\n* 1 FETCH (UID 2 FLAGS (\\Seen))\r\n".to_vec();
+        reply.extend_from_slice(b"* 1 FETCH (UID 6 BODY[] NIL)\r\n* VANISHED 6\r\n");
+        reply.extend(fetch_reply(
+            "* 2 FETCH (UID 5 BODY[] ",
+            &msg,
+            " FLAGS (\\Seen))\r\n",
+        ));
+        reply.extend_from_slice(b"* 1 EXPUNGE\r\n* 2 FETCH (UID 7 BODY[] \"\")\r\n");
+        reply.extend_from_slice(b"* 3 FETCH (UID 8 BODY[] \"a \\\"q\\\" b\")\r\n");
+        reply.extend_from_slice(
+            b"* 9 EXISTS\r\n{tag} NO [EXPUNGEISSUED] Some messages were already expunged\r\n",
+        );
+        for split in (1..=reply.len() + 8).step_by(3).chain([1 << 16]) {
+            let steps = vec![
+                (
+                    "UID FETCH 5 (",
+                    fetch_reply("* 2 FETCH (UID 5 BODY[] ", &msg, ")\r\n{tag} OK\r\n"),
+                ),
+                ("UID FETCH 5,6,7,8 (", reply.clone()),
+                ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+            ];
+            let mut conn = connect(steps, split, LIMITS).await;
+            conn.body_start(5, &[]).await.unwrap();
+            assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+            assert!(matches!(
+                conn.body_start(5, &[6, 7, 8]).await.unwrap(),
+                BodyStart::Streaming
+            ));
+            assert_eq!(read_all(&mut conn).await.unwrap(), msg, "split {split}");
+            conn.settle().await.unwrap();
+            let mut ahead = conn.take_ahead();
+            ahead.sort_by_key(|a| a.0);
+            // NIL gives nothing; "" is kept for the maildrop to judge against the listing.
+            assert_eq!(
+                ahead,
+                vec![(7, Bytes::new()), (8, Bytes::from_static(b"a \"q\" b"))],
+                "split {split}"
+            );
+            assert!(conn
+                .execute(CommandBody::Noop, |_| {})
+                .await
+                .unwrap()
+                .is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quoted_body_is_streamed_like_a_literal() {
+        let steps = vec![
+            (
+                "UID FETCH 9 (",
+                b"* 1 FETCH (BODY[] \"Subject: x\" UID 9)\r\n{tag} OK\r\n".to_vec(),
+            ),
+            ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+        ];
+        let mut conn = connect(steps, 4, LIMITS).await;
+        assert!(matches!(
+            conn.body_start(9, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        let (a, last) = conn.body_next(4).await.unwrap();
+        assert_eq!((&a[..], last), (&b"Subj"[..], false));
+        assert_eq!(read_all(&mut conn).await.unwrap(), b"ect: x");
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_prefetched_message_that_went_away_is_drained() {
+        let gone = b"* 2 FETCH (UID 8 BODY[] NIL)\r\n* 3 FETCH (UID 9 BODY[] NIL)\r\n* 2 EXPUNGE\r\n{tag} OK [EXPUNGEISSUED] x\r\n".to_vec();
+        let noop = vec![("NOOP", b"{tag} OK noop\r\n".to_vec())];
+        let mut conn = prefetching(gone.clone(), noop, LIMITS).await;
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+        // ... and one the client asks for reads as no body.
+        let mut conn = prefetching(gone, vec![], LIMITS).await;
+        assert!(matches!(
+            conn.body_start(8, &[]).await.unwrap(),
+            BodyStart::NoBody(_)
+        ));
+        assert!(conn.take_ahead().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_body_is_a_range_read_to_its_end() {
+        let rest = body(DRAIN_MAX as usize + 10_000);
+        let mut reply = fetch_reply("* 1 FETCH (UID 7 BODY[]<100> ", &rest, ")\r\n");
+        reply.extend_from_slice(b"{tag} OK\r\n");
+        let steps = vec![
+            ("UID FETCH 7 (UID BODY.PEEK[]<100.2147483547>)", reply),
+            (
+                "UID FETCH 7 (UID BODY.PEEK[]<100.",
+                b"* 1 FETCH (UID 7 BODY[]<0> {1}\r\nx)\r\n{tag} OK\r\n".to_vec(),
+            ),
+        ];
+        let mut conn = connect(steps, 1 << 16, LIMITS).await;
+        assert!(matches!(
+            conn.body_start_at(7, 100, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        let (first, last) = conn.body_next(1000).await.unwrap();
+        assert_eq!((&first[..], last), (&rest[..1000], false));
+        // Abandoned after its start (a TOP that ended there): read to the end, however long,
+        // and the connection stays usable.
+        conn.settle().await.unwrap();
+        // A range answered from the wrong origin is refused.
+        assert!(conn.body_start_at(7, 100, &[]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn no_body_and_refusals() {
+        let steps = vec![
+            (
+                "UID FETCH 9",
+                b"* 1 EXPUNGE\r\n{tag} OK nothing\r\n".to_vec(),
+            ),
+            ("UID FETCH 9", b"{tag} NO gone\r\n".to_vec()),
+        ];
+        let mut conn = connect(steps, 3, LIMITS).await;
+        match conn.body_start(9, &[]).await.unwrap() {
+            BodyStart::NoBody(done) => assert!(done.is_ok()),
+            BodyStart::Streaming => panic!("no body was sent"),
+        }
+        match conn.body_start(9, &[]).await.unwrap() {
+            BodyStart::NoBody(done) => assert_eq!(done.kind, StatusKind::No),
+            BodyStart::Streaming => panic!("no body was sent"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unexpected_responses_break_the_connection() {
+        for reply in [
+            &b"* 2 FETCH (UID 9 ENVELOPE NIL)\r\n{tag} OK\r\n"[..],
+            b"* 2 FETCH (UID 8 BODY[] {3}\r\nabc)\r\n{tag} OK\r\n",
+            b"* 2 FETCH (UID 9 BODY[1] {3}\r\nabc)\r\n{tag} OK\r\n",
+            b"+ more\r\n",
+            b"* BYE going\r\n",
+            b"X1 OK other tag\r\n",
+        ] {
+            let mut conn = connect(vec![("UID FETCH 9", reply.to_vec())], 5, LIMITS).await;
+            assert!(conn.body_start(9, &[]).await.is_err(), "{reply:?}");
+            assert!(matches!(
+                conn.execute(CommandBody::Noop, |_| {}).await,
+                Err(ImapError::Broken)
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_body_is_drained_before_the_next_command() {
+        let msg = body(20_000);
+        let mut reply = fetch_reply("* 2 FETCH (UID 7 BODY[] ", &msg, ")\r\n");
+        reply.extend_from_slice(b"{tag} OK\r\n");
+        let steps = vec![
+            ("UID FETCH 7", reply),
+            ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+        ];
+        let mut conn = connect(steps, 512, LIMITS).await;
+        conn.body_start(7, &[]).await.unwrap();
+        let (first, last) = conn.body_next(100).await.unwrap();
+        assert!(!first.is_empty() && !last);
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_hits_the_deadline() {
+        // The body is announced as 100 bytes, 10 arrive, then silence.
+        let reply = b"* 2 FETCH (UID 7 BODY[] {100}\r\n0123456789".to_vec();
+        let limits = ConnLimits {
+            io_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let mut conn = connect(vec![("UID FETCH 7", reply)], 1000, limits).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert!(matches!(
+            read_all(&mut conn).await,
+            Err(ImapError::Timeout(_))
+        ));
+        assert!(matches!(
+            conn.body_start(7, &[]).await,
+            Err(ImapError::Broken)
+        ));
+    }
+    /// A first streamed FETCH (the server shows UID before BODY[]), delivered; then the
+    /// FETCH of the next message is prefetched behind its unread tail.
+    async fn prefetching(
+        next_reply: Vec<u8>,
+        after: Vec<(&'static str, Vec<u8>)>,
+        limits: ConnLimits,
+    ) -> ImapConnection {
+        let first = fetch_reply(
+            "* 1 FETCH (UID 7 BODY[] ",
+            &body(30_000),
+            ")\r\n{tag} OK\r\n",
+        );
+        let mut steps = vec![("UID FETCH 7 (", first), ("UID FETCH 8,9 (", next_reply)];
+        steps.extend(after);
+        let mut conn = connect(steps, 777, limits).await;
+        conn.body_start(7, &[]).await.unwrap();
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(30_000));
+        conn.prefetch(8, &[9]).await.unwrap();
+        assert!(conn.prefetched(8) && !conn.prefetched(9));
+        // Only one at a time.
+        assert!(conn.prefetch(10, &[]).await.is_err());
+        conn
+    }
+
+    fn next_reply() -> Vec<u8> {
+        let mut r = fetch_reply("* 2 FETCH (UID 8 BODY[] ", &body(90_000), ")\r\n");
+        r.extend(fetch_reply("* 3 FETCH (UID 9 BODY[] ", &body(5), ")\r\n"));
+        r.extend_from_slice(b"{tag} OK\r\n");
+        r
+    }
+
+    #[tokio::test]
+    async fn a_prefetched_body_is_served_without_a_command() {
+        let noop = vec![("NOOP", b"{tag} OK noop\r\n".to_vec())];
+        let mut conn = prefetching(next_reply(), noop, LIMITS).await;
+        conn.settle().await.unwrap();
+        // The others asked for now are ignored: the prefetched command's are read.
+        assert!(matches!(
+            conn.body_start(8, &[]).await.unwrap(),
+            BodyStart::Streaming
+        ));
+        assert!(!conn.has_prefetch());
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(90_000));
+        conn.settle().await.unwrap();
+        assert_eq!(conn.take_ahead(), vec![(9, Bytes::from(body(5)))]);
+        // In step: the next command is the scripted NOOP.
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_is_drained_before_another_command() {
+        // Another message streamed instead, a plain command (the commit's STORE, say), and
+        // a prefetch answered NO: each drains the pending response first.
+        let steps = vec![
+            (
+                "UID FETCH 11 (",
+                fetch_reply("* 5 FETCH (UID 11 BODY[] ", &body(40), ")\r\n{tag} OK\r\n"),
+            ),
+            (
+                "UID FETCH 12 (",
+                b"* 9 EXPUNGE\r\n{tag} NO gone\r\n".to_vec(),
+            ),
+            ("UID STORE", b"{tag} OK stored\r\n".to_vec()),
+        ];
+        let mut conn = prefetching(next_reply(), steps, LIMITS).await;
+        conn.body_start(11, &[]).await.unwrap();
+        assert!(!conn.has_prefetch());
+        assert_eq!(read_all(&mut conn).await.unwrap(), body(40));
+        conn.prefetch(12, &[]).await.unwrap();
+        let set = SequenceSet::try_from("7").unwrap();
+        let store = CommandBody::store(
+            set,
+            StoreType::Add,
+            StoreResponse::Silent,
+            vec![Flag::Deleted],
+            true,
+        )
+        .unwrap();
+        assert!(conn.execute(store, |_| {}).await.unwrap().is_ok());
+        assert!(!conn.has_prefetch());
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_with_a_foreign_or_oversized_body_breaks_the_connection() {
+        let foreign = fetch_reply("* 2 FETCH (UID 3 BODY[] ", &body(10), ")\r\n{tag} OK\r\n");
+        let mut conn = prefetching(foreign, vec![], LIMITS).await;
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Malformed)
+        ));
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
+        let huge = format!("* 2 FETCH (UID 8 BODY[] {{{}}}\r\n", DRAIN_MAX + 1).into_bytes();
+        let mut conn = prefetching(huge, vec![], LIMITS).await;
+        assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_or_cut_prefetch_fails_the_next_command() {
+        let limits = ConnLimits {
+            io_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        // 10 bytes of 100, then silence: the drain hits the deadline ...
+        let stalled = b"* 2 FETCH (UID 8 BODY[] {100}\r\n0123456789".to_vec();
+        let mut conn = prefetching(stalled, vec![], limits).await;
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Timeout(_))
+        ));
+        assert!(matches!(
+            conn.body_start(8, &[]).await,
+            Err(ImapError::Broken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cut_prefetch_fails_the_next_command() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            let tag = line.split(' ').next().unwrap().to_owned();
+            let reply = fetch_reply("* 1 FETCH (UID 7 BODY[] ", &body(100), ")\r\n");
+            w.write_all(&reply).await.unwrap();
+            w.write_all(format!("{tag} OK\r\n").as_bytes())
+                .await
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("UID FETCH 8 ("), "{line}");
+            w.write_all(b"* 2 FETCH (UID 8 BODY[] {100}\r\n01234")
+                .await
+                .unwrap();
+            // Cut: both directions closed.
+        });
+        let mut conn = ImapConnection::over(Box::new(a), LIMITS, false)
+            .await
+            .unwrap();
+        conn.body_start(7, &[]).await.unwrap();
+        read_all(&mut conn).await.unwrap();
+        conn.prefetch(8, &[]).await.unwrap();
+        assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
+    }
+}
