@@ -43,11 +43,12 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("pop3::stream", 4, "drivers"),
     ("migrate", 4, "drivers"),
     ("migrate::store", 4, "drivers"),
-    ("migrate::run", 4, "drivers"),
     // 5: the server: listeners, backends, health, reload.
     ("backends", 5, "server"),
     ("http", 5, "server"),
     ("server", 5, "server"),
+    // 6: the binary's own modules (src/cli/, under main.rs): arguments and printing.
+    ("cli", 6, "binary"),
 ];
 
 fn src() -> PathBuf {

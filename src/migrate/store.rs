@@ -14,6 +14,7 @@ use super::matcher::NewMessage;
 use super::Credential;
 use crate::config::ImapConfig;
 use crate::uidl::map::{MapHead, UidlMap};
+use crate::upstream::credentials::Unsendable;
 use crate::upstream::imap::login::{password, plain, Mechanism};
 use crate::upstream::imap::metadata::{self, MetadataError};
 use crate::upstream::imap::session::{self, MailboxStatus, SessionError};
@@ -23,16 +24,29 @@ use crate::upstream::{Endpoint, Protocol, SetupError};
 /// UIDs per FETCH command.
 const BATCH: usize = 256;
 
+/// Why the new store could not do what `migrate` asked. The message names what failed and
+/// includes the underlying error's; [`std::error::Error::source`] gives that error itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("IMAP: {0}")]
     Imap(#[from] ImapError),
+    /// The server refused the login (its text).
     #[error("IMAP login refused: {0}")]
     Login(String),
+    /// The credentials cannot be sent; nothing was.
+    #[error("IMAP login refused: {0}")]
+    Unsendable(#[source] Unsendable),
     #[error("IMAP {command} failed: {text}")]
     Failed { command: &'static str, text: String },
+    /// The session could not be set up after the login (CAPABILITY).
     #[error("IMAP setup: {0}")]
-    Setup(String),
+    Session(#[source] SessionError),
+    /// The configured mailbox name cannot be sent.
+    #[error("IMAP setup: {0}")]
+    Mailbox(String),
+    /// A UID set cannot be sent.
+    #[error("IMAP setup: {0}")]
+    UidSet(String),
     #[error("IMAP setup: {0}")]
     Endpoint(#[from] SetupError),
     #[error(transparent)]
@@ -80,11 +94,11 @@ impl Store {
         } = match session::open(&endpoint, limits, mechanism).await {
             Ok(s) => s,
             Err(SessionError::Refused(done)) => return Err(StoreError::Login(done.text)),
-            Err(SessionError::Unsendable(e)) => return Err(StoreError::Login(e.to_string())),
+            Err(SessionError::Unsendable(e)) => return Err(StoreError::Unsendable(e)),
             Err(SessionError::Imap(e)) => return Err(e.into()),
-            Err(e @ SessionError::Capability(_)) => return Err(StoreError::Setup(e.to_string())),
+            Err(e @ SessionError::Capability(_)) => return Err(StoreError::Session(e)),
         };
-        let examine = session::select(&imap.mailbox, true).map_err(StoreError::Setup)?;
+        let examine = session::select(&imap.mailbox, true).map_err(StoreError::Mailbox)?;
         let mut status = MailboxStatus::default();
         let done = conn
             .execute(examine, |u| {
@@ -128,12 +142,12 @@ impl Store {
         uids.dedup();
         let mut sizes = std::collections::HashMap::new();
         for batch in uids.chunks(BATCH) {
-            let body = CommandBody::fetch(
+            // A `SequenceSet` converts into itself: building the command cannot fail.
+            let Ok(body) = CommandBody::fetch(
                 set(batch)?,
                 vec![MessageDataItemName::Uid, MessageDataItemName::Rfc822Size],
                 true,
-            )
-            .map_err(|e| StoreError::Setup(e.to_string()))?;
+            );
             let done = self
                 .conn
                 .execute(body, |u| {
@@ -163,7 +177,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let per_command = if whole { 16 } else { BATCH };
         for batch in uids.chunks(per_command) {
-            let body = CommandBody::fetch(
+            let Ok(body) = CommandBody::fetch(
                 set(batch)?,
                 vec![
                     MessageDataItemName::Uid,
@@ -178,8 +192,7 @@ impl Store {
                     },
                 ],
                 true,
-            )
-            .map_err(|e| StoreError::Setup(e.to_string()))?;
+            );
             let done = self
                 .conn
                 .execute(body, |u| {
@@ -229,8 +242,8 @@ impl Store {
 
 fn set(uids: &[u32]) -> Result<SequenceSet, StoreError> {
     uid_sets(uids)
-        .map_err(StoreError::Setup)?
+        .map_err(StoreError::UidSet)?
         .into_iter()
         .next()
-        .ok_or_else(|| StoreError::Setup("empty UID set".into()))
+        .ok_or_else(|| StoreError::UidSet("empty UID set".into()))
 }

@@ -1,0 +1,6 @@
+//! The `popbridge` binary's larger subcommands: their arguments, the library calls, and the
+//! printing of what the library returns. `main.rs` keeps logging, `serve` and `check-config`.
+
+pub mod migrate;
+mod print;
+mod progress;

@@ -1,0 +1,218 @@
+//! `popbridge migrate uidls`: for each user of a wave, match the legacy POP3 messages to the
+//! new store's ([`super::matcher`]), merge the matches into the existing map copies and store
+//! the result, unless a legacy message would show a changed UIDL.
+
+use std::collections::HashMap;
+
+use super::copies::{self, existing_map, open_state, store_map};
+use super::matcher::{header_hash, match_by_size, match_rest, LegacyMessage, MatchedBy};
+use super::report::{Conflict, LoginsUsed, Stored, UidlsReport, UserOutcome, Verdict, Warning};
+use super::store::Store;
+use super::users::{
+    credential, imap_backend, legacy_session, master, pop3_backend, Logins, UserSpec,
+};
+use super::{Credential, MigrateError, MAX_HEADER, MAX_MESSAGE};
+use crate::config::{Config, ImapConfig, Pop3BackendConfig};
+use crate::state::StateStore;
+
+/// Options of `migrate uidls`.
+pub struct UidlsOptions {
+    pub from: String,
+    pub to: String,
+    pub users: Vec<UserSpec>,
+    pub accept_changed_uidls: bool,
+    /// `--from-login` / `--to-login` templates (see [`Logins`]).
+    pub from_login: Option<String>,
+    pub to_login: Option<String>,
+}
+
+/// A run of `migrate uidls`: [`UidlsWave::start`] checks the options, then
+/// [`UidlsWave::next_user`] works on one user at a time and returns their report, so a long
+/// wave can be reported as it goes.
+pub struct UidlsWave<'a> {
+    config: &'a Config,
+    opts: &'a UidlsOptions,
+    legacy: &'a Pop3BackendConfig,
+    imap: &'a ImapConfig,
+    legacy_master: Option<Credential>,
+    imap_master: Option<Credential>,
+    logins: Logins,
+    state: Option<StateStore>,
+    state_warning: Option<Warning>,
+    next: usize,
+}
+
+impl<'a> UidlsWave<'a> {
+    /// Checks the backends, master users and login templates, and opens the local state.
+    pub fn start(config: &'a Config, opts: &'a UidlsOptions) -> Result<Self, MigrateError> {
+        let legacy = pop3_backend(config, &opts.from)?;
+        let imap = imap_backend(config, &opts.to)?;
+        let legacy_master = master(&legacy.master_user, &legacy.master_password_file)?;
+        let imap_master = master(&imap.master_user, &imap.master_password_file)?;
+        let logins = Logins::new(config, opts.from_login.clone(), opts.to_login.clone())?;
+        let (state, state_warning) = match open_state(config) {
+            Ok(s) => (Some(s), None),
+            Err(w) => (None, Some(w)),
+        };
+        Ok(UidlsWave {
+            config,
+            opts,
+            legacy,
+            imap,
+            legacy_master,
+            imap_master,
+            logins,
+            state,
+            state_warning,
+            next: 0,
+        })
+    }
+
+    /// Why the local state is not updated, if it could not be opened.
+    pub fn state_warning(&self) -> Option<&Warning> {
+        self.state_warning.as_ref()
+    }
+
+    /// How many users the wave has.
+    pub fn users(&self) -> usize {
+        self.opts.users.len()
+    }
+
+    /// Works on the next user; `None` (after flushing the local state) when all are done.
+    pub async fn next_user(&mut self) -> Option<UserOutcome<UidlsReport>> {
+        let Some(spec) = self.opts.users.get(self.next) else {
+            if let Some(s) = self.state.take() {
+                s.flush();
+            }
+            return None;
+        };
+        self.next += 1;
+        let logins = self
+            .logins
+            .used(Some(&self.opts.from), &self.opts.to, &spec.user);
+        let mut warnings = Vec::new();
+        let result = async {
+            let lc = credential(&self.legacy_master, spec, "legacy")?;
+            let ic = credential(&self.imap_master, spec, "new")?;
+            self.migrate_user(logins, &lc, &ic, &mut warnings).await
+        }
+        .await;
+        Some(UserOutcome {
+            user: spec.user.clone(),
+            warnings,
+            result,
+        })
+    }
+
+    async fn migrate_user(
+        &self,
+        logins: LoginsUsed,
+        lc: &Credential,
+        ic: &Credential,
+        warnings: &mut Vec<Warning>,
+    ) -> Result<UidlsReport, MigrateError> {
+        let (config, accept, state) = (
+            self.config,
+            self.opts.accept_changed_uidls,
+            self.state.as_ref(),
+        );
+        let from_login = logins.legacy.as_ref().map_or("", |b| &b.login).to_owned();
+        let to_login = logins.new.login.clone();
+        let to_login = to_login.as_str();
+        let mut pop = legacy_session(self.legacy, &from_login, lc).await?;
+        let listed = pop.listing().await?;
+        let mut store = Store::open(self.imap, to_login, ic).await?;
+        store.state_key = copies::state_key(&self.opts.to, to_login);
+        let new = store.messages().await?;
+        let legacy: Vec<LegacyMessage> = listed
+            .iter()
+            .map(|m| LegacyMessage {
+                uidl: m.uidl.clone(),
+                size: m.size,
+            })
+            .collect();
+        let sized = match_by_size(&legacy, &new);
+        let (mut lh, mut nh) = (Vec::new(), Vec::new());
+        if sized < legacy.len() || sized < new.len() {
+            for m in &listed[sized.min(listed.len())..] {
+                let mut hash = header_hash(&pop.top0(m.number, MAX_HEADER).await?);
+                if !hash.complete {
+                    hash = header_hash(&pop.retr(m.number, MAX_MESSAGE).await?);
+                }
+                lh.push(Some(hash));
+            }
+            let rest: Vec<u32> = new[sized.min(new.len())..].iter().map(|m| m.uid).collect();
+            // Hashed as each header (or whole message) arrives: only hashes are kept.
+            let mut incomplete = Vec::new();
+            let mut hashes: HashMap<u32, _> = HashMap::new();
+            store
+                .each_section(&rest, false, |uid, header| {
+                    let hash = header_hash(header);
+                    if hash.complete {
+                        hashes.insert(uid, hash);
+                    } else {
+                        incomplete.push(uid);
+                    }
+                })
+                .await?;
+            if !incomplete.is_empty() {
+                store
+                    .each_section(&incomplete, true, |uid, body| {
+                        hashes.insert(uid, header_hash(body));
+                    })
+                    .await?;
+            }
+            nh = rest.iter().map(|u| hashes.get(u).copied()).collect();
+        }
+        pop.quit().await;
+        let matching = match_rest(&legacy, &new, sized, &lh, &nh);
+
+        let shared = copies::shared(config, &store);
+        let existing = existing_map(state, &mut store, shared).await?;
+        let mut map = existing.merged.clone();
+        let mut report = UidlsReport {
+            logins,
+            legacy: legacy.len(),
+            new: new.len(),
+            by_size: 0,
+            by_header: 0,
+            unmatched_legacy: matching
+                .unmatched_legacy
+                .iter()
+                .map(|&i| legacy[i].uidl.clone())
+                .collect(),
+            unmatched_new: matching.unmatched_new.len(),
+            duplicates: (matching.duplicate_legacy, matching.duplicate_new),
+            conflicts: existing.conflicts.clone(),
+            stored: Stored::Nowhere,
+            verdict: Verdict::Ok,
+        };
+        for &(li, uid, by) in &matching.matched {
+            match by {
+                MatchedBy::Size => report.by_size += 1,
+                MatchedBy::Header => report.by_header += 1,
+            }
+            if let Err(error) = map.insert(uid, &legacy[li].uidl) {
+                report.conflicts.push(Conflict::Match {
+                    uid,
+                    uidl: legacy[li].uidl.clone(),
+                    error,
+                });
+            }
+        }
+        // A changed UIDL: an unmatched legacy message (downloaded again) or a kept mapping.
+        let changed = report.unmatched_legacy.len() + report.conflicts.len();
+        report.verdict = Verdict::of(changed, accept);
+        if let Verdict::Refused(_) = report.verdict {
+            store.logout().await;
+            return Ok(report);
+        }
+        report.stored = if existing.must_store(&map, shared, state.is_some()) {
+            store_map(config, state, &mut store, to_login, &map, warnings).await?
+        } else {
+            Stored::Unchanged
+        };
+        store.logout().await;
+        Ok(report)
+    }
+}
