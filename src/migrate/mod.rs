@@ -118,14 +118,14 @@ mod tests {
     fn errors_keep_their_source() {
         let e = MigrateError::BridgeFetch {
             uid: 7,
-            source: MaildropError::Unavailable("timeout".into()),
+            source: MaildropError::unavailable("timeout"),
         };
         assert_eq!(
             e.to_string(),
             "popbridge view: UID 7: upstream unavailable: timeout"
         );
         let source = e.source().and_then(|s| s.downcast_ref::<MaildropError>());
-        assert_eq!(source, Some(&MaildropError::Unavailable("timeout".into())));
+        assert_eq!(source, Some(&MaildropError::unavailable("timeout")));
         let e = MigrateError::Store(StoreError::Mailbox("bad name".into()));
         assert_eq!(e.to_string(), "new store: IMAP setup: bad name");
         assert!(e.source().is_some_and(|s| s.is::<StoreError>()));

@@ -609,6 +609,15 @@ mod tests {
         }
     }
 
+    /// The connection is in step: the next command gets its own OK.
+    async fn in_step(conn: &mut ImapConnection) {
+        assert!(conn
+            .execute(CommandBody::Noop, |_| {})
+            .await
+            .unwrap()
+            .is_ok());
+    }
+
     fn body(n: usize) -> Vec<u8> {
         (0..n).map(|i| b"ab\r\n.x{1}\r\n"[i % 11]).collect()
     }
@@ -834,11 +843,7 @@ mod tests {
                 vec![(7, Bytes::new()), (8, Bytes::from_static(b"a \"q\" b"))],
                 "split {split}"
             );
-            assert!(conn
-                .execute(CommandBody::Noop, |_| {})
-                .await
-                .unwrap()
-                .is_ok());
+            in_step(&mut conn).await;
         }
     }
 
@@ -859,11 +864,7 @@ mod tests {
         let (a, last) = conn.body_next(4).await.unwrap();
         assert_eq!((&a[..], last), (&b"Subj"[..], false));
         assert_eq!(read_all(&mut conn).await.unwrap(), b"ect: x");
-        assert!(conn
-            .execute(CommandBody::Noop, |_| {})
-            .await
-            .unwrap()
-            .is_ok());
+        in_step(&mut conn).await;
     }
 
     #[tokio::test]
@@ -871,11 +872,7 @@ mod tests {
         let gone = b"* 2 FETCH (UID 8 BODY[] NIL)\r\n* 3 FETCH (UID 9 BODY[] NIL)\r\n* 2 EXPUNGE\r\n{tag} OK [EXPUNGEISSUED] x\r\n".to_vec();
         let noop = vec![("NOOP", b"{tag} OK noop\r\n".to_vec())];
         let mut conn = prefetching(gone.clone(), noop, LIMITS).await;
-        assert!(conn
-            .execute(CommandBody::Noop, |_| {})
-            .await
-            .unwrap()
-            .is_ok());
+        in_step(&mut conn).await;
         // ... and one the client asks for reads as no body.
         let mut conn = prefetching(gone, vec![], LIMITS).await;
         assert!(matches!(
@@ -963,11 +960,7 @@ mod tests {
         conn.body_start(7, &[]).await.unwrap();
         let (first, last) = conn.body_next(100).await.unwrap();
         assert!(!first.is_empty() && !last);
-        assert!(conn
-            .execute(CommandBody::Noop, |_| {})
-            .await
-            .unwrap()
-            .is_ok());
+        in_step(&mut conn).await;
     }
 
     #[tokio::test]
@@ -1035,11 +1028,7 @@ mod tests {
         conn.settle().await.unwrap();
         assert_eq!(conn.take_ahead(), vec![(9, Bytes::from(body(5)))]);
         // In step: the next command is the scripted NOOP.
-        assert!(conn
-            .execute(CommandBody::Noop, |_| {})
-            .await
-            .unwrap()
-            .is_ok());
+        in_step(&mut conn).await;
     }
 
     #[tokio::test]
