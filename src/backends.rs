@@ -172,7 +172,7 @@ impl RoutedUpstream {
                 let maildrop = upstream.login(login, password).await?;
                 // One lock per mailbox, however many backend names or routes reach it: two
                 // names for one server must not let two sessions commit at once (RFC 1939).
-                let lock_key = format!("{}\n{}", upstream.endpoint(), login.to_lowercase());
+                let lock_key = maildrop.key().clone();
                 Ok(Opened::Maildrop {
                     maildrop,
                     lock_key,

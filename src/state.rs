@@ -1,7 +1,10 @@
 //! Local state in sled, treated strictly as a cache: everything that decides what a client sees
 //! (UIDs, sizes, hidden flags) lives on the IMAP server, so deleting this directory loses no mail
-//! and shows no hidden mail again. Keys are versioned (`v1/...`) so a later layout can live
+//! and shows no hidden mail again. Keys are versioned (`v3/...`) so a later layout can live
 //! beside this one, and a database that will not open is moved aside and rebuilt, not fatal.
+//! Every entry of a maildrop is keyed by its [`MaildropKey`] (server, login, folder); v2 keyed
+//! them by backend name and login, and a v2 UIDL map is adopted under its v3 key when first
+//! looked for ([`StateStore::adopt_v2_uidl_map`]).
 //!
 //! It remembers, per user and folder, the UIDVALIDITY last served, so a change (which makes
 //! every POP3 client download the whole mailbox again) is logged loudly; message sizes; and the
@@ -11,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::maildrop::MaildropKey;
 use crate::uidl::map::{MapHead, UidlMap};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +104,11 @@ impl StateStore {
             .open()
     }
 
-    /// Record that `user`'s `mailbox` was served with `uid_validity`; warn and return true
+    /// Record that `maildrop` was served with `uid_validity`; warn and return true
     /// when it changed since the last session. A failure to write is logged and otherwise
     /// ignored: the cache must never block mail.
-    pub fn observe_mailbox(&self, user: &str, mailbox: &str, uid_validity: u32) -> bool {
-        let key = mailbox_key(user, mailbox);
+    pub fn observe_mailbox(&self, maildrop: &MaildropKey, uid_validity: u32) -> bool {
+        let key = entry(MBOX, maildrop);
         let record = MailboxRecord {
             uid_validity,
             last_seen_unix: unix_now(),
@@ -114,8 +118,7 @@ impl StateStore {
                 if let Some(old) = decode(&old) {
                     if old.uid_validity != uid_validity {
                         tracing::warn!(
-                            user,
-                            mailbox,
+                            maildrop = %maildrop,
                             old = old.uid_validity,
                             new = uid_validity,
                             "UIDVALIDITY changed upstream: every UIDL of this maildrop changes and POP3 clients will download all of its mail again"
@@ -136,14 +139,14 @@ impl StateStore {
     /// UIDs of `user`'s `mailbox` retrieved in earlier sessions under `uid_validity`, sorted;
     /// empty when unknown, damaged, or recorded under another UIDVALIDITY. One read per
     /// login (a read per RETR was a tenth of popbridge's CPU in the concurrency benchmark).
-    pub fn retrieved(&self, user: &str, mailbox: &str, uid_validity: u32) -> Vec<u32> {
-        self.uid_records(retrieved_key(user, mailbox), uid_validity, 1)
+    pub fn retrieved(&self, maildrop: &MaildropKey, uid_validity: u32) -> Vec<u32> {
+        self.uid_records(entry(RETRIEVED, maildrop), uid_validity, 1)
     }
 
     /// Replace the record of retrieved messages with `uids` (sorted, no duplicates).
-    pub fn store_retrieved(&self, user: &str, mailbox: &str, uid_validity: u32, uids: &[u32]) {
+    pub fn store_retrieved(&self, maildrop: &MaildropKey, uid_validity: u32, uids: &[u32]) {
         self.store_uid_records(
-            retrieved_key(user, mailbox),
+            entry(RETRIEVED, maildrop),
             uid_validity,
             uids.iter().copied(),
         );
@@ -191,38 +194,73 @@ impl StateStore {
 
     /// Cached message sizes of `user`'s `mailbox` under `uid_validity`, sorted by UID; empty
     /// when unknown or recorded under another UIDVALIDITY (then every UID is another message).
-    pub fn sizes(&self, user: &str, mailbox: &str, uid_validity: u32) -> Vec<(u32, u32)> {
-        self.uid_records(sizes_key(user, mailbox), uid_validity, 2)
+    pub fn sizes(&self, maildrop: &MaildropKey, uid_validity: u32) -> Vec<(u32, u32)> {
+        self.uid_records(entry(SIZES, maildrop), uid_validity, 2)
             .chunks_exact(2)
             .map(|c| (c[0], c[1]))
             .collect()
     }
 
     /// Replace the cached sizes of `user`'s `mailbox` (`sizes` sorted by UID).
-    pub fn store_sizes(&self, user: &str, mailbox: &str, uid_validity: u32, sizes: &[(u32, u32)]) {
+    pub fn store_sizes(&self, maildrop: &MaildropKey, uid_validity: u32, sizes: &[(u32, u32)]) {
         let words = sizes.iter().flat_map(|&(uid, size)| [uid, size]);
-        self.store_uid_records(sizes_key(user, mailbox), uid_validity, words);
+        self.store_uid_records(entry(SIZES, maildrop), uid_validity, words);
     }
 
     /// The head of the cached legacy UIDL map of `user`'s `mailbox` (small: read at every
     /// login to compare with the head in METADATA). `None` when absent or damaged.
-    pub fn uidl_map_head(&self, user: &str, mailbox: &str) -> Option<MapHead> {
-        let blob = self.db.get(uidl_head_key(user, mailbox)).ok()??;
+    pub fn uidl_map_head(&self, maildrop: &MaildropKey) -> Option<MapHead> {
+        let blob = self.db.get(entry(UIDL_HEAD, maildrop)).ok()??;
         MapHead::parse(std::str::from_utf8(&blob).ok()?).ok()
     }
 
     /// The cached legacy UIDL map of `user`'s `mailbox` with its head, whatever its
     /// UIDVALIDITY (the caller compares). Decoding a large map takes a while: `serve` calls this
     /// off the async runtime. `None` when absent or damaged (length or checksum wrong).
-    pub fn uidl_map(&self, user: &str, mailbox: &str) -> Option<(MapHead, UidlMap)> {
-        let head = self.uidl_map_head(user, mailbox)?;
-        let blob = self.db.get(uidl_map_key(user, mailbox)).ok()??;
+    pub fn uidl_map(&self, maildrop: &MaildropKey) -> Option<(MapHead, UidlMap)> {
+        let head = self.uidl_map_head(maildrop)?;
+        let blob = self.db.get(entry(UIDL_MAP, maildrop)).ok()??;
         let text = std::str::from_utf8(&blob).ok()?;
         match UidlMap::from_text(&head, text) {
             Ok(map) => Some((head, map)),
             Err(e) => {
-                tracing::warn!(user, mailbox, error = %e, "cached UIDL map is damaged; ignoring it");
+                tracing::warn!(maildrop = %maildrop, error = %e, "cached UIDL map is damaged; ignoring it");
                 None
+            }
+        }
+    }
+
+    /// A UIDL map a version before v3 kept under `v2_user` (the backend-name prefix and the
+    /// login, see [`state_prefix`]) and `v2_mailbox` (the folder as configured), moved under `maildrop`'s v3
+    /// key; whether there was one. Maps are the one entry whose loss costs something (the
+    /// user's UIDLs, where METADATA has no copy), so they are carried over, not dropped.
+    pub fn adopt_v2_uidl_map(
+        &self,
+        maildrop: &MaildropKey,
+        v2_user: &str,
+        v2_mailbox: &str,
+    ) -> bool {
+        let (old_head, old_map) = (
+            v2_key(b"v2/uidlhead/", v2_user, v2_mailbox),
+            v2_key(b"v2/uidlmap/", v2_user, v2_mailbox),
+        );
+        let (Ok(Some(head)), Ok(Some(text))) = (self.db.get(&old_head), self.db.get(&old_map))
+        else {
+            return false;
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(entry(UIDL_HEAD, maildrop), head);
+        batch.insert(entry(UIDL_MAP, maildrop), text);
+        batch.remove(old_head);
+        batch.remove(old_map);
+        match self.db.apply_batch(batch) {
+            Ok(()) => {
+                tracing::info!(maildrop = %maildrop, "legacy UIDL map carried over from the v2 state layout");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not carry the v2 UIDL map over");
+                false
             }
         }
     }
@@ -231,37 +269,36 @@ impl StateStore {
     /// atomic batch), and write it to disk now: `popbridge migrate` exits right after.
     pub fn store_uidl_map(
         &self,
-        user: &str,
-        mailbox: &str,
+        maildrop: &MaildropKey,
         head: &MapHead,
         text: &str,
     ) -> Result<(), sled::Error> {
-        self.db.apply_batch(uidl_batch(user, mailbox, head, text))?;
+        self.db.apply_batch(uidl_batch(maildrop, head, text))?;
         self.db.flush()?;
         Ok(())
     }
 
     /// [`StateStore::store_uidl_map`] without waiting for the disk (a session caching what it
     /// read from METADATA: losing it costs one more METADATA read, nothing else).
-    pub fn cache_uidl_map(&self, user: &str, mailbox: &str, head: &MapHead, text: &str) {
-        if let Err(e) = self.db.apply_batch(uidl_batch(user, mailbox, head, text)) {
+    pub fn cache_uidl_map(&self, maildrop: &MaildropKey, head: &MapHead, text: &str) {
+        if let Err(e) = self.db.apply_batch(uidl_batch(maildrop, head, text)) {
             tracing::warn!(error = %e, "could not cache the legacy UIDL map");
         }
     }
 
     /// Forget the cached legacy UIDL map of `user`'s `mailbox` (METADATA no longer has one).
-    pub fn remove_uidl_map(&self, user: &str, mailbox: &str) {
+    pub fn remove_uidl_map(&self, maildrop: &MaildropKey) {
         let mut batch = sled::Batch::default();
-        batch.remove(uidl_head_key(user, mailbox));
-        batch.remove(uidl_map_key(user, mailbox));
+        batch.remove(entry(UIDL_HEAD, maildrop));
+        batch.remove(entry(UIDL_MAP, maildrop));
         if let Err(e) = self.db.apply_batch(batch) {
             tracing::warn!(error = %e, "could not drop the cached legacy UIDL map");
         }
     }
 
     /// What was last recorded for `user`'s `mailbox`.
-    pub fn mailbox(&self, user: &str, mailbox: &str) -> Option<MailboxRecord> {
-        let value = self.db.get(mailbox_key(user, mailbox)).ok()??;
+    pub fn mailbox(&self, maildrop: &MaildropKey) -> Option<MailboxRecord> {
+        let value = self.db.get(entry(MBOX, maildrop)).ok()??;
         decode(&value)
     }
 
@@ -273,48 +310,38 @@ impl StateStore {
     }
 }
 
-/// `v1/mbox/<user>\0<mailbox>`: a NUL cannot occur in either part.
-fn mailbox_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v1/mbox/".to_vec();
+/// Entry kinds, each followed by the maildrop's [`MaildropKey::state_id`]:
+/// the UIDVALIDITY last served and when ...
+const MBOX: &[u8] = b"v3/mbox/";
+/// ... UIDVALIDITY, then the UIDs retrieved, ascending ...
+const RETRIEVED: &[u8] = b"v3/retrieved/";
+/// ... UIDVALIDITY, then (UID, RFC822.SIZE) pairs ...
+const SIZES: &[u8] = b"v3/sizes/";
+/// ... the legacy UIDL map's entry text (see [`crate::uidl::map`]) ...
+const UIDL_MAP: &[u8] = b"v3/uidlmap/";
+/// ... and its head line (UIDVALIDITY, count, checksum; the METADATA head it was read from,
+/// or a local one).
+const UIDL_HEAD: &[u8] = b"v3/uidlhead/";
+
+fn entry(kind: &[u8], maildrop: &MaildropKey) -> Vec<u8> {
+    let mut key = kind.to_vec();
+    key.extend_from_slice(&maildrop.state_id());
+    key
+}
+
+/// A v2 key: `<kind><user>\0<mailbox>`, the user lower-cased.
+fn v2_key(kind: &[u8], user: &str, mailbox: &str) -> Vec<u8> {
+    let mut key = kind.to_vec();
     key.extend_from_slice(user.to_lowercase().as_bytes());
     key.push(0);
     key.extend_from_slice(mailbox.as_bytes());
     key
 }
 
-/// `v2/retrieved/<user>\0<mailbox>`: UIDVALIDITY, then the UIDs retrieved, ascending.
-fn retrieved_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v2/retrieved/".to_vec();
-    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
-    key
-}
-
-/// `v1/sizes/<user>\0<mailbox>`: UIDVALIDITY, then (UID, RFC822.SIZE) pairs.
-fn sizes_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v1/sizes/".to_vec();
-    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
-    key
-}
-
-/// `v2/uidlmap/<user>\0<mailbox>`: the map's entry text (see [`crate::uidl::map`]).
-fn uidl_map_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v2/uidlmap/".to_vec();
-    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
-    key
-}
-
-/// `v2/uidlhead/<user>\0<mailbox>`: the map's head line (UIDVALIDITY, count, checksum; the
-/// METADATA head it was read from, or a local one).
-fn uidl_head_key(user: &str, mailbox: &str) -> Vec<u8> {
-    let mut key = b"v2/uidlhead/".to_vec();
-    key.extend_from_slice(&mailbox_key(user, mailbox)[b"v1/mbox/".len()..]);
-    key
-}
-
-fn uidl_batch(user: &str, mailbox: &str, head: &MapHead, text: &str) -> sled::Batch {
+fn uidl_batch(maildrop: &MaildropKey, head: &MapHead, text: &str) -> sled::Batch {
     let mut batch = sled::Batch::default();
-    batch.insert(uidl_head_key(user, mailbox), head.to_string().into_bytes());
-    batch.insert(uidl_map_key(user, mailbox), text.as_bytes());
+    batch.insert(entry(UIDL_HEAD, maildrop), head.to_string().into_bytes());
+    batch.insert(entry(UIDL_MAP, maildrop), text.as_bytes());
     batch
 }
 
@@ -341,10 +368,8 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// What goes before a login in the local state's keys for users of backend `name`: nothing
-/// for `[imap]` (the keys it always had), `name` and a line feed otherwise, which no POP3 login
-/// contains, so the same login on two backends is two maildrops whose caches never mix. The
-/// `migrate` commands store UIDL maps under the same keys.
+/// What went before a login in the v2 state keys for users of backend `name`: nothing for
+/// `[imap]`, `name` and a line feed otherwise (see [`StateStore::adopt_v2_uidl_map`]).
 pub fn state_prefix(name: &str) -> String {
     if name == crate::routing::DEFAULT_BACKEND {
         String::new()
@@ -357,41 +382,80 @@ pub fn state_prefix(name: &str) -> String {
 mod tests {
     use super::*;
 
+    fn k(login: &str, mailbox: &str) -> MaildropKey {
+        MaildropKey::new("imap.example:993", login, mailbox)
+    }
+
+    #[test]
+    fn a_v2_uidl_map_is_carried_over_once() {
+        let s = StateStore::temporary().unwrap();
+        let mut m = UidlMap::new(9);
+        m.insert(4, "legacy.4").unwrap();
+        let (head, text) = m.to_local().unwrap();
+        // As v2 kept it for user "alice" of backend "new".
+        let v2_user = format!("{}alice", state_prefix("new"));
+        s.db.insert(
+            v2_key(b"v2/uidlhead/", &v2_user, "INBOX"),
+            head.to_string().as_bytes(),
+        )
+        .unwrap();
+        s.db.insert(v2_key(b"v2/uidlmap/", &v2_user, "INBOX"), text.as_bytes())
+            .unwrap();
+        let key = k("alice", "INBOX");
+        assert_eq!(s.uidl_map(&key), None);
+        assert!(
+            !s.adopt_v2_uidl_map(&key, "alice", "INBOX"),
+            "another backend's user"
+        );
+        assert!(s.adopt_v2_uidl_map(&key, &v2_user, "INBOX"));
+        assert_eq!(s.uidl_map(&key), Some((head, m)));
+        assert!(
+            !s.adopt_v2_uidl_map(&key, &v2_user, "INBOX"),
+            "moved, not copied"
+        );
+    }
+
     #[test]
     fn records_round_trip_and_user_is_case_insensitive() {
         let s = StateStore::temporary().unwrap();
-        assert_eq!(s.mailbox("alice", "INBOX"), None);
-        s.observe_mailbox("Alice", "INBOX", 42);
-        let r = s.mailbox("alice", "INBOX").unwrap();
+        assert_eq!(s.mailbox(&k("alice", "INBOX")), None);
+        s.observe_mailbox(&k("Alice", "INBOX"), 42);
+        let r = s.mailbox(&k("alice", "INBOX")).unwrap();
         assert_eq!(r.uid_validity, 42);
         assert!(r.last_seen_unix > 0);
-        assert_eq!(s.mailbox("alice", "Other"), None);
-        assert!(!s.observe_mailbox("alice", "INBOX", 42), "unchanged");
-        assert!(s.observe_mailbox("alice", "INBOX", 43), "changed");
-        assert_eq!(s.mailbox("alice", "INBOX").unwrap().uid_validity, 43);
+        assert_eq!(s.mailbox(&k("alice", "Other")), None);
+        assert!(!s.observe_mailbox(&k("alice", "INBOX"), 42), "unchanged");
+        assert!(s.observe_mailbox(&k("alice", "INBOX"), 43), "changed");
+        assert_eq!(s.mailbox(&k("alice", "INBOX")).unwrap().uid_validity, 43);
     }
 
     #[test]
     fn retrievals_round_trip_per_user_folder_and_uidvalidity() {
         let s = StateStore::temporary().unwrap();
-        assert!(s.retrieved("dave", "INBOX", 1).is_empty());
-        s.store_retrieved("dave", "INBOX", 1, &[3, 5, 9]);
-        assert_eq!(s.retrieved("Dave", "INBOX", 1), vec![3, 5, 9]);
+        assert!(s.retrieved(&k("dave", "INBOX"), 1).is_empty());
+        s.store_retrieved(&k("dave", "INBOX"), 1, &[3, 5, 9]);
+        assert_eq!(s.retrieved(&k("Dave", "INBOX"), 1), vec![3, 5, 9]);
         assert!(
-            s.retrieved("dave", "INBOX", 2).is_empty(),
+            s.retrieved(&k("dave", "INBOX"), 2).is_empty(),
             "new UIDVALIDITY, new messages"
         );
-        assert!(s.retrieved("erin", "INBOX", 1).is_empty(), "another user");
-        assert!(s.retrieved("dave", "Other", 1).is_empty(), "another folder");
-        s.store_retrieved("dave", "INBOX", 1, &[5]);
-        assert_eq!(s.retrieved("dave", "INBOX", 1), vec![5], "replaced");
+        assert!(
+            s.retrieved(&k("erin", "INBOX"), 1).is_empty(),
+            "another user"
+        );
+        assert!(
+            s.retrieved(&k("dave", "Other"), 1).is_empty(),
+            "another folder"
+        );
+        s.store_retrieved(&k("dave", "INBOX"), 1, &[5]);
+        assert_eq!(s.retrieved(&k("dave", "INBOX"), 1), vec![5], "replaced");
         s.db.insert(
-            retrieved_key("dave", "INBOX"),
+            entry(RETRIEVED, &k("dave", "INBOX")),
             &[0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0, 2][..],
         )
         .unwrap();
         assert!(
-            s.retrieved("dave", "INBOX", 1).is_empty(),
+            s.retrieved(&k("dave", "INBOX"), 1).is_empty(),
             "unsorted is damage"
         );
     }
@@ -399,38 +463,44 @@ mod tests {
     #[test]
     fn sizes_round_trip_and_are_dropped_on_uidvalidity_change_or_damage() {
         let s = StateStore::temporary().unwrap();
-        assert!(s.sizes("u", "INBOX", 7).is_empty());
-        s.store_sizes("u", "INBOX", 7, &[(1, 100), (5, 2000)]);
-        assert_eq!(s.sizes("U", "INBOX", 7), vec![(1, 100), (5, 2000)]);
-        assert!(s.sizes("u", "INBOX", 8).is_empty(), "another UIDVALIDITY");
-        assert!(s.sizes("u", "Other", 7).is_empty(), "another folder");
-        s.db.insert(sizes_key("u", "INBOX"), &[0, 0, 0, 7, 1, 2, 3][..])
+        assert!(s.sizes(&k("u", "INBOX"), 7).is_empty());
+        s.store_sizes(&k("u", "INBOX"), 7, &[(1, 100), (5, 2000)]);
+        assert_eq!(s.sizes(&k("U", "INBOX"), 7), vec![(1, 100), (5, 2000)]);
+        assert!(
+            s.sizes(&k("u", "INBOX"), 8).is_empty(),
+            "another UIDVALIDITY"
+        );
+        assert!(s.sizes(&k("u", "Other"), 7).is_empty(), "another folder");
+        s.db.insert(entry(SIZES, &k("u", "INBOX")), &[0, 0, 0, 7, 1, 2, 3][..])
             .unwrap();
-        assert!(s.sizes("u", "INBOX", 7).is_empty(), "truncated blob");
-        s.store_sizes("u", "INBOX", 7, &[(5, 1), (1, 1)]);
-        assert!(s.sizes("u", "INBOX", 7).is_empty(), "unsorted blob");
+        assert!(s.sizes(&k("u", "INBOX"), 7).is_empty(), "truncated blob");
+        s.store_sizes(&k("u", "INBOX"), 7, &[(5, 1), (1, 1)]);
+        assert!(s.sizes(&k("u", "INBOX"), 7).is_empty(), "unsorted blob");
     }
 
     #[test]
     fn uidl_maps_round_trip_per_user_and_folder() {
         let s = StateStore::temporary().unwrap();
-        assert_eq!(s.uidl_map("u", "INBOX"), None);
+        assert_eq!(s.uidl_map(&k("u", "INBOX")), None);
         let mut m = UidlMap::new(9);
         m.insert(4, "legacy.4").unwrap();
         let (head, text) = m.to_local().unwrap();
-        s.store_uidl_map("U", "INBOX", &head, &text).unwrap();
-        assert_eq!(s.uidl_map("u", "INBOX"), Some((head.clone(), m.clone())));
-        assert_eq!(s.uidl_map_head("u", "INBOX"), Some(head.clone()));
-        assert_eq!(s.uidl_map("u", "Other"), None);
+        s.store_uidl_map(&k("U", "INBOX"), &head, &text).unwrap();
+        assert_eq!(
+            s.uidl_map(&k("u", "INBOX")),
+            Some((head.clone(), m.clone()))
+        );
+        assert_eq!(s.uidl_map_head(&k("u", "INBOX")), Some(head.clone()));
+        assert_eq!(s.uidl_map(&k("u", "Other")), None);
         // Entry text that does not match its head (a torn or damaged write) reads as absent.
-        s.db.insert(uidl_map_key("u", "INBOX"), &b"4:legacy.5"[..])
+        s.db.insert(entry(UIDL_MAP, &k("u", "INBOX")), &b"4:legacy.5"[..])
             .unwrap();
-        assert_eq!(s.uidl_map("u", "INBOX"), None, "damage reads as absent");
-        s.cache_uidl_map("u", "INBOX", &head, &text);
-        assert_eq!(s.uidl_map("u", "INBOX"), Some((head, m)));
-        s.remove_uidl_map("u", "INBOX");
-        assert_eq!(s.uidl_map("u", "INBOX"), None);
-        assert_eq!(s.uidl_map_head("u", "INBOX"), None);
+        assert_eq!(s.uidl_map(&k("u", "INBOX")), None, "damage reads as absent");
+        s.cache_uidl_map(&k("u", "INBOX"), &head, &text);
+        assert_eq!(s.uidl_map(&k("u", "INBOX")), Some((head, m)));
+        s.remove_uidl_map(&k("u", "INBOX"));
+        assert_eq!(s.uidl_map(&k("u", "INBOX")), None);
+        assert_eq!(s.uidl_map_head(&k("u", "INBOX")), None);
     }
 
     #[test]
@@ -439,7 +509,7 @@ mod tests {
         let path = dir.path().join("db");
         {
             let s = StateStore::open(&path).unwrap();
-            s.observe_mailbox("bob", "INBOX", 7);
+            s.observe_mailbox(&k("bob", "INBOX"), 7);
             s.flush();
         }
         // sled releases its file lock from a background thread shortly after the drop.
@@ -454,7 +524,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert_eq!(s.mailbox("bob", "INBOX").unwrap().uid_validity, 7);
+        assert_eq!(s.mailbox(&k("bob", "INBOX")).unwrap().uid_validity, 7);
         let aside = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| e.as_ref().unwrap().file_name() != "db")
@@ -482,8 +552,8 @@ mod tests {
         // A plain file where sled expects a directory cannot be opened.
         std::fs::write(&path, b"not a database").unwrap();
         let s = StateStore::open(&path).unwrap();
-        s.observe_mailbox("carol", "INBOX", 1);
-        assert_eq!(s.mailbox("carol", "INBOX").unwrap().uid_validity, 1);
+        s.observe_mailbox(&k("carol", "INBOX"), 1);
+        assert_eq!(s.mailbox(&k("carol", "INBOX")).unwrap().uid_validity, 1);
         let moved: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())

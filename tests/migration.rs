@@ -614,6 +614,69 @@ fn import_from_a_file_is_validated_then_served() {
     assert_eq!(env.uidls(pb.pop3_port(), "dave", "davepw")[0], "1 OLD-1");
 }
 
+/// One mailbox reached under two backend names (an alias of `[imap]`, and `[imap]` with a
+/// login template) is one maildrop: the map `migrate` stored for it (in the local state only)
+/// is served under either name, and a session under one name locks out the other.
+#[test]
+fn one_mailbox_under_two_backend_names_shares_its_map_and_its_lock() {
+    let env = Env::new();
+    let new = Dovecot::start();
+    let legacy = Dovecot::start_with_conf(LEGACY_CONF); // only for the config's backend
+    new.add_user("erin", "erinpw");
+    new.seed("erin", &[&msg(1), &msg(2)]);
+    let state = env.path("state");
+    let cfg = env.config("alias.toml", &new, &legacy, &state);
+    let mut toml = fs::read_to_string(&cfg).unwrap();
+    toml.push_str("[migration]\nshared_map = \"none\"\n");
+    fs::write(&cfg, toml).unwrap();
+    let file = env.path("erin.map");
+    fs::write(&file, "erin 1 OLD-1\n").unwrap();
+    let out = popbridge(
+        &[
+            "migrate",
+            "import",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--to",
+            "imap",
+            "--file",
+            file.to_str().unwrap(),
+            "--password-env",
+            "PW",
+        ],
+        &[("PW", "erinpw")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("stored sled; ok"), "{}", text(&out));
+
+    let pb = Popbridge::start(
+        &new,
+        &format!(
+            "[state]\ndir = \"{}\"\n[migration]\nshared_map = \"none\"\n\
+             [backends.alias]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n\
+             [routing]\nrules = [{{ match = \"erin\", backend = \"alias\" }}, \
+             {{ match = \"erin.2\", backend = \"imap\", login = \"erin\" }}]\n",
+            state.display(),
+            new.imap_port()
+        ),
+    );
+    let uv = new.imap_state("erin", "erinpw", "INBOX").uidvalidity;
+    assert_eq!(
+        env.uidls(pb.pop3_port(), "erin", "erinpw"),
+        vec!["1 OLD-1".to_owned(), format!("2 {:08x}{:08x}", 2, uv)],
+        "the map stored for [imap] is served through the alias"
+    );
+    let mut held = support::raw::RawPop3::ready(pb.pop3_port());
+    held.login("erin", "erinpw");
+    let other = poplib(pb.pop3_port(), &["user erin.2", "pass erinpw"]);
+    assert!(
+        other.step("pass erinpw").resp.starts_with("-ERR [IN-USE]"),
+        "{}",
+        other.step("pass erinpw").resp
+    );
+    assert!(held.cmd("QUIT").starts_with("+OK"));
+}
+
 /// Both sides log in as the operator's master user (SASL PLAIN with the user as authorization
 /// identity), so a wave needs no user passwords.
 #[test]

@@ -3,7 +3,10 @@
 //! [`memory::MemoryMaildrop`] serves unit tests of the session driver.
 
 pub mod imap;
+pub mod key;
 pub mod memory;
+
+pub use key::MaildropKey;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -16,8 +16,8 @@ pub(super) fn open_state(config: &Config) -> Result<StateStore, Warning> {
     StateStore::open(&config.state.dir).map_err(Warning::StateNotUpdated)
 }
 
-/// The key a session routed to the backend `to` with `login` uses in the local state.
-pub(super) fn state_key(to: &str, login: &str) -> String {
+/// How the v2 state layout named a user of the backend `to` logging in as `login`.
+pub(super) fn v2_user(to: &str, login: &str) -> String {
     format!("{}{login}", crate::state::state_prefix(to))
 }
 
@@ -51,8 +51,13 @@ pub(super) async fn existing_map(
     shared: bool,
 ) -> Result<Existing, MigrateError> {
     let uv = store.uid_validity;
+    if let Some(s) = state {
+        if s.uidl_map_head(&store.key).is_none() {
+            s.adopt_v2_uidl_map(&store.key, &store.v2_user, &store.mailbox);
+        }
+    }
     let sled = state
-        .and_then(|s| s.uidl_map(&store.state_key, &store.mailbox))
+        .and_then(|s| s.uidl_map(&store.key))
         .map(|(_, m)| m)
         .filter(|m| m.uid_validity() == uv);
     let metadata = if shared {
@@ -115,7 +120,7 @@ pub(super) async fn store_map(
             .await?;
     }
     if let Some(s) = state {
-        s.store_uidl_map(&store.state_key, &store.mailbox, &head, &text)
+        s.store_uidl_map(&store.key, &head, &text)
             .map_err(MigrateError::State)?;
     }
     if !shared && state.is_none() {

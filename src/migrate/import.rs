@@ -191,7 +191,7 @@ impl<'a> ImportWave<'a> {
         let login = logins.new.login.clone();
         let cred = credential(&self.imap_master, &spec, "new")?;
         let mut store = Store::open(self.imap, &login, &cred).await?;
-        store.state_key = copies::state_key(&opts.to, &login);
+        store.v2_user = copies::v2_user(&opts.to, &login);
         let present: HashSet<u32> = store.messages().await?.iter().map(|m| m.uid).collect();
         let shared = copies::shared(config, &store);
         let existing = existing_map(state, &mut store, shared).await?;

@@ -13,6 +13,7 @@ use imap_next::imap_types::sequence::SequenceSet;
 use super::matcher::NewMessage;
 use super::Credential;
 use crate::config::ImapConfig;
+use crate::maildrop::MaildropKey;
 use crate::uidl::map::{MapHead, UidlMap};
 use crate::upstream::credentials::Unsendable;
 use crate::upstream::imap::login::{password, plain, Mechanism};
@@ -60,8 +61,11 @@ pub struct Store {
     /// UIDNEXT at EXAMINE, when reported: bounds the entries of a map read from METADATA.
     pub uid_next: Option<u32>,
     pub has_metadata: bool,
-    /// The user's key in the local state (see [`crate::state::state_prefix`]).
-    pub state_key: String,
+    /// Which maildrop this is: the key its sled entries are under, as for a `serve` session.
+    pub key: MaildropKey,
+    /// How the v2 state layout named the user (see [`crate::state::state_prefix`]): a map
+    /// kept there is carried over.
+    pub v2_user: String,
 }
 
 fn failed(command: &'static str, text: String) -> StoreError {
@@ -117,7 +121,8 @@ impl Store {
             uid_validity,
             uid_next: status.uid_next,
             has_metadata: capabilities.has("METADATA"),
-            state_key: user.to_owned(),
+            key: MaildropKey::new(&endpoint.address(), user, &imap.mailbox),
+            v2_user: user.to_owned(),
         })
     }
 

@@ -122,7 +122,7 @@ impl<'a> UidlsWave<'a> {
         let mut pop = legacy_session(self.legacy, &from_login, lc).await?;
         let listed = pop.listing().await?;
         let mut store = Store::open(self.imap, to_login, ic).await?;
-        store.state_key = copies::state_key(&self.opts.to, to_login);
+        store.v2_user = copies::v2_user(&self.opts.to, to_login);
         let new = store.messages().await?;
         let legacy: Vec<LegacyMessage> = listed
             .iter()

@@ -468,7 +468,13 @@ where
 mod tests {
     use super::*;
     use crate::maildrop::memory::{MemoryEvent, MemoryUpstream};
-    use crate::pop3::routed::Unrouted;
+    use crate::maildrop::MaildropKey;
+    use crate::pop3::routed::{Unrouted, UNROUTED_SERVER};
+
+    /// The maildrop an unrouted `BoB` (any case) logs in to.
+    fn bob() -> MaildropKey {
+        MaildropKey::new(UNROUTED_SERVER, "BoB", "INBOX")
+    }
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
@@ -618,7 +624,7 @@ mod tests {
         assert_eq!(h.up.commits("bob"), vec![vec![1]]);
         assert_eq!(h.up.seen("bob"), vec![4]);
         assert_eq!(h.up.uids("bob"), vec![4, 7]);
-        assert!(!h.locks.is_locked("bob"));
+        assert!(!h.locks.is_locked(&bob()));
         assert_eq!(h.up.events("bob").last(), Some(&MemoryEvent::Close));
     }
 
@@ -693,13 +699,13 @@ mod tests {
         let h = Harness::new();
         let (mut c, task) = h.login().await;
         assert!(c.cmd("DELE 1").await.starts_with("+OK"));
-        assert!(h.locks.is_locked("BOB"));
+        assert!(h.locks.is_locked(&bob()));
         drop(c);
         assert_eq!(task.await.unwrap(), SessionOutcome::ClientGone);
         assert!(h.up.commits("bob").is_empty());
         assert_eq!(h.up.uids("bob"), vec![1, 4, 7]);
         assert_eq!(h.up.events("bob").last(), Some(&MemoryEvent::Close));
-        assert!(!h.locks.is_locked("bob"));
+        assert!(!h.locks.is_locked(&bob()));
     }
 
     #[tokio::test]
@@ -1005,6 +1011,6 @@ mod tests {
         assert_eq!(c.cmd("QUIT").await, "+OK Logging out.\r\n");
         assert!(c.eof().await);
         assert_eq!(task.await.unwrap(), SessionOutcome::Quit);
-        assert!(!h.locks.is_locked("bob"));
+        assert!(!h.locks.is_locked(&bob()));
     }
 }

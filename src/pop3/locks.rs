@@ -1,14 +1,16 @@
-//! RFC 1939 exclusive access within this process: one POP3 session per maildrop.
+//! RFC 1939 exclusive access within this process: one POP3 session per maildrop, whatever
+//! backend name or route reached it (the lock is keyed by [`MaildropKey`], as the maildrop's
+//! cache entries are).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// One POP3 session per maildrop (RFC 1939 exclusive access), within this process. Keys are
-/// lower-cased login names (for a routed backend other than `[imap]`: the backend name, a line
-/// feed, and the login sent upstream, so the same name on two backends is two maildrops).
+use crate::maildrop::MaildropKey;
+
+/// The maildrops held by a session of this process.
 #[derive(Debug, Clone, Default)]
 pub struct MaildropLocks {
-    held: Arc<Mutex<HashSet<String>>>,
+    held: Arc<Mutex<HashSet<MaildropKey>>>,
 }
 
 impl MaildropLocks {
@@ -16,13 +18,12 @@ impl MaildropLocks {
         Self::default()
     }
 
-    /// The lock for `user`, or `None` if another session holds it.
-    pub fn try_lock(&self, user: &str) -> Option<MaildropLock> {
-        let key = user.to_lowercase();
+    /// The lock of `maildrop`, or `None` if another session holds it.
+    pub fn try_lock(&self, maildrop: &MaildropKey) -> Option<MaildropLock> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.insert(key.clone()) {
+        if held.insert(maildrop.clone()) {
             Some(MaildropLock {
-                key,
+                key: maildrop.clone(),
                 held: Arc::clone(&self.held),
             })
         } else {
@@ -30,19 +31,19 @@ impl MaildropLocks {
         }
     }
 
-    pub fn is_locked(&self, user: &str) -> bool {
+    pub fn is_locked(&self, maildrop: &MaildropKey) -> bool {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&user.to_lowercase())
+            .contains(maildrop)
     }
 }
 
 /// Held for the life of a TRANSACTION; released on drop.
 #[derive(Debug)]
 pub struct MaildropLock {
-    key: String,
-    held: Arc<Mutex<HashSet<String>>>,
+    key: MaildropKey,
+    held: Arc<Mutex<HashSet<MaildropKey>>>,
 }
 
 impl Drop for MaildropLock {

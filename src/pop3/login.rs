@@ -34,7 +34,7 @@ where
                 // released it a moment ago is already reflected upstream.
                 Some(lock) => match md.snapshot().await {
                     Ok(snapshot) => {
-                        info!(user = %user, backend = shown_backend, messages = snapshot.messages.len(), "pop3 login");
+                        info!(user = %user, backend = shown_backend, maildrop = %lock_key, messages = snapshot.messages.len(), "pop3 login");
                         if let Some(chunk) = fetch_chunk {
                             self.fetch_chunk = chunk;
                         }
@@ -46,13 +46,13 @@ where
                         Ok(Some(snapshot))
                     }
                     Err(e) => {
-                        info!(user = %user, error = %crate::errors::Chain(&e), "pop3 login failed: listing");
+                        info!(user = %user, maildrop = %lock_key, error = %crate::errors::Chain(&e), "pop3 login failed: listing");
                         md.close().await;
                         Err(e)
                     }
                 },
                 None => {
-                    info!(user = %user, "pop3 login refused: maildrop in use");
+                    info!(user = %user, maildrop = %lock_key, "pop3 login refused: maildrop in use");
                     md.close().await;
                     Err(MaildropError::InUse)
                 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::relay::Relayed;
-use crate::maildrop::{Maildrop, MaildropError, Mailstore};
+use crate::maildrop::{Maildrop, MaildropError, MaildropKey, Mailstore};
 use crate::uidl::UidlFormat;
 
 /// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
@@ -22,9 +22,12 @@ pub trait Upstream: Send + Sync {
     ) -> impl Future<Output = Routed<Self::Maildrop>> + Send;
 }
 
-/// One [`Mailstore`] serving every login, unrouted, each locked under its lower-cased name
-/// (the driver's unit tests).
+/// One [`Mailstore`] serving every login, unrouted, each locked under its login (the
+/// driver's unit tests).
 pub struct Unrouted<S>(pub S);
+
+/// The server part of an [`Unrouted`] login's maildrop key.
+pub const UNROUTED_SERVER: &str = "unrouted";
 
 impl<S: Mailstore> Upstream for Unrouted<S> {
     type Maildrop = S::Maildrop;
@@ -38,7 +41,7 @@ impl<S: Mailstore> Upstream for Unrouted<S> {
                 .await
                 .map(|maildrop| Opened::Maildrop {
                     maildrop,
-                    lock_key: user.to_lowercase(),
+                    lock_key: MaildropKey::new(UNROUTED_SERVER, user, "INBOX"),
                     uidl_format: None,
                     fetch_chunk: None,
                 }),
@@ -58,7 +61,7 @@ pub enum Opened<M> {
     Maildrop {
         maildrop: M,
         /// Key of the RFC 1939 exclusive-access lock (see [`super::locks::MaildropLocks`]).
-        lock_key: String,
+        lock_key: MaildropKey,
         /// The backend's UIDL format, when it differs from the listener's.
         uidl_format: Option<UidlFormat>,
         /// The backend's piece size (`fetch_chunk_bytes`): its upstream responses are bounded

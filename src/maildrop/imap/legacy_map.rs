@@ -9,11 +9,12 @@
 //!
 //! Decoding and checking a large map (up to [`crate::uidl::map::MAX_MAP_BYTES`] of entry
 //! text) runs on the blocking pool, and decoded maps are kept in a small bounded in-memory
-//! cache keyed by user, folder and head, so a login usually decodes nothing.
+//! cache keyed by maildrop and head, so a login usually decodes nothing.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use crate::maildrop::MaildropKey;
 use crate::state::StateStore;
 use crate::uidl::map::{MapError, MapHead, UidlMap};
 use crate::upstream::imap::conn::ImapConnection;
@@ -27,39 +28,35 @@ const CACHE_MAPS: usize = 256;
 const CACHE_BYTES: usize = 16 << 20;
 
 struct Cached {
-    user: String,
-    mailbox: String,
+    key: MaildropKey,
     head: MapHead,
     map: Arc<UidlMap>,
 }
 
-/// Decoded maps by (user key, folder, head), least recently used first out.
+/// Decoded maps by maildrop and head, least recently used first out.
 #[derive(Default)]
 pub struct MapCache {
     maps: Mutex<VecDeque<Cached>>,
 }
 
 impl MapCache {
-    fn get(&self, user: &str, mailbox: &str, head: &MapHead) -> Option<Arc<UidlMap>> {
+    fn get(&self, key: &MaildropKey, head: &MapHead) -> Option<Arc<UidlMap>> {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let at = maps
-            .iter()
-            .position(|c| c.user == user && c.mailbox == mailbox && &c.head == head)?;
+        let at = maps.iter().position(|c| &c.key == key && &c.head == head)?;
         let hit = maps.remove(at)?;
         let map = Arc::clone(&hit.map);
         maps.push_back(hit);
         Some(map)
     }
 
-    fn put(&self, user: &str, mailbox: &str, head: &MapHead, map: &Arc<UidlMap>) {
+    fn put(&self, key: &MaildropKey, head: &MapHead, map: &Arc<UidlMap>) {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        maps.retain(|c| !(c.user == user && c.mailbox == mailbox));
+        maps.retain(|c| &c.key != key);
         if head.bytes > CACHE_BYTES {
             return;
         }
         maps.push_back(Cached {
-            user: user.to_owned(),
-            mailbox: mailbox.to_owned(),
+            key: key.clone(),
             head: head.clone(),
             map: Arc::clone(map),
         });
@@ -93,7 +90,8 @@ pub enum Source {
 pub struct Lookup<'a> {
     pub state: Option<&'a Arc<StateStore>>,
     pub cache: &'a MapCache,
-    pub user: &'a str,
+    pub key: &'a MaildropKey,
+    /// The folder as configured (METADATA is read from it).
     pub mailbox: &'a str,
     pub uid_validity: u32,
     pub uid_next: Option<u32>,
@@ -109,18 +107,14 @@ impl Lookup<'_> {
         let Some(state) = self.state else {
             return Ok(None);
         };
-        let (state, user, mailbox) = (
-            Arc::clone(state),
-            self.user.to_owned(),
-            self.mailbox.to_owned(),
-        );
-        let found = tokio::task::spawn_blocking(move || state.uidl_map(&user, &mailbox))
+        let (state, key) = (Arc::clone(state), self.key.clone());
+        let found = tokio::task::spawn_blocking(move || state.uidl_map(&key))
             .await
             .map_err(decoding_failed)?;
         Ok(match found {
             Some((h, map)) if &h == head => {
                 let map = Arc::new(map);
-                self.cache.put(self.user, self.mailbox, head, &map);
+                self.cache.put(self.key, head, &map);
                 Some(map)
             }
             _ => None,
@@ -136,16 +130,13 @@ impl Lookup<'_> {
     ) -> Result<(Option<Arc<UidlMap>>, Source), MetadataError> {
         let Some((conn, head)) = shared else {
             // sled is the only copy.
-            let Some(head) = self
-                .state
-                .and_then(|s| s.uidl_map_head(self.user, self.mailbox))
-            else {
+            let Some(head) = self.state.and_then(|s| s.uidl_map_head(self.key)) else {
                 return Ok((None, Source::None));
             };
             if head.uid_validity != self.uid_validity {
                 return Ok((None, Source::Stale));
             }
-            if let Some(map) = self.cache.get(self.user, self.mailbox, &head) {
+            if let Some(map) = self.cache.get(self.key, &head) {
                 return Ok((Some(map), Source::Cache));
             }
             return Ok(match self.sled_map(&head).await? {
@@ -156,8 +147,8 @@ impl Lookup<'_> {
         let Some(head) = head else {
             // METADATA has no map: neither has this user.
             if let Some(state) = self.state {
-                if state.uidl_map_head(self.user, self.mailbox).is_some() {
-                    state.remove_uidl_map(self.user, self.mailbox);
+                if state.uidl_map_head(self.key).is_some() {
+                    state.remove_uidl_map(self.key);
                 }
             }
             return Ok((None, Source::None));
@@ -166,35 +157,28 @@ impl Lookup<'_> {
             return Ok((None, Source::Stale));
         }
         head.check_uid_next(self.uid_next)?;
-        if let Some(map) = self.cache.get(self.user, self.mailbox, &head) {
+        if let Some(map) = self.cache.get(self.key, &head) {
             return Ok((Some(map), Source::Cache));
         }
-        let cached_head = self
-            .state
-            .and_then(|s| s.uidl_map_head(self.user, self.mailbox));
+        let cached_head = self.state.and_then(|s| s.uidl_map_head(self.key));
         if cached_head.as_ref() == Some(&head) {
             if let Some(map) = self.sled_map(&head).await? {
                 return Ok((Some(map), Source::Cache));
             }
         }
         let text = metadata::read_text(conn, self.mailbox, &head, self.uid_next).await?;
-        let (state, user, mailbox, h) = (
-            self.state.cloned(),
-            self.user.to_owned(),
-            self.mailbox.to_owned(),
-            head.clone(),
-        );
+        let (state, key, h) = (self.state.cloned(), self.key.clone(), head.clone());
         let map = tokio::task::spawn_blocking(move || {
             let map = UidlMap::from_text(&h, &text)?;
             if let Some(state) = state {
-                state.cache_uidl_map(&user, &mailbox, &h, &text);
+                state.cache_uidl_map(&key, &h, &text);
             }
             Ok::<_, MapError>(map)
         })
         .await
         .map_err(decoding_failed)??;
         let map = Arc::new(map);
-        self.cache.put(self.user, self.mailbox, &head, &map);
+        self.cache.put(self.key, &head, &map);
         Ok((Some(map), Source::Metadata))
     }
 }
@@ -213,28 +197,25 @@ mod tests {
 
     #[test]
     fn the_cache_is_keyed_by_head_and_bounded() {
+        let k = |u: &str| MaildropKey::new("imap:993", u, "INBOX");
         let c = MapCache::default();
         let (h1, m1) = map(1, 3);
         let (h2, m2) = map(1, 4);
-        c.put("u", "INBOX", &h1, &m1);
-        assert_eq!(c.get("u", "INBOX", &h1), Some(Arc::clone(&m1)));
-        assert_eq!(
-            c.get("u", "INBOX", &h2),
-            None,
-            "another head is another map"
-        );
-        assert_eq!(c.get("v", "INBOX", &h1), None);
-        c.put("u", "INBOX", &h2, &m2);
-        assert_eq!(c.get("u", "INBOX", &h1), None, "replaced, not kept beside");
+        c.put(&k("u"), &h1, &m1);
+        assert_eq!(c.get(&k("u"), &h1), Some(Arc::clone(&m1)));
+        assert_eq!(c.get(&k("u"), &h2), None, "another head is another map");
+        assert_eq!(c.get(&k("v"), &h1), None);
+        c.put(&k("u"), &h2, &m2);
+        assert_eq!(c.get(&k("u"), &h1), None, "replaced, not kept beside");
         assert_eq!(c.len(), 1);
         for i in 0..CACHE_MAPS + 10 {
-            c.put(&format!("user{i}"), "INBOX", &h1, &m1);
+            c.put(&k(&format!("user{i}")), &h1, &m1);
         }
         assert_eq!(c.len(), CACHE_MAPS);
-        assert_eq!(c.get("user0", "INBOX", &h1), None, "oldest out first");
+        assert_eq!(c.get(&k("user0"), &h1), None, "oldest out first");
         let mut huge = h1.clone();
         huge.bytes = CACHE_BYTES + 1;
-        c.put("big", "INBOX", &huge, &m1);
-        assert_eq!(c.get("big", "INBOX", &huge), None, "too big to keep");
+        c.put(&k("big"), &huge, &m1);
+        assert_eq!(c.get(&k("big"), &huge), None, "too big to keep");
     }
 }

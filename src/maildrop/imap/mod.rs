@@ -16,7 +16,7 @@ use bytes::Bytes;
 use imap_next::imap_types::mailbox::Mailbox;
 
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
-use crate::maildrop::{BodyPart, Maildrop, MaildropError, Mailstore, Snapshot};
+use crate::maildrop::{BodyPart, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot};
 use crate::pop3::command::Password;
 use crate::state::StateStore;
 use crate::upstream::imap::login::{password, plain, Mechanism};
@@ -33,8 +33,8 @@ pub struct ImapUpstream {
     move_to: String,
     hide_keyword: String,
     state: Option<Arc<StateStore>>,
-    /// Put before the login in state keys (see [`ImapUpstream::new`]).
-    state_prefix: String,
+    /// Put before the login in the v2 state keys (see [`StateStore::adopt_v2_uidl_map`]).
+    v2_prefix: String,
     /// Master user and password, when the operator logs in for the users.
     master: Option<(String, Password)>,
     /// Read migrated UIDL maps from IMAP METADATA (`migration.shared_map`).
@@ -46,13 +46,13 @@ pub struct ImapUpstream {
 }
 
 impl ImapUpstream {
-    /// The upstream for one IMAP backend. `state_prefix` keeps its users' cache entries apart
-    /// from another backend's users of the same name (empty for `[imap]`).
+    /// The upstream for one IMAP backend. `v2_prefix` is what the v2 state layout put before
+    /// its users' logins ([`crate::state::state_prefix`]), to carry their UIDL maps over.
     pub fn new(
         imap: &ImapConfig,
         deletion: &DeletionConfig,
         state: Option<Arc<StateStore>>,
-        state_prefix: &str,
+        v2_prefix: &str,
         shared_map: bool,
     ) -> Result<ImapUpstream, SetupError> {
         let endpoint = Endpoint::new(Protocol::Imap, &imap.endpoint())?;
@@ -75,7 +75,7 @@ impl ImapUpstream {
             move_to: deletion.move_to.clone(),
             hide_keyword: deletion.hide_keyword.clone(),
             state,
-            state_prefix: state_prefix.to_owned(),
+            v2_prefix: v2_prefix.to_owned(),
             master,
             shared_map,
             maps: Arc::default(),
@@ -146,7 +146,8 @@ impl ImapUpstream {
         Ok(ImapMaildrop {
             conn: Some(conn),
             state: self.state.clone(),
-            user: format!("{}{user}", self.state_prefix),
+            key: MaildropKey::new(&self.endpoint.address(), user, &self.mailbox),
+            v2_user: format!("{}{user}", self.v2_prefix),
             mailbox: self.mailbox.clone(),
             // Set by `select`, which `snapshot` runs under the IN-USE lock.
             uid_validity: 0,
@@ -193,9 +194,10 @@ pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
     state: Option<Arc<StateStore>>,
-    /// The user in state keys: the upstream login, after the backend's name and a line feed
-    /// for backends other than `[imap]`.
-    user: String,
+    /// Which maildrop this is: its lock, its cache entries, its decoded map, its log lines.
+    key: MaildropKey,
+    /// How the v2 state layout named the user (backend prefix and login), to carry a map over.
+    v2_user: String,
     mailbox: String,
     uid_validity: u32,
     /// UIDNEXT at SELECT, when reported (bounds a legacy UIDL map's entries).
@@ -235,6 +237,13 @@ const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
 /// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
 /// something else makes popbridge read and discard it before its next command.
 const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
+
+impl ImapMaildrop {
+    /// Which maildrop this is (the key of its RFC 1939 lock).
+    pub fn key(&self) -> &MaildropKey {
+        &self.key
+    }
+}
 
 impl Maildrop for ImapMaildrop {
     async fn snapshot(&mut self) -> Result<Snapshot, MaildropError> {

@@ -301,7 +301,7 @@ impl ImapMaildrop {
         all.extend(self.retrieved_now.drain());
         all.sort_unstable();
         all.dedup();
-        state.store_retrieved(&self.user, &self.mailbox, self.uid_validity, &all);
+        state.store_retrieved(&self.key, self.uid_validity, &all);
     }
 
     /// A message was handed out whole: if the client's next RETR is probably for a message

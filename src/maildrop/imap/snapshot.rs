@@ -136,15 +136,14 @@ impl ImapMaildrop {
     /// So the cache can never show a deleted or hidden message, and losing it only costs one
     /// full size fetch.
     async fn sizes(&mut self, uids: Vec<u32>) -> Result<Vec<MessageEntry>, MaildropError> {
-        let (user, uid_validity) = (self.user.clone(), self.uid_validity);
-        let user = user.as_str();
+        let (key, uid_validity) = (self.key.clone(), self.uid_validity);
         let Some(conn) = self.conn.as_mut() else {
             return Err(MaildropError::unavailable("upstream connection lost"));
         };
         let cached = self
             .state
             .as_ref()
-            .map(|s| s.sizes(user, &self.mailbox, uid_validity))
+            .map(|s| s.sizes(&key, uid_validity))
             .unwrap_or_default();
         let known = |uid: u32| {
             cached
@@ -199,7 +198,7 @@ impl ImapMaildrop {
             .collect();
         if let Some(state) = &self.state {
             if listing.len() != cached.len() || !fetched.is_empty() {
-                state.store_sizes(user, &self.mailbox, uid_validity, &listing);
+                state.store_sizes(&key, uid_validity, &listing);
             }
         }
         Ok(listing
@@ -218,7 +217,7 @@ impl ImapMaildrop {
         let opened = self.open_mailbox().await?;
         let messages = self.sizes(opened.uids).await?;
         if let Some(state) = &self.state {
-            let before = state.retrieved(&self.user, &self.mailbox, self.uid_validity);
+            let before = state.retrieved(&self.key, self.uid_validity);
             let listed = |uid: &u32| {
                 messages
                     .binary_search_by_key(uid, |m: &MessageEntry| m.uid)
@@ -228,7 +227,7 @@ impl ImapMaildrop {
             self.retrieved_pruned = self.retrieved_before.len() != before.len();
         }
         if let Some(state) = &self.state {
-            if state.observe_mailbox(&self.user, &self.mailbox, self.uid_validity) {
+            if state.observe_mailbox(&self.key, self.uid_validity) {
                 metrics().uidl_changed_sessions.inc();
             }
         }
@@ -253,10 +252,15 @@ impl ImapMaildrop {
     ) -> Result<Option<Arc<UidlMap>>, MaildropError> {
         use super::legacy_map::{Lookup, Source};
         let m = metrics();
+        if let Some(state) = &self.state {
+            if state.uidl_map_head(&self.key).is_none() {
+                state.adopt_v2_uidl_map(&self.key, &self.v2_user, &self.mailbox);
+            }
+        }
         let lookup = Lookup {
             state: self.state.as_ref(),
             cache: &self.maps,
-            user: &self.user,
+            key: &self.key,
             mailbox: &self.mailbox,
             uid_validity: self.uid_validity,
             uid_next: self.uid_next,
@@ -293,8 +297,7 @@ impl ImapMaildrop {
     fn map_unusable(&mut self, e: MetadataError) -> MaildropError {
         metrics().uidl_maps.with_label_values(&["error"]).inc();
         // The reason only (limits, checksum, IMAP error), and who: no map contents.
-        let user = self.user.rsplit('\n').next().unwrap_or_default();
-        tracing::error!(user, error = %e, "cannot use the legacy UIDL map from METADATA; refusing the login");
+        tracing::error!(maildrop = %self.key, error = %e, "cannot use the legacy UIDL map from METADATA; refusing the login");
         if matches!(e, MetadataError::Imap(_)) {
             self.conn = None;
         }
