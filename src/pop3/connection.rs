@@ -424,7 +424,9 @@ where
                     SessionOutcome::Quit
                 })
             }
-            Action::Login { user, password } => self.login(user, password).await,
+            // Boxed: the login's deep future (routing, connect, TLS, listing) is only held
+            // while it runs, not in every idle session's task for its whole life.
+            Action::Login { user, password } => Box::pin(self.login(user, password)).await,
             Action::StartTls(b) => {
                 self.emit(&b);
                 match self.flush().await {
@@ -438,29 +440,32 @@ where
                 size,
                 top_lines,
                 ok_line,
-            } => self.retrieve(msg, uid, size, top_lines, ok_line).await,
-            Action::Commit { uids } => {
-                let result = match self.maildrop.take() {
-                    Some((mut md, lock)) => {
-                        let r = md.commit(&uids).await;
-                        if r.is_ok() {
-                            self.stats.deleted = uids.len();
-                        }
-                        if let Err(e) = &r {
-                            warn!(user = self.user.as_deref().unwrap_or("-"), error = %crate::errors::Chain(e), "commit failed");
-                        }
-                        md.close().await;
-                        drop(lock);
-                        r
-                    }
-                    None => Err(MaildropError::unavailable("no maildrop")),
-                };
-                let reply = self.session.on_commit(result);
-                self.emit(&reply);
-                let _ = self.flush().await;
-                Flow::End(SessionOutcome::Quit)
-            }
+            } => Box::pin(self.retrieve(msg, uid, size, top_lines, ok_line)).await,
+            Action::Commit { uids } => Box::pin(self.commit(uids)).await,
         }
+    }
+
+    /// QUIT: apply the marks, close the maildrop, answer and end.
+    async fn commit(&mut self, uids: Vec<u32>) -> Flow {
+        let result = match self.maildrop.take() {
+            Some((mut md, lock)) => {
+                let r = md.commit(&uids).await;
+                if r.is_ok() {
+                    self.stats.deleted = uids.len();
+                }
+                if let Err(e) = &r {
+                    warn!(user = self.user.as_deref().unwrap_or("-"), error = %crate::errors::Chain(e), "commit failed");
+                }
+                md.close().await;
+                drop(lock);
+                r
+            }
+            None => Err(MaildropError::unavailable("no maildrop")),
+        };
+        let reply = self.session.on_commit(result);
+        self.emit(&reply);
+        let _ = self.flush().await;
+        Flow::End(SessionOutcome::Quit)
     }
 }
 
