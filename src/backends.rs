@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
 use crate::live::Live;
 use crate::maildrop::imap::{ImapMaildrop, ImapUpstream};
-use crate::maildrop::{MaildropError, Mailstore};
+use crate::maildrop::{Credential, MaildropError, Mailstore};
 use crate::metrics::metrics;
 use crate::pop3::relay::Pop3Backend;
 use crate::pop3::routed::{Opened, Routed, Upstream};
@@ -142,18 +142,34 @@ impl RoutedUpstream {
         name: &str,
         backend: &Backend,
         login: &str,
-        password: &str,
+        credential: Credential<'_>,
     ) -> Result<Opened<ImapMaildrop>, MaildropError> {
-        match backend {
-            Backend::Pop3(p) => Ok(Opened::Relay(Box::new(p.login(login, password).await?))),
-            Backend::Imap {
-                upstream,
-                uidl_format,
-                fetch_chunk,
-                verify_with,
-            } => {
+        match (backend, credential) {
+            (Backend::Pop3(p), Credential::Password(password)) => {
+                Ok(Opened::Relay(Box::new(p.login(login, password).await?)))
+            }
+            (Backend::Pop3(_), Credential::Bearer(_)) => {
+                tracing::info!(
+                    backend = name,
+                    "a legacy POP3 backend takes passwords, not OAuth tokens"
+                );
+                Err(MaildropError::Auth)
+            }
+            (
+                Backend::Imap {
+                    upstream,
+                    uidl_format,
+                    fetch_chunk,
+                    verify_with,
+                },
+                credential,
+            ) => {
                 if let Some(v) = verify_with {
-                    // A master login would let any password in: check the client's first.
+                    // A master login (or an application's token) would let any password in:
+                    // check the client's first.
+                    let Credential::Password(password) = credential else {
+                        return Err(MaildropError::Auth);
+                    };
                     let checked = match self.verifier(v) {
                         Some(Verifier::Imap(i)) => i.check_password(login, password).await,
                         Some(Verifier::Pop3(p)) => p
@@ -169,7 +185,7 @@ impl RoutedUpstream {
                         return Err(e);
                     }
                 }
-                let maildrop = upstream.login(login, password).await?;
+                let maildrop = upstream.login(login, credential).await?;
                 // One lock per mailbox, however many backend names or routes reach it: two
                 // names for one server must not let two sessions commit at once (RFC 1939).
                 let lock_key = maildrop.key().clone();
@@ -187,7 +203,7 @@ impl RoutedUpstream {
 impl Upstream for RoutedUpstream {
     type Maildrop = ImapMaildrop;
 
-    async fn route(&self, user: &str, password: &str) -> Routed<ImapMaildrop> {
+    async fn route(&self, user: &str, credential: Credential<'_>) -> Routed<ImapMaildrop> {
         let Some(route) = self.router.get().route(user) else {
             tracing::info!(user = %user, "login refused: no route for this user");
             return Routed {
@@ -206,7 +222,7 @@ impl Upstream for RoutedUpstream {
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
         Routed {
             backend: Some(name.clone()),
-            result: self.open(name, backend, &route.login, password).await,
+            result: self.open(name, backend, &route.login, credential).await,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod live;
 pub mod maildrop;
 pub mod metrics;
 pub mod migrate;
+pub mod password_file;
 pub mod pop3;
 pub mod proxy_protocol;
 pub mod routing;

@@ -54,6 +54,9 @@ enum Command {
     /// Move users from a legacy POP3 server without any client noticing (UIDL maps, checks).
     #[command(subcommand)]
     Migrate(cli::migrate::MigrateCommand),
+    /// OAuth 2.0 grants for backends that take per-user tokens.
+    #[command(subcommand)]
+    Oauth(cli::oauth::OAuthCommand),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Migrate(cmd) => cli::migrate::run(cmd),
+        Command::Oauth(cmd) => cli::oauth::run(cmd),
         Command::CheckConfig { config } => match Config::load(&config)
             .map_err(|e| e.to_string())
             .and_then(|c| {

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub relay_sessions: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub uidl_maps: IntCounterVec,
+    pub upstream_logins: IntCounterVec,
+    pub oauth_token_requests: IntCounterVec,
+    pub oauth_token_request_duration: Histogram,
+    pub oauth_token_cache: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -248,6 +252,29 @@ impl Metrics {
                 "Migrated legacy UIDL maps looked up at login, by outcome: cache (decoded earlier, or the sled copy; with METADATA, after its head matched), metadata (chunks read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable or over the limits: login refused with SYS/TEMP).",
                 &["outcome"],
             ),
+            upstream_logins: counter_vec(
+                &r,
+                "popbridge_upstream_logins_total",
+                "Upstream IMAP logins by mechanism (login, plain, xoauth2, oauthbearer) and result (ok, refused, failed: no answer).",
+                &["mechanism", "result"],
+            ),
+            oauth_token_requests: counter_vec(
+                &r,
+                "popbridge_oauth_token_requests_total",
+                "OAuth 2.0 token endpoint requests by provider, grant (client_credentials, jwt_bearer, refresh_token, device_code) and result (ok, invalid_grant: the user must authorize again, refused, unavailable, malformed, setup).",
+                &["provider", "grant", "result"],
+            ),
+            oauth_token_request_duration: histogram(
+                &r,
+                "popbridge_oauth_token_request_duration_seconds",
+                "Time of OAuth 2.0 token endpoint requests (refreshes included).",
+            ),
+            oauth_token_cache: counter_vec(
+                &r,
+                "popbridge_oauth_token_cache_total",
+                "Access tokens looked up in the cache before a login: hit (still fresh), miss (requested from the token endpoint).",
+                &["result"],
+            ),
             registry: r,
         }
     }
@@ -271,6 +298,14 @@ impl Metrics {
     /// Create every series of the fixed label sets at zero, so rates and alerts see a 0
     /// instead of no data before the first event.
     fn initialize_series(&self) {
+        for mechanism in ["login", "plain", "xoauth2", "oauthbearer"] {
+            for result in ["ok", "refused", "failed"] {
+                self.upstream_logins.with_label_values(&[mechanism, result]);
+            }
+        }
+        for result in ["hit", "miss"] {
+            self.oauth_token_cache.with_label_values(&[result]);
+        }
         self.sessions_active.with_label_values(&["pop3"]).set(0);
         self.sessions_started.with_label_values(&["pop3"]);
         for outcome in OUTCOMES {

@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("upstream", 1, "upstream"),
     ("client_tls", 1, "upstream"),
     ("state", 1, "upstream"),
+    ("password_file", 1, "upstream"),
     // 2: the configuration, made of each subsystem's own settings.
     ("config", 2, "config"),
     // 3: maildrops: the IMAP-backed maildrop (snapshot, retrieval, commit).

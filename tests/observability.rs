@@ -160,6 +160,51 @@ const CONTRACT: &[Family] = &[
         labels: &[],
     },
     Family {
+        name: "popbridge_upstream_logins_total",
+        kind: "counter",
+        labels: &[
+            ("mechanism", &["login", "plain", "xoauth2", "oauthbearer"]),
+            ("result", &["ok", "refused", "failed"]),
+        ],
+    },
+    Family {
+        name: "popbridge_oauth_token_requests_total",
+        kind: "counter",
+        labels: &[
+            ("provider", &["custom", "microsoft", "google"]),
+            (
+                "grant",
+                &[
+                    "client_credentials",
+                    "jwt_bearer",
+                    "refresh_token",
+                    "device_code",
+                ],
+            ),
+            (
+                "result",
+                &[
+                    "ok",
+                    "invalid_grant",
+                    "refused",
+                    "unavailable",
+                    "malformed",
+                    "setup",
+                ],
+            ),
+        ],
+    },
+    Family {
+        name: "popbridge_oauth_token_request_duration_seconds",
+        kind: "histogram",
+        labels: &[],
+    },
+    Family {
+        name: "popbridge_oauth_token_cache_total",
+        kind: "counter",
+        labels: &[("result", &["hit", "miss"])],
+    },
+    Family {
         name: "popbridge_build_info",
         kind: "gauge",
         labels: &[("version", &[env!("CARGO_PKG_VERSION")])],
@@ -1031,11 +1076,16 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
     let msgs: Vec<Vec<u8>> = (1..=3).map(msg).collect();
     dc.seed("alice", &msgs.iter().map(Vec::as_slice).collect::<Vec<_>>());
     let a = Popbridge::start(&dc, &format!("[metrics]\nlisten = \"127.0.0.1:{ma}\""));
-    // b: an upstream port where nothing listens, and a 1 s idle timeout.
+    // b: an upstream port where nothing listens, and a 1 s idle timeout; also a backend that
+    // logs in with users' OAuth grants (which creates the token-request series).
+    let grants = tempfile::tempdir().unwrap();
     let b = Popbridge::start(
         &dc,
         &format!(
-            "[pop3]\nidle_timeout_secs = 1\n[imap]\nport = {closed}\n[metrics]\nlisten = \"127.0.0.1:{mb}\""
+            "[pop3]\nidle_timeout_secs = 1\n[imap]\nport = {closed}\n[metrics]\nlisten = \"127.0.0.1:{mb}\"\n\
+             [backends.tokens]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {closed}\nsecurity = \"none\"\n\
+             oauth = {{ tokens = \"user\", token_url = \"http://127.0.0.1:{closed}/token\", client_id = \"popbridge\", token_store = \"{}\" }}",
+            grants.path().display()
         ),
     );
     assert!(
@@ -1380,7 +1430,8 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
         what: "UIDVALIDITY change",
     };
     d.eq("popbridge_uidl_changed_sessions_total", &[], 1.0);
-    check_contract(&m8, "popbridge", &[]);
+    // a has no OAuth backend: no token-request series (b has them).
+    check_contract(&m8, "popbridge", &["popbridge_oauth_token_requests_total"]);
     promtool_check_metrics(ma, "popbridge");
 
     // 9. The instance without an upstream: logins fail as upstream_unavailable, the connect

@@ -2,5 +2,6 @@
 //! printing of what the library returns. `main.rs` keeps logging, `serve` and `check-config`.
 
 pub mod migrate;
+pub mod oauth;
 mod print;
 mod progress;

@@ -281,6 +281,23 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether any IMAP backend takes the client's own OAuth token (POP3 then offers AUTH
+    /// XOAUTH2 and OAUTHBEARER).
+    pub fn takes_client_tokens(&self) -> bool {
+        std::iter::once(&self.imap)
+            .chain(self.backends.values().filter_map(|b| match b {
+                BackendConfig::Imap(i) => Some(i),
+                BackendConfig::Pop3(_) => None,
+            }))
+            .any(|i| {
+                i.oauth.as_ref().is_some_and(|o| {
+                    o.tokens == crate::upstream::oauth::settings::TokenSource::Client
+                })
+            })
+    }
+}
+
 impl RoutingSource for Config {
     fn routing(&self) -> &RoutingConfig {
         &self.routing

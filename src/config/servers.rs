@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::read_secret;
 use crate::uidl::UidlFormat;
+use crate::upstream::oauth::settings::{OAuthSettings, TokenSource};
 use crate::upstream::{EndpointSettings, Protocol, Security};
 
 /// Declares a server section: the endpoint keys every server section shares
@@ -105,9 +106,12 @@ server_section! {
         pub master_user: Option<String>,
         /// File holding the master user's password (first line); never inline in this file.
         pub master_password_file: Option<PathBuf>,
-        /// With a master user: the backend (a name from `[backends]`) that checks the client's
-        /// password first, so no login is ever let in unchecked.
+        /// With a master user or an application's OAuth token: the backend (a name from
+        /// `[backends]`) that checks the client's password first, so no login is ever let in
+        /// unchecked.
         pub verify_password_with: Option<String>,
+        /// Log in with OAuth 2.0 tokens (`[imap.oauth]`, `[backends.X.oauth]`).
+        pub oauth: Option<Box<OAuthSettings>>,
     }
 }
 
@@ -137,12 +141,30 @@ pub(super) fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (Stri
         imap.master_user.as_deref(),
         imap.master_password_file.as_deref(),
     )?;
+    if let Some(oauth) = &imap.oauth {
+        if imap.master_user.is_some() {
+            return Err((
+                key("oauth"),
+                "and master_user are two ways to log in: keep one".into(),
+            ));
+        }
+        oauth
+            .validate(imap.verify_password_with.is_some())
+            .map_err(|(k, m)| (format!("{prefix}.oauth.{k}"), m))?;
+    }
+    let app_tokens = imap
+        .oauth
+        .as_ref()
+        .is_some_and(|o| o.tokens == TokenSource::App);
     match (&imap.master_user, &imap.verify_password_with) {
         (Some(_), None) => Err((
             key("verify_password_with"),
             "is required with master_user: name the backend that checks the client's password (a master login alone would let any password in)".into(),
         )),
-        (None, Some(_)) => Err((key("verify_password_with"), "only makes sense with master_user".into())),
+        (None, Some(_)) if !app_tokens => Err((
+            key("verify_password_with"),
+            "only makes sense with master_user or oauth.tokens = \"app\"".into(),
+        )),
         _ => Ok(()),
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Maildrop, MaildropError, Mailstore, MessageEntry, Snapshot};
+use super::{Credential, Maildrop, MaildropError, Mailstore, MessageEntry, Snapshot};
 use crate::uidl::map::UidlMap;
 
 /// One recorded call on a [`MemoryMaildrop`], for assertions in tests.
@@ -169,9 +169,16 @@ impl Mailstore for MemoryUpstream {
     fn login(
         &self,
         user: &str,
-        password: &str,
+        credential: Credential<'_>,
     ) -> impl Future<Output = Result<MemoryMaildrop, MaildropError>> + Send {
-        let r = self.login_now(user, password);
+        let r = match credential {
+            Credential::Password(password) => self.login_now(user, password),
+            // A token is a password of the form `token:<password>` here.
+            Credential::Bearer(token) => match token.strip_prefix("token:") {
+                Some(password) => self.login_now(user, password),
+                None => Err(MaildropError::Auth),
+            },
+        };
         async move { r }
     }
 }

@@ -51,6 +51,10 @@ pub enum MaildropError {
     /// The upstream rejected the credentials: `-ERR [AUTH]`.
     #[error("authentication failed")]
     Auth,
+    /// The user's OAuth grant was revoked or has expired (or was never given): `-ERR [AUTH]`
+    /// saying to authorize again.
+    #[error("the OAuth grant is revoked, expired or missing")]
+    Reauthorize,
     /// The upstream is down, timed out or failed: `-ERR [SYS/TEMP]`. `source` says why
     /// (shown whole by [`crate::errors::Chain`]).
     #[error("upstream unavailable: {context}")]
@@ -111,10 +115,28 @@ impl MaildropError {
     /// [`crate::metrics::LOGIN_RESULTS`], with `ok`).
     pub fn login_label(&self) -> &'static str {
         match self {
-            MaildropError::Auth => "bad_credentials",
+            MaildropError::Auth | MaildropError::Reauthorize => "bad_credentials",
             MaildropError::Unavailable { .. } | MaildropError::Gone => "upstream_unavailable",
             MaildropError::Unsupported(_) => "refused",
             MaildropError::InUse => "in_use",
+        }
+    }
+}
+
+/// What a client proves itself with, as a store sees it.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    /// USER/PASS or AUTH PLAIN.
+    Password(&'a str),
+    /// An OAuth 2.0 bearer token the client brought (AUTH XOAUTH2, OAUTHBEARER).
+    Bearer(&'a str),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Password(_) => f.write_str("Password(<redacted>)"),
+            Credential::Bearer(_) => f.write_str("Bearer(<redacted>)"),
         }
     }
 }
@@ -128,7 +150,7 @@ pub trait Mailstore: Send + Sync {
     fn login(
         &self,
         user: &str,
-        password: &str,
+        credential: Credential<'_>,
     ) -> impl Future<Output = Result<Self::Maildrop, MaildropError>> + Send;
 }
 

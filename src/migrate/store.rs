@@ -97,7 +97,7 @@ impl Store {
             capabilities,
         } = match session::open(&endpoint, limits, mechanism).await {
             Ok(s) => s,
-            Err(SessionError::Refused(done)) => return Err(StoreError::Login(done.text)),
+            Err(SessionError::Refused { done, .. }) => return Err(StoreError::Login(done.text)),
             Err(SessionError::Unsendable(e)) => return Err(StoreError::Unsendable(e)),
             Err(SessionError::Imap(e)) => return Err(e.into()),
             Err(e @ SessionError::Capability(_)) => return Err(StoreError::Session(e)),

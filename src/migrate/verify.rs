@@ -218,7 +218,7 @@ impl<'a> Verify<'a> {
         )
         .map_err(MigrateError::UidlFormat)?;
         let mut md = upstream
-            .login(to_login, &password)
+            .login(to_login, crate::maildrop::Credential::Password(&password))
             .await
             .map_err(MigrateError::Bridge)?;
         let snapshot = md.snapshot().await.map_err(MigrateError::Bridge)?;

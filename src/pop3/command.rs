@@ -7,8 +7,9 @@ use bytes::{Buf, BytesMut};
 
 /// RFC 2449: a command line is at most 255 octets including the CRLF.
 pub const MAX_COMMAND_LINE: usize = 255;
-/// SASL responses (the line after `+ `) may be longer than a command.
-pub const MAX_SASL_LINE: usize = 8 * 1024;
+/// SASL responses (the line after `+ `), and AUTH lines with an initial response, may be longer
+/// than a command (RFC 5034): OAuth tokens run to kilobytes.
+pub const MAX_SASL_LINE: usize = 24 * 1024;
 /// Bound on buffered, not yet handled client bytes (pipelined commands). The driver stops reading
 /// while [`LineBuffer::room`] is zero.
 pub const MAX_BUFFERED: usize = 64 * 1024;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use super::command::{LineBuffer, MAX_COMMAND_LINE};
+use super::command::LineBuffer;
 use super::locks::{MaildropLock, MaildropLocks};
 use super::relay::{self, Relayed};
 use super::routed::Upstream;
@@ -248,7 +248,7 @@ where
                 let started = Instant::now();
                 last_command = started;
                 // A line while a SASL continuation is awaited is part of AUTH.
-                let in_sasl = self.session.max_line_len() > MAX_COMMAND_LINE;
+                let in_sasl = self.session.awaits_sasl_response();
                 let (action, label) = match line {
                     Ok(mut l) => {
                         let label = if in_sasl { "AUTH" } else { command_label(&l) };
@@ -426,7 +426,7 @@ where
             }
             // Boxed: the login's deep future (routing, connect, TLS, listing) is only held
             // while it runs, not in every idle session's task for its whole life.
-            Action::Login { user, password } => Box::pin(self.login(user, password)).await,
+            Action::Login { user, secret } => Box::pin(self.login(user, secret)).await,
             Action::StartTls(b) => {
                 self.emit(&b);
                 match self.flush().await {

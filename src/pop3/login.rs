@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
-use super::command::Password;
 use super::connection::{Conn, Flow, SessionOutcome};
 use super::routed::{Opened, Upstream};
-use crate::maildrop::{Maildrop, MaildropError};
+use super::session::LoginSecret;
+use crate::maildrop::{Credential, Maildrop, MaildropError};
 use crate::metrics::metrics;
 
 impl<IO, U> Conn<'_, IO, U>
@@ -18,8 +18,12 @@ where
     U: Upstream,
 {
     /// `USER`/`PASS` or `AUTH` asked to log in as `user`.
-    pub(super) async fn login(&mut self, user: String, password: Password) -> Flow {
-        let routed = self.upstream.route(&user, password.as_str()).await;
+    pub(super) async fn login(&mut self, user: String, secret: LoginSecret) -> Flow {
+        let credential = match &secret {
+            LoginSecret::Password(p) => Credential::Password(p.as_str()),
+            LoginSecret::Bearer(t) => Credential::Bearer(t.as_str()),
+        };
+        let routed = self.upstream.route(&user, credential).await;
         let backend = routed.backend;
         let shown_backend = backend.as_deref().unwrap_or("-");
         let mut relayed = None;
@@ -81,7 +85,7 @@ where
                 Err(_) => {}
             }
         }
-        drop(password);
+        drop(secret);
         let label = result
             .as_ref()
             .map_or_else(MaildropError::login_label, |_| "ok");

@@ -442,8 +442,14 @@ mod tests {
         async fn route(
             &self,
             user: &str,
-            password: &str,
+            credential: crate::maildrop::Credential<'_>,
         ) -> crate::pop3::routed::Routed<crate::maildrop::memory::MemoryMaildrop> {
+            let crate::maildrop::Credential::Password(password) = credential else {
+                return crate::pop3::routed::Routed {
+                    backend: None,
+                    result: Err(MaildropError::Auth),
+                };
+            };
             crate::pop3::routed::Routed {
                 backend: Some(self.0.name.clone()),
                 result: self

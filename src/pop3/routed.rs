@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::relay::Relayed;
-use crate::maildrop::{Maildrop, MaildropError, MaildropKey, Mailstore};
+use crate::maildrop::{Credential, Maildrop, MaildropError, MaildropKey, Mailstore};
 use crate::uidl::UidlFormat;
 
 /// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
@@ -18,7 +18,7 @@ pub trait Upstream: Send + Sync {
     fn route(
         &self,
         user: &str,
-        password: &str,
+        credential: Credential<'_>,
     ) -> impl Future<Output = Routed<Self::Maildrop>> + Send;
 }
 
@@ -32,12 +32,12 @@ pub const UNROUTED_SERVER: &str = "unrouted";
 impl<S: Mailstore> Upstream for Unrouted<S> {
     type Maildrop = S::Maildrop;
 
-    async fn route(&self, user: &str, password: &str) -> Routed<S::Maildrop> {
+    async fn route(&self, user: &str, credential: Credential<'_>) -> Routed<S::Maildrop> {
         Routed {
             backend: None,
             result: self
                 .0
-                .login(user, password)
+                .login(user, credential)
                 .await
                 .map(|maildrop| Opened::Maildrop {
                     maildrop,
@@ -78,8 +78,8 @@ impl<T: Upstream> Upstream for Arc<T> {
     fn route(
         &self,
         user: &str,
-        password: &str,
+        credential: Credential<'_>,
     ) -> impl Future<Output = Routed<Self::Maildrop>> + Send {
-        (**self).route(user, password)
+        (**self).route(user, credential)
     }
 }

@@ -25,6 +25,9 @@ pub struct SessionConfig {
     pub implementation: String,
     /// Text of the `+OK` greeting.
     pub greeting: String,
+    /// Offer and accept `AUTH XOAUTH2` and `AUTH OAUTHBEARER` (a backend takes the client's
+    /// own token upstream).
+    pub sasl_oauth: bool,
 }
 
 impl Default for SessionConfig {
@@ -34,6 +37,7 @@ impl Default for SessionConfig {
             mark_seen: false,
             implementation: concat!("popbridge ", env!("CARGO_PKG_VERSION")).to_owned(),
             greeting: "popbridge ready.".to_owned(),
+            sasl_oauth: false,
         }
     }
 }
@@ -44,7 +48,7 @@ pub enum Action {
     /// Write these bytes (complete single- or multi-line response).
     Reply(Vec<u8>),
     /// Log in upstream, then call [`Session::on_login`].
-    Login { user: String, password: Password },
+    Login { user: String, secret: LoginSecret },
     /// RETR/TOP of message number `msg`: fetch the first chunk, then write `ok_line`, stream the
     /// body through a [`super::response::DotStuffer`] (`top_lines` selects TOP), end with `.`.
     /// If the first fetch fails, write [`Session::on_retrieve_failed`] instead.
@@ -66,13 +70,49 @@ pub enum Action {
     Close(Vec<u8>),
 }
 
+/// What a client logs in with.
+#[derive(Debug)]
+pub enum LoginSecret {
+    /// USER/PASS or AUTH PLAIN.
+    Password(Password),
+    /// An OAuth 2.0 bearer token (AUTH XOAUTH2 or OAUTHBEARER), for the backend to pass on.
+    Bearer(Password),
+}
+
+/// The SASL mechanisms a client may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mechanism {
+    Plain,
+    XOAuth2,
+    OAuthBearer,
+}
+
+impl Mechanism {
+    fn parse(name: &str, oauth: bool) -> Option<Mechanism> {
+        match name.to_ascii_uppercase().as_str() {
+            "PLAIN" => Some(Mechanism::Plain),
+            "XOAUTH2" if oauth => Some(Mechanism::XOAuth2),
+            "OAUTHBEARER" if oauth => Some(Mechanism::OAuthBearer),
+            _ => None,
+        }
+    }
+}
+
+/// RFC 7628's error challenge for a refused token: the JSON status, base64.
+const OAUTH_ERROR_CHALLENGE: &[u8] = b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n";
+
 #[derive(Debug)]
 enum State {
     Authorization {
         user: Option<String>,
-        /// `AUTH PLAIN` sent `+ ` and waits for the client's response line.
-        sasl_pending: bool,
+        /// `AUTH <mechanism>` sent `+ ` and waits for the client's response line.
+        sasl_pending: Option<Mechanism>,
+        /// A token login was refused: the error challenge went out, and this `-ERR` answers
+        /// whatever the client sends next (RFC 7628 3.2.3).
+        sasl_error: Option<Vec<u8>>,
         login_pending: bool,
+        /// The login in progress uses a bearer token.
+        bearer_login: bool,
     },
     Transaction {
         snapshot: Snapshot,
@@ -132,8 +172,10 @@ const PLAINTEXT_REFUSED: &str =
 fn auth_state() -> State {
     State::Authorization {
         user: None,
-        sasl_pending: false,
+        sasl_pending: None,
+        sasl_error: None,
         login_pending: false,
+        bearer_login: false,
     }
 }
 
@@ -170,14 +212,29 @@ impl Session {
         ok(&self.cfg.greeting)
     }
 
-    /// Line limit for the next line: larger while a SASL response is awaited.
+    /// Line limit for the next line: before login, room for an AUTH command whose initial
+    /// response carries a token, and for a SASL response (RFC 5034: the 255-octet command
+    /// limit does not apply to them); other commands longer than that are refused by the
+    /// session. After login, the command limit.
     pub fn max_line_len(&self) -> usize {
         match self.state {
-            State::Authorization {
-                sasl_pending: true, ..
-            } => MAX_SASL_LINE,
+            State::Authorization { .. } => MAX_SASL_LINE,
             _ => MAX_COMMAND_LINE,
         }
+    }
+
+    /// The next line is the client's answer to a SASL challenge, not a command.
+    pub fn awaits_sasl_response(&self) -> bool {
+        matches!(
+            self.state,
+            State::Authorization {
+                sasl_pending: Some(_),
+                ..
+            } | State::Authorization {
+                sasl_error: Some(_),
+                ..
+            }
+        )
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -216,22 +273,31 @@ impl Session {
     }
 
     pub fn on_line(&mut self, line: Result<&[u8], TooLong>) -> Action {
-        if let State::Authorization {
-            sasl_pending: sasl @ true,
-            ..
-        } = &mut self.state
-        {
-            *sasl = false;
-            return match line {
-                Err(TooLong) => self.fail(err(None, "SASL response too long.")),
-                Ok(b"*") => self.fail(err(None, "Authentication cancelled.")),
-                Ok(resp) => self.auth_plain(resp),
-            };
+        if let State::Authorization { sasl_error, .. } = &mut self.state {
+            if let Some(reply) = sasl_error.take() {
+                // Whatever the client answered the error challenge with.
+                return self.fail(reply);
+            }
+        }
+        if let State::Authorization { sasl_pending, .. } = &mut self.state {
+            if let Some(mechanism) = sasl_pending.take() {
+                return match line {
+                    Err(TooLong) => self.fail(err(None, "SASL response too long.")),
+                    Ok(b"*") => self.fail(err(None, "Authentication cancelled.")),
+                    Ok(resp) => self.sasl_response(mechanism, resp),
+                };
+            }
         }
         let line = match line {
             Ok(l) => l,
             Err(TooLong) => return self.fail(err(None, "Line too long.")),
         };
+        // Only AUTH may exceed the command limit (its initial response carries a token).
+        if line.len() > MAX_COMMAND_LINE
+            && !line[..5.min(line.len())].eq_ignore_ascii_case(b"AUTH ")
+        {
+            return self.fail(err(None, "Line too long."));
+        }
         let cmd = match parse(line) {
             Ok(c) => c,
             Err(e @ CommandError::Unknown) | Err(e @ CommandError::Empty) => {
@@ -271,24 +337,24 @@ impl Session {
                     Action::Reply(ok(""))
                 }
                 Command::Pass(password) => match user.take() {
-                    Some(user) => self.login(user, password),
+                    Some(user) => self.login(user, LoginSecret::Password(password)),
                     None => self.fail(err(None, "No username given.")),
                 },
                 Command::Auth {
                     mechanism: None, ..
-                } => Action::Reply(multiline("", ["PLAIN"])),
+                } => Action::Reply(multiline("", self.mechanisms())),
                 Command::Auth {
                     mechanism: Some(m),
                     initial_response,
                 } => {
-                    if m != "PLAIN" {
+                    let Some(mechanism) = Mechanism::parse(&m, self.cfg.sasl_oauth) else {
                         return self.fail(err(None, "Unsupported authentication mechanism."));
-                    }
+                    };
                     match initial_response {
-                        Some(r) => self.auth_plain(r.as_bytes()),
+                        Some(r) => self.sasl_response(mechanism, r.as_bytes()),
                         None => {
                             if let State::Authorization { sasl_pending, .. } = &mut self.state {
-                                *sasl_pending = true;
+                                *sasl_pending = Some(mechanism);
                             }
                             Action::Reply(b"+ \r\n".to_vec())
                         }
@@ -320,7 +386,7 @@ impl Session {
         }
     }
 
-    fn login(&mut self, user: String, password: Password) -> Action {
+    fn login(&mut self, user: String, secret: LoginSecret) -> Action {
         // Control characters in a name would forge log lines, and no real login has them;
         // refusing them here also lets state and lock keys use `\n` as a separator.
         if user.chars().any(char::is_control) {
@@ -329,10 +395,51 @@ impl Session {
                 "Invalid characters in the login name.",
             ));
         }
-        if let State::Authorization { login_pending, .. } = &mut self.state {
+        if let State::Authorization {
+            login_pending,
+            bearer_login,
+            ..
+        } = &mut self.state
+        {
             *login_pending = true;
+            *bearer_login = matches!(secret, LoginSecret::Bearer(_));
         }
-        Action::Login { user, password }
+        Action::Login { user, secret }
+    }
+
+    /// The mechanisms `AUTH` lists and CAPA's `SASL` line names.
+    fn mechanisms(&self) -> Vec<&'static str> {
+        if self.cfg.sasl_oauth {
+            vec!["PLAIN", "XOAUTH2", "OAUTHBEARER"]
+        } else {
+            vec!["PLAIN"]
+        }
+    }
+
+    /// A client's SASL response (base64; `=` is an empty one) for `mechanism`.
+    fn sasl_response(&mut self, mechanism: Mechanism, resp: &[u8]) -> Action {
+        if mechanism == Mechanism::Plain {
+            return self.auth_plain(resp);
+        }
+        let resp = if resp == b"=" { &b""[..] } else { resp };
+        let mut decoded = match base64::engine::general_purpose::STANDARD.decode(resp) {
+            Ok(d) => d,
+            Err(_) => return self.fail(err(None, "Invalid base64 data in SASL response.")),
+        };
+        let parsed = match mechanism {
+            Mechanism::XOAuth2 => parse_xoauth2(&decoded),
+            _ => parse_oauthbearer(&decoded),
+        };
+        let action = match parsed {
+            Err(text) => self.fail(err(Some(RespCode::Auth), text)),
+            Ok((user, token)) => {
+                let token = Password::new(token.to_owned());
+                self.login(user, LoginSecret::Bearer(token))
+            }
+        };
+        decoded.iter_mut().for_each(|b| *b = 0);
+        std::hint::black_box(&mut decoded);
+        action
     }
 
     /// RFC 4616: `authzid \0 authcid \0 passwd`, base64. `=` is an empty response.
@@ -354,7 +461,7 @@ impl Session {
                 } else {
                     let user = authcid.to_owned();
                     let password = Password::new(passwd.to_owned());
-                    self.login(user, password)
+                    self.login(user, LoginSecret::Password(password))
                 }
             }
         };
@@ -375,9 +482,20 @@ impl Session {
                 }
             }
             Err(e) => {
+                let bearer = matches!(
+                    self.state,
+                    State::Authorization {
+                        bearer_login: true,
+                        ..
+                    }
+                );
                 self.state = auth_state();
                 let reply = match e {
                     MaildropError::Auth => err(Some(RespCode::Auth), "Authentication failed."),
+                    MaildropError::Reauthorize => err(
+                        Some(RespCode::Auth),
+                        "Your authorization for the mail service has expired or was revoked: authorize again (popbridge oauth authorize).",
+                    ),
                     MaildropError::Unavailable { .. } | MaildropError::Gone => err(
                         Some(RespCode::SysTemp),
                         "Mail server temporarily unavailable, try again later.",
@@ -390,6 +508,17 @@ impl Session {
                         "Mailbox is locked by another POP3 session.",
                     ),
                 };
+                if bearer && e == MaildropError::Auth {
+                    // RFC 7628 3.2.3: the status as a challenge first; the -ERR answers the
+                    // client's reply to it.
+                    if let State::Authorization { sasl_error, .. } = &mut self.state {
+                        *sasl_error = Some(reply);
+                    }
+                    return Reply {
+                        bytes: OAUTH_ERROR_CHALLENGE.to_vec(),
+                        close: false,
+                    };
+                }
                 self.fail_reply(reply)
             }
         }
@@ -456,7 +585,7 @@ impl Session {
             // RFC 2595: do not advertise what would be refused without TLS.
             if self.security.auth_allowed() {
                 lines.push("USER".to_owned());
-                lines.push("SASL PLAIN".to_owned());
+                lines.push(format!("SASL {}", self.mechanisms().join(" ")));
             }
         }
         lines.push(format!("IMPLEMENTATION {}", self.cfg.implementation));
@@ -603,6 +732,56 @@ fn split_plain(d: &[u8]) -> Result<(&str, &str, &str), &'static str> {
     Ok((z, c, p))
 }
 
+/// XOAUTH2's client response: `user=<user>\x01auth=Bearer <token>\x01\x01`.
+fn parse_xoauth2(d: &[u8]) -> Result<(String, &str), &'static str> {
+    let text = std::str::from_utf8(d).map_err(|_| "Invalid UTF-8 in XOAUTH2 response.")?;
+    let (mut user, mut token) = (None, None);
+    for field in text.split('\x01').filter(|f| !f.is_empty()) {
+        if let Some(u) = field.strip_prefix("user=") {
+            user = Some(u);
+        } else if let Some(a) = field.strip_prefix("auth=") {
+            token = bearer(a);
+        }
+    }
+    match (user, token) {
+        (Some(u), Some(t)) if !u.is_empty() => Ok((u.to_owned(), t)),
+        _ => Err("Invalid XOAUTH2 response: it needs user= and auth=Bearer."),
+    }
+}
+
+/// OAUTHBEARER's client response (RFC 7628 3.1): the GS2 header `n,a=<user>,`, then
+/// `\x01`-separated pairs, one of them `auth=Bearer <token>`.
+fn parse_oauthbearer(d: &[u8]) -> Result<(String, &str), &'static str> {
+    let text = std::str::from_utf8(d).map_err(|_| "Invalid UTF-8 in OAUTHBEARER response.")?;
+    let (header, pairs) = text
+        .split_once('\x01')
+        .ok_or("Invalid OAUTHBEARER response.")?;
+    let mut parts = header.splitn(3, ',');
+    let (Some(cb), Some(authzid)) = (parts.next(), parts.next()) else {
+        return Err("Invalid OAUTHBEARER header.");
+    };
+    if !matches!(cb, "n" | "y") {
+        return Err("OAUTHBEARER channel binding is not supported.");
+    }
+    let user = authzid
+        .strip_prefix("a=")
+        .filter(|u| !u.is_empty())
+        .ok_or("OAUTHBEARER needs the user in its header (a=).")?;
+    let user = user.replace("=2C", ",").replace("=3D", "=");
+    let token = pairs
+        .split('\x01')
+        .find_map(|p| p.strip_prefix("auth=").and_then(bearer))
+        .ok_or("Invalid OAUTHBEARER response: no auth=Bearer.")?;
+    // The borrowed token lives in `d`; the owned user came out of escapes.
+    Ok((user, token))
+}
+
+/// The token of an `auth` value `Bearer <token>` (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("Bearer") && !token.is_empty()).then_some(token)
+}
+
 fn capitalise(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -710,7 +889,10 @@ mod tests {
         assert!(reply(line(&mut s, "STAT")).starts_with("-ERR"));
         line(&mut s, "USER Bob");
         match line(&mut s, "PASS p w ") {
-            Action::Login { user, password } => {
+            Action::Login {
+                user,
+                secret: LoginSecret::Password(password),
+            } => {
                 assert_eq!(user, "Bob");
                 assert_eq!(password.as_str(), "p w ");
             }
@@ -725,6 +907,82 @@ mod tests {
         // Still AUTHORIZATION, and the user was consumed.
         assert!(!s.is_authenticated());
         assert!(reply(line(&mut s, "PASS p")).starts_with("-ERR"));
+    }
+
+    fn oauth_session() -> Session {
+        Session::new(Arc::new(SessionConfig {
+            sasl_oauth: true,
+            ..SessionConfig::default()
+        }))
+    }
+
+    #[test]
+    fn xoauth2_and_oauthbearer_logins() {
+        // Not offered, not accepted, unless a backend takes client tokens.
+        let mut s = session();
+        assert!(reply(line(&mut s, "AUTH XOAUTH2 x")).starts_with("-ERR Unsupported"));
+        let mut s = oauth_session();
+        assert_eq!(
+            reply(line(&mut s, "AUTH")),
+            "+OK\r\nPLAIN\r\nXOAUTH2\r\nOAUTHBEARER\r\n.\r\n"
+        );
+        assert!(reply(line(&mut s, "CAPA")).contains("\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n"));
+        // XOAUTH2 with a long initial response on the command line (RFC 5034).
+        let token = "t".repeat(12_000);
+        let ir = b64(format!("user=bob@example.com\x01auth=Bearer {token}\x01\x01").as_bytes());
+        assert!(s.max_line_len() > ir.len() + 13);
+        match line(&mut s, &format!("AUTH XOAUTH2 {ir}")) {
+            Action::Login {
+                user,
+                secret: LoginSecret::Bearer(t),
+            } => assert_eq!(
+                (user.as_str(), t.as_str()),
+                ("bob@example.com", token.as_str())
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A refused token: the RFC 7628 challenge, then -ERR [AUTH] after the client's answer.
+        let r = s.on_login(Err(MaildropError::Auth));
+        assert_eq!(r.bytes, OAUTH_ERROR_CHALLENGE);
+        assert!(s.awaits_sasl_response());
+        assert_eq!(
+            reply(line(&mut s, "")),
+            "-ERR [AUTH] Authentication failed.\r\n"
+        );
+        assert!(!s.awaits_sasl_response() && !s.is_authenticated());
+        // OAUTHBEARER in two steps, the user escaped in the GS2 header.
+        assert_eq!(reply(line(&mut s, "AUTH OAUTHBEARER")), "+ \r\n");
+        let resp = b64(b"n,a=a=2Cb@x,\x01host=pop\x01port=110\x01auth=Bearer abc\x01\x01");
+        match line(&mut s, &resp) {
+            Action::Login {
+                user,
+                secret: LoginSecret::Bearer(t),
+            } => assert_eq!((user.as_str(), t.as_str()), ("a,b@x", "abc")),
+            other => panic!("{other:?}"),
+        }
+        // A grant that is gone says to authorize again; no challenge for other failures.
+        let mut s = oauth_session();
+        line(&mut s, "USER u");
+        line(&mut s, "PASS p");
+        let r = s.on_login(Err(MaildropError::Reauthorize));
+        assert!(String::from_utf8(r.bytes)
+            .unwrap()
+            .starts_with("-ERR [AUTH] Your authorization"));
+        // Malformed responses and over-long ordinary commands.
+        let mut s = oauth_session();
+        for bad in [
+            b64(b"auth=Bearer x\x01\x01"),
+            b64(b"user=bob\x01auth=Basic x\x01\x01"),
+            b64(b"n,,\x01auth=Bearer x\x01\x01"),
+            b64(b"p=tls-unique,a=bob,\x01auth=Bearer x\x01\x01"),
+        ] {
+            assert!(reply(line(&mut s, &format!("AUTH XOAUTH2 {bad}"))).starts_with("-ERR"));
+            assert!(reply(line(&mut s, &format!("AUTH OAUTHBEARER {bad}"))).starts_with("-ERR"));
+        }
+        assert_eq!(
+            reply(line(&mut s, &format!("USER {}", "u".repeat(300)))),
+            "-ERR Line too long.\r\n"
+        );
     }
 
     #[test]
@@ -774,7 +1032,10 @@ mod tests {
         assert_eq!(reply(line(&mut s, "AUTH")), "+OK\r\nPLAIN\r\n.\r\n");
         let ir = b64(b"\0bob\0secret");
         match line(&mut s, &format!("AUTH PLAIN {ir}")) {
-            Action::Login { user, password } => {
+            Action::Login {
+                user,
+                secret: LoginSecret::Password(password),
+            } => {
                 assert_eq!((user.as_str(), password.as_str()), ("bob", "secret"))
             }
             other => panic!("{other:?}"),
@@ -783,14 +1044,15 @@ mod tests {
         let mut s = session();
         assert_eq!(reply(line(&mut s, "AUTH PLAIN")), "+ \r\n");
         assert_eq!(s.max_line_len(), MAX_SASL_LINE);
+        assert!(s.awaits_sasl_response());
         let a = line(&mut s, &b64(b"bob\0bob\0pw"));
         assert!(matches!(a, Action::Login { ref user, .. } if user == "bob"));
-        assert_eq!(s.max_line_len(), MAX_COMMAND_LINE);
+        assert!(!s.awaits_sasl_response());
         // Cancel.
         let mut s = session();
         line(&mut s, "AUTH PLAIN");
         assert!(reply(line(&mut s, "*")).starts_with("-ERR"));
-        assert_eq!(s.max_line_len(), MAX_COMMAND_LINE);
+        assert!(!s.awaits_sasl_response());
         // Different authzid, bad base64, empty response, bad structure, other mechanism.
         let mut s = session();
         assert!(reply(line(

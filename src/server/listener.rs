@@ -50,6 +50,7 @@ impl<U> Bridge<U> {
                 mark_seen: config.pop3.mark_seen,
                 implementation: format!("popbridge {}", env!("CARGO_PKG_VERSION")),
                 greeting: "popbridge ready.".into(),
+                sasl_oauth: config.takes_client_tokens(),
             }),
             limits: ConnectionLimits {
                 idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),

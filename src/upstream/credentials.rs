@@ -36,6 +36,36 @@ pub fn check<'a>(what: &'static str, s: &'a str) -> Result<&'a str, Unsendable> 
     Ok(s)
 }
 
+/// A bearer token as RFC 6750 defines it (`b64token`: letters, digits, `-._~+/`, then `=`s):
+/// nothing else may go into an `auth=Bearer` field (a `\x01` would end it and forge another).
+pub fn check_token(token: &str) -> Result<&str, Unsendable> {
+    let body = token.trim_end_matches('=');
+    let ok = !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+    if !ok {
+        return Err(Unsendable {
+            what: "access token",
+            why: "is not an RFC 6750 bearer token",
+        });
+    }
+    Ok(token)
+}
+
+/// A user name for a SASL OAuth message: [`check`], and no `\x01` (the field separator of
+/// XOAUTH2 and OAUTHBEARER) or `,` (OAUTHBEARER's header separator, escaped there).
+pub fn check_oauth_user(user: &str) -> Result<&str, Unsendable> {
+    check("user name", user)?;
+    if user.is_empty() || user.contains('\x01') {
+        return Err(Unsendable {
+            what: "user name",
+            why: "is empty or contains \\x01",
+        });
+    }
+    Ok(user)
+}
+
 /// The SASL PLAIN message `authzid NUL authcid NUL password` (RFC 4616); an empty `authzid`
 /// logs in as `authcid` itself, another one is a master user acting for that user.
 pub fn sasl_plain(authzid: &str, authcid: &str, password: &str) -> Result<Vec<u8>, Unsendable> {
@@ -76,6 +106,12 @@ mod tests {
         }
         assert_eq!(sasl_plain("", "bob", "pw").unwrap(), b"\0bob\0pw");
         assert_eq!(sasl_plain("bob", "admin", "s").unwrap(), b"bob\0admin\0s");
+        assert!(check_token("ya29.a0Af-_~+/x==").is_ok());
+        for bad in ["", "==", "a b", "a\x01auth=x", "tok\r\n", "t\u{e9}"] {
+            assert!(check_token(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_oauth_user("bob@example.com").is_ok());
+        assert!(check_oauth_user("bob\x01x").is_err());
         let e = check("user name", "x\0").unwrap_err();
         assert!(e.to_string().contains("CR, LF or NUL"), "{e}");
     }

@@ -108,6 +108,8 @@ pub enum SetupError {
     ServerName(String),
     #[error("master_password_file: {0}")]
     Secret(String),
+    #[error("oauth: {0}")]
+    OAuth(String),
 }
 
 /// A server ready to be connected to (see `transport`): shared by every connection to it.

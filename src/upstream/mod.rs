@@ -10,10 +10,12 @@
 //! | [`credentials`] | what may be sent as a user name or password; secrets from files |
 //! | [`imap`] | the IMAP connection, streamed FETCH, session setup and login mechanisms |
 //! | [`pop3`] | the POP3 client: login, UIDL/LIST/TOP/RETR, hand-off to the relay |
+//! | [`oauth`] | OAuth 2.0 tokens for stores that take only tokens: grants, cache, sealed refresh tokens |
 
 pub mod credentials;
 pub mod endpoint;
 pub mod imap;
+pub mod oauth;
 pub mod pop3;
 pub mod reader;
 pub mod tls;

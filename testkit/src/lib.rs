@@ -45,6 +45,7 @@ mod tools;
 pub mod cyrus;
 pub mod imap_do;
 pub mod imap_raw;
+pub mod oauth;
 pub mod prometheus;
 pub mod raw;
 pub mod relay;

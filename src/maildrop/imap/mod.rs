@@ -16,12 +16,18 @@ use bytes::Bytes;
 use imap_next::imap_types::mailbox::Mailbox;
 
 use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
-use crate::maildrop::{BodyPart, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot};
+use crate::maildrop::{
+    BodyPart, Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot,
+};
+use crate::password_file::PasswordFile;
 use crate::pop3::command::Password;
 use crate::state::StateStore;
-use crate::upstream::imap::login::{password, plain, Mechanism};
+use crate::upstream::imap::login::{oauthbearer, password, plain, xoauth2, Mechanism};
 use crate::upstream::imap::session::{self, SessionError};
 use crate::upstream::imap::{Completion, ConnLimits, FetchOrder, ImapConnection, ImapError};
+use crate::upstream::oauth::grants::OAuthError;
+use crate::upstream::oauth::settings::{SaslMechanism, TokenSource};
+use crate::upstream::oauth::{AccessToken, OAuthClient};
 use crate::upstream::{Endpoint, Protocol, SetupError};
 
 /// Everything needed to open maildrops on one IMAP server; shared by all sessions.
@@ -43,6 +49,10 @@ pub struct ImapUpstream {
     maps: Arc<legacy_map::MapCache>,
     /// The server's FETCH item order, as its connections found it.
     fetch_order: Arc<FetchOrder>,
+    /// Log in with OAuth 2.0 tokens: where they come from, and the cache of them.
+    oauth: Option<Arc<OAuthClient>>,
+    /// `oauth.tokens = "app"`: the file that checks POP3 passwords.
+    password_file: Option<Arc<PasswordFile>>,
 }
 
 impl ImapUpstream {
@@ -63,7 +73,21 @@ impl ImapUpstream {
             )),
             _ => None,
         };
+        let oauth = match &imap.oauth {
+            Some(o) => Some(Arc::new(
+                OAuthClient::new(o).map_err(|e| SetupError::OAuth(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let password_file = match imap.oauth.as_ref().and_then(|o| o.password_file.as_deref()) {
+            Some(p) => Some(Arc::new(
+                PasswordFile::load(p).map_err(|e| SetupError::OAuth(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(ImapUpstream {
+            oauth,
+            password_file,
             // A FETCH piece and its framing, or the one-line UID SEARCH of a huge mailbox.
             limits: ConnLimits::of(
                 &endpoint,
@@ -105,24 +129,131 @@ impl ImapUpstream {
         Ok(())
     }
 
-    /// Logs in with the user's password or, with a master user, `AUTHENTICATE PLAIN` with the
-    /// user as authorization identity (Dovecot's master passdb).
-    async fn open(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
-        let by_password = password::Password { user, password };
-        let by_master;
-        let mechanism: &dyn Mechanism = match &self.master {
-            None => &by_password,
-            Some((master, master_pw)) => {
+    /// The OAuth client, when this backend logs in with tokens.
+    pub fn oauth(&self) -> Option<&Arc<OAuthClient>> {
+        self.oauth.as_ref()
+    }
+
+    /// Whether POP3 clients may bring their own OAuth token for this backend.
+    pub fn takes_client_tokens(&self) -> bool {
+        self.oauth
+            .as_ref()
+            .is_some_and(|o| o.tokens() == TokenSource::Client)
+    }
+
+    /// The token `user` logs in with, by this backend's `oauth.tokens`: the client's own, an
+    /// application token (after the password file, if any, accepted the password), or the
+    /// user's delegated grant unlocked by the password.
+    async fn token_for(
+        &self,
+        oauth: &OAuthClient,
+        user: &str,
+        credential: Credential<'_>,
+    ) -> Result<AccessToken, MaildropError> {
+        match (oauth.tokens(), credential) {
+            (TokenSource::Client, Credential::Bearer(t)) => Ok(AccessToken::from(t)),
+            (TokenSource::Client, Credential::Password(_)) => {
+                tracing::info!(user, "this backend takes the client's OAuth token (AUTH XOAUTH2 or OAUTHBEARER), not a password");
+                Err(MaildropError::Auth)
+            }
+            (_, Credential::Bearer(_)) => {
+                tracing::info!(
+                    user,
+                    "this backend takes a password, not the client's token"
+                );
+                Err(MaildropError::Auth)
+            }
+            (TokenSource::App, Credential::Password(pw)) => {
+                if let Some(f) = &self.password_file {
+                    if !f.verify_async(user, pw).await {
+                        return Err(MaildropError::Auth);
+                    }
+                }
+                oauth
+                    .app_token(user)
+                    .await
+                    .map_err(|e| oauth_error(user, e))
+            }
+            (TokenSource::User, Credential::Password(pw)) => oauth
+                .user_token(user, pw)
+                .await
+                .map_err(|e| oauth_error(user, e)),
+        }
+    }
+
+    /// Logs in with an OAuth token, the user's password or, with a master user,
+    /// `AUTHENTICATE PLAIN` with the user as authorization identity (Dovecot's master passdb).
+    /// A token of ours the server refuses (revoked, or expired early) is forgotten and the
+    /// login tried once more with a new one; a client's own token is not retried.
+    async fn log_in(
+        &self,
+        user: &str,
+        credential: Credential<'_>,
+    ) -> Result<session::Session, MaildropError> {
+        let Some(oauth) = &self.oauth else {
+            return self.log_in_with(user, credential, None).await;
+        };
+        let token = self.token_for(oauth, user, credential).await?;
+        match self.log_in_with(user, credential, Some(&token)).await {
+            Err(MaildropError::Auth) if oauth.tokens() != TokenSource::Client => {
+                oauth.forget(user, &token).await;
+                let token = self.token_for(oauth, user, credential).await?;
+                self.log_in_with(user, credential, Some(&token)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn log_in_with(
+        &self,
+        user: &str,
+        credential: Credential<'_>,
+        token: Option<&AccessToken>,
+    ) -> Result<session::Session, MaildropError> {
+        let (by_password, by_master, by_xoauth2, by_bearer);
+        let mechanism: &dyn Mechanism = match (token, &self.master, credential) {
+            (Some(token), ..) => match self.oauth.as_ref().map(|o| o.mechanism()) {
+                Some(SaslMechanism::Oauthbearer) => {
+                    by_bearer = oauthbearer::OAuthBearer {
+                        user,
+                        token,
+                        host: &self.endpoint.host,
+                        port: self.endpoint.port,
+                    };
+                    &by_bearer
+                }
+                _ => {
+                    by_xoauth2 = xoauth2::XOAuth2 { user, token };
+                    &by_xoauth2
+                }
+            },
+            (None, _, Credential::Bearer(_)) => {
+                tracing::info!(user, "this backend takes passwords, not OAuth tokens");
+                return Err(MaildropError::Auth);
+            }
+            (None, None, Credential::Password(password)) => {
+                by_password = password::Password { user, password };
+                &by_password
+            }
+            (None, Some((master, master_pw)), Credential::Password(_)) => {
                 by_master = plain::Plain::master(user, master, master_pw.as_str());
                 &by_master
             }
         };
+        session::open(&self.endpoint, self.limits, mechanism)
+            .await
+            .map_err(login_error)
+    }
+
+    async fn open(
+        &self,
+        user: &str,
+        credential: Credential<'_>,
+    ) -> Result<ImapMaildrop, MaildropError> {
         let session::Session {
             mut conn,
             capabilities: caps,
-        } = session::open(&self.endpoint, self.limits, mechanism)
-            .await
-            .map_err(login_error)?;
+        } = self.log_in(user, credential).await?;
         conn.share_fetch_order(Arc::clone(&self.fetch_order));
         let has_move = caps.has("MOVE");
         let has_metadata = caps.has("METADATA");
@@ -168,10 +299,42 @@ impl ImapUpstream {
     }
 }
 
+/// Why no token came, as the client is told: a user's grant that is gone or does not open
+/// (wrong password) is an authentication failure; the token endpoint failing is the server's.
+fn oauth_error(user: &str, e: OAuthError) -> MaildropError {
+    match &e {
+        OAuthError::NoGrant(why) => {
+            tracing::info!(user, reason = why, "no usable OAuth grant for this login");
+            if why.contains("password") {
+                MaildropError::Auth
+            } else {
+                MaildropError::Reauthorize
+            }
+        }
+        OAuthError::Refused { error } if error == "invalid_grant" => {
+            tracing::warn!(
+                user,
+                "the user's OAuth grant was revoked or has expired: the user must authorize again"
+            );
+            MaildropError::Reauthorize
+        }
+        _ => {
+            tracing::warn!(user, error = %e, "no OAuth token");
+            MaildropError::unavailable_by("no OAuth token", e)
+        }
+    }
+}
+
 /// A login that did not open a session, as the client is told.
 fn login_error(e: SessionError) -> MaildropError {
     match e {
-        SessionError::Refused(done) => login_failure(&done),
+        SessionError::Refused { done, challenge } => {
+            if let Some(status) = challenge {
+                // RFC 7628's JSON status: why the server refused the token (never the token).
+                tracing::info!(status = %status, "upstream refused the OAuth token");
+            }
+            login_failure(&done)
+        }
         // Credentials no server could be sent are credentials that cannot be right.
         SessionError::Unsendable(_) => MaildropError::Auth,
         other => MaildropError::unavailable_by("cannot log in", other),
@@ -181,11 +344,16 @@ fn login_error(e: SessionError) -> MaildropError {
 impl Mailstore for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
-    /// With a master user this logs in for `user` whatever `password` is: callers serving
-    /// clients must check the password first (`RoutedUpstream` does, via
-    /// `verify_password_with`, which the configuration requires with a master user).
-    async fn login(&self, user: &str, password: &str) -> Result<ImapMaildrop, MaildropError> {
-        self.open(user, password).await
+    /// With a master user, or an application's OAuth token checked by `verify_password_with`,
+    /// this logs in for `user` whatever the password is: callers serving clients must check
+    /// the password first (`RoutedUpstream` does, via `verify_password_with`, which the
+    /// configuration requires then).
+    async fn login(
+        &self,
+        user: &str,
+        credential: Credential<'_>,
+    ) -> Result<ImapMaildrop, MaildropError> {
+        self.open(user, credential).await
     }
 }
 

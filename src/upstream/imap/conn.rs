@@ -189,6 +189,11 @@ impl ImapConnection {
         self.engine.execute_all(bodies, on_untagged).await
     }
 
+    /// See [`Engine::take_sasl_challenge`].
+    pub fn take_sasl_challenge(&mut self) -> Option<Vec<u8>> {
+        self.engine.take_sasl_challenge()
+    }
+
     /// See [`Engine::offers_sasl_ir`].
     pub fn offers_sasl_ir(&self) -> bool {
         self.engine.offers_sasl_ir()

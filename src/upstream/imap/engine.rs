@@ -26,7 +26,9 @@ use imap_next::imap_types::auth::AuthenticateData;
 use imap_next::imap_types::command::{Command, CommandBody};
 use imap_next::imap_types::core::Tag;
 use imap_next::imap_types::fetch::MessageDataItem;
-use imap_next::imap_types::response::{Code, Data, Greeting, GreetingKind, Status, StatusKind};
+use imap_next::imap_types::response::{
+    Code, CommandContinuationRequest, Data, Greeting, GreetingKind, Status, StatusKind,
+};
 use imap_next::imap_types::secret::Secret;
 use imap_next::{Interrupt, Io, State};
 use tokio::io::AsyncWriteExt;
@@ -202,6 +204,9 @@ pub struct Engine {
     sasl_ir: bool,
     /// The response to send after the server's `+` in a two-step AUTHENTICATE.
     sasl_continuation: Option<Vec<u8>>,
+    /// The response to an error challenge after that (RFC 7628), and the challenge received.
+    sasl_after_error: Option<Vec<u8>>,
+    sasl_challenge: Option<Vec<u8>>,
 }
 
 impl Engine {
@@ -242,6 +247,8 @@ impl Engine {
             broken: false,
             sasl_ir: false,
             sasl_continuation: None,
+            sasl_after_error: None,
+            sasl_challenge: None,
         };
         if !greeting_done {
             match conn.next_event().await? {
@@ -334,12 +341,26 @@ impl Engine {
                     };
                     (i, Completion { kind, code, text })
                 }
-                // The two-step AUTHENTICATE: the response owed after `+`, once; a server that
-                // wants more than that is cancelled (it then answers NO/BAD).
-                Event::AuthenticateContinuationRequestReceived { .. } => {
-                    let data = match self.sasl_continuation.take() {
-                        Some(r) => AuthenticateData::Continue(Secret::new(Cow::Owned(r))),
-                        None => AuthenticateData::Cancel,
+                // The two-step AUTHENTICATE: the response owed after `+`, once. A `+` after the
+                // response is an error challenge (RFC 7628: the server's JSON status), kept for
+                // the caller and answered as the mechanism says; anything more is cancelled
+                // (the server then answers NO/BAD).
+                Event::AuthenticateContinuationRequestReceived {
+                    continuation_request,
+                    ..
+                } => {
+                    let data = if let Some(r) = self.sasl_continuation.take() {
+                        AuthenticateData::Continue(Secret::new(Cow::Owned(r)))
+                    } else if let Some(r) = self.sasl_after_error.take() {
+                        self.sasl_challenge = Some(match continuation_request {
+                            CommandContinuationRequest::Base64(data) => data.into_owned(),
+                            CommandContinuationRequest::Basic(basic) => {
+                                basic.text().to_string().into_bytes()
+                            }
+                        });
+                        AuthenticateData::Continue(Secret::new(Cow::Owned(r)))
+                    } else {
+                        AuthenticateData::Cancel
                     };
                     let _ = self.client.set_authenticate_data(data);
                     continue;
@@ -399,11 +420,19 @@ impl Engine {
     /// request with the response it owes, if any.
     pub async fn execute_login(&mut self, login: LoginCommand) -> Result<Completion, ImapError> {
         self.sasl_continuation = login.continuation;
+        self.sasl_after_error = login.after_error;
+        self.sasl_challenge = None;
         let done = self.execute(login.command, |_| {}).await;
         if let Some(mut r) = self.sasl_continuation.take() {
             r.iter_mut().for_each(|b| *b = 0);
         }
+        self.sasl_after_error = None;
         done
+    }
+
+    /// The error challenge the last login received, if any (RFC 7628: a JSON status object).
+    pub fn take_sasl_challenge(&mut self) -> Option<Vec<u8>> {
+        self.sasl_challenge.take()
     }
 
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.

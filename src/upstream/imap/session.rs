@@ -46,9 +46,13 @@ pub enum SessionError {
     /// The credentials cannot be sent; nothing was.
     #[error(transparent)]
     Unsendable(#[from] Unsendable),
-    /// The server answered the login NO or BAD (RFC 5530 codes tell why).
-    #[error("login refused: {}", .0.text)]
-    Refused(Completion),
+    /// The server answered the login NO or BAD (RFC 5530 codes tell why); `challenge` is
+    /// the status an OAuth mechanism received first (RFC 7628), if any.
+    #[error("login refused: {}", done.text)]
+    Refused {
+        done: Completion,
+        challenge: Option<String>,
+    },
     /// The `CAPABILITY` command failed.
     #[error("CAPABILITY failed: {0}")]
     Capability(String),
@@ -75,11 +79,26 @@ pub async fn open(
         }
     };
     let timer = Timer::start(&metrics().upstream_login_duration);
-    let done = conn.execute_login(login).await?;
+    let done = conn.execute_login(login).await;
     drop(timer);
+    let result = match &done {
+        Ok(d) if d.is_ok() => "ok",
+        Ok(_) => "refused",
+        Err(_) => "failed",
+    };
+    metrics()
+        .upstream_logins
+        .with_label_values(&[&mechanism.name().to_ascii_lowercase(), result])
+        .inc();
+    let done = done?;
     if !done.is_ok() {
+        // RFC 7628's JSON status, when the mechanism got one (it never holds the token).
+        let challenge = conn.take_sasl_challenge();
         conn.logout().await;
-        return Err(SessionError::Refused(done));
+        return Err(SessionError::Refused {
+            done,
+            challenge: challenge.map(|c| String::from_utf8_lossy(&c).chars().take(512).collect()),
+        });
     }
     // Servers may list their post-login capabilities in the login's answer (Dovecot and
     // Cyrus do, RFC 3501 7.1): that saves a round trip on every login.

@@ -27,6 +27,7 @@ impl Mechanism for Password<'_> {
         Ok(LoginCommand {
             command,
             continuation: None,
+            after_error: None,
         })
     }
 }

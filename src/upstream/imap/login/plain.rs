@@ -3,11 +3,7 @@
 //! user as `authcid` (Dovecot's master passdb, Cyrus's proxy users) the operator logs in for
 //! the user.
 
-use std::borrow::Cow;
-
 use imap_next::imap_types::auth::AuthMechanism;
-use imap_next::imap_types::command::CommandBody;
-use imap_next::imap_types::secret::Secret;
 
 use super::{LoginCommand, Mechanism};
 use crate::upstream::credentials::{self, Unsendable};
@@ -42,23 +38,12 @@ impl Mechanism for Plain<'_> {
         }
         let authzid = self.authzid.unwrap_or_default();
         let message = credentials::sasl_plain(authzid, self.authcid, self.password)?;
-        Ok(if sasl_ir {
-            LoginCommand {
-                command: CommandBody::Authenticate {
-                    mechanism: AuthMechanism::Plain,
-                    initial_response: Some(Secret::new(Cow::Owned(message))),
-                },
-                continuation: None,
-            }
-        } else {
-            LoginCommand {
-                command: CommandBody::Authenticate {
-                    mechanism: AuthMechanism::Plain,
-                    initial_response: None,
-                },
-                continuation: Some(message),
-            }
-        })
+        Ok(LoginCommand::sasl(
+            AuthMechanism::Plain,
+            message,
+            sasl_ir,
+            None,
+        ))
     }
 }
 
