@@ -8,7 +8,8 @@
 //!   6      first UID / UID gap seed
 //!   7      size seed
 //!   8..12  answers to Login (cycled): Ok or one of the MaildropError variants
-//!   12..14 answers to Retrieve (cycled): streamed, Gone, Unavailable
+//!   12..14 answers to Retrieve (cycled): streamed, Gone, Unavailable (neither failure counts
+//!          towards the error cap: Gone goes on, Unavailable closes)
 //!   14     bit 0: answer to Commit (Ok / Err); bits 1-3: `Security` (tls, stls,
 //!          plaintext_auth) the connection starts with
 //!   15     chunk size seed
@@ -350,11 +351,16 @@ impl Run<'_> {
                         Flow::Continue
                     }
                     1 => {
+                        // The upstream is gone: -ERR [SYS/TEMP] and the driver closes. Not a
+                        // client error: it does not count towards the cap either.
+                        let before = self.session.error_limit_reached();
                         let r = self
                             .session
                             .on_retrieve_failed(msg, &MaildropError::Unavailable("down".into()));
                         assert!(r.close, "an upstream failure ends the session");
-                        self.reply(&r.reply, &Sent::Other, false);
+                        assert!(check_single(&r.reply), "an upstream failure is -ERR");
+                        assert!(r.reply.starts_with(b"-ERR [SYS/TEMP] "));
+                        assert_eq!(self.session.error_limit_reached(), before);
                         Flow::End
                     }
                     _ => {
