@@ -36,7 +36,11 @@ fn reference(msg: &[u8], top: Option<u32>) -> Vec<u8> {
     let mut start = 0;
     for (i, &b) in msg.iter().enumerate() {
         if b == b'\n' {
-            let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
+            let end = if i > start && msg[i - 1] == b'\r' {
+                i - 1
+            } else {
+                i
+            };
             lines.push(&msg[start..end]);
             start = i + 1;
         }
@@ -66,7 +70,10 @@ fn unstuff(wire: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = wire;
     loop {
-        let i = rest.windows(2).position(|w| w == b"\r\n").expect("terminated");
+        let i = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("terminated");
         let line = &rest[..i];
         rest = &rest[i + 2..];
         if line == b"." {
@@ -143,7 +150,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(s.is_done());
     assert_eq!(out, whole, "chunked output differs from one-shot");
 
-    assert_eq!(whole, reference(msg, top), "output differs from the reference");
+    assert_eq!(
+        whole,
+        reference(msg, top),
+        "output differs from the reference"
+    );
 
     assert!(whole.ends_with(b".\r\n"));
     let body = &whole[..whole.len() - 3];
@@ -159,10 +170,17 @@ fuzz_target!(|data: &[u8]| {
     );
 
     if top.is_none() {
-        assert_eq!(unstuff(&whole), normalise(msg), "un-stuffed RETR output differs");
+        assert_eq!(
+            unstuff(&whole),
+            normalise(msg),
+            "un-stuffed RETR output differs"
+        );
     } else {
         // TOP output is a prefix (in lines) of the RETR output.
         let retr = one_shot(msg, None);
-        assert!(retr.starts_with(body), "TOP output is not a prefix of RETR output");
+        assert!(
+            retr.starts_with(body),
+            "TOP output is not a prefix of RETR output"
+        );
     }
 });

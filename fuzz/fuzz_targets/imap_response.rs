@@ -79,7 +79,11 @@ fn consume(event: &Event, out: &mut Vec<String>) {
                                     }
                                 }
                             }
-                            MessageDataItem::BodyExt { section: None, data, .. } => {
+                            MessageDataItem::BodyExt {
+                                section: None,
+                                data,
+                                ..
+                            } => {
                                 let bytes = data
                                     .clone()
                                     .into_option()
@@ -132,9 +136,9 @@ fn consume(event: &Event, out: &mut Vec<String>) {
         // Handles differ between two clients (per-client generator id): leave them out.
         Event::CommandSent { command, .. } => out.push(format!("sent {command:?}")),
         Event::GreetingReceived { greeting } => out.push(format!("{greeting:?}")),
-        Event::ContinuationRequestReceived { continuation_request } => {
-            out.push(format!("{continuation_request:?}"))
-        }
+        Event::ContinuationRequestReceived {
+            continuation_request,
+        } => out.push(format!("{continuation_request:?}")),
         _ => out.push("other event".to_owned()),
     }
 }
@@ -157,7 +161,10 @@ fn run(kind: u8, relaxed: bool, body: &[u8], mut sizes: impl FnMut() -> usize) -
         let mut steps = 0;
         loop {
             steps += 1;
-            assert!(steps < 100_000, "next() does not come back to NeedMoreInput");
+            assert!(
+                steps < 100_000,
+                "next() does not come back to NeedMoreInput"
+            );
             match client.next() {
                 Ok(event) => consume(&event, &mut log),
                 Err(Interrupt::Io(Io::NeedMoreInput)) => break,

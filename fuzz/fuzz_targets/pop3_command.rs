@@ -112,7 +112,11 @@ fn check_parse(line: &[u8]) {
         Command::Quit => "QUIT".into(),
         Command::Stls => "STLS".into(),
         Command::List(n) | Command::Uidl(n) => {
-            let kw = if matches!(cmd, Command::List(_)) { "LIST" } else { "UIDL" };
+            let kw = if matches!(cmd, Command::List(_)) {
+                "LIST"
+            } else {
+                "UIDL"
+            };
             match n {
                 Some(n) => {
                     assert!(*n >= 1);
@@ -138,7 +142,12 @@ fn check_parse(line: &[u8]) {
     let kw_len = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     assert!(canonical.as_bytes()[..kw_len].eq_ignore_ascii_case(&line[..kw_len]));
     let again = parse(canonical.as_bytes()).expect("canonical form must parse");
-    assert_eq!(format!("{again:?}"), format!("{cmd:?}"), "{:?}", String::from_utf8_lossy(line));
+    assert_eq!(
+        format!("{again:?}"),
+        format!("{cmd:?}"),
+        "{:?}",
+        String::from_utf8_lossy(line)
+    );
     if let (Command::Pass(a), Command::Pass(b)) = (&cmd, &again) {
         assert_eq!(a.as_str(), b.as_str());
     }
@@ -169,7 +178,11 @@ fuzz_target!(|data: &[u8]| {
         let limit = lb.limit();
         match lb.next_line() {
             None => {
-                assert!(lb.buffered() < limit, "{} buffered, limit {limit}", lb.buffered());
+                assert!(
+                    lb.buffered() < limit,
+                    "{} buffered, limit {limit}",
+                    lb.buffered()
+                );
                 assert!(lb.room() > 0);
                 return;
             }

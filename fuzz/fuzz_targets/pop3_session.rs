@@ -8,7 +8,8 @@
 //!   6      first UID / UID gap seed
 //!   7      size seed
 //!   8..12  answers to Login (cycled): Ok or one of the MaildropError variants
-//!   12..14 answers to Retrieve (cycled): streamed, Gone, Unavailable
+//!   12..14 answers to Retrieve (cycled): streamed, Gone, Unavailable (neither failure counts
+//!          towards the error cap: Gone goes on, Unavailable closes)
 //!   14     bit 0: answer to Commit (Ok / Err); bits 1-3: `Security` (tls, stls,
 //!          plaintext_auth) the connection starts with
 //!   15     chunk size seed
@@ -29,7 +30,7 @@ use libfuzzer_sys::fuzz_target;
 use popbridge::maildrop::{MaildropError, MessageEntry, Snapshot};
 use popbridge::pop3::command::{parse, Command, LineBuffer, MAX_BUFFERED, MAX_COMMAND_LINE};
 use popbridge::pop3::response::DotStuffer;
-use popbridge::pop3::session::{Action, Security, Session, SessionConfig, MAX_ERRORS};
+use popbridge::pop3::session::{Action, LoginSecret, Security, Session, SessionConfig, MAX_ERRORS};
 use popbridge::uidl::UidlFormat;
 
 const HEADER: usize = 16;
@@ -75,9 +76,16 @@ enum Flow {
 
 fn lines_of(reply: &[u8]) -> Vec<&[u8]> {
     assert!(!reply.is_empty(), "empty reply");
-    assert!(reply.ends_with(b"\r\n"), "reply without CRLF: {:?}", String::from_utf8_lossy(reply));
+    assert!(
+        reply.ends_with(b"\r\n"),
+        "reply without CRLF: {:?}",
+        String::from_utf8_lossy(reply)
+    );
     let body = &reply[..reply.len() - 2];
-    let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).collect();
+    let lines: Vec<&[u8]> = body
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .collect();
     for l in &lines {
         assert!(
             !l.contains(&b'\r') && !l.contains(&b'\n'),
@@ -96,10 +104,19 @@ fn lines_of(reply: &[u8]) -> Vec<&[u8]> {
 /// One status line: `+OK...`, `-ERR...` or the SASL `+ `.
 fn check_single(reply: &[u8]) -> bool {
     let lines = lines_of(reply);
-    assert_eq!(lines.len(), 1, "several lines in {:?}", String::from_utf8_lossy(reply));
+    assert_eq!(
+        lines.len(),
+        1,
+        "several lines in {:?}",
+        String::from_utf8_lossy(reply)
+    );
     let l = lines[0];
     assert!(
-        l == b"+OK" || l.starts_with(b"+OK ") || l == b"-ERR" || l.starts_with(b"-ERR ") || l == b"+ ",
+        l == b"+OK"
+            || l.starts_with(b"+OK ")
+            || l == b"-ERR"
+            || l.starts_with(b"-ERR ")
+            || l == b"+ ",
         "bad status line {:?}",
         String::from_utf8_lossy(l)
     );
@@ -109,13 +126,27 @@ fn check_single(reply: &[u8]) -> bool {
 /// A multi-line `+OK` reply; returns its inner lines, un-stuffed.
 fn check_multi(reply: &[u8]) -> Vec<Vec<u8>> {
     let lines = lines_of(reply);
-    assert!(lines.len() >= 2, "multi-line reply too short: {:?}", String::from_utf8_lossy(reply));
+    assert!(
+        lines.len() >= 2,
+        "multi-line reply too short: {:?}",
+        String::from_utf8_lossy(reply)
+    );
     assert!(lines[0] == b"+OK" || lines[0].starts_with(b"+OK "));
-    assert_eq!(*lines.last().unwrap(), b".", "no terminator: {:?}", String::from_utf8_lossy(reply));
+    assert_eq!(
+        *lines.last().unwrap(),
+        b".",
+        "no terminator: {:?}",
+        String::from_utf8_lossy(reply)
+    );
     lines[1..lines.len() - 1]
         .iter()
         .map(|l| {
-            assert_ne!(*l, b".", "early terminator in {:?}", String::from_utf8_lossy(reply));
+            assert_ne!(
+                *l,
+                b".",
+                "early terminator in {:?}",
+                String::from_utf8_lossy(reply)
+            );
             match l.strip_prefix(b".") {
                 Some(rest) => {
                     assert!(!rest.is_empty());
@@ -157,7 +188,10 @@ impl Run<'_> {
                 Sent::Cmd(Command::Capa)
                     | Sent::Cmd(Command::List(None))
                     | Sent::Cmd(Command::Uidl(None))
-                    | Sent::Cmd(Command::Auth { mechanism: None, .. })
+                    | Sent::Cmd(Command::Auth {
+                        mechanism: None,
+                        ..
+                    })
             )
             && !closing;
         if multi {
@@ -173,13 +207,22 @@ impl Run<'_> {
                 assert_eq!(self.m.errors, MAX_ERRORS, "closed with -ERR before the cap");
                 assert!(self.session.error_limit_reached());
             } else {
-                assert!(self.m.errors < MAX_ERRORS, "error cap passed without closing");
+                assert!(
+                    self.m.errors < MAX_ERRORS,
+                    "error cap passed without closing"
+                );
                 assert!(!self.session.error_limit_reached());
             }
             return;
         }
         if bytes == b"+ \r\n" {
-            assert!(matches!(sent, Sent::Cmd(Command::Auth { mechanism: Some(_), initial_response: None })));
+            assert!(matches!(
+                sent,
+                Sent::Cmd(Command::Auth {
+                    mechanism: Some(_),
+                    initial_response: None
+                })
+            ));
             return;
         }
         // +OK: keep the model in step and check the figures.
@@ -205,7 +248,10 @@ impl Run<'_> {
             }
             Sent::Cmd(Command::Dele(n)) => {
                 let i = *n as usize - 1;
-                assert!(i < self.m.deleted.len() && !self.m.deleted[i], "DELE {n} accepted");
+                assert!(
+                    i < self.m.deleted.len() && !self.m.deleted[i],
+                    "DELE {n} accepted"
+                );
                 self.m.deleted[i] = true;
             }
             Sent::Cmd(Command::Rset) if self.m.snapshot.is_some() => {
@@ -221,8 +267,11 @@ impl Run<'_> {
     fn check_multi_content(&mut self, sent: &Sent, inner: &[Vec<u8>]) {
         match sent {
             Sent::Cmd(Command::List(None)) => {
-                let want: Vec<Vec<u8>> =
-                    self.live().iter().map(|(i, e)| format!("{i} {}", e.size).into_bytes()).collect();
+                let want: Vec<Vec<u8>> = self
+                    .live()
+                    .iter()
+                    .map(|(i, e)| format!("{i} {}", e.size).into_bytes())
+                    .collect();
                 assert_eq!(inner, &want[..]);
             }
             Sent::Cmd(Command::Uidl(None)) => {
@@ -232,7 +281,11 @@ impl Run<'_> {
                 for (l, (i, _)) in inner.iter().zip(&live) {
                     let (num, uidl) = l.split_at(l.iter().position(|&b| b == b' ').unwrap());
                     assert_eq!(num, i.to_string().as_bytes());
-                    assert!(legal_uidl(&uidl[1..]), "illegal UIDL {:?}", String::from_utf8_lossy(uidl));
+                    assert!(
+                        legal_uidl(&uidl[1..]),
+                        "illegal UIDL {:?}",
+                        String::from_utf8_lossy(uidl)
+                    );
                     assert!(seen.insert(uidl.to_vec()), "duplicate UIDL");
                 }
             }
@@ -243,7 +296,10 @@ impl Run<'_> {
                 let auth_ok = sec.tls || sec.plaintext_auth;
                 assert_eq!(inner.iter().any(|l| l == b"USER"), !authed && auth_ok);
                 assert_eq!(inner.iter().any(|l| l == b"SASL PLAIN"), !authed && auth_ok);
-                assert_eq!(inner.iter().any(|l| l == b"STLS"), !authed && sec.stls && !sec.tls);
+                assert_eq!(
+                    inner.iter().any(|l| l == b"STLS"),
+                    !authed && sec.stls && !sec.tls
+                );
             }
             _ => {}
         }
@@ -270,7 +326,11 @@ impl Run<'_> {
                 self.m.user = None;
                 Flow::StartTls
             }
-            Action::Login { user, password } => {
+            Action::Login { user, secret } => {
+                // Bearer tokens come only with sasl_oauth, which this target leaves off.
+                let LoginSecret::Password(password) = secret else {
+                    panic!("a bearer token without XOAUTH2/OAUTHBEARER offered");
+                };
                 assert!(self.m.snapshot.is_none(), "Login while logged in");
                 let sec = self.m.sec.unwrap();
                 assert!(sec.tls || sec.plaintext_auth, "Login on plaintext: {sec:?}");
@@ -280,7 +340,11 @@ impl Run<'_> {
                         assert_eq!(p.as_str(), password.as_str());
                         assert_eq!(self.m.user.as_deref(), Some(user.as_str()));
                     }
-                    Sent::Cmd(Command::Auth { initial_response: Some(_), .. }) | Sent::Sasl => {}
+                    Sent::Cmd(Command::Auth {
+                        initial_response: Some(_),
+                        ..
+                    })
+                    | Sent::Sasl => {}
                     other => panic!("Login after {other:?}"),
                 }
                 // USER is consumed by PASS (and AUTH leaves it alone, but a later PASS needs a
@@ -292,7 +356,7 @@ impl Run<'_> {
                 self.m.login_i += 1;
                 let result = match pick % 8 {
                     0 => Err(MaildropError::Auth),
-                    1 => Err(MaildropError::Unavailable("upstream\r\n+OK evil".into())),
+                    1 => Err(MaildropError::unavailable("upstream\r\n+OK evil")),
                     2 => Err(MaildropError::Unsupported("x".into())),
                     3 => Err(MaildropError::InUse),
                     4 => Err(MaildropError::Gone),
@@ -319,9 +383,18 @@ impl Run<'_> {
                     Flow::Continue
                 }
             }
-            Action::Retrieve { msg, uid, size, top_lines, ok_line } => {
+            Action::Retrieve {
+                msg,
+                uid,
+                size,
+                top_lines,
+                ok_line,
+            } => {
                 let s = self.m.snapshot.as_ref().expect("Retrieve before login");
-                assert!(msg >= 1 && (msg as usize) <= s.messages.len(), "msg {msg} out of range");
+                assert!(
+                    msg >= 1 && (msg as usize) <= s.messages.len(),
+                    "msg {msg} out of range"
+                );
                 let i = msg as usize - 1;
                 assert!(!self.m.deleted[i], "Retrieve of deleted message {msg}");
                 assert_eq!(s.messages[i].uid, uid);
@@ -346,11 +419,16 @@ impl Run<'_> {
                         Flow::Continue
                     }
                     1 => {
+                        // The upstream is gone: -ERR [SYS/TEMP] and the driver closes. Not a
+                        // client error: it does not count towards the cap either.
+                        let before = self.session.error_limit_reached();
                         let r = self
                             .session
-                            .on_retrieve_failed(msg, &MaildropError::Unavailable("down".into()));
+                            .on_retrieve_failed(msg, &MaildropError::unavailable("down"));
                         assert!(r.close, "an upstream failure ends the session");
-                        self.reply(&r.bytes, &Sent::Other, false);
+                        assert!(check_single(&r.bytes), "an upstream failure is -ERR");
+                        assert!(r.bytes.starts_with(b"-ERR [SYS/TEMP] "));
+                        assert_eq!(self.session.error_limit_reached(), before);
                         Flow::End
                     }
                     _ => {
@@ -378,7 +456,7 @@ impl Run<'_> {
                 let r = if self.header[14] & 1 == 0 {
                     Ok(())
                 } else {
-                    Err(MaildropError::Unavailable("x".into()))
+                    Err(MaildropError::unavailable("x"))
                 };
                 let ok = r.is_ok();
                 let b = self.session.on_commit(r);
@@ -429,8 +507,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let session = Session::new(Arc::new(cfg)).with_security(sec);
     let greeting = session.greeting();
-    let m = Model { sec: Some(sec), ..Model::default() };
-    let mut run = Run { header, m, session, fmt };
+    let m = Model {
+        sec: Some(sec),
+        ..Model::default()
+    };
+    let mut run = Run {
+        header,
+        m,
+        session,
+        fmt,
+    };
     assert!(!check_single(&greeting) && greeting.starts_with(b"+OK"));
 
     let chunk = header[15] as usize + 1;

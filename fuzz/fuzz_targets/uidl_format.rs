@@ -30,13 +30,24 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    for (uid, uv) in [(a, v), (b, v), (0, 0), (u32::MAX, u32::MAX), (a, 0), (0, u32::MAX)] {
+    for (uid, uv) in [
+        (a, v),
+        (b, v),
+        (0, 0),
+        (u32::MAX, u32::MAX),
+        (a, 0),
+        (0, u32::MAX),
+    ] {
         let s = f.format(uid, uv);
         assert!(legal(&s), "{src:?} ({uid}, {uv}) -> {s:?}");
     }
     for (x, y) in [(a, b), (0, u32::MAX), (a, a.wrapping_add(1))] {
         if x != y {
-            assert_ne!(f.format(x, v), f.format(y, v), "{src:?}: UIDs {x} and {y} collide");
+            assert_ne!(
+                f.format(x, v),
+                f.format(y, v),
+                "{src:?}: UIDs {x} and {y} collide"
+            );
         }
     }
     // Deterministic and re-parseable from the same source.
