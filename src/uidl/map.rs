@@ -158,7 +158,9 @@ impl MapHead {
         if (bytes == 0) != (count == 0) || (bytes > 0 && (chunks == 0 || chunk == 0)) {
             return Err(bad("bytes"));
         }
-        if hex.len() != 64 {
+        // Hex digits only, checked before slicing: the head is the user's own METADATA entry,
+        // and a multi-byte character would put a slice end inside it.
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("sha256"));
         }
         let mut sha256 = [0u8; 32];
@@ -560,6 +562,22 @@ mod tests {
             (
                 with("1", "55", "55", "3").replace("sha256=", "sha256=zz"),
                 "hex",
+            ),
+            // Found by fuzzing: a panic on a character boundary, before the fix.
+            (
+                format!(
+                    "popbridge-uidl-map/2 1 1 gen=a chunks=1 chunk=1 bytes=1 sha256=0000000\u{e9}{}",
+                    "0".repeat(55)
+                ),
+                "non-ASCII hex",
+            ),
+            (
+                {
+                    let w = with("1", "55", "55", "3");
+                    let at = w.find("sha256=").unwrap() + 7;
+                    format!("{}+f{}", &w[..at], &w[at + 2..])
+                },
+                "signed hex",
             ),
             (
                 format!("{}{}", with("1", "55", "55", "3"), " ".repeat(600)),

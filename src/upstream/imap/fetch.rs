@@ -245,7 +245,13 @@ impl ImapConnection {
             let items_at = match classified.map_err(|e| self.engine.fail(e.into()))? {
                 Line::Done { kind, text } => return Ok(Step::Done(completion(kind, text))),
                 Line::Other { literal } => {
-                    self.engine.skip(literal.map_or(0, u64::from)).await?;
+                    // The response goes on after its literal (`* STATUS {5}\r\nINBOX
+                    // (MESSAGES 3)\r\n`), maybe with more literals: read it to its end.
+                    let mut literal = literal;
+                    while let Some(n) = literal {
+                        self.engine.skip(u64::from(n)).await?;
+                        literal = fetch_parse::announced_literal(&self.engine.read_line().await?);
+                    }
                     continue;
                 }
                 Line::Fetch { items_at } => items_at,
@@ -660,6 +666,27 @@ mod tests {
                 .unwrap();
             assert!(done.is_ok());
             assert_eq!(exists, 4);
+        }
+    }
+
+    /// Found by fuzzing: an unsolicited response whose literal sits mid-line (STATUS, METADATA)
+    /// was read as ending at its literal, and the rest of its line failed the FETCH.
+    #[tokio::test]
+    async fn untagged_responses_with_literals_in_the_middle_are_passed_over() {
+        let msg = body(2000);
+        let mut reply = b"* STATUS {5}\r\nINBOX (MESSAGES 3)\r\n".to_vec();
+        reply.extend_from_slice(b"* METADATA {5}\r\nINBOX (/private/x {2}\r\nab)\r\n");
+        reply.extend(fetch_reply("* 2 FETCH (UID 7 BODY[] ", &msg, ")\r\n"));
+        reply.extend_from_slice(b"* STATUS {3}\r\nbox (UIDNEXT 9)\r\n{tag} OK done\r\n");
+        for split in [1, 4096] {
+            let steps = vec![
+                ("UID FETCH 7 (UID BODY.PEEK[])", reply.clone()),
+                ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+            ];
+            let mut conn = connect(steps, split, LIMITS).await;
+            conn.body_start(7, &[]).await.unwrap();
+            assert_eq!(read_all(&mut conn).await.unwrap(), msg);
+            in_step(&mut conn).await;
         }
     }
 
