@@ -62,11 +62,10 @@
 //!   `max`, read-ahead UIDs are always among those asked. Allocation is bounded by running
 //!   with `-malloc_limit_mb`.
 //!
-//! Known, unfixed defect (see ../README.md, Findings): an untagged response other than FETCH
-//! that carries a literal (`* OK [ALERT] {3}\r\nabc\r\n`) breaks the connection, although
-//! `next_fetch_body` says such literals are skipped. The plan element for it counts as
-//! unpredictable unless `FETCH_STREAM_STRICT=1` is set in the environment, which makes the
-//! model expect it to be passed over (the regression inputs use that).
+//! An untagged response other than FETCH that carries a literal (`* OK [ALERT] {3}\r\nabc\r\n`)
+//! broke the connection until edf3820 (see ../README.md, Findings, 2); the model expects it to
+//! be passed over. `FETCH_STREAM_STRICT=0` makes that plan element unpredictable again (for
+//! fuzzing a build from before the fix).
 //!
 //! # Input layout
 //!
@@ -106,7 +105,7 @@ fn trace() -> bool {
 
 fn strict_literals() -> bool {
     static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("FETCH_STREAM_STRICT").is_some_and(|v| v == "1"))
+    *STRICT.get_or_init(|| std::env::var_os("FETCH_STREAM_STRICT").is_none_or(|v| v != "0"))
 }
 
 // ---------------------------------------------------------------------------------------------
