@@ -227,9 +227,18 @@ impl Popbridge {
     }
     /// Waits until the log contains `needle`; false after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+    /// How many times the log has `needle` so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+    /// Waits until the log has `needle` at least `count` times (an event that may already have
+    /// happened once: count the lines before causing it again); false after `timeout`.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
+            if self.log_count(needle) >= count {
                 return true;
             }
             if Instant::now() > deadline {
