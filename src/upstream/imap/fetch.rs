@@ -215,8 +215,17 @@ impl ImapConnection {
                     self.engine.reader.shrink_idle();
                     return Ok(());
                 }
-                // Nothing to skip: a NIL (gone) or quoted body is already read.
-                Step::Inline { .. } => continue,
+                // Nothing to skip: a NIL (gone) or quoted body is already read; but it too must
+                // be one the prefetch asked for.
+                Step::Inline { info, .. } => {
+                    if info
+                        .uid
+                        .is_some_and(|u| u != p.uid && !p.others.contains(&u))
+                    {
+                        return Err(self.engine.fail(ImapError::Malformed));
+                    }
+                    continue;
+                }
                 Step::Body { len, info } => (len, info),
             };
             let ours = info
@@ -1103,6 +1112,15 @@ mod tests {
             conn.execute(CommandBody::Noop, |_| {}).await,
             Err(ImapError::Broken)
         ));
+        // A quoted or NIL body of a UID not asked for is foreign too.
+        for inline in ["\"x\"", "NIL"] {
+            let foreign = format!("* 2 FETCH (UID 3 BODY[] {inline})\r\n{{tag}} OK\r\n");
+            let mut conn = prefetching(foreign.into_bytes(), vec![], LIMITS).await;
+            assert!(matches!(
+                conn.execute(CommandBody::Noop, |_| {}).await,
+                Err(ImapError::Malformed)
+            ));
+        }
         let huge = format!("* 2 FETCH (UID 8 BODY[] {{{}}}\r\n", DRAIN_MAX + 1).into_bytes();
         let mut conn = prefetching(huge, vec![], LIMITS).await;
         assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
