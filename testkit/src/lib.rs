@@ -43,8 +43,10 @@ mod reaper;
 mod tools;
 
 pub mod cyrus;
+pub mod haproxy;
 pub mod imap_do;
 pub mod imap_raw;
+pub mod ledger;
 pub mod prometheus;
 pub mod raw;
 pub mod relay;
