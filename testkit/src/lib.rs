@@ -43,6 +43,7 @@ mod reaper;
 mod tools;
 
 pub mod cyrus;
+pub mod deb;
 pub mod haproxy;
 pub mod imap_do;
 pub mod imap_raw;
