@@ -289,3 +289,63 @@ fn the_prometheus_example_passes_promtool() {
         3
     );
 }
+
+/// `popbridge serve` under `ulimit` settings given to sh; returns the soft and hard
+/// "Max open files" of the running process and its log, then kills it.
+fn open_file_limit_under(ulimits: &str, max_connections: usize) -> (u64, u64, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_ports(1)[0];
+    let config = dir.path().join("p.toml");
+    fs::write(
+        &config,
+        format!(
+            "[pop3]\nlisten = \"127.0.0.1:{port}\"\nplaintext_auth = \"always\"\n\
+             [imap]\nhost = \"127.0.0.1\"\nport = 1\nsecurity = \"none\"\n\
+             [state]\ndir = \"{}\"\n[limits]\nmax_connections = {max_connections}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "set -e; {ulimits}; exec \"$0\" serve --config \"$1\" 2>\"$2\"",
+        ))
+        .arg(POPBRIDGE_BIN)
+        .arg(&config)
+        .arg(&log)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_port(port, std::time::Duration::from_secs(20)),
+        "not listening"
+    );
+    let limits = fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (f[0], f[1], fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn the_open_file_limit_is_raised_for_max_connections() {
+    // A shell's usual soft limit, a generous hard one: raised to 2 x 1000 + 64, quietly.
+    let (soft, hard, log) = open_file_limit_under("ulimit -Sn 256 && ulimit -Hn 8192", 1000);
+    assert_eq!((soft, hard), (2064, 8192));
+    assert!(!log.contains("open file limit"), "{log}");
+    // A hard limit too low for max_connections: as far as it goes, and a warning.
+    let (soft, hard, log) = open_file_limit_under("ulimit -Sn 256 && ulimit -Hn 1500", 1000);
+    assert_eq!((soft, hard), (1500, 1500));
+    assert!(
+        log.contains("WARN") && log.contains("the open file limit cannot hold"),
+        "{log}"
+    );
+}

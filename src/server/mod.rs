@@ -70,7 +70,7 @@ const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     // First of all: a SIGTERM from here on stops gracefully instead of killing the process.
     let mut signals = Signals::install()?;
-    check_fd_limit(config.limits.max_connections);
+    raise_fd_limit(config.limits.max_connections);
     let cert = match &config.pop3.tls {
         Some(tls) => {
             let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
@@ -265,22 +265,39 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
 }
 
 /// Each session holds two file descriptors (client and upstream), plus a few for the state
-/// store, listeners and metrics: warn when the soft `RLIMIT_NOFILE` cannot hold
-/// `max_connections` sessions (systemd: `LimitNOFILE=`).
-fn check_fd_limit(max_connections: usize) {
-    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
-        return;
-    };
+/// store, listeners and metrics. Raise the soft `RLIMIT_NOFILE` (often 1024 in a shell) to what
+/// `max_connections` sessions need, as far as the hard limit allows; warn when that is not
+/// enough (systemd: `LimitNOFILE=`).
+fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let needed = fds_needed(max_connections);
-    if let Some(soft) = soft_nofile(&limits) {
-        if soft < needed {
-            tracing::warn!(
-                soft_limit = soft,
-                needed,
-                max_connections,
-                "the open file limit cannot hold limits.max_connections sessions: raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
-            );
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return;
+    }
+    let target = needed.min(limit.maximum.unwrap_or(u64::MAX));
+    let mut now = soft;
+    if target > soft {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = target, "open file limit raised");
+                now = target;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot raise the open file limit"),
         }
+    }
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            needed,
+            max_connections,
+            "the open file limit cannot hold limits.max_connections sessions: raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
+        );
     }
 }
 
@@ -291,29 +308,13 @@ fn fds_needed(max_connections: usize) -> u64 {
         .saturating_add(64)
 }
 
-/// The soft "Max open files" of a `/proc/PID/limits` text (`None` for "unlimited").
-fn soft_nofile(limits: &str) -> Option<u64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_soft_open_file_limit() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max processes             127573               127573               processes \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(soft_nofile(text), Some(1024));
-        let unlimited =
-            "Max open files            unlimited            unlimited            files\n";
-        assert_eq!(soft_nofile(unlimited), None);
+    fn two_descriptors_per_session_and_some() {
         assert_eq!(fds_needed(1000), 2064);
+        assert_eq!(fds_needed(usize::MAX), u64::MAX);
     }
 }
