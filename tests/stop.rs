@@ -47,12 +47,12 @@ fn sigterm_starts_a_lame_duck_phase_then_drains() {
         ],
     );
     let metrics = free_ports(1)[0];
-    let lame = Duration::from_secs(2);
+    let lame = Duration::from_secs(3);
     let mut pb = Popbridge::start(
         &dc,
         &metrics_config(
             metrics,
-            "[pop3]\nshutdown_lame_duck_secs = 2\nshutdown_drain_secs = 3",
+            "[pop3]\nshutdown_lame_duck_secs = 3\nshutdown_drain_secs = 3",
         ),
     );
     let port = pb.pop3_port();
