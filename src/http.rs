@@ -1,6 +1,6 @@
 //! The operator's HTTP endpoint (hyper): `/metrics` for Prometheus, `/healthz` (the process
-//! answers) and `/readyz` (listeners bound and the upstream IMAP server greets us; checked
-//! without logging in) for load balancers and Kubernetes probes.
+//! answers) and `/readyz` (listeners bound, not stopping, and the upstream IMAP server greets
+//! us; checked without logging in) for load balancers and Kubernetes probes.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,9 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(15);
 pub struct Health {
     /// Set once every POP3 listener is bound.
     pub listening: AtomicBool,
+    /// Set by the stop signal: from then on `/readyz` answers 503, through the lame duck
+    /// phase (listeners still accepting) and the drain, so balancers stop sending sessions.
+    pub stopping: AtomicBool,
     /// Replaced when a SIGHUP reloads the configuration.
     pub upstream: Live<ImapUpstream>,
 }
@@ -34,8 +37,21 @@ impl Health {
     pub fn new(upstream: Arc<ImapUpstream>) -> Arc<Health> {
         Arc::new(Health {
             listening: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             upstream: Live::new(upstream),
         })
+    }
+
+    /// The POP3 listeners are bound: new sessions are welcome.
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+        metrics().accepting.set(1);
+    }
+
+    /// The stop signal came: `/readyz` answers 503 from now on.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+        metrics().accepting.set(0);
     }
 
     /// Probe the upstream now and record the answer in `popbridge_upstream_up`.
@@ -106,6 +122,9 @@ async fn route(req: Request<Incoming>, health: &Health) -> Response<Full<Bytes>>
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
+            if health.stopping.load(Ordering::Acquire) {
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "stopping\n");
+            }
             if !health.listening.load(Ordering::Acquire) {
                 return reply(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -14,12 +14,22 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+/// `popbridge --version`: the version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("POPBRIDGE_COMMIT"),
+    ")"
+);
+
 /// A POP3 server whose maildrop is a folder on an upstream IMAP server.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, about, long_about = None)]
 struct Cli {
     /// Log level or filter (e.g. `debug`, `popbridge=trace`); overrides RUST_LOG.
-    /// Without either, `info`.
+    /// Without either, `info`. Unless the filter names `rustls`, rustls logs only errors: its
+    /// warnings are about clients (an IP address sent as TLS server name by mpop, fdm or
+    /// neomutt connecting to an address), nothing an operator can act on.
     #[arg(long, global = true, value_name = "FILTER")]
     log_level: Option<String>,
 
@@ -59,6 +69,23 @@ enum Command {
     Oauth(cli::oauth::OAuthCommand),
 }
 
+/// rustls warns about what clients do (`Illegal SNI extension: ignoring IP address presented as
+/// hostname` for every mpop, fdm or neomutt session to an IP address): nothing for an operator
+/// to act on. So it logs errors only, unless the filter asks for rustls by name.
+fn quiet_rustls(filter: EnvFilter, given: Option<&str>) -> EnvFilter {
+    let text = given
+        .map(str::to_owned)
+        .or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok())
+        .unwrap_or_default();
+    if text.contains("rustls") {
+        return filter;
+    }
+    match "rustls=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match &cli.log_level {
@@ -66,7 +93,7 @@ fn main() -> ExitCode {
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
     };
     let filter = match filter {
-        Ok(f) => f,
+        Ok(f) => quiet_rustls(f, cli.log_level.as_deref()),
         Err(e) => {
             eprintln!("popbridge: invalid log filter: {e}");
             return ExitCode::from(2);

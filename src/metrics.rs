@@ -38,6 +38,7 @@ pub struct Metrics {
     pub upstream_command_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_up: IntGauge,
+    pub accepting: IntGauge,
     pub connections_rejected: IntCounterVec,
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
@@ -104,16 +105,24 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(upstream_up.clone()))
             .expect("unique metric");
+        let accepting = IntGauge::new(
+            "popbridge_accepting",
+            "1 while this node takes new sessions: listeners bound and no stop signal yet \
+             (0 through the lame duck phase and the drain).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(accepting.clone()))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "popbridge_build_info",
-                "Always 1; the version is in the label.",
+                "Always 1; the version and the commit it was built from are in the labels.",
             ),
-            &["version"],
+            &["version", "commit"],
         )
         .expect("valid metric");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("POPBRIDGE_COMMIT")])
             .set(1);
         r.register(Box::new(build_info)).expect("unique metric");
         // process_start_time_seconds, process_open_fds, process_resident_memory_bytes, ...
@@ -207,6 +216,7 @@ impl Metrics {
                 &["kind"],
             ),
             upstream_up,
+            accepting,
             connections_rejected: counter_vec(
                 &r,
                 "popbridge_connections_rejected_total",
@@ -454,6 +464,7 @@ mod tests {
             "popbridge_logins_total",
             "popbridge_sessions_active",
             "popbridge_upstream_up",
+            "popbridge_accepting",
             "popbridge_client_sent_bytes_total",
             "process_start_time_seconds",
         ] {

@@ -240,3 +240,61 @@ fn certificate_is_reloaded_on_sighup_and_a_bad_one_is_refused() {
         "{before} -> {after}"
     );
 }
+
+/// What mpop, fdm and neomutt do when told to fetch from an IP address: send it as the TLS
+/// server name (RFC 6066 forbids that). openssl does the same with `-servername 127.0.0.1`.
+fn tls_session_with_ip_as_server_name(port: u16) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'QUIT\\r\\n' | openssl s_client -quiet -connect 127.0.0.1:{port} -servername 127.0.0.1 2>/dev/null"
+        ))
+        .output()
+        .expect("run openssl s_client");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("+OK"), "no POP3S greeting: {said:?}");
+}
+
+#[test]
+fn clients_sending_an_ip_address_as_server_name_leave_no_warning_in_the_log() {
+    let dc = dovecot();
+    let (mut pb, pop3s) = popbridge_tls(&dc, "");
+    tls_session_with_ip_as_server_name(pop3s);
+    assert!(
+        pb.wait_for_log("pop3 session ended", Duration::from_secs(5)),
+        "{}",
+        pb.log()
+    );
+    let log = pb.log();
+    assert!(!log.contains("Illegal SNI"), "{log}");
+    assert!(
+        !log.contains(" WARN "),
+        "a warning nobody can act on:\n{log}"
+    );
+
+    // The same client with rustls named in the filter: the warning is real, and only the
+    // default filter keeps it out.
+    let config = pb.config_path();
+    pb.kill();
+    let log_path = pb.dir().join("rustls-warn.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(POPBRIDGE_BIN)
+        .args(["--log-level", "info,rustls=warn", "serve", "--config"])
+        .arg(&config)
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_port(pop3s, Duration::from_secs(20)),
+        "no POP3S listener"
+    );
+    tls_session_with_ip_as_server_name(pop3s);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("Illegal SNI extension: ignoring IP address presented as hostname"),
+        "{log}"
+    );
+}

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::imap_raw::Imap;
+use support::ledger::{ledger_message, seed_from_env, upstream_view, Rng};
 use support::raw::RawPop3;
 use support::*;
 
@@ -157,75 +158,6 @@ fn sigterm_closes_idle_sessions_after_the_drain_without_commit() {
 const LOAD_USERS: usize = 3;
 const CLIENTS_PER_USER: usize = 2;
 const SEEDED_PER_USER: usize = 30;
-
-/// xorshift64*: the whole run follows from one printed seed (thread timing aside).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn ledger_message(user: &str, n: usize) -> Vec<u8> {
-    format!(
-        "From: ledger@example.test\r\nSubject: {user} #{n}\r\nX-Ledger: {user}/m{n}\r\n\r\n{}",
-        "some body text\r\n".repeat(n % 7 + 1)
-    )
-    .into_bytes()
-}
-
-/// One message as the upstream holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Upstream {
-    marker: String,
-    hidden: bool,
-}
-
-/// UIDVALIDITY and every message of `user`'s INBOX by UID, read with a raw IMAP client.
-fn upstream_view(imap_port: u16, user: &str) -> (u32, BTreeMap<u32, Upstream>) {
-    let mut c = Imap::connect(imap_port);
-    c.run(&format!("LOGIN {user} pw"), &[]);
-    let selected = c.run("EXAMINE INBOX", &[]);
-    let uidvalidity = selected
-        .iter()
-        .find_map(|l| l.split("[UIDVALIDITY ").nth(1))
-        .and_then(|v| v.split(']').next())
-        .and_then(|v| v.parse().ok())
-        .expect("EXAMINE gives UIDVALIDITY");
-    let lines = c.run(
-        "UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (X-LEDGER)])",
-        &[],
-    );
-    let _ = c.try_run("LOGOUT", &[]);
-    let mut out = BTreeMap::new();
-    let mut current: Option<(u32, bool)> = None;
-    for l in lines {
-        if l.starts_with("* ") && l.contains(" FETCH (") {
-            let uid = l
-                .split("UID ")
-                .nth(1)
-                .and_then(|v| v.split([' ', ')']).next())
-                .and_then(|v| v.parse().ok())
-                .expect("FETCH with UID");
-            current = Some((uid, l.contains("$POP3Deleted")));
-        } else if let Some(m) = l.strip_prefix("X-Ledger: ") {
-            let (uid, hidden) = current.take().expect("X-Ledger outside a FETCH");
-            let marker = m.trim().to_string();
-            out.insert(uid, Upstream { marker, hidden });
-        }
-    }
-    (uidvalidity, out)
-}
 
 /// How a POP3 session under load ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,16 +344,7 @@ fn load_session(port: u16, user: usize, rng: &mut Rng, sh: &Shared) -> Option<Se
 
 #[test]
 fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        });
+    let seed = seed_from_env("CRASH_SEED");
     let max_rounds: usize = std::env::var("CRASH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -447,7 +370,7 @@ fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
         let mut markers = sh.markers.lock().unwrap();
         let mut uvs = sh.uidvalidity.lock().unwrap();
         for (u, name) in users.iter().enumerate() {
-            let (uv, view) = upstream_view(dc.imap_port(), name);
+            let (uv, view) = upstream_view(dc.imap_port(), name, "pw", "INBOX");
             assert_eq!(view.len(), SEEDED_PER_USER);
             for (&uid, m) in &view {
                 ledger[u].insert(m.marker.clone(), uid);
@@ -475,7 +398,7 @@ fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
             }
         }
         for (u, name) in users.iter().enumerate() {
-            let (_, view) = upstream_view(dc.imap_port(), name);
+            let (_, view) = upstream_view(dc.imap_port(), name, "pw", "INBOX");
             let mut markers = sh.markers.lock().unwrap();
             for (&uid, m) in &view {
                 let known = *ledger[u].entry(m.marker.clone()).or_insert(uid);
@@ -527,7 +450,7 @@ fn sigkill_at_random_points_under_load_keeps_the_pop3_promise() {
         let records: Vec<SessionRecord> = std::mem::take(&mut *sh.records.lock().unwrap());
         sessions += records.len();
         for (u, name) in users.iter().enumerate() {
-            let (uv, view) = upstream_view(dc.imap_port(), name);
+            let (uv, view) = upstream_view(dc.imap_port(), name, "pw", "INBOX");
             assert_eq!(uv, sh.uidvalidity.lock().unwrap()[u], "UIDVALIDITY changed");
             // Nothing lost (hide mode never removes mail upstream), nothing renumbered.
             for (marker, &uid) in &ledger[u] {

@@ -205,9 +205,17 @@ const CONTRACT: &[Family] = &[
         labels: &[("result", &["hit", "miss"])],
     },
     Family {
+        name: "popbridge_accepting",
+        kind: "gauge",
+        labels: &[],
+    },
+    Family {
         name: "popbridge_build_info",
         kind: "gauge",
-        labels: &[("version", &[env!("CARGO_PKG_VERSION")])],
+        labels: &[
+            ("version", &[env!("CARGO_PKG_VERSION")]),
+            ("commit", &[env!("POPBRIDGE_COMMIT")]),
+        ],
     },
     Family {
         name: "process_start_time_seconds",
@@ -1139,10 +1147,15 @@ fn metrics_follow_events_and_dashboard_and_alerts_work_in_prometheus() {
     assert_eq!(
         m0.value(
             "popbridge_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("POPBRIDGE_COMMIT"))
+            ]
         ),
         1.0
     );
+    // Taking sessions, even with the upstream down (that is /readyz's business).
+    assert_eq!(m0.value("popbridge_accepting", &[]), 1.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -108,6 +108,10 @@ pub struct Pop3Config {
     /// How long a stopping server waits for running sessions before closing them.
     #[serde(default = "default_drain")]
     pub shutdown_drain_secs: u64,
+    /// Lame duck: how long a stopping server still accepts new sessions while `/readyz`
+    /// answers 503, so a load balancer takes it out of rotation before its listener closes.
+    #[serde(default)]
+    pub shutdown_lame_duck_secs: u64,
     /// Accept queue length of the POP3 listeners (the kernel caps it at net.core.somaxconn).
     #[serde(default = "default_backlog")]
     pub listen_backlog: u32,

@@ -76,6 +76,10 @@ async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// How long a session closed by a stopping server may take to say goodbye (TLS close_notify
+/// to the client, LOGOUT upstream) before its connections are just dropped.
+const STOP_GOODBYE: Duration = Duration::from_millis(500);
+
 /// How many following messages the maildrop is told about before a RETR/TOP.
 pub(super) const READ_AHEAD_MESSAGES: usize = 16;
 
@@ -205,12 +209,33 @@ where
         stats: SessionStats::default(),
     };
     let started = Instant::now();
-    let outcome = conn.run(shutdown).await;
-    if let Some((md, _lock)) = conn.maildrop.take() {
-        // No commit: only QUIT commits, and it already closed the maildrop.
-        md.close().await;
+    // Between commands the session ends itself on `shutdown` (the kill at the end of a drain);
+    // wherever else it waits (writing to a client that stopped reading, an upstream answer, a
+    // commit) it is cut there: nothing applied, the connections dropped without a goodbye.
+    let mut kill = shutdown.clone();
+    let (outcome, cut) = tokio::select! {
+        biased;
+        o = conn.run(shutdown) => (o, false),
+        () = wait_shutdown(&mut kill) => (SessionOutcome::Shutdown, true),
+    };
+    // A stopping server closes at once: the client first, and the goodbyes bounded.
+    let stopping = outcome == SessionOutcome::Shutdown;
+    if !cut {
+        if stopping {
+            let _ = tokio::time::timeout(STOP_GOODBYE, conn.io.shutdown()).await;
+        } else {
+            let _ = conn.io.shutdown().await;
+        }
     }
-    let _ = conn.io.shutdown().await;
+    if let Some((md, _lock)) = conn.maildrop.take() {
+        // No commit: only QUIT commits, and it already closed the maildrop. A cut session's
+        // upstream connection may be in the middle of a command: dropped, not logged out.
+        if stopping && !cut {
+            let _ = tokio::time::timeout(STOP_GOODBYE, md.close()).await;
+        } else if !cut {
+            md.close().await;
+        }
+    }
     let SessionStats {
         retrieved,
         bytes_sent,
@@ -220,6 +245,7 @@ where
         user = conn.user.as_deref().unwrap_or("-"),
         ?outcome,
         duration_ms = started.elapsed().as_millis() as u64,
+        cut,
         retrieved,
         bytes_sent,
         deleted,

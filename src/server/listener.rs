@@ -188,7 +188,7 @@ impl ListenerSpec {
 }
 
 /// Accept POP3 clients on `listener` until `stop` turns true; then wait up to `drain` for the
-/// running sessions, and close the rest without applying their deletions.
+/// running sessions, and close the rest at once without applying their deletions.
 pub async fn run<U: Upstream + 'static>(
     listener: TcpListener,
     spec: Arc<Live<ListenerSpec>>,
@@ -213,6 +213,7 @@ pub async fn run<U: Upstream + 'static>(
                         tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                     }
                     let kill = kill_rx.clone();
+                    let mut killed = kill_rx.clone();
                     next_id += 1;
                     let span = tracing::info_span!(
                         "session",
@@ -222,23 +223,18 @@ pub async fn run<U: Upstream + 'static>(
                         client = tracing::field::Empty,
                         user = tracing::field::Empty
                     );
-                    sessions.spawn(
-                        async move {
+                    let session = async move {
+                        let m = metrics();
+                        let listener = spec.name;
+                        // Until the POP3 session runs (a PROXY header or a TLS handshake still
+                        // on its way), the kill at the end of a drain simply drops it.
+                        let prelude = async {
                             let mut socket = socket;
-                            let Some(client) = spec.client_address(&mut socket, peer).await else {
-                                return;
-                            };
-                            let Some(_slot) = spec.admit(&socket, client) else {
-                                return;
-                            };
-                            let m = metrics();
-                            let listener = spec.name;
+                            let client = spec.client_address(&mut socket, peer).await?;
+                            let slot = spec.admit(&socket, client)?;
                             m.sessions_started.with_label_values(&[listener]).inc();
-                            let active = m.sessions_active.with_label_values(&[listener]);
-                            active.inc();
-                            let started = Instant::now();
-                            let tls = spec.client_policy(client);
-                            let outcome = match &spec.implicit_tls {
+                            let active = Active::new(m.sessions_active.with_label_values(&[listener]));
+                            let io = match &spec.implicit_tls {
                                 None => Ok(ClientStream::Plain(socket)),
                                 Some(acceptor) => {
                                     let handshake = acceptor.accept(socket);
@@ -252,31 +248,41 @@ pub async fn run<U: Upstream + 'static>(
                                     }
                                 }
                             };
-                            let outcome = match outcome {
-                                Ok(io) => {
-                                    connection::serve_client(
-                                        io,
-                                        &tls,
-                                        &bridge.upstream,
-                                        &bridge.locks,
-                                        &bridge.session,
-                                        &bridge.limits,
-                                        kill,
-                                    )
-                                    .await
-                                }
-                                Err(o) => o,
-                            };
-                            active.dec();
-                            m.sessions_ended
-                                .with_label_values(&[listener, outcome.label()])
-                                .inc();
-                            m.session_duration
-                                .with_label_values(&[listener])
-                                .observe(started.elapsed().as_secs_f64());
-                        }
-                        .instrument(span),
-                    );
+                            Some((client, slot, active, io))
+                        };
+                        let started = Instant::now();
+                        let prelude = tokio::select! {
+                            biased;
+                            p = prelude => p,
+                            _ = killed.wait_for(|k| *k) => None,
+                        };
+                        let Some((client, _slot, _active, io)) = prelude else {
+                            return;
+                        };
+                        let outcome = match io {
+                            Ok(io) => {
+                                // From here on the session answers the kill itself.
+                                connection::serve_client(
+                                    io,
+                                    &spec.client_policy(client),
+                                    &bridge.upstream,
+                                    &bridge.locks,
+                                    &bridge.session,
+                                    &bridge.limits,
+                                    kill,
+                                )
+                                .await
+                            }
+                            Err(o) => o,
+                        };
+                        m.sessions_ended
+                            .with_label_values(&[listener, outcome.label()])
+                            .inc();
+                        m.session_duration
+                            .with_label_values(&[listener])
+                            .observe(started.elapsed().as_secs_f64());
+                    };
+                    sessions.spawn(session.instrument(span));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -296,13 +302,27 @@ pub async fn run<U: Upstream + 'static>(
             open = sessions.len(),
             "drain time over: closing remaining sessions without applying their deletions"
         );
+        // Every session ends at once on the kill, whatever it waits for (a client that stopped
+        // reading a RETR, an upstream; a QUIT whose commit is under way gets no answer, as
+        // when the process is killed). They need only unwind.
         let _ = kill_tx.send(true);
-        let grace = tokio::time::timeout(Duration::from_secs(5), async {
-            while sessions.join_next().await.is_some() {}
-        })
-        .await;
-        if grace.is_err() {
-            sessions.abort_all();
-        }
+        while sessions.join_next().await.is_some() {}
+    }
+}
+
+/// `popbridge_sessions_active` of one listener, counted for as long as this lives (however
+/// the session's task ends, even dropped mid-handshake by the kill).
+struct Active(prometheus::IntGauge);
+
+impl Active {
+    fn new(gauge: prometheus::IntGauge) -> Active {
+        gauge.inc();
+        Active(gauge)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -1,9 +1,12 @@
 //! The server: what `popbridge serve` runs. [`serve`] builds everything from the
 //! configuration, opens the listeners ([`listener`]), reloads on SIGHUP (`generation.rs`), watches
-//! the routing file (`watchers.rs`) and stops gracefully.
+//! the routing file (`watchers.rs`), tells systemd how it is doing (`notify.rs`) and stops
+//! gracefully: lame duck (`/readyz` 503, still accepting), then no new sessions and the drain,
+//! then whatever still runs is closed at once.
 
 mod generation;
 pub mod listener;
+mod notify;
 mod watchers;
 
 pub use listener::{run, Bridge, ListenerSpec, ProxySettings};
@@ -29,7 +32,7 @@ use crate::upstream::SetupError;
 
 use generation::{restart_only_changes, Generation, Shared};
 use listener::bind;
-use watchers::{wait_for_stop_signal, watch_routes};
+use watchers::{watch_routes, Signals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -65,6 +68,9 @@ const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Run popbridge as configured until SIGINT or SIGTERM; SIGHUP reloads `path`.
 pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
+    // First of all: a SIGTERM from here on stops gracefully instead of killing the process.
+    let mut signals = Signals::install()?;
+    raise_fd_limit(config.limits.max_connections);
     let cert = match &config.pop3.tls {
         Some(tls) => {
             let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
@@ -95,7 +101,10 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     let routes_basis = Arc::new(Live::new(Arc::new(config.clone())));
     let generation = Generation::build(&config, &shared, &routes.get())?;
     let bridge = Arc::new(Live::new(generation.bridge));
+    // Turns true when the listeners stop accepting (after the lame duck phase).
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Turns true once the sessions are drained: the HTTP endpoint answers until then.
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
 
     let health = Health::new(generation.upstream);
     let metrics_task = match config.metrics.listen {
@@ -107,7 +116,7 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
             Some(tokio::spawn(http::serve(
                 listener,
                 health.clone(),
-                stop_rx.clone(),
+                http_stop_rx,
             )))
         }
         None => None,
@@ -150,7 +159,11 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
             drain,
         )));
     }
-    health.listening.store(true, Ordering::Release);
+    health.set_listening();
+    notify::notify(&format!(
+        "READY=1\nSTATUS=serving POP3 on {}",
+        config.pop3.listen
+    ));
 
     let mut running = config;
     let reload = |running: &mut Config| {
@@ -203,13 +216,45 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
             }
         }
     };
-    wait_for_stop_signal(cert.as_deref(), || reload(&mut running)).await?;
+    signals
+        .wait_for_stop(cert.as_deref(), || {
+            notify::notify("RELOADING=1");
+            reload(&mut running);
+            notify::notify("READY=1\nSTATUS=serving POP3");
+        })
+        .await;
+
+    // Lame duck: /readyz says 503 at once, so balancers take this node out of rotation, while
+    // the listeners keep accepting the sessions they still send meanwhile.
+    health.set_stopping();
+    let lame_duck = Duration::from_secs(running.pop3.shutdown_lame_duck_secs);
+    if !lame_duck.is_zero() {
+        tracing::info!(
+            lame_duck_secs = lame_duck.as_secs(),
+            "stopping: lame duck, /readyz answers 503 while the listeners still accept"
+        );
+        notify::notify(&format!(
+            "STOPPING=1\nSTATUS=lame duck for {} s, then draining",
+            lame_duck.as_secs()
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(lame_duck) => {}
+            _ = signals.next_stop() => {
+                tracing::info!("second stop signal: lame duck cut short");
+            }
+        }
+    } else {
+        notify::notify("STOPPING=1\nSTATUS=draining");
+    }
     tracing::info!(drain_secs = drain.as_secs(), "stopping: no new sessions");
     health.listening.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = server.await;
     }
+    // The HTTP endpoint answered through the drain (/readyz 503, /metrics the draining
+    // sessions); now it goes too.
+    let _ = http_stop_tx.send(true);
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
@@ -217,4 +262,59 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     shared.state.flush();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Each session holds two file descriptors (client and upstream), plus a few for the state
+/// store, listeners and metrics. Raise the soft `RLIMIT_NOFILE` (often 1024 in a shell) to what
+/// `max_connections` sessions need, as far as the hard limit allows; warn when that is not
+/// enough (systemd: `LimitNOFILE=`).
+fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let needed = fds_needed(max_connections);
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return;
+    }
+    let target = needed.min(limit.maximum.unwrap_or(u64::MAX));
+    let mut now = soft;
+    if target > soft {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = target, "open file limit raised");
+                now = target;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot raise the open file limit"),
+        }
+    }
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            needed,
+            max_connections,
+            "the open file limit cannot hold limits.max_connections sessions: raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
+        );
+    }
+}
+
+/// File descriptors `max_connections` sessions need: two each, and 64 for the rest.
+fn fds_needed(max_connections: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_descriptors_per_session_and_some() {
+        assert_eq!(fds_needed(1000), 2064);
+        assert_eq!(fds_needed(usize::MAX), u64::MAX);
+    }
 }

@@ -1,5 +1,5 @@
 //! What a running server waits for: changes of the routing file, and the signals (SIGHUP
-//! reloads, SIGINT/SIGTERM stop).
+//! reloads, SIGINT/SIGTERM stop, a second one cuts the lame duck phase short).
 
 use super::ServeError;
 use std::path::PathBuf;
@@ -69,27 +69,53 @@ pub(super) async fn watch_routes(
     }
 }
 
-/// Wait for SIGINT or SIGTERM; on SIGHUP reload the client certificate and keep waiting.
-pub(super) async fn wait_for_stop_signal(
-    cert: Option<&ReloadableCert>,
-    mut on_hangup: impl FnMut(),
-) -> Result<(), ServeError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                match cert.map(ReloadableCert::reload) {
-                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                    Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: cannot load TLS certificate; keeping the old one"),
-                    None => {}
+/// The signals a running server answers: SIGHUP reloads, SIGINT and SIGTERM stop.
+pub(super) struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (from then on these signals no longer end the process by default).
+    pub(super) fn install() -> Result<Signals, ServeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(ServeError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(ServeError::Signal)?,
+            hup: signal(SignalKind::hangup()).map_err(ServeError::Signal)?,
+        })
+    }
+
+    /// Wait for SIGINT or SIGTERM; on SIGHUP reload the client certificate, call `on_hangup`
+    /// and keep waiting.
+    pub(super) async fn wait_for_stop(
+        &mut self,
+        cert: Option<&ReloadableCert>,
+        mut on_hangup: impl FnMut(),
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    match cert.map(ReloadableCert::reload) {
+                        Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: cannot load TLS certificate; keeping the old one"),
+                        None => {}
+                    }
+                    on_hangup();
                 }
-                on_hangup();
             }
+        }
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM (a second stop signal); SIGHUP is not answered
+    /// while stopping.
+    pub(super) async fn next_stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

@@ -43,8 +43,11 @@ mod reaper;
 mod tools;
 
 pub mod cyrus;
+pub mod deb;
+pub mod haproxy;
 pub mod imap_do;
 pub mod imap_raw;
+pub mod ledger;
 pub mod oauth;
 pub mod prometheus;
 pub mod raw;

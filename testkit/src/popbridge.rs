@@ -269,6 +269,31 @@ impl Popbridge {
     pub fn kill(&mut self) {
         self.end();
     }
+    /// Sends `signal` (`TERM`, `HUP`, `KILL`, ...) to the process with `kill(1)`; panics if
+    /// that fails.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{signal} {} failed", self.child.id());
+    }
+    /// Waits for the process to exit on its own (e.g. after SIGTERM, its lame duck phase and
+    /// drain); its exit status, or `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     /// Kills the process now and returns its log.
     pub fn stop(mut self) -> String {
         self.end();
