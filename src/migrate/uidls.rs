@@ -3,58 +3,62 @@
 //! the result, unless a legacy message would show a changed UIDL.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::copies::{self, existing_map, open_state, store_map};
+use super::journal::Class;
 use super::matcher::{header_hash, match_by_size, match_rest, LegacyMessage, MatchedBy};
 use super::report::{Conflict, LoginsUsed, Stored, UidlsReport, UserOutcome, Verdict, Warning};
 use super::store::Store;
 use super::users::{
     credential, imap_backend, legacy_session, master, pop3_backend, Logins, UserSpec,
 };
+use super::wave::{Gates, WaveJob};
 use super::{Credential, MigrateError, MAX_HEADER, MAX_MESSAGE};
 use crate::config::{Config, ImapConfig, Pop3BackendConfig};
 use crate::state::StateStore;
 
 /// Options of `migrate uidls`.
+#[derive(Clone)]
 pub struct UidlsOptions {
     pub from: String,
     pub to: String,
-    pub users: Vec<UserSpec>,
     pub accept_changed_uidls: bool,
     /// `--from-login` / `--to-login` templates (see [`Logins`]).
     pub from_login: Option<String>,
     pub to_login: Option<String>,
 }
 
-/// A run of `migrate uidls`: [`UidlsWave::start`] checks the options, then
-/// [`UidlsWave::next_user`] works on one user at a time and returns their report, so a long
-/// wave can be reported as it goes.
-pub struct UidlsWave<'a> {
-    config: &'a Config,
-    opts: &'a UidlsOptions,
-    legacy: &'a Pop3BackendConfig,
-    imap: &'a ImapConfig,
+/// `migrate uidls` as the work of a wave ([`super::wave`]): [`UidlsJob::start`] checks the
+/// options; each user is then matched and their map stored (or refused) on its own.
+pub struct UidlsJob {
+    config: Arc<Config>,
+    opts: UidlsOptions,
+    legacy: Pop3BackendConfig,
+    imap: ImapConfig,
     legacy_master: Option<Credential>,
     imap_master: Option<Credential>,
     logins: Logins,
     state: Option<StateStore>,
-    state_warning: Option<Warning>,
-    next: usize,
 }
 
-impl<'a> UidlsWave<'a> {
-    /// Checks the backends, master users and login templates, and opens the local state.
-    pub fn start(config: &'a Config, opts: &'a UidlsOptions) -> Result<Self, MigrateError> {
-        let legacy = pop3_backend(config, &opts.from)?;
-        let imap = imap_backend(config, &opts.to)?;
+impl UidlsJob {
+    /// Checks the backends, master users and login templates, and opens the local state;
+    /// also why the local state is not updated, if it could not be opened.
+    pub fn start(
+        config: Arc<Config>,
+        opts: UidlsOptions,
+    ) -> Result<(Arc<UidlsJob>, Option<Warning>), MigrateError> {
+        let legacy = pop3_backend(&config, &opts.from)?.clone();
+        let imap = imap_backend(&config, &opts.to)?.clone();
         let legacy_master = master(&legacy.master_user, &legacy.master_password_file)?;
         let imap_master = master(&imap.master_user, &imap.master_password_file)?;
-        let logins = Logins::new(config, opts.from_login.clone(), opts.to_login.clone())?;
-        let (state, state_warning) = match open_state(config) {
+        let logins = Logins::new(&config, opts.from_login.clone(), opts.to_login.clone())?;
+        let (state, state_warning) = match open_state(&config) {
             Ok(s) => (Some(s), None),
             Err(w) => (None, Some(w)),
         };
-        Ok(UidlsWave {
+        let job = UidlsJob {
             config,
             opts,
             legacy,
@@ -63,30 +67,35 @@ impl<'a> UidlsWave<'a> {
             imap_master,
             logins,
             state,
-            state_warning,
-            next: 0,
-        })
-    }
-
-    /// Why the local state is not updated, if it could not be opened.
-    pub fn state_warning(&self) -> Option<&Warning> {
-        self.state_warning.as_ref()
-    }
-
-    /// How many users the wave has.
-    pub fn users(&self) -> usize {
-        self.opts.users.len()
-    }
-
-    /// Works on the next user; `None` (after flushing the local state) when all are done.
-    pub async fn next_user(&mut self) -> Option<UserOutcome<UidlsReport>> {
-        let Some(spec) = self.opts.users.get(self.next) else {
-            if let Some(s) = self.state.take() {
-                s.flush();
-            }
-            return None;
         };
-        self.next += 1;
+        Ok((Arc::new(job), state_warning))
+    }
+
+    /// Flushes the local state (at the end of the wave).
+    pub fn flush(&self) {
+        if let Some(s) = &self.state {
+            s.flush();
+        }
+    }
+}
+
+impl WaveJob for UidlsJob {
+    type Item = UserSpec;
+    type Report = UidlsReport;
+
+    fn login(item: &UserSpec) -> &str {
+        &item.user
+    }
+
+    fn class(r: &UidlsReport) -> Class {
+        match r.verdict {
+            // Changed UIDLs accepted on the command line: done as the operator asked.
+            Verdict::Ok | Verdict::Accepted(_) => Class::Clean,
+            Verdict::Refused(_) => Class::Attention,
+        }
+    }
+
+    async fn run(self: Arc<Self>, spec: &UserSpec, gates: &Gates) -> UserOutcome<UidlsReport> {
         let logins = self
             .logins
             .used(Some(&self.opts.from), &self.opts.to, &spec.user);
@@ -94,34 +103,40 @@ impl<'a> UidlsWave<'a> {
         let result = async {
             let lc = credential(&self.legacy_master, spec, "legacy")?;
             let ic = credential(&self.imap_master, spec, "new")?;
-            self.migrate_user(logins, &lc, &ic, &mut warnings).await
+            self.migrate_user(logins, &lc, &ic, gates, &mut warnings)
+                .await
         }
         .await;
-        Some(UserOutcome {
+        UserOutcome {
             user: spec.user.clone(),
             warnings,
             result,
-        })
+        }
     }
+}
 
+impl UidlsJob {
     async fn migrate_user(
         &self,
         logins: LoginsUsed,
         lc: &Credential,
         ic: &Credential,
+        gates: &Gates,
         warnings: &mut Vec<Warning>,
     ) -> Result<UidlsReport, MigrateError> {
         let (config, accept, state) = (
-            self.config,
+            &*self.config,
             self.opts.accept_changed_uidls,
             self.state.as_ref(),
         );
         let from_login = logins.legacy.as_ref().map_or("", |b| &b.login).to_owned();
         let to_login = logins.new.login.clone();
         let to_login = to_login.as_str();
-        let mut pop = legacy_session(self.legacy, &from_login, lc).await?;
+        let legacy_permit = gates.legacy().await;
+        let mut pop = legacy_session(&self.legacy, &from_login, lc).await?;
         let listed = pop.listing().await?;
-        let mut store = Store::open(self.imap, to_login, ic).await?;
+        let _new_permit = gates.new_store().await;
+        let mut store = Store::open(&self.imap, to_login, ic).await?;
         store.v2_user = copies::v2_user(&self.opts.to, to_login);
         let new = store.messages().await?;
         let legacy: Vec<LegacyMessage> = listed
@@ -165,6 +180,7 @@ impl<'a> UidlsWave<'a> {
             nh = rest.iter().map(|u| hashes.get(u).copied()).collect();
         }
         pop.quit().await;
+        drop(legacy_permit);
         let matching = match_rest(&legacy, &new, sized, &lh, &nh);
 
         let shared = copies::shared(config, &store);
