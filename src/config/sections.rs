@@ -33,6 +33,14 @@ impl Default for MigrationConfig {
     }
 }
 
+/// Defaults for what each IMAP backend serves (a backend's own keys win).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FoldersConfig {
+    /// Folders served together as one maildrop, for backends without `mailboxes`.
+    pub mailboxes: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyProtocolConfig {

@@ -112,12 +112,25 @@ server_section! {
         pub verify_password_with: Option<String>,
         /// Log in with OAuth 2.0 tokens (`[imap.oauth]`, `[backends.X.oauth]`).
         pub oauth: Option<Box<OAuthSettings>>,
+        /// Folders served together as one maildrop, in this order; the first must be
+        /// `mailbox`. Empty: `folders.mailboxes` (filled in at load), else `mailbox` alone.
+        #[serde(default)]
+        pub mailboxes: Vec<String>,
     }
 }
 
 impl ImapConfig {
     pub fn port(&self) -> u16 {
         self.endpoint().port(Protocol::Imap)
+    }
+
+    /// The folders served, in listing order: `mailboxes`, or `mailbox` alone.
+    pub fn folders(&self) -> Vec<String> {
+        if self.mailboxes.is_empty() {
+            vec![self.mailbox.clone()]
+        } else {
+            self.mailboxes.clone()
+        }
     }
 }
 

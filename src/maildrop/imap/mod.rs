@@ -4,6 +4,7 @@
 //! commands only (`commit.rs`). Migrated UIDL maps come from [`legacy_map`].
 
 mod commit;
+mod folders;
 pub mod legacy_map;
 mod retrieve;
 mod snapshot;
@@ -35,6 +36,8 @@ pub struct ImapUpstream {
     endpoint: Endpoint,
     limits: ConnLimits,
     mailbox: String,
+    /// Every folder served, in listing order (`mailbox` first).
+    folders: Vec<String>,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -95,6 +98,7 @@ impl ImapUpstream {
             ),
             endpoint,
             mailbox: imap.mailbox.clone(),
+            folders: imap.folders(),
             deletion: deletion.mode,
             move_to: deletion.move_to.clone(),
             hide_keyword: deletion.hide_keyword.clone(),
@@ -274,10 +278,33 @@ impl ImapUpstream {
             _ => {}
         }
 
+        let key = MaildropKey::new(&self.endpoint.address(), user, &self.mailbox);
+        let folders = self
+            .folders
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                if i == 0 {
+                    folders::Folder::default()
+                } else {
+                    folders::Folder::new(
+                        name,
+                        MaildropKey::new(&self.endpoint.address(), user, name),
+                    )
+                }
+            })
+            .collect();
         Ok(ImapMaildrop {
             conn: Some(conn),
             state: self.state.clone(),
-            key: MaildropKey::new(&self.endpoint.address(), user, &self.mailbox),
+            lock_key: key.clone(),
+            key,
+            folders,
+            current: 0,
+            selected: None,
+            others: Vec::new(),
+            first_other: None,
+            hint: Vec::new(),
             v2_user: format!("{}{user}", self.v2_prefix),
             mailbox: self.mailbox.clone(),
             // Set by `select`, which `snapshot` runs under the IN-USE lock.
@@ -362,8 +389,24 @@ pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
     state: Option<Arc<StateStore>>,
-    /// Which maildrop this is: its lock, its cache entries, its decoded map, its log lines.
+    /// Which maildrop this is: its lock and its log lines (the first folder's key).
+    lock_key: MaildropKey,
+    /// The current folder's key: its cache entries, its decoded map.
     key: MaildropKey,
+    /// Every folder served, in listing order; the current one's state is in this struct's
+    /// fields, the others' parked here (see `folders.rs`).
+    folders: Vec<folders::Folder>,
+    /// Which of `folders` is current.
+    current: usize,
+    /// Which of `folders` is selected upstream.
+    selected: Option<usize>,
+    /// Where the snapshot's handles of later folders' messages point: (folder, UID), the
+    /// message with handle `u32::MAX - i` at `others[i]`.
+    others: Vec<(usize, u32)>,
+    /// The lowest such handle.
+    first_other: Option<u32>,
+    /// The session's read-ahead hint, in handles.
+    hint: Vec<(u32, u64)>,
     /// How the v2 state layout named the user (backend prefix and login), to carry a map over.
     v2_user: String,
     mailbox: String,
@@ -408,8 +451,10 @@ const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
 
 impl ImapMaildrop {
     /// Which maildrop this is (the key of its RFC 1939 lock).
+    // The lock is the first folder's whatever folder is current (`self.key`).
+    #[allow(clippy::misnamed_getters)]
     pub fn key(&self) -> &MaildropKey {
-        &self.key
+        &self.lock_key
     }
 }
 
@@ -418,37 +463,53 @@ impl Maildrop for ImapMaildrop {
         self.take_snapshot().await
     }
 
-    async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+    /// `handle` is a UID, or with several folders one of the snapshot's handles (see
+    /// `folders.rs`); so in the methods below.
+    async fn fetch(&mut self, handle: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.fetch_piece(uid, offset, len).await
     }
 
     async fn read_body(
         &mut self,
-        uid: u32,
+        handle: u32,
         size: u64,
         offset: u64,
         max: u32,
     ) -> Result<BodyPart, MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.read_part(uid, size, offset, max).await
     }
 
     fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
-        self.set_ahead_hint(upcoming);
+        if self.folders.len() > 1 {
+            self.hint.clear();
+            self.hint.extend_from_slice(upcoming);
+        } else {
+            self.set_ahead_hint(upcoming);
+        }
     }
 
     /// Owed until the next upstream command (or the end of the session), so a RETR costs one
     /// round trip, not two.
-    async fn mark_seen(&mut self, uid: u32) -> Result<(), MaildropError> {
+    async fn mark_seen(&mut self, handle: u32) -> Result<(), MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.pending_seen.push(uid);
         Ok(())
     }
 
-    fn retrieved(&mut self, uid: u32) {
+    fn retrieved(&mut self, handle: u32) {
+        let Some((i, uid)) = self.resolve(handle) else {
+            return;
+        };
+        let was = self.current;
+        self.load_state(i);
         self.note_retrieved(uid);
+        self.load_state(was);
     }
 
-    async fn commit(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
-        self.apply_deletions(uids).await
+    async fn commit(&mut self, handles: &[u32]) -> Result<(), MaildropError> {
+        self.apply_deletions(handles).await
     }
 
     /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.
