@@ -14,8 +14,11 @@ pub use crate::routing::{RouteRule, UnknownUsers, DEFAULT_BACKEND};
 pub use crate::upstream::credentials::read_secret;
 pub use crate::upstream::Security;
 
+mod policy;
 mod sections;
 mod servers;
+
+pub use policy::expire;
 
 use sections::is_imap_atom;
 pub use sections::*;
@@ -102,6 +105,7 @@ impl Config {
                 BackendConfig::Pop3(pop3) => validate_pop3_backend(&prefix, pop3)?,
             }
         }
+        self.validate_policy()?;
         self.validate_routing()
     }
 

@@ -78,6 +78,13 @@ server_section! {
         pub master_user: Option<String>,
         /// File holding the master user's password (first line); never inline in this file.
         pub master_password_file: Option<PathBuf>,
+        /// RFC 2449 LOGIN-DELAY for users of this backend, in seconds (0: none); defaults to
+        /// `limits.login_delay_secs`.
+        pub login_delay_secs: Option<u64>,
+        /// RFC 2449 EXPIRE: days the store itself keeps mail a POP3 client leaves on it (an
+        /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
+        /// CAPA says `EXPIRE NEVER`.
+        pub expire_days: Option<u32>,
     }
 }
 
@@ -112,6 +119,13 @@ server_section! {
         pub verify_password_with: Option<String>,
         /// Log in with OAuth 2.0 tokens (`[imap.oauth]`, `[backends.X.oauth]`).
         pub oauth: Option<Box<OAuthSettings>>,
+        /// RFC 2449 LOGIN-DELAY for users of this backend, in seconds (0: none); defaults to
+        /// `limits.login_delay_secs`.
+        pub login_delay_secs: Option<u64>,
+        /// RFC 2449 EXPIRE: days the store itself keeps mail a POP3 client leaves on it (an
+        /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
+        /// CAPA says `EXPIRE NEVER`.
+        pub expire_days: Option<u32>,
     }
 }
 
