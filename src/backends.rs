@@ -4,14 +4,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
+use crate::limits::{LoginGate, Refusal};
 use crate::live::Live;
 use crate::maildrop::imap::{ImapMaildrop, ImapUpstream};
-use crate::maildrop::{Credential, MaildropError, Mailstore};
+use crate::maildrop::{Credential, MaildropError, Mailstore, Signal};
 use crate::metrics::metrics;
+use crate::pop3::policy::UserPolicy;
 use crate::pop3::relay::Pop3Backend;
-use crate::pop3::routed::{Opened, Routed, Upstream};
+use crate::pop3::routed::{Gated, Opened, Routed, Upstream};
 use crate::routing::Router;
 use crate::state::{state_prefix, StateStore};
 use crate::uidl::UidlFormat;
@@ -52,6 +55,10 @@ pub struct RoutedUpstream {
     router: Arc<Live<Router>>,
     backends: HashMap<String, (Arc<str>, Backend)>,
     default_imap: Arc<ImapUpstream>,
+    /// LOGIN-DELAY and backoff, shared by every listener and generation; `None`: no gate.
+    gate: Option<Arc<LoginGate>>,
+    /// Each backend's LOGIN-DELAY and EXPIRE.
+    policies: HashMap<String, UserPolicy>,
 }
 
 impl RoutedUpstream {
@@ -117,11 +124,24 @@ impl RoutedUpstream {
             m.initialize_backend(name, matches!(b, Backend::Pop3(_)));
         }
         m.initialize_backend(UNROUTED, false);
+        let policies = backends
+            .keys()
+            .map(|name| (name.clone(), config.user_policy(name)))
+            .collect();
         Ok(RoutedUpstream {
             router,
             backends,
             default_imap,
+            gate: None,
+            policies,
         })
+    }
+
+    /// Answer logins at once, before any upstream is contacted, while `gate` says so
+    /// (LOGIN-DELAY, backoff after upstream pressure).
+    pub fn with_gate(mut self, gate: Arc<LoginGate>) -> RoutedUpstream {
+        self.gate = Some(gate);
+        self
     }
 
     /// The `[imap]` upstream (probed by `/readyz`).
@@ -209,6 +229,7 @@ impl Upstream for RoutedUpstream {
             return Routed {
                 backend: Some(Arc::from(UNROUTED)),
                 result: Err(MaildropError::Auth),
+                gated: None,
             };
         };
         let Some((name, backend)) = self.backends.get(&*route.backend) else {
@@ -217,12 +238,45 @@ impl Upstream for RoutedUpstream {
             return Routed {
                 backend: None,
                 result: Err(MaildropError::unavailable("unknown backend")),
+                gated: None,
             };
         };
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
+        let gated = self.gate.as_ref().map(|gate| Gated {
+            gate: gate.clone(),
+            backend: name.clone(),
+            user_key: Gated::key(name, &route.login),
+            policy: self.policies.get(&**name).copied().unwrap_or_default(),
+        });
+        if let Some(g) = &gated {
+            if let Err(refusal) = g.gate.check(name, &g.user_key, Instant::now()) {
+                let (reason, signal, wait) = match refusal {
+                    Refusal::LoginDelay { wait } => ("login_delay", Signal::LoginDelay, wait),
+                    Refusal::Backoff { signal, wait } => ("backoff", signal, wait),
+                };
+                metrics()
+                    .logins_refused_early
+                    .with_label_values(&[name, reason])
+                    .inc();
+                tracing::info!(backend = %name, user = %user, reason, wait_ms = wait.as_millis() as u64, "login answered at once, upstream not contacted");
+                return Routed {
+                    backend: Some(name.clone()),
+                    result: Err(MaildropError::busy(
+                        signal,
+                        format!("{reason}, not asked upstream"),
+                    )),
+                    gated: None,
+                };
+            }
+        }
+        let result = self.open(name, backend, &route.login, credential).await;
+        if let (Err(MaildropError::Busy { signal, .. }), Some(g)) = (&result, &gated) {
+            g.pressure(*signal);
+        }
         Routed {
             backend: Some(name.clone()),
-            result: self.open(name, backend, &route.login, credential).await,
+            result,
+            gated,
         }
     }
 }

@@ -1,12 +1,15 @@
-//! Abuse limits that need shared state: how many connections each client address holds, and
-//! the growing delay after failed logins (like Dovecot's auth penalty). Both are bounded in
-//! memory whatever an attacker does.
+//! Abuse limits that need shared state: how many connections each client address holds, the
+//! growing delay after failed logins (like Dovecot's auth penalty), and the [`LoginGate`]
+//! (RFC 2449 LOGIN-DELAY and the backoff after upstream pressure). All are bounded in memory
+//! whatever an attacker does.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use crate::maildrop::Signal;
 
 /// Most tracked keys in one penalty table; beyond it, stale entries go, then all of them.
 const MAX_TRACKED: usize = 100_000;
@@ -156,6 +159,123 @@ impl AuthPenalty {
     }
 }
 
+/// Logins answered at once, before any upstream is contacted: RFC 2449 LOGIN-DELAY (a user
+/// who logged in less than the delay ago) and the backoff after an upstream said it is under
+/// pressure (a user, or a whole backend). One per process, shared by all listeners and kept
+/// across reloads. Keys are chosen by the caller: a backend name, or a backend and user.
+#[derive(Debug)]
+pub struct LoginGate {
+    base: Duration,
+    max: Duration,
+    /// Key → the earliest next login allowed.
+    next_login: Mutex<HashMap<String, Instant>>,
+    /// Key → (backoffs in a row, until when, the signal that started it).
+    backoff: Mutex<HashMap<String, (u32, Instant, Signal)>>,
+}
+
+/// Why [`LoginGate::check`] answered a login at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// RFC 2449 LOGIN-DELAY: the user logged in too recently.
+    LoginDelay { wait: Duration },
+    /// A backoff is running for the backend or the user, after `signal`.
+    Backoff { signal: Signal, wait: Duration },
+}
+
+impl LoginGate {
+    /// A backoff lasts `base` the first time, doubling each time pressure is reported again
+    /// within `max` of the previous backoff's end, never longer than `max`.
+    pub fn new(base: Duration, max: Duration) -> Arc<Self> {
+        Arc::new(LoginGate {
+            base,
+            max: max.max(base),
+            next_login: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether a login may go upstream: checked for the backend's key, then the user's.
+    pub fn check(&self, backend: &str, user: &str, now: Instant) -> Result<(), Refusal> {
+        {
+            let b = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+            for key in [backend, user] {
+                if let Some(&(_, until, signal)) = b.get(key) {
+                    if now < until {
+                        return Err(Refusal::Backoff {
+                            signal,
+                            wait: until - now,
+                        });
+                    }
+                }
+            }
+        }
+        let n = self
+            .next_login
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match n.get(user) {
+            Some(&next) if now < next => Err(Refusal::LoginDelay { wait: next - now }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A login of `user` succeeded: the next may come `delay` later (nothing is kept for a
+    /// zero delay).
+    pub fn logged_in(&self, user: &str, delay: Duration, now: Instant) {
+        if delay.is_zero() {
+            return;
+        }
+        let mut n = self
+            .next_login
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if n.len() >= MAX_TRACKED && !n.contains_key(user) {
+            n.retain(|_, next| now < *next);
+            if n.len() >= MAX_TRACKED {
+                // Only under a flood of distinct users: some may log in early, nothing worse.
+                n.clear();
+            }
+        }
+        n.insert(user.to_owned(), now + delay);
+    }
+
+    /// The upstream sent `signal` for `key` (a backend's, or a user's): start or extend its
+    /// backoff. Returns how long it lasts.
+    pub fn pressure(&self, key: &str, signal: Signal, now: Instant) -> Duration {
+        let mut b = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+        if b.len() >= MAX_TRACKED && !b.contains_key(key) {
+            b.retain(|_, (_, until, _)| now < *until + self.max);
+            if b.len() >= MAX_TRACKED {
+                b.clear();
+            }
+        }
+        let entry = b.entry(key.to_owned()).or_insert((0, now, signal));
+        // Pressure again soon after the last backoff ended (or while it runs): longer.
+        let strikes = if now < entry.1 + self.max {
+            entry.0.saturating_add(1)
+        } else {
+            1
+        };
+        let factor = 1u32.checked_shl(strikes - 1).unwrap_or(u32::MAX);
+        let wait = self.base.saturating_mul(factor).min(self.max);
+        *entry = (strikes, now + wait, signal);
+        wait
+    }
+
+    /// Entries held (both tables), for tests of the bound.
+    pub fn tracked(&self) -> usize {
+        self.next_login
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            + self
+                .backoff
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +325,62 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(p.failed(None, "dave").0, Duration::ZERO);
         }
+    }
+
+    #[test]
+    fn login_delay_refuses_until_it_has_passed_and_only_that_user() {
+        let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(8));
+        let t = Instant::now();
+        assert_eq!(g.check("b", "b\0bob", t), Ok(()));
+        g.logged_in("b\0bob", Duration::from_secs(60), t);
+        assert_eq!(
+            g.check("b", "b\0bob", t + Duration::from_secs(20)),
+            Err(Refusal::LoginDelay {
+                wait: Duration::from_secs(40)
+            })
+        );
+        assert_eq!(g.check("b", "b\0amy", t + Duration::from_secs(20)), Ok(()));
+        assert_eq!(g.check("b", "b\0bob", t + Duration::from_secs(60)), Ok(()));
+        g.logged_in("b\0amy", Duration::ZERO, t);
+        assert_eq!(g.tracked(), 1, "a zero delay keeps nothing");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets_after_a_quiet_spell() {
+        let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(5));
+        let t = Instant::now();
+        let waits: Vec<u64> = (0..5)
+            .map(|_| g.pressure("b", Signal::Unavailable, t).as_secs())
+            .collect();
+        assert_eq!(waits, vec![1, 2, 4, 5, 5]);
+        assert_eq!(
+            g.check("b", "b\0bob", t + Duration::from_secs(1)),
+            Err(Refusal::Backoff {
+                signal: Signal::Unavailable,
+                wait: Duration::from_secs(4)
+            })
+        );
+        // A backend's backoff holds every user of it; a user's only that user.
+        g.pressure("c\0amy", Signal::Throttled, t);
+        assert!(g.check("c", "c\0amy", t).is_err());
+        assert_eq!(g.check("c", "c\0bob", t), Ok(()));
+        assert_eq!(g.check("b", "b\0bob", t + Duration::from_secs(5)), Ok(()));
+        // Quiet for longer than the cap after the end: back to the base.
+        assert_eq!(
+            g.pressure("b", Signal::Unavailable, t + Duration::from_secs(11))
+                .as_secs(),
+            1
+        );
+    }
+
+    #[test]
+    fn gate_tables_stay_bounded() {
+        let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(2));
+        let t = Instant::now();
+        for i in 0..MAX_TRACKED + 10 {
+            g.logged_in(&format!("u{i}"), Duration::from_secs(60), t);
+            g.pressure(&format!("u{i}"), Signal::Limit, t);
+        }
+        assert!(g.tracked() <= 2 * MAX_TRACKED);
     }
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub oauth_token_requests: IntCounterVec,
     pub oauth_token_request_duration: Histogram,
     pub oauth_token_cache: IntCounterVec,
+    pub upstream_pressure: IntCounterVec,
+    pub logins_refused_early: IntCounterVec,
+    pub backoffs: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -298,6 +301,24 @@ impl Metrics {
                 "Access tokens looked up in the cache before a login: hit (still fresh), miss (requested from the token endpoint).",
                 &["result"],
             ),
+            upstream_pressure: counter_vec(
+                &r,
+                "popbridge_upstream_pressure_total",
+                "Upstream answers that asked popbridge to slow down or come back later (RFC 5530 codes at login, SELECT or FETCH), by backend and code: throttled (THROTTLED), limit (LIMIT), inuse (INUSE), unavailable (UNAVAILABLE).",
+                &["backend", "code"],
+            ),
+            logins_refused_early: counter_vec(
+                &r,
+                "popbridge_logins_refused_early_total",
+                "Logins answered at once without contacting the upstream, by backend and reason: login_delay (RFC 2449 LOGIN-DELAY: the user logged in too recently), backoff (the backend or the user is backing off after upstream pressure).",
+                &["backend", "reason"],
+            ),
+            backoffs: counter_vec(
+                &r,
+                "popbridge_backoffs_total",
+                "Backoffs started or extended after upstream pressure, by backend and scope (user: one user of the backend; backend: all of it).",
+                &["backend", "scope"],
+            ),
             registry: r,
         }
     }
@@ -307,6 +328,16 @@ impl Metrics {
     pub fn initialize_backend(&self, backend: &str, relayed: bool) {
         for result in LOGIN_RESULTS {
             self.backend_logins.with_label_values(&[backend, result]);
+        }
+        for code in PRESSURE_CODES {
+            self.upstream_pressure.with_label_values(&[backend, code]);
+        }
+        for reason in EARLY_REFUSALS {
+            self.logins_refused_early
+                .with_label_values(&[backend, reason]);
+        }
+        for scope in ["user", "backend"] {
+            self.backoffs.with_label_values(&[backend, scope]);
         }
         if relayed {
             for outcome in ["closed", "timeout", "shutdown", "error"] {
@@ -387,13 +418,23 @@ pub const OUTCOMES: [&str; 6] = [
 ];
 /// Every value of the `result` label of `popbridge_logins_total` (see
 /// `MaildropError::login_label`), pre-initialised at 0.
-pub const LOGIN_RESULTS: [&str; 5] = [
+pub const LOGIN_RESULTS: [&str; 7] = [
     "ok",
     "bad_credentials",
     "upstream_unavailable",
     "refused",
     "in_use",
+    "upstream_busy",
+    "login_delay",
 ];
+
+/// The `code` labels of `popbridge_upstream_pressure_total`: the RFC 5530 signals an upstream
+/// sent ([`crate::maildrop::Signal::label`], popbridge's own `login_delay` aside).
+pub const PRESSURE_CODES: [&str; 4] = ["throttled", "limit", "inuse", "unavailable"];
+
+/// The `reason` labels of `popbridge_logins_refused_early_total`: a login answered at once,
+/// without contacting the upstream.
+pub const EARLY_REFUSALS: [&str; 2] = ["login_delay", "backoff"];
 const UPSTREAM_ERROR_KINDS: [&str; 8] = [
     "connect",
     "timeout",

@@ -27,6 +27,8 @@ struct Family {
 }
 
 const LISTENER: (&str, &[&str]) = ("listener", &["pop3"]);
+/// The backends of the test configurations (`imap`, `tokens`) and `none` (unrouted).
+const BACKEND: (&str, &[&str]) = ("backend", &["imap", "tokens", "none"]);
 const OUTCOMES: &[&str] = &[
     "quit",
     "timeout",
@@ -73,8 +75,28 @@ const CONTRACT: &[Family] = &[
                 "upstream_unavailable",
                 "refused",
                 "in_use",
+                "upstream_busy",
+                "login_delay",
             ],
         )],
+    },
+    Family {
+        name: "popbridge_upstream_pressure_total",
+        kind: "counter",
+        labels: &[
+            BACKEND,
+            ("code", &["throttled", "limit", "inuse", "unavailable"]),
+        ],
+    },
+    Family {
+        name: "popbridge_logins_refused_early_total",
+        kind: "counter",
+        labels: &[BACKEND, ("reason", &["login_delay", "backoff"])],
+    },
+    Family {
+        name: "popbridge_backoffs_total",
+        kind: "counter",
+        labels: &[BACKEND, ("scope", &["user", "backend"])],
     },
     Family {
         name: "popbridge_pop3_commands_total",

@@ -15,8 +15,11 @@ pub use crate::upstream::credentials::read_secret;
 pub use crate::upstream::Security;
 
 mod maildrops;
+mod policy;
 mod sections;
 mod servers;
+
+pub use policy::expire;
 
 use sections::is_imap_atom;
 pub use sections::*;
@@ -107,6 +110,7 @@ impl Config {
             }
         }
         self.validate_maildrops()?;
+        self.validate_policy()?;
         self.validate_routing()
     }
 

@@ -77,6 +77,15 @@ pub struct LimitsConfig {
     pub auth_penalty_max_secs: u64,
     /// Failures older than this are forgotten.
     pub auth_penalty_window_secs: u64,
+    /// RFC 2449 LOGIN-DELAY: least seconds between two logins of one user (0: none), unless
+    /// the user's backend sets its own `login_delay_secs`.
+    pub login_delay_secs: u64,
+    /// After an upstream answers with pressure (RFC 5530 THROTTLED, LIMIT, UNAVAILABLE), new
+    /// logins of that user (or, for UNAVAILABLE, that backend) are answered at once for this
+    /// long, doubling while the pressure goes on ...
+    pub backoff_base_secs: u64,
+    /// ... up to this.
+    pub backoff_max_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -88,6 +97,9 @@ impl Default for LimitsConfig {
             auth_penalty_base_ms: 2000,
             auth_penalty_max_secs: 15,
             auth_penalty_window_secs: 900,
+            login_delay_secs: 0,
+            backoff_base_secs: 5,
+            backoff_max_secs: 300,
         }
     }
 }

@@ -78,6 +78,13 @@ server_section! {
         pub master_user: Option<String>,
         /// File holding the master user's password (first line); never inline in this file.
         pub master_password_file: Option<PathBuf>,
+        /// RFC 2449 LOGIN-DELAY for users of this backend, in seconds (0: none); defaults to
+        /// `limits.login_delay_secs`.
+        pub login_delay_secs: Option<u64>,
+        /// RFC 2449 EXPIRE: days the store itself keeps mail a POP3 client leaves on it (an
+        /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
+        /// CAPA says `EXPIRE NEVER`.
+        pub expire_days: Option<u32>,
     }
 }
 
@@ -116,6 +123,13 @@ server_section! {
         /// `mailbox`. Empty: `folders.mailboxes` (filled in at load), else `mailbox` alone.
         #[serde(default)]
         pub mailboxes: Vec<String>,
+        /// RFC 2449 LOGIN-DELAY for users of this backend, in seconds (0: none); defaults to
+        /// `limits.login_delay_secs`.
+        pub login_delay_secs: Option<u64>,
+        /// RFC 2449 EXPIRE: days the store itself keeps mail a POP3 client leaves on it (an
+        /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
+        /// CAPA says `EXPIRE NEVER`.
+        pub expire_days: Option<u32>,
     }
 }
 

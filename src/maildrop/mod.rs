@@ -80,6 +80,58 @@ pub enum MaildropError {
     /// The message was expunged by another client after the snapshot was taken.
     #[error("message no longer exists upstream")]
     Gone,
+    /// The upstream is under pressure or busy (an RFC 5530 code such as `THROTTLED`,
+    /// `LIMIT`, `INUSE`, `UNAVAILABLE`), or popbridge's own LOGIN-DELAY or backoff answered
+    /// for it: try again later. Never a credentials problem: no `[AUTH]`, no login penalty.
+    #[error("upstream busy ({}): {context}", signal.label())]
+    Busy { signal: Signal, context: String },
+}
+
+/// Why an upstream (or popbridge on its behalf) asks a client to come back later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// Too many logins or commands for this user (`THROTTLED`): `-ERR [LOGIN-DELAY]`; the
+    /// user backs off.
+    Throttled,
+    /// A per-user limit, such as connections (`LIMIT`): `-ERR [IN-USE]`; the user backs off.
+    Limit,
+    /// The mailbox is locked by another process upstream (`INUSE`): `-ERR [IN-USE]`.
+    InUse,
+    /// The server or a subsystem is down or overloaded (`UNAVAILABLE`): `-ERR [SYS/TEMP]`;
+    /// the whole backend backs off.
+    Unavailable,
+    /// popbridge's own RFC 2449 LOGIN-DELAY: this user logged in too recently.
+    LoginDelay,
+}
+
+/// What a [`Signal`] makes wait: one user of a backend, or the whole backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    User,
+    Backend,
+}
+
+impl Signal {
+    /// The `code` label of `popbridge_upstream_pressure_total` (one of
+    /// [`crate::metrics::PRESSURE_CODES`]), and the log name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::Throttled => "throttled",
+            Signal::Limit => "limit",
+            Signal::InUse => "inuse",
+            Signal::Unavailable => "unavailable",
+            Signal::LoginDelay => "login_delay",
+        }
+    }
+
+    /// What backs off after an upstream sent this, if anything.
+    pub fn backoff(self) -> Option<Scope> {
+        match self {
+            Signal::Throttled | Signal::Limit => Some(Scope::User),
+            Signal::Unavailable => Some(Scope::Backend),
+            Signal::InUse | Signal::LoginDelay => None,
+        }
+    }
 }
 
 impl PartialEq for MaildropError {
@@ -107,6 +159,14 @@ impl MaildropError {
         }
     }
 
+    /// [`MaildropError::Busy`] for `signal`.
+    pub fn busy(signal: Signal, context: impl Into<String>) -> MaildropError {
+        MaildropError::Busy {
+            signal,
+            context: context.into(),
+        }
+    }
+
     /// [`MaildropError::Unavailable`] because of `source`.
     pub fn unavailable_by(
         context: impl Into<String>,
@@ -126,6 +186,11 @@ impl MaildropError {
             MaildropError::Unavailable { .. } | MaildropError::Gone => "upstream_unavailable",
             MaildropError::Unsupported(_) => "refused",
             MaildropError::InUse => "in_use",
+            MaildropError::Busy {
+                signal: Signal::LoginDelay,
+                ..
+            } => "login_delay",
+            MaildropError::Busy { .. } => "upstream_busy",
         }
     }
 }
@@ -233,6 +298,8 @@ mod tests {
             MaildropError::Gone,
             MaildropError::Unsupported(String::new()),
             MaildropError::unavailable(""),
+            MaildropError::busy(Signal::Throttled, ""),
+            MaildropError::busy(Signal::LoginDelay, ""),
         ] {
             assert!(
                 crate::metrics::LOGIN_RESULTS.contains(&e.login_label()),

@@ -145,6 +145,8 @@ pub(super) struct Conn<'a, IO, U: Upstream> {
     /// Whether the answer to the command being handled began with +OK (for metrics).
     pub(super) reply_ok: Option<bool>,
     pub(super) stats: SessionStats,
+    /// The logged-in user's place at the login gate (FETCH-time pressure starts a backoff).
+    pub(super) gated: Option<super::routed::Gated>,
 }
 
 /// What one session did, for its summary log line.
@@ -207,6 +209,7 @@ where
         maildrop: None,
         reply_ok: None,
         stats: SessionStats::default(),
+        gated: None,
     };
     let started = Instant::now();
     // Between commands the session ends itself on `shutdown` (the kill at the end of a drain);

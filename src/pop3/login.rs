@@ -25,6 +25,7 @@ where
         };
         let routed = self.upstream.route(&user, credential).await;
         let backend = routed.backend;
+        let gated = routed.gated;
         let shown_backend = backend.as_deref().unwrap_or("-");
         let mut relayed = None;
         let result = match routed.result {
@@ -45,12 +46,19 @@ where
                         if let Some(format) = uidl_format {
                             self.session.set_uidl_format(format);
                         }
+                        if let Some(g) = &gated {
+                            g.logged_in();
+                            self.session.set_user_policy(g.policy);
+                        }
                         self.user = Some(user.clone());
                         self.maildrop = Some((md, lock));
                         Ok(Some(snapshot))
                     }
                     Err(e) => {
                         info!(user = %user, maildrop = %lock_key, error = %crate::errors::Chain(&e), "pop3 login failed: listing");
+                        if let (MaildropError::Busy { signal, .. }, Some(g)) = (&e, &gated) {
+                            g.pressure(*signal);
+                        }
                         md.close().await;
                         Err(e)
                     }
@@ -63,6 +71,9 @@ where
             },
             Ok(Opened::Relay(up)) => {
                 info!(user = %user, backend = shown_backend, "pop3 login relayed to legacy server");
+                if let Some(g) = &gated {
+                    g.logged_in();
+                }
                 self.user = Some(user.clone());
                 relayed = Some(up);
                 Ok(None)
@@ -96,6 +107,10 @@ where
         }
         if let Some(user) = &self.user {
             tracing::Span::current().record("user", user.as_str());
+        }
+        if result.is_ok() {
+            // FETCH-time pressure is reported to the gate too.
+            self.gated = gated;
         }
         if let Some(up) = relayed {
             // The legacy server's own +OK line: from here on the client talks to it.

@@ -6,6 +6,7 @@ pub mod command;
 pub mod connection;
 pub mod locks;
 mod login;
+pub mod policy;
 pub mod relay;
 pub mod response;
 mod retrieve;

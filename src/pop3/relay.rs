@@ -30,6 +30,9 @@ pub enum LoginError {
     /// The server says the maildrop is locked: `-ERR [IN-USE]`.
     #[error("maildrop in use at the legacy server")]
     InUse,
+    /// The server says the user logged in too recently (`-ERR [LOGIN-DELAY]`).
+    #[error("the legacy server's LOGIN-DELAY")]
+    LoginDelay,
     /// The server is not working (`-ERR [SYS/TEMP]`, a bad greeting, STLS refused): the client
     /// gets `-ERR [SYS/TEMP]`.
     #[error("{0}")]
@@ -41,6 +44,7 @@ impl From<Pop3Error> for LoginError {
         match e.login_refusal() {
             LoginRefusal::Auth => LoginError::Auth,
             LoginRefusal::InUse => LoginError::InUse,
+            LoginRefusal::LoginDelay => LoginError::LoginDelay,
             LoginRefusal::Unavailable => LoginError::Unavailable(format!("legacy server: {e}")),
         }
     }
@@ -51,6 +55,9 @@ impl From<LoginError> for MaildropError {
         match e {
             LoginError::Auth => MaildropError::Auth,
             LoginError::InUse => MaildropError::InUse,
+            LoginError::LoginDelay => {
+                MaildropError::busy(crate::maildrop::Signal::Throttled, "legacy server")
+            }
             LoginError::Unavailable(m) => MaildropError::unavailable(m),
         }
     }
@@ -447,11 +454,13 @@ mod tests {
             let crate::maildrop::Credential::Password(password) = credential else {
                 return crate::pop3::routed::Routed {
                     backend: None,
+                    gated: None,
                     result: Err(MaildropError::Auth),
                 };
             };
             crate::pop3::routed::Routed {
                 backend: Some(self.0.name.clone()),
+                gated: None,
                 result: self
                     .0
                     .login(user, password)

@@ -102,6 +102,9 @@ where
         } else {
             warn!(user, uid, error = %crate::errors::Chain(&e), "fetch failed");
         }
+        if let (MaildropError::Busy { signal, .. }, Some(g)) = (&e, &self.gated) {
+            g.pressure(*signal);
+        }
         let failed = self.session.on_retrieve_failed(msg, &e);
         self.emit(&failed.bytes);
         if failed.close {

@@ -3,9 +3,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::policy::UserPolicy;
 use super::relay::Relayed;
-use crate::maildrop::{Credential, Maildrop, MaildropError, MaildropKey, Mailstore};
+use crate::limits::LoginGate;
+use crate::maildrop::{Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Scope, Signal};
+use crate::metrics::metrics;
 use crate::uidl::UidlFormat;
 
 /// Where a POP3 login goes: routed to a backend and opened there, as a maildrop served through
@@ -35,6 +39,7 @@ impl<S: Mailstore> Upstream for Unrouted<S> {
     async fn route(&self, user: &str, credential: Credential<'_>) -> Routed<S::Maildrop> {
         Routed {
             backend: None,
+            gated: None,
             result: self
                 .0
                 .login(user, credential)
@@ -53,6 +58,64 @@ impl<S: Mailstore> Upstream for Unrouted<S> {
 pub struct Routed<M> {
     pub backend: Option<Arc<str>>,
     pub result: Result<Opened<M>, MaildropError>,
+    /// The user's place at the [`LoginGate`], when the login was let through it.
+    pub gated: Option<Gated>,
+}
+
+/// A login the [`LoginGate`] let through: the session reports back how it went (a login
+/// starts the user's LOGIN-DELAY; upstream pressure starts a backoff).
+#[derive(Clone)]
+pub struct Gated {
+    pub gate: Arc<LoginGate>,
+    pub backend: Arc<str>,
+    /// The gate's key for this user of this backend.
+    pub user_key: String,
+    /// The backend's LOGIN-DELAY and EXPIRE, for the gate and for CAPA after login.
+    pub policy: UserPolicy,
+}
+
+impl Gated {
+    /// The gate's key for `login` at `backend` (case-insensitive, like the maildrop locks).
+    pub fn key(backend: &str, login: &str) -> String {
+        format!("{backend}\0{}", login.to_lowercase())
+    }
+
+    /// The user logged in: the next login may come after the LOGIN-DELAY.
+    pub fn logged_in(&self) {
+        self.gate.logged_in(
+            &self.user_key,
+            Duration::from_secs(self.policy.login_delay_secs),
+            Instant::now(),
+        );
+    }
+
+    /// The upstream answered with `signal` (at login, SELECT or FETCH): count it and start
+    /// or extend the user's or the backend's backoff.
+    pub fn pressure(&self, signal: Signal) {
+        metrics()
+            .upstream_pressure
+            .with_label_values(&[&self.backend, signal.label()])
+            .inc();
+        let Some(scope) = signal.backoff() else {
+            return;
+        };
+        let (key, label) = match scope {
+            Scope::User => (self.user_key.as_str(), "user"),
+            Scope::Backend => (&*self.backend, "backend"),
+        };
+        let wait = self.gate.pressure(key, signal, Instant::now());
+        metrics()
+            .backoffs
+            .with_label_values(&[&self.backend, label])
+            .inc();
+        tracing::warn!(
+            backend = %self.backend,
+            scope = label,
+            signal = signal.label(),
+            backoff_ms = wait.as_millis() as u64,
+            "upstream under pressure: new logins answered at once until the backoff ends"
+        );
+    }
 }
 
 /// An open upstream for one POP3 session.

@@ -8,8 +8,9 @@ use base64::Engine as _;
 
 use super::command::MAX_SASL_LINE;
 use super::command::{parse, Command, CommandError, Password, TooLong, MAX_COMMAND_LINE};
+use super::policy::{Advertised, UserPolicy};
 use super::response::{err, multiline, ok, RespCode};
-use crate::maildrop::{MaildropError, Snapshot};
+use crate::maildrop::{MaildropError, Signal, Snapshot};
 use crate::uidl::UidlFormat;
 
 /// After this many `-ERR`s the session is closed (slows down guessing and broken clients).
@@ -28,6 +29,8 @@ pub struct SessionConfig {
     /// Offer and accept `AUTH XOAUTH2` and `AUTH OAUTHBEARER` (a backend takes the client's
     /// own token upstream).
     pub sasl_oauth: bool,
+    /// RFC 2449 LOGIN-DELAY and EXPIRE as CAPA shows them before login.
+    pub policy: Advertised,
 }
 
 impl Default for SessionConfig {
@@ -38,6 +41,7 @@ impl Default for SessionConfig {
             implementation: concat!("popbridge ", env!("CARGO_PKG_VERSION")).to_owned(),
             greeting: "popbridge ready.".to_owned(),
             sasl_oauth: false,
+            policy: Advertised::default(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct Session {
     state: State,
     errors: u32,
     security: Security,
+    /// The logged-in user's LOGIN-DELAY and EXPIRE (their backend's).
+    user_policy: Option<UserPolicy>,
 }
 
 /// What the connection offers: is it encrypted, can it become so, may passwords cross it.
@@ -186,6 +192,7 @@ impl Session {
             state: auth_state(),
             errors: 0,
             security: Security::default(),
+            user_policy: None,
         }
     }
 
@@ -199,6 +206,11 @@ impl Session {
     /// [`Session::on_login`].
     pub fn set_uidl_format(&mut self, format: UidlFormat) {
         Arc::make_mut(&mut self.cfg).uidl_format = format;
+    }
+
+    /// The logged-in user's backend's LOGIN-DELAY and EXPIRE, for CAPA after login.
+    pub fn set_user_policy(&mut self, policy: UserPolicy) {
+        self.user_policy = Some(policy);
     }
 
     /// The TLS handshake after STLS succeeded: RFC 2595 starts AUTHORIZATION afresh.
@@ -507,6 +519,24 @@ impl Session {
                         Some(RespCode::InUse),
                         "Mailbox is locked by another POP3 session.",
                     ),
+                    MaildropError::Busy { signal, .. } => match signal {
+                        Signal::LoginDelay => err(
+                            Some(RespCode::LoginDelay),
+                            "Logged in too recently, try again later.",
+                        ),
+                        Signal::Throttled => err(
+                            Some(RespCode::LoginDelay),
+                            "Too many logins for now, try again later.",
+                        ),
+                        Signal::Limit | Signal::InUse => err(
+                            Some(RespCode::InUse),
+                            "Mailbox busy on the mail server, try again later.",
+                        ),
+                        Signal::Unavailable => err(
+                            Some(RespCode::SysTemp),
+                            "Mail server busy, try again later.",
+                        ),
+                    },
                 };
                 if bearer && e == MaildropError::Auth {
                     // RFC 7628 3.2.3: the status as a challenge first; the -ERR answers the
@@ -588,6 +618,12 @@ impl Session {
                 lines.push(format!("SASL {}", self.mechanisms().join(" ")));
             }
         }
+        let user = if self.is_authenticated() {
+            Some(self.user_policy.unwrap_or_default())
+        } else {
+            None
+        };
+        lines.extend(self.cfg.policy.capa_lines(user));
         lines.push(format!("IMPLEMENTATION {}", self.cfg.implementation));
         multiline("Capability list follows", lines)
     }
@@ -992,6 +1028,20 @@ mod tests {
             (MaildropError::unavailable("x"), "-ERR [SYS/TEMP] "),
             (MaildropError::Unsupported("x".into()), "-ERR [SYS/PERM] "),
             (MaildropError::InUse, "-ERR [IN-USE] "),
+            (
+                MaildropError::busy(Signal::Throttled, "x"),
+                "-ERR [LOGIN-DELAY] ",
+            ),
+            (
+                MaildropError::busy(Signal::LoginDelay, "x"),
+                "-ERR [LOGIN-DELAY] ",
+            ),
+            (MaildropError::busy(Signal::Limit, "x"), "-ERR [IN-USE] "),
+            (MaildropError::busy(Signal::InUse, "x"), "-ERR [IN-USE] "),
+            (
+                MaildropError::busy(Signal::Unavailable, "x"),
+                "-ERR [SYS/TEMP] ",
+            ),
         ] {
             let mut s = session();
             line(&mut s, "USER a");
@@ -999,6 +1049,34 @@ mod tests {
             assert!(login_reply(s.on_login(Err(e))).starts_with(code));
             assert!(!s.is_authenticated());
         }
+    }
+
+    #[test]
+    fn capa_shows_the_policy_before_and_the_users_after_login() {
+        use crate::pop3::policy::{Expire, UserPolicy};
+        let strict = UserPolicy {
+            login_delay_secs: 900,
+            expire: Expire::Days(30),
+        };
+        let cfg = SessionConfig {
+            policy: Advertised::over([UserPolicy::default(), strict]),
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(Arc::new(cfg));
+        let capa = reply(line(&mut s, "CAPA"));
+        assert!(
+            capa.contains("\r\nLOGIN-DELAY 900 USER\r\nEXPIRE 30 USER\r\n"),
+            "{capa}"
+        );
+        line(&mut s, "USER a");
+        line(&mut s, "PASS b");
+        s.set_user_policy(UserPolicy::default());
+        s.on_login(Ok(Snapshot::default()));
+        let capa = reply(line(&mut s, "CAPA"));
+        assert!(
+            capa.contains("\r\nLOGIN-DELAY 0\r\nEXPIRE NEVER\r\n"),
+            "{capa}"
+        );
     }
 
     fn b64(s: &[u8]) -> String {

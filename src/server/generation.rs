@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::backends::RoutedUpstream;
 use crate::config::Config;
 use crate::config::PlaintextAuth;
-use crate::limits::{AuthPenalty, ConnectionLimiter};
+use crate::limits::{AuthPenalty, ConnectionLimiter, LoginGate};
 use crate::live::Live;
 use crate::maildrop::imap::ImapUpstream;
 use crate::pop3::locks::MaildropLocks;
@@ -26,6 +26,8 @@ pub(super) struct Shared {
     pub(super) locks: MaildropLocks,
     pub(super) connections: Arc<ConnectionLimiter>,
     pub(super) penalty: Arc<AuthPenalty>,
+    /// LOGIN-DELAY and the backoff after upstream pressure, for every listener.
+    pub(super) gate: Arc<LoginGate>,
     pub(super) acceptor: Option<TlsAcceptor>,
 }
 
@@ -43,11 +45,10 @@ impl Generation {
         shared: &Shared,
         routes: &Arc<Live<Router>>,
     ) -> Result<Generation, ServeError> {
-        let routed = Arc::new(RoutedUpstream::new(
-            config,
-            Some(shared.state.clone()),
-            routes.clone(),
-        )?);
+        let routed = Arc::new(
+            RoutedUpstream::new(config, Some(shared.state.clone()), routes.clone())?
+                .with_gate(shared.gate.clone()),
+        );
         let upstream = routed.default_imap();
         let bridge = Arc::new(Bridge::from_config(config, routed, shared.locks.clone())?);
         let proxy = Arc::new(ProxySettings {
@@ -120,6 +121,11 @@ pub(super) fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static s
         )
     {
         changed.push("limits (connection caps and login penalty)");
+    }
+    if (l.0.backoff_base_secs, l.0.backoff_max_secs)
+        != (l.1.backoff_base_secs, l.1.backoff_max_secs)
+    {
+        changed.push("limits.backoff_base_secs, limits.backoff_max_secs");
     }
     changed
 }

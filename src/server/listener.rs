@@ -51,6 +51,7 @@ impl<U> Bridge<U> {
                 implementation: format!("popbridge {}", env!("CARGO_PKG_VERSION")),
                 greeting: "popbridge ready.".into(),
                 sasl_oauth: config.takes_client_tokens(),
+                policy: config.advertised_policy(),
             }),
             limits: ConnectionLimits {
                 idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),

@@ -23,7 +23,7 @@ use crate::backends::BackendError;
 use crate::client_tls::{CertError, ReloadableCert};
 use crate::config::Config;
 use crate::http::{self, Health};
-use crate::limits::{AuthPenalty, ConnectionLimiter};
+use crate::limits::{AuthPenalty, ConnectionLimiter, LoginGate};
 use crate::live::Live;
 use crate::pop3::locks::MaildropLocks;
 use crate::routing::{Router, RoutingError};
@@ -88,6 +88,10 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
             Duration::from_millis(limits.auth_penalty_base_ms),
             Duration::from_secs(limits.auth_penalty_max_secs),
             Duration::from_secs(limits.auth_penalty_window_secs),
+        ),
+        gate: LoginGate::new(
+            Duration::from_secs(limits.backoff_base_secs),
+            Duration::from_secs(limits.backoff_max_secs),
         ),
         acceptor: cert.as_ref().map(|c| c.acceptor()).transpose()?,
     };

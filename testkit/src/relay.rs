@@ -1,7 +1,8 @@
 //! A fault-injecting TCP relay between popbridge and the upstream: it forwards bytes both ways
 //! until a chosen fault: cut both connections, or stall (stop forwarding, keep them open),
 //! when a byte count is reached or when the client side sends a given pattern; or delay the
-//! upstream's answer to that pattern (to order two sessions' upstream commands deterministically).
+//! upstream's answer to that pattern (to order two sessions' upstream commands deterministically);
+//! or answer a command itself (`NO [THROTTLED]` and friends) without forwarding it.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -36,6 +37,11 @@ pub enum Fault {
     /// greeting's and LOGIN's): the client has to ask with CAPABILITY. Use with
     /// [`Trigger::Never`].
     HideCapabilityCodes,
+    /// With [`Trigger::ClientSends`]: a client line (an IMAP command) containing the pattern
+    /// is not forwarded; the relay answers it itself with its tag and this text (e.g.
+    /// `NO [THROTTLED] Too many logins`). Every such line of every connection, while the rule
+    /// holds; other lines pass through.
+    Answer(&'static str),
 }
 
 /// `line` without any `[CAPABILITY ...] ` response code.
@@ -63,6 +69,8 @@ fn strip_capability_codes(line: &[u8]) -> Vec<u8> {
 pub struct Relay {
     port: u16,
     fired: Arc<AtomicU64>,
+    /// Connections made to the upstream so far.
+    connections: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     rule: Arc<Mutex<(Trigger, Fault)>>,
 }
@@ -73,10 +81,12 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let fired = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let rule = Arc::new(Mutex::new((trigger, fault)));
         {
             let (fired, stop, rule) = (fired.clone(), stop.clone(), rule.clone());
+            let connections = connections.clone();
             thread::spawn(move || {
                 for client in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -86,6 +96,7 @@ impl Relay {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                         continue;
                     };
+                    connections.fetch_add(1, Ordering::SeqCst);
                     let rule = rule.lock().unwrap().clone();
                     spawn_pair(client, server, rule, fired.clone());
                 }
@@ -94,9 +105,15 @@ impl Relay {
         Relay {
             port,
             fired,
+            connections,
             stop,
             rule,
         }
+    }
+
+    /// How many connections were made to the upstream through the relay so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {
@@ -207,6 +224,10 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
             }
         });
     }
+    if let (Fault::Answer(answer), Trigger::ClientSends(pattern)) = (fault, &trigger) {
+        answer_matching_lines(client, server, pattern.clone(), answer, fired);
+        return;
+    }
     // Client to upstream.
     {
         let (mut from, mut to) = (client, server);
@@ -254,4 +275,45 @@ fn spawn_pair(client: TcpStream, server: TcpStream, rule: (Trigger, Fault), fire
         });
     }
     // A stalled pair lives until the peers give up; nothing to join.
+}
+
+/// [`Fault::Answer`]'s client side: forwards line by line, answering the lines that contain
+/// `pattern` itself (`<tag> <answer>`) instead of forwarding them.
+fn answer_matching_lines(
+    client: TcpStream,
+    server: TcpStream,
+    pattern: String,
+    answer: &'static str,
+    fired: Arc<AtomicU64>,
+) {
+    let (mut from, mut to) = (client.try_clone().unwrap(), server);
+    let mut reply_to = client;
+    thread::spawn(move || {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let Some(last_lf) = pending.iter().rposition(|&b| b == b'\n') else {
+                continue;
+            };
+            let rest = pending.split_off(last_lf + 1);
+            let lines = std::mem::replace(&mut pending, rest);
+            for line in lines.split_inclusive(|&b| b == b'\n') {
+                if String::from_utf8_lossy(line).contains(pattern.as_str()) {
+                    fired.fetch_add(1, Ordering::SeqCst);
+                    let tag = line.split(|&b| b == b' ').next().unwrap_or(b"*");
+                    let mut out = tag.to_vec();
+                    out.extend_from_slice(format!(" {answer}\r\n").as_bytes());
+                    let _ = reply_to.write_all(&out);
+                } else if to.write_all(line).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
 }

@@ -537,10 +537,20 @@ pub(super) fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropErro
     }
 }
 
-/// LOGIN said NO or BAD. RFC 5530 codes tell a temporary server failure from bad credentials.
+/// A NO or BAD that says the server is under pressure (see [`session::pressure`]).
+pub(super) fn pressure_error(what: &str, done: &Completion) -> Option<MaildropError> {
+    session::pressure(done)
+        .map(|signal| MaildropError::busy(signal, format!("{what}: {}", done.text)))
+}
+
+/// LOGIN said NO or BAD. RFC 5530 codes tell a temporary server failure or pressure (never
+/// answered `[AUTH]`, never charged the login penalty) from bad credentials.
 fn login_failure(done: &Completion) -> MaildropError {
+    if let Some(e) = pressure_error("upstream login refused", done) {
+        return e;
+    }
     let code = done.other_code().unwrap_or_default();
-    if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"]
+    if ["SERVERBUG", "CONTACTADMIN"]
         .iter()
         .any(|c| code.starts_with(c))
     {
@@ -575,7 +585,20 @@ mod tests {
         ));
         assert!(matches!(
             login_failure(&c(Some(unavailable))),
-            MaildropError::Unavailable { .. }
+            MaildropError::Busy {
+                signal: crate::maildrop::Signal::Unavailable,
+                ..
+            }
+        ));
+        let throttled = Code::Other(imap_next::imap_types::response::CodeOther::unvalidated(
+            &b"THROTTLED"[..],
+        ));
+        assert!(matches!(
+            login_failure(&c(Some(throttled))),
+            MaildropError::Busy {
+                signal: crate::maildrop::Signal::Throttled,
+                ..
+            }
         ));
     }
 }

@@ -146,6 +146,10 @@ impl ImapMaildrop {
             .collect();
         match piece {
             Some(bytes) => Ok(bytes),
+            // NO [THROTTLED] and friends: the server is busy, the message is not gone.
+            None if super::pressure_error("UID FETCH", &done).is_some() => {
+                Err(super::pressure_error("UID FETCH", &done).unwrap_or_else(lost))
+            }
             // No data for the UID: the message was expunged by another client since login.
             None if done.is_ok() || done.kind == StatusKind::No => Err(MaildropError::Gone),
             None => Err(MaildropError::unavailable(format!(
@@ -228,6 +232,12 @@ impl ImapMaildrop {
                 .map(|s| (s, conn.take_ahead()));
             match started {
                 Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
+                // NO [THROTTLED] and friends: the server is busy, the message is not gone.
+                Ok((BodyStart::NoBody(done), _))
+                    if super::pressure_error("UID FETCH", &done).is_some() =>
+                {
+                    return Err(super::pressure_error("UID FETCH", &done).unwrap_or_else(lost));
+                }
                 // No body for it: another client expunged it (NIL, or no FETCH data, with
                 // OK or NO [EXPUNGEISSUED]).
                 Ok((BodyStart::NoBody(done), read))

@@ -111,6 +111,9 @@ impl ImapMaildrop {
         }
         if !select_done.is_ok() {
             self.abandon().await;
+            if let Some(e) = super::pressure_error("SELECT refused", &select_done) {
+                return Err(e);
+            }
             return Err(MaildropError::Unsupported(format!(
                 "cannot open mailbox {:?}: {}",
                 self.mailbox, select_done.text

@@ -13,6 +13,7 @@ use imap_next::imap_types::response::{Code, Data};
 use super::conn::ImapConnection;
 use super::engine::{Completion, ConnLimits, ImapError, Untagged};
 use super::login::Mechanism;
+use crate::maildrop::Signal;
 use crate::metrics::{metrics, Timer};
 use crate::upstream::credentials::Unsendable;
 use crate::upstream::endpoint::Endpoint;
@@ -121,6 +122,28 @@ pub async fn open(
     Ok(Session { conn, capabilities })
 }
 
+/// What a NO or BAD says about the server's load, from its response code (RFC 5530 and the
+/// `THROTTLED` of big providers): `None` for anything else (bad credentials, a missing
+/// folder, a server bug). Checked at login, SELECT and FETCH.
+pub fn pressure(done: &Completion) -> Option<Signal> {
+    if done.is_ok() {
+        return None;
+    }
+    // The streamed FETCH's own parser leaves the code in the text (`[THROTTLED] Slow down`).
+    let code = done.other_code().or_else(|| {
+        let (code, _) = done.text.strip_prefix('[')?.split_once(']')?;
+        Some(code.to_ascii_uppercase())
+    })?;
+    let name = code.split(' ').next().unwrap_or_default();
+    match name {
+        "THROTTLED" => Some(Signal::Throttled),
+        "LIMIT" => Some(Signal::Limit),
+        "INUSE" => Some(Signal::InUse),
+        "UNAVAILABLE" => Some(Signal::Unavailable),
+        _ => None,
+    }
+}
+
 /// `SELECT` (or, `read_only`, `EXAMINE`) of `name`.
 pub fn select(name: &str, read_only: bool) -> Result<CommandBody<'static>, String> {
     let mailbox =
@@ -187,5 +210,44 @@ impl MailboxStatus {
             None => true,
             Some((any, named)) => *any || named.contains(&flag.to_ascii_lowercase()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_next::imap_types::response::{CodeOther, StatusKind};
+
+    fn done(kind: StatusKind, code: Option<&'static [u8]>) -> Completion {
+        Completion {
+            kind,
+            code: code.map(|c| Code::Other(CodeOther::unvalidated(c))),
+            text: "x".into(),
+        }
+    }
+
+    #[test]
+    fn pressure_codes() {
+        use StatusKind::*;
+        assert_eq!(
+            pressure(&done(No, Some(b"THROTTLED"))),
+            Some(Signal::Throttled)
+        );
+        assert_eq!(pressure(&done(No, Some(b"limit"))), Some(Signal::Limit));
+        assert_eq!(pressure(&done(Bad, Some(b"INUSE"))), Some(Signal::InUse));
+        assert_eq!(
+            pressure(&done(No, Some(b"UNAVAILABLE"))),
+            Some(Signal::Unavailable)
+        );
+        assert_eq!(pressure(&done(No, Some(b"AUTHENTICATIONFAILED"))), None);
+        assert_eq!(pressure(&done(No, Some(b"SERVERBUG"))), None);
+        assert_eq!(pressure(&done(No, None)), None);
+        assert_eq!(pressure(&done(Ok, Some(b"THROTTLED"))), None);
+        let in_text = Completion {
+            kind: No,
+            code: None,
+            text: "[throttled] Slow down".into(),
+        };
+        assert_eq!(pressure(&in_text), Some(Signal::Throttled));
     }
 }

@@ -171,11 +171,13 @@ pub fn join_listings(
 }
 
 /// What an `-ERR` to a login means (RFC 3206 response codes): `[IN-USE]` the maildrop is
-/// locked, `[SYS/...]` the server is failing; anything else is taken as refused credentials.
+/// locked, `[LOGIN-DELAY]` the user logged in too recently (RFC 2449), `[SYS/...]` the
+/// server is failing; anything else is taken as refused credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginRefusal {
     Auth,
     InUse,
+    LoginDelay,
     Unavailable,
 }
 
@@ -188,6 +190,7 @@ pub fn login_refusal(text: &str) -> LoginRefusal {
         .map(|(c, _)| c.to_ascii_uppercase());
     match code.as_deref() {
         Some("IN-USE") => LoginRefusal::InUse,
+        Some("LOGIN-DELAY") => LoginRefusal::LoginDelay,
         Some(c) if c.starts_with("SYS/") => LoginRefusal::Unavailable,
         _ => LoginRefusal::Auth,
     }
@@ -258,6 +261,10 @@ mod tests {
         );
         assert_eq!(login_refusal("bad password"), LoginRefusal::Auth);
         assert_eq!(login_refusal("[IN-USE] locked"), LoginRefusal::InUse);
+        assert_eq!(
+            login_refusal("[LOGIN-DELAY] wait"),
+            LoginRefusal::LoginDelay
+        );
         assert_eq!(
             login_refusal(" [sys/temp] later"),
             LoginRefusal::Unavailable
