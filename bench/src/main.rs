@@ -25,6 +25,7 @@ mod corpus;
 mod pop3;
 mod procfs;
 mod servers;
+mod wave;
 
 // Issue 17: scenarios where users feel performance (wan, polls, previews).
 mod feel;
@@ -1043,6 +1044,9 @@ fn dovecot_version() -> String {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("wave") {
+        return wave::main(std::env::args().skip(1).collect());
+    }
     let cli = Cli::parse();
     cleanup::install_signal_handler(cli.keep);
     let r = run(&cli);

@@ -13,7 +13,7 @@ use clap::Subcommand;
 use popbridge::config::Config;
 use popbridge::migrate::import::{ImportJob, ImportOptions};
 use popbridge::migrate::journal::{self, Journal};
-use popbridge::migrate::report::UserOutcome;
+use popbridge::migrate::report::{LegacyWithoutCopy, NewWithoutLegacy, Policies, UserOutcome};
 use popbridge::migrate::summary::{user_json, Described, Tally};
 use popbridge::migrate::uidls::{UidlsJob, UidlsOptions};
 use popbridge::migrate::users::{parse_users_file, Logins, UserSpec};
@@ -47,6 +47,22 @@ pub enum MigrateCommand {
         /// download them again) or an existing mapping would change (the old one is kept).
         #[arg(long)]
         accept_changed_uidls: bool,
+        /// A legacy message with no copy in the new store: `refuse` stores nothing for the
+        /// user (they need attention); `drop` stores the map without it.
+        #[arg(long, value_enum, value_name = "POLICY", default_value_t = LegacyPolicy::Refuse)]
+        legacy_without_copy: LegacyPolicy,
+        /// A new-store message with no legacy message: `refuse` stores nothing for the user;
+        /// `new` stores the map and serves it as new mail (clients download it once).
+        #[arg(long, value_enum, value_name = "POLICY", default_value_t = NewPolicy::Refuse)]
+        new_without_legacy: NewPolicy,
+        /// Skip the size pass (the legacy server's POP3 sizes are known to be wrong): every
+        /// message is matched by its header.
+        #[arg(long)]
+        no_size_pass: bool,
+        /// Pair messages by the `X-UIDL:` header of the new store's copies first (mbox-era
+        /// servers wrote the POP3 UIDL into the message); implies the header pass for all.
+        #[arg(long)]
+        x_uidl: bool,
         #[command(flatten)]
         wave: WaveArgs,
     },
@@ -134,6 +150,18 @@ pub struct UsersArgs {
     /// master user).
     #[arg(long, value_name = "VAR", requires = "user")]
     password_env: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LegacyPolicy {
+    Refuse,
+    Drop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NewPolicy {
+    Refuse,
+    New,
 }
 
 /// How a wave runs: parallel users, connections per backend, backoff, journal, JSON report.
@@ -232,16 +260,45 @@ pub fn run(cmd: MigrateCommand) -> ExitCode {
             users,
             accept_changed_uidls,
             logins,
+            legacy_without_copy,
+            new_without_legacy,
+            no_size_pass,
+            x_uidl,
             wave,
             ..
         } => (|| {
             let (specs, file) = users.specs()?;
+            let policies = Policies {
+                legacy_without_copy: match legacy_without_copy {
+                    LegacyPolicy::Refuse => LegacyWithoutCopy::Refuse,
+                    LegacyPolicy::Drop => LegacyWithoutCopy::Drop,
+                },
+                new_without_legacy: match new_without_legacy {
+                    NewPolicy::Refuse => NewWithoutLegacy::Refuse,
+                    NewPolicy::New => NewWithoutLegacy::New,
+                },
+            };
+            if specs.len() > 1 {
+                println!(
+                    "policies: {policies}{}{}{}",
+                    if accept_changed_uidls {
+                        "; changed UIDLs accepted"
+                    } else {
+                        ""
+                    },
+                    if no_size_pass { "; no size pass" } else { "" },
+                    if x_uidl { "; X-UIDL headers first" } else { "" },
+                );
+            }
             let opts = UidlsOptions {
                 from,
                 to,
                 accept_changed_uidls,
                 from_login: logins.from_login,
                 to_login: logins.to_login,
+                no_size_pass,
+                x_uidl,
+                policies,
             };
             let (job, warning) = UidlsJob::start(config, opts).map_err(|e| e.to_string())?;
             if let Some(w) = &warning {
@@ -450,11 +507,19 @@ where
     let mut json_error = None;
     runtime.block_on(async {
         let mut run = WaveRun::start(job, items, &args.settings(), journal);
+        // One listener for the whole wave: no SIGINT is missed between two events.
+        let mut sigint =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
         let mut interrupts = 0;
         loop {
             let event = tokio::select! {
                 e = run.next() => e,
-                _ = tokio::signal::ctrl_c() => {
+                Some(()) = async {
+                    match &mut sigint {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     interrupts += 1;
                     if interrupts == 1 {
                         run.stop(Stop::NoNewUsers);
@@ -477,7 +542,8 @@ where
                     tally.add(&outcome, class, attempts);
                     if let Some(w) = &mut json {
                         let line = user_json(name, &outcome, class, attempts);
-                        if let Err(e) = writeln!(w, "{line}") {
+                        // Written through at once: a killed wave keeps the lines it printed.
+                        if let Err(e) = writeln!(w, "{line}").and_then(|()| w.flush()) {
                             json_error.get_or_insert(e);
                         }
                     }

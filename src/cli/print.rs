@@ -41,10 +41,15 @@ pub fn uidls_user(o: &UserOutcome<UidlsReport>) -> bool {
     let verdict = match r.verdict {
         Verdict::Ok => "ok".to_string(),
         Verdict::Accepted(n) => format!("{n} changed UIDLs accepted"),
-        Verdict::Refused(n) => format!("REFUSED: {n} messages would show a changed UIDL (nothing stored; --accept-changed-uidls to store anyway)"),
+        Verdict::Refused(n) => format!("REFUSED: {n} messages would show a changed UIDL or have no counterpart (nothing stored; see --legacy-without-copy, --new-without-legacy, --accept-changed-uidls)"),
+    };
+    let x = if r.by_x_uidl > 0 {
+        format!(", {} by X-UIDL", r.by_x_uidl)
+    } else {
+        String::new()
     };
     println!(
-        "user {}: legacy {}, new {}; matched {} ({} by size, {} by header); unmatched legacy {}, unmatched new {}; duplicates {}/{}; conflicts {}; stored {}; {verdict}",
+        "user {}: legacy {}, new {}; matched {} ({} by size, {} by header{x}); unmatched legacy {}, unmatched new {}; duplicates {}/{}; conflicts {}; stored {}; {verdict}",
         o.user,
         r.legacy,
         r.new,
@@ -63,6 +68,12 @@ pub fn uidls_user(o: &UserOutcome<UidlsReport>) -> bool {
         println!(
             "  user {}: legacy UIDL {u} has no match in the new store",
             o.user
+        );
+    }
+    if r.unmatched_new > 0 {
+        println!(
+            "  user {}: {} new-store messages have no legacy message (served as new mail if stored)",
+            o.user, r.unmatched_new
         );
     }
     for c in r.conflicts.iter().take(LISTED) {
@@ -157,8 +168,8 @@ pub fn summary(job: &str, t: &Tally, took: Duration, clock: &str) {
     );
     match job {
         "uidls" => println!(
-            "summary {job}: messages: {} legacy, {} matched by size, {} by header, {} legacy unmatched, {} new unmatched; {} conflicts",
-            t.messages, t.by_size, t.by_header, t.unmatched_legacy, t.unmatched_new, t.conflicts
+            "summary {job}: messages: {} legacy, {} matched by size, {} by header, {} by X-UIDL, {} legacy unmatched, {} new unmatched; {} conflicts",
+            t.messages, t.by_size, t.by_header, t.by_x_uidl, t.unmatched_legacy, t.unmatched_new, t.conflicts
         ),
         "verify" => println!(
             "summary {job}: messages: {} legacy compared, {} differences",

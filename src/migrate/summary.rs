@@ -26,6 +26,7 @@ pub struct Tally {
     /// messages with no legacy one (`uidls`). Messages compared (`verify`), lines (`import`).
     pub by_size: usize,
     pub by_header: usize,
+    pub by_x_uidl: usize,
     pub unmatched_legacy: usize,
     pub unmatched_new: usize,
     pub messages: usize,
@@ -84,6 +85,7 @@ impl Described for UidlsReport {
             "new": self.new,
             "by_size": self.by_size,
             "by_header": self.by_header,
+            "by_x_uidl": self.by_x_uidl,
             "unmatched_legacy": self.unmatched_legacy.len(),
             "unmatched_new": self.unmatched_new,
             "duplicates_legacy": self.duplicates.0,
@@ -107,6 +109,7 @@ impl Described for UidlsReport {
     fn tally(&self, t: &mut Tally) {
         t.by_size += self.by_size;
         t.by_header += self.by_header;
+        t.by_x_uidl += self.by_x_uidl;
         t.unmatched_legacy += self.unmatched_legacy.len();
         t.unmatched_new += self.unmatched_new;
         t.messages += self.legacy;
@@ -212,6 +215,7 @@ mod tests {
             new: 4,
             by_size: 3,
             by_header: 1,
+            by_x_uidl: 0,
             unmatched_legacy: vec!["X1".into()],
             unmatched_new: 0,
             duplicates: (0, 0),

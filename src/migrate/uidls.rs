@@ -2,13 +2,15 @@
 //! new store's ([`super::matcher`]), merge the matches into the existing map copies and store
 //! the result, unless a legacy message would show a changed UIDL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::copies::{self, existing_map, open_state, store_map};
 use super::journal::Class;
-use super::matcher::{header_hash, match_by_size, match_rest, LegacyMessage, MatchedBy};
+use super::matcher::{header_hash, match_by_size, match_by_x_uidl, match_rest, x_uidl};
+use super::matcher::{LegacyMessage, MatchedBy};
 use super::report::{Conflict, LoginsUsed, Stored, UidlsReport, UserOutcome, Verdict, Warning};
+use super::report::{LegacyWithoutCopy, NewWithoutLegacy, Policies};
 use super::store::Store;
 use super::users::{
     credential, imap_backend, legacy_session, master, pop3_backend, Logins, UserSpec,
@@ -27,6 +29,13 @@ pub struct UidlsOptions {
     /// `--from-login` / `--to-login` templates (see [`Logins`]).
     pub from_login: Option<String>,
     pub to_login: Option<String>,
+    /// Skip the size pass (the legacy POP3 sizes are known to be wrong): every message goes
+    /// to the header pass.
+    pub no_size_pass: bool,
+    /// Pair by the `X-UIDL:` header of the new store's copies first (implies the header pass
+    /// for every message).
+    pub x_uidl: bool,
+    pub policies: Policies,
 }
 
 /// `migrate uidls` as the work of a wave ([`super::wave`]): [`UidlsJob::start`] checks the
@@ -146,8 +155,14 @@ impl UidlsJob {
                 size: m.size,
             })
             .collect();
-        let sized = match_by_size(&legacy, &new);
+        let x_mode = self.opts.x_uidl;
+        let sized = if self.opts.no_size_pass || x_mode {
+            0
+        } else {
+            match_by_size(&legacy, &new)
+        };
         let (mut lh, mut nh) = (Vec::new(), Vec::new());
+        let mut x_uidls: HashMap<u32, String> = HashMap::new();
         if sized < legacy.len() || sized < new.len() {
             for m in &listed[sized.min(listed.len())..] {
                 let mut hash = header_hash(&pop.top0(m.number, MAX_HEADER).await?);
@@ -162,6 +177,11 @@ impl UidlsJob {
             let mut hashes: HashMap<u32, _> = HashMap::new();
             store
                 .each_section(&rest, false, |uid, header| {
+                    if x_mode {
+                        if let Some(x) = x_uidl(header) {
+                            x_uidls.insert(uid, x);
+                        }
+                    }
                     let hash = header_hash(header);
                     if hash.complete {
                         hashes.insert(uid, hash);
@@ -181,7 +201,33 @@ impl UidlsJob {
         }
         pop.quit().await;
         drop(legacy_permit);
-        let matching = match_rest(&legacy, &new, sized, &lh, &nh);
+        // X-UIDL pairs first (sized is 0 then: the hashes are index-aligned with the lists),
+        // the header hashes for the rest.
+        let new_x: Vec<Option<String>> = new.iter().map(|m| x_uidls.get(&m.uid).cloned()).collect();
+        let x_pairs = if x_mode {
+            match_by_x_uidl(&legacy, &new_x)
+        } else {
+            Vec::new()
+        };
+        for &(i, j) in &x_pairs {
+            lh[i] = None;
+            nh[j] = None;
+        }
+        let mut matching = match_rest(&legacy, &new, sized, &lh, &nh);
+        if !x_pairs.is_empty() {
+            let paired_legacy: HashSet<usize> = x_pairs.iter().map(|p| p.0).collect();
+            let paired_new: HashSet<u32> = x_pairs.iter().map(|p| new[p.1].uid).collect();
+            matching
+                .unmatched_legacy
+                .retain(|i| !paired_legacy.contains(i));
+            matching.unmatched_new.retain(|u| !paired_new.contains(u));
+            matching.matched.extend(
+                x_pairs
+                    .iter()
+                    .map(|&(i, j)| (i, new[j].uid, MatchedBy::XUidl)),
+            );
+            matching.matched.sort_by_key(|m| m.0);
+        }
 
         let shared = copies::shared(config, &store);
         let existing = existing_map(state, &mut store, shared).await?;
@@ -192,6 +238,7 @@ impl UidlsJob {
             new: new.len(),
             by_size: 0,
             by_header: 0,
+            by_x_uidl: 0,
             unmatched_legacy: matching
                 .unmatched_legacy
                 .iter()
@@ -207,6 +254,7 @@ impl UidlsJob {
             match by {
                 MatchedBy::Size => report.by_size += 1,
                 MatchedBy::Header => report.by_header += 1,
+                MatchedBy::XUidl => report.by_x_uidl += 1,
             }
             if let Err(error) = map.insert(uid, &legacy[li].uidl) {
                 report.conflicts.push(Conflict::Match {
@@ -216,8 +264,20 @@ impl UidlsJob {
                 });
             }
         }
-        // A changed UIDL: an unmatched legacy message (downloaded again) or a kept mapping.
-        let changed = report.unmatched_legacy.len() + report.conflicts.len();
+        // What the policies refuse (a legacy message without a copy, a new-store message
+        // without a legacy one), and kept mappings.
+        let p = self.opts.policies;
+        let changed = report.conflicts.len()
+            + if p.legacy_without_copy == LegacyWithoutCopy::Refuse {
+                report.unmatched_legacy.len()
+            } else {
+                0
+            }
+            + if p.new_without_legacy == NewWithoutLegacy::Refuse {
+                report.unmatched_new
+            } else {
+                0
+            };
         report.verdict = Verdict::of(changed, accept);
         if let Verdict::Refused(_) = report.verdict {
             store.logout().await;
