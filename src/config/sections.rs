@@ -183,6 +183,26 @@ pub struct DeletionConfig {
     pub move_to: String,
     #[serde(default = "default_hide_keyword")]
     pub hide_keyword: String,
+    /// With `mode = "hide"`: hidden mail older than this many days (INTERNALDATE) is removed
+    /// at a session's commit; 0 keeps it for ever. Backends may set their own.
+    #[serde(default)]
+    pub retention_days: u32,
+    /// What retention does to such mail.
+    #[serde(default = "default_retention_action")]
+    pub retention_action: RetentionAction,
+    /// UIDs per retention command (and a tenth of the most removed per folder and commit).
+    #[serde(default = "default_retention_batch")]
+    pub retention_batch: u32,
+}
+
+/// What retention does to hidden mail past its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionAction {
+    /// `UID STORE +FLAGS (\Deleted)` + `UID EXPUNGE` (UIDPLUS).
+    Expunge,
+    /// `UID MOVE` (or `UID COPY` + `UID EXPUNGE`) into `move_to`.
+    Move,
 }
 
 impl Default for DeletionConfig {
@@ -191,8 +211,18 @@ impl Default for DeletionConfig {
             mode: default_mode(),
             move_to: default_move_to(),
             hide_keyword: default_hide_keyword(),
+            retention_days: 0,
+            retention_action: default_retention_action(),
+            retention_batch: default_retention_batch(),
         }
     }
+}
+
+fn default_retention_action() -> RetentionAction {
+    RetentionAction::Expunge
+}
+fn default_retention_batch() -> u32 {
+    500
 }
 
 fn default_true() -> bool {

@@ -116,6 +116,9 @@ server_section! {
         /// `mailbox`. Empty: `folders.mailboxes` (filled in at load), else `mailbox` alone.
         #[serde(default)]
         pub mailboxes: Vec<String>,
+        /// Days hidden mail is kept (see `deletion.retention_days`, the default, filled in
+        /// at load).
+        pub retention_days: Option<u32>,
     }
 }
 

@@ -6,17 +6,19 @@
 mod commit;
 mod folders;
 pub mod legacy_map;
+mod retention;
 mod retrieve;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use imap_next::imap_types::mailbox::Mailbox;
 
-use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
+use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, RetentionAction};
 use crate::maildrop::{
     BodyPart, Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot,
 };
@@ -38,6 +40,8 @@ pub struct ImapUpstream {
     mailbox: String,
     /// Every folder served, in listing order (`mailbox` first).
     folders: Vec<String>,
+    /// Hidden mail past its time removed at commits (hide mode with `retention_days`).
+    retention: Option<retention::Retention>,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -99,6 +103,16 @@ impl ImapUpstream {
             endpoint,
             mailbox: imap.mailbox.clone(),
             folders: imap.folders(),
+            retention: imap
+                .retention_days
+                .or(Some(deletion.retention_days))
+                .and_then(NonZeroU32::new)
+                .filter(|_| deletion.mode == DeletionMode::Hide)
+                .map(|days| retention::Retention {
+                    days,
+                    action: deletion.retention_action,
+                    batch: deletion.retention_batch.max(1) as usize,
+                }),
             deletion: deletion.mode,
             move_to: deletion.move_to.clone(),
             hide_keyword: deletion.hide_keyword.clone(),
@@ -277,6 +291,19 @@ impl ImapUpstream {
             }
             _ => {}
         }
+        let retention = self.retention.filter(|r| {
+            let able = match r.action {
+                RetentionAction::Expunge => has_uidplus,
+                RetentionAction::Move => has_move || has_uidplus,
+            };
+            if !able {
+                tracing::warn!(
+                    user,
+                    "retention needs UIDPLUS (expunge) or MOVE/UIDPLUS (move), which the server lacks: hidden mail is kept"
+                );
+            }
+            able
+        });
 
         let key = MaildropKey::new(&self.endpoint.address(), user, &self.mailbox);
         let folders = self
@@ -300,6 +327,8 @@ impl ImapUpstream {
             lock_key: key.clone(),
             key,
             folders,
+            served: Vec::new(),
+            retention,
             current: 0,
             selected: None,
             others: Vec::new(),
@@ -396,6 +425,10 @@ pub struct ImapMaildrop {
     /// Every folder served, in listing order; the current one's state is in this struct's
     /// fields, the others' parked here (see `folders.rs`).
     folders: Vec<folders::Folder>,
+    /// Which of `folders` the listing holds (opened at login).
+    served: Vec<usize>,
+    /// Retention to apply at the commit, when configured and possible.
+    retention: Option<retention::Retention>,
     /// Which of `folders` is current.
     current: usize,
     /// Which of `folders` is selected upstream.

@@ -249,13 +249,16 @@ impl ImapMaildrop {
     /// first folder, where most mail is read, is the one left selected.
     pub(super) async fn take_snapshot(&mut self) -> Result<Snapshot, MaildropError> {
         let mut later: Vec<(usize, Vec<MessageEntry>)> = Vec::new();
+        self.served.clear();
         for i in (1..self.folders.len()).rev() {
             self.load_state(i);
             if let Some(opened) = self.open_mailbox(false).await? {
                 let messages = self.folder_listing(opened.uids).await?;
                 later.push((i, messages));
+                self.served.push(i);
             }
         }
+        self.served.push(0);
         self.load_state(0);
         let Some(opened) = self.open_mailbox(true).await? else {
             return Err(MaildropError::unavailable("no first folder"));
