@@ -76,8 +76,9 @@ fn start(dc: &Dovecot, extra: &str) -> (Popbridge, u16) {
     (pb, mport)
 }
 
+/// The user must exist already (users are added before any login: Dovecot may not see a
+/// passwd-file change made within the second of its previous read).
 fn seed(dc: &Dovecot, user: &str) -> Imap {
-    dc.add_user(user, PW);
     let mut c = Imap::login(dc.imap_port(), user, PW);
     c.run("CREATE Junk", &[]);
     append(&mut c, "INBOX", "hidden-old", "$POP3Deleted", Some(OLD));
@@ -111,6 +112,8 @@ fn kept_inbox() -> Vec<(String, bool)> {
 #[test]
 fn hidden_old_mail_is_expunged_and_nothing_else() {
     let dc = Dovecot::start();
+    dc.add_user("r1", PW);
+    dc.add_user("r2", PW);
     let mut c = seed(&dc, "r1");
     let (pb, mport) = start(&dc, "[deletion]\nretention_days = 30\n");
     assert_eq!(
@@ -159,6 +162,7 @@ fn hidden_old_mail_is_expunged_and_nothing_else() {
 #[test]
 fn hidden_old_mail_is_moved_to_trash() {
     let dc = Dovecot::start();
+    dc.add_user("r3", PW);
     let mut c = seed(&dc, "r3");
     let (pb, mport) = start(
         &dc,
