@@ -33,6 +33,38 @@ impl Default for MigrationConfig {
     }
 }
 
+/// Per-device views (`recent:alice`): a login form giving a session the last days of mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewsConfig {
+    /// What a login starts with to ask for the view (matched without regard to ASCII case).
+    pub prefix: String,
+    /// Days of mail a view lists, for backends without their own `recent_days`; 0: no view.
+    pub recent_days: u32,
+    /// What a view's committed DELE does upstream.
+    pub dele: ViewDele,
+}
+
+impl Default for ViewsConfig {
+    fn default() -> Self {
+        ViewsConfig {
+            prefix: "recent:".into(),
+            recent_days: 0,
+            dele: ViewDele::Nothing,
+        }
+    }
+}
+
+/// What a per-device view's committed DELE does upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewDele {
+    /// Nothing: the message stays as it was for every device.
+    Nothing,
+    /// `UID STORE +FLAGS (\Seen)`.
+    Seen,
+}
+
 /// Defaults for what each IMAP backend serves (a backend's own keys win).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -119,6 +119,9 @@ server_section! {
         /// Days hidden mail is kept (see `deletion.retention_days`, the default, filled in
         /// at load).
         pub retention_days: Option<u32>,
+        /// Days of mail a per-device view lists (see `[views]`, the default, filled in at
+        /// load); 0: this backend has no view.
+        pub recent_days: Option<u32>,
     }
 }
 

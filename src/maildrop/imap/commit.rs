@@ -154,6 +154,9 @@ impl ImapMaildrop {
     /// in listing order. A folder that fails does not stop the others; the first error is
     /// returned (the client is told not everything was removed).
     pub(super) async fn apply_deletions(&mut self, handles: &[u32]) -> Result<(), MaildropError> {
+        if let Some(view) = self.view {
+            return self.commit_view(view, handles).await;
+        }
         let mut groups = self.by_folder(handles);
         if let Some(sel) = self.selected {
             groups.sort_by_key(|(f, _)| (*f != sel, *f));
