@@ -3,7 +3,9 @@
 //! into the backends at load ([`Config::inherit_defaults`]), after the checks, which name the
 //! key in effect (the backend's own, or the global one it inherits).
 
-use super::{BackendConfig, Config, DeletionMode, ImapConfig};
+#[cfg(test)]
+use super::ViewDele;
+use super::{BackendConfig, Config, DeletionMode, ImapConfig, RetentionAction};
 
 impl Config {
     /// Every IMAP backend section, with its name in keys (`imap`, `backends.X`).
@@ -20,10 +22,14 @@ impl Config {
     /// Fill each IMAP backend's unset keys from the global defaults (`[folders]`).
     pub(super) fn inherit_defaults(&mut self) {
         let folders = self.folders.clone();
+        let retention_days = self.deletion.retention_days;
+        let recent_days = self.views.recent_days;
         let fill = |i: &mut ImapConfig| {
             if i.mailboxes.is_empty() {
                 i.mailboxes = folders.mailboxes.clone();
             }
+            i.retention_days.get_or_insert(retention_days);
+            i.recent_days.get_or_insert(recent_days);
         };
         fill(&mut self.imap);
         for b in self.backends.values_mut() {
@@ -36,6 +42,8 @@ impl Config {
     /// The per-backend checks of what a maildrop serves, on the values in effect (a
     /// backend's own, else the global default, named as such in errors).
     pub(super) fn validate_maildrops(&self) -> Result<(), (String, String)> {
+        self.validate_retention()?;
+        self.validate_views()?;
         for (prefix, imap) in self.imap_sections() {
             let (key, effective);
             if imap.mailboxes.is_empty() && !self.folders.mailboxes.is_empty() {
@@ -54,7 +62,10 @@ impl Config {
                 .unwrap_or(&self.pop3.uidl_format);
             validate_folders(&key, &effective, format)
                 .map_err(|(k, m)| (k, format!("{m} (backend {prefix})")))?;
-            if self.deletion.mode == DeletionMode::Move {
+            let retention = imap.retention_days.unwrap_or(self.deletion.retention_days);
+            let moves_for_retention =
+                retention > 0 && self.deletion.retention_action == RetentionAction::Move;
+            if self.deletion.mode == DeletionMode::Move || moves_for_retention {
                 if let Some(name) = effective
                     .folders()
                     .iter()
@@ -81,6 +92,75 @@ pub fn same_folder(a: &str, b: &str) -> bool {
 
 /// The checks of a several-folder maildrop: `key` names the list (`imap.mailboxes`, or
 /// `folders.mailboxes` when inherited), `format` is the UIDL format its users get.
+impl Config {
+    /// Whether any IMAP backend offers the per-device view.
+    pub fn views_enabled(&self) -> bool {
+        self.imap_sections()
+            .iter()
+            .any(|(_, i)| i.recent_days.unwrap_or(self.views.recent_days) > 0)
+    }
+
+    fn validate_views(&self) -> Result<(), (String, String)> {
+        let mut days = vec![("views.recent_days".to_owned(), self.views.recent_days)];
+        for (prefix, imap) in self.imap_sections() {
+            if let Some(n) = imap.recent_days {
+                days.push((format!("{prefix}.recent_days"), n));
+            }
+        }
+        for (key, n) in days {
+            if n > 36_500 {
+                return Err((key, "must be at most 36500; 0 turns the view off".into()));
+            }
+        }
+        let p = &self.views.prefix;
+        if self.views_enabled()
+            && (p.is_empty() || p.len() > 32 || !p.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        {
+            return Err((
+                "views.prefix".into(),
+                "must be 1 to 32 printable ASCII characters without spaces (e.g. \"recent:\")"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Retention only makes sense for hidden mail, within sane bounds.
+    fn validate_retention(&self) -> Result<(), (String, String)> {
+        let d = &self.deletion;
+        if !(1..=10_000).contains(&d.retention_batch) {
+            return Err((
+                "deletion.retention_batch".into(),
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        let mut days = vec![("deletion.retention_days".to_owned(), d.retention_days)];
+        for (prefix, imap) in self.imap_sections() {
+            if let Some(n) = imap.retention_days {
+                days.push((format!("{prefix}.retention_days"), n));
+            }
+        }
+        for (key, n) in days {
+            if n > 36_500 {
+                return Err((
+                    key,
+                    "must be at most 36500 (100 years); 0 keeps hidden mail for ever".into(),
+                ));
+            }
+            if n > 0 && d.mode != DeletionMode::Hide {
+                return Err((
+                    key,
+                    "only applies with deletion.mode = \"hide\" (the other modes keep no hidden mail)".into(),
+                ));
+            }
+        }
+        if d.retention_action == RetentionAction::Move && d.move_to.is_empty() {
+            return Err(("deletion.move_to".into(), "must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
 fn validate_folders(key: &str, imap: &ImapConfig, format: &str) -> Result<(), (String, String)> {
     use crate::uidl::folders::{folder_tag, MARK};
     let list = &imap.mailboxes;
@@ -153,6 +233,69 @@ mod tests {
         assert_eq!(c.imap.folders(), vec!["INBOX".to_owned(), "Junk".into()]);
         let c = parse("[folders]\nmailboxes = [\"inbox\", \"Junk\"]\n").unwrap();
         assert_eq!(c.imap.folders().len(), 2, "INBOX in any case");
+    }
+
+    #[test]
+    fn views_are_checked_and_inherited() {
+        let c = parse("").unwrap();
+        assert!(!c.views_enabled());
+        assert_eq!(c.imap.recent_days, Some(0));
+        let c = parse("[views]\nrecent_days = 30\ndele = \"seen\"\n").unwrap();
+        assert!(c.views_enabled());
+        assert_eq!(c.imap.recent_days, Some(30));
+        assert_eq!(c.views.dele, ViewDele::Seen);
+        assert_eq!(c.views.prefix, "recent:");
+        assert_eq!(
+            key_of("[views]\nrecent_days = 30\nprefix = \"re cent:\"\n"),
+            "views.prefix"
+        );
+        assert_eq!(
+            key_of("[views]\nrecent_days = 40000\n"),
+            "views.recent_days"
+        );
+        let own = MINIMAL.replace("[imap]\n", "[imap]\nrecent_days = 7\n");
+        let c = Config::parse(Path::new("t.toml"), &own).unwrap();
+        assert!(c.views_enabled(), "one backend is enough");
+        assert_eq!(c.imap.recent_days, Some(7));
+    }
+
+    #[test]
+    fn retention_is_checked_and_inherited() {
+        let c = parse("").unwrap();
+        assert_eq!(c.imap.retention_days, Some(0));
+        let c = parse("[deletion]\nretention_days = 30\n").unwrap();
+        assert_eq!(c.imap.retention_days, Some(30));
+        assert_eq!(c.deletion.retention_action, RetentionAction::Expunge);
+        assert_eq!(c.deletion.retention_batch, 500);
+        let own = MINIMAL.replace("[imap]\n", "[imap]\nretention_days = 7\n");
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!("{own}[deletion]\nretention_days = 30\n"),
+        )
+        .unwrap();
+        assert_eq!(c.imap.retention_days, Some(7), "the backend's own wins");
+        assert_eq!(
+            key_of("[deletion]\nmode = \"expunge\"\nretention_days = 30\n"),
+            "deletion.retention_days"
+        );
+        assert_eq!(
+            key_of("[deletion]\nretention_days = 99999\n"),
+            "deletion.retention_days"
+        );
+        assert_eq!(
+            key_of("[deletion]\nretention_batch = 0\n"),
+            "deletion.retention_batch"
+        );
+        let e = Config::parse(
+            Path::new("t.toml"),
+            &format!("{own}[deletion]\nmode = \"move\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("imap.retention_days"), "{e}");
+        assert_eq!(
+            key_of("[folders]\nmailboxes = [\"INBOX\", \"Trash\"]\n[deletion]\nretention_days = 3\nretention_action = \"move\"\n"),
+            "deletion.move_to"
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Config {
     pub migration: MigrationConfig,
     #[serde(default)]
     pub folders: FoldersConfig,
+    #[serde(default)]
+    pub views: ViewsConfig,
 }
 
 impl Config {

@@ -130,6 +130,12 @@ server_section! {
         /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
         /// CAPA says `EXPIRE NEVER`.
         pub expire_days: Option<u32>,
+        /// Days hidden mail is kept (see `deletion.retention_days`, the default, filled in
+        /// at load).
+        pub retention_days: Option<u32>,
+        /// Days of mail a per-device view lists (see `[views]`, the default, filled in at
+        /// load); 0: this backend has no view.
+        pub recent_days: Option<u32>,
     }
 }
 

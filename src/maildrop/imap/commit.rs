@@ -154,6 +154,9 @@ impl ImapMaildrop {
     /// in listing order. A folder that fails does not stop the others; the first error is
     /// returned (the client is told not everything was removed).
     pub(super) async fn apply_deletions(&mut self, handles: &[u32]) -> Result<(), MaildropError> {
+        if let Some(view) = self.view {
+            return self.commit_view(view, handles).await;
+        }
         let mut groups = self.by_folder(handles);
         if let Some(sel) = self.selected {
             groups.sort_by_key(|(f, _)| (*f != sel, *f));
@@ -175,7 +178,38 @@ impl ImapMaildrop {
                 }
             }
         }
+        if first_error.is_none() {
+            self.retain().await;
+        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Retention in every served folder, the selected one first. Housekeeping: a failure is
+    /// logged and does not change the client's answer (its deletions were applied).
+    async fn retain(&mut self) {
+        let Some(r) = self.retention else {
+            return;
+        };
+        let mut folders = self.served.clone();
+        folders.sort_by_key(|&f| (Some(f) != self.selected, f));
+        for folder in folders {
+            let result = match self.enter(folder).await {
+                Ok(()) => self.apply_retention(r).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(maildrop = %self.lock_key, folder = %self.folder_name(folder), removed = n, days = r.days.get(), "retention removed hidden mail")
+                }
+                Err(e) => {
+                    tracing::warn!(maildrop = %self.lock_key, folder = %self.folder_name(folder), error = %crate::errors::Chain(&e), "retention failed");
+                    if self.conn.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     fn count_deletions(&self, n: usize) {

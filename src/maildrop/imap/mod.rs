@@ -6,17 +6,22 @@
 mod commit;
 mod folders;
 pub mod legacy_map;
+mod retention;
 mod retrieve;
 mod snapshot;
+mod view;
+
+pub use view::View;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use imap_next::imap_types::mailbox::Mailbox;
 
-use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
+use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, RetentionAction};
 use crate::maildrop::{
     BodyPart, Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot,
 };
@@ -38,6 +43,10 @@ pub struct ImapUpstream {
     mailbox: String,
     /// Every folder served, in listing order (`mailbox` first).
     folders: Vec<String>,
+    /// Hidden mail past its time removed at commits (hide mode with `retention_days`).
+    retention: Option<retention::Retention>,
+    /// Days of mail a per-device view lists (`recent_days`); 0: no view here.
+    recent_days: u32,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -99,6 +108,17 @@ impl ImapUpstream {
             endpoint,
             mailbox: imap.mailbox.clone(),
             folders: imap.folders(),
+            retention: imap
+                .retention_days
+                .or(Some(deletion.retention_days))
+                .and_then(NonZeroU32::new)
+                .filter(|_| deletion.mode == DeletionMode::Hide)
+                .map(|days| retention::Retention {
+                    days,
+                    action: deletion.retention_action,
+                    batch: deletion.retention_batch.max(1) as usize,
+                }),
+            recent_days: imap.recent_days.unwrap_or(0),
             deletion: deletion.mode,
             move_to: deletion.move_to.clone(),
             hide_keyword: deletion.hide_keyword.clone(),
@@ -277,6 +297,19 @@ impl ImapUpstream {
             }
             _ => {}
         }
+        let retention = self.retention.filter(|r| {
+            let able = match r.action {
+                RetentionAction::Expunge => has_uidplus,
+                RetentionAction::Move => has_move || has_uidplus,
+            };
+            if !able {
+                tracing::warn!(
+                    user,
+                    "retention needs UIDPLUS (expunge) or MOVE/UIDPLUS (move), which the server lacks: hidden mail is kept"
+                );
+            }
+            able
+        });
 
         let key = MaildropKey::new(&self.endpoint.address(), user, &self.mailbox);
         let folders = self
@@ -300,6 +333,9 @@ impl ImapUpstream {
             lock_key: key.clone(),
             key,
             folders,
+            served: Vec::new(),
+            retention,
+            view: None,
             current: 0,
             selected: None,
             others: Vec::new(),
@@ -368,6 +404,35 @@ fn login_error(e: SessionError) -> MaildropError {
     }
 }
 
+impl ImapUpstream {
+    /// Log `user` in for a per-device view (see [`View`]) with the user's own credentials.
+    /// Its lock is `view_login`'s (the login form, e.g. `recent:alice`), not the user's: a
+    /// view never hides or removes mail, so it runs beside the user's normal session; two
+    /// sessions of the same view still exclude each other. Caches stay the user's.
+    pub async fn login_view(
+        &self,
+        user: &str,
+        view_login: &str,
+        credential: Credential<'_>,
+        dele: crate::config::ViewDele,
+    ) -> Result<ImapMaildrop, MaildropError> {
+        let Some(days) = NonZeroU32::new(self.recent_days) else {
+            tracing::info!(
+                user,
+                "login in the per-device view form, but this backend has no view (recent_days = 0)"
+            );
+            return Err(MaildropError::Unsupported(
+                "per-device views are not enabled for this mailbox".into(),
+            ));
+        };
+        let mut md = self.open(user, credential).await?;
+        md.view = Some(View { days, dele });
+        md.retention = None;
+        md.lock_key = MaildropKey::new(&self.endpoint.address(), view_login, &self.mailbox);
+        Ok(md)
+    }
+}
+
 impl Mailstore for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
@@ -396,6 +461,12 @@ pub struct ImapMaildrop {
     /// Every folder served, in listing order; the current one's state is in this struct's
     /// fields, the others' parked here (see `folders.rs`).
     folders: Vec<folders::Folder>,
+    /// Which of `folders` the listing holds (opened at login).
+    served: Vec<usize>,
+    /// Retention to apply at the commit, when configured and possible.
+    retention: Option<retention::Retention>,
+    /// A per-device view session: what it lists and what its DELE does.
+    view: Option<View>,
     /// Which of `folders` is current.
     current: usize,
     /// Which of `folders` is selected upstream.

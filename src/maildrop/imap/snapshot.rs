@@ -43,7 +43,9 @@ impl ImapMaildrop {
     /// session serves the others.
     async fn open_mailbox(&mut self, primary: bool) -> Result<Option<Opened>, MaildropError> {
         let select = session::select(&self.mailbox, false).map_err(MaildropError::Unsupported)?;
-        let criteria = if self.deletion == DeletionMode::Hide {
+        let criteria = if let Some(view) = self.view {
+            view.criterion()?
+        } else if self.deletion == DeletionMode::Hide {
             let atom = Atom::try_from(self.hide_keyword.clone())
                 .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
             SearchKey::Not(Box::new(SearchKey::Keyword(atom)))
@@ -92,7 +94,10 @@ impl ImapMaildrop {
                 Some(select_done.text.clone())
             } else if status.read_only {
                 Some("read-only".to_owned())
-            } else if self.deletion == DeletionMode::Hide && !status.can_store(&self.hide_keyword) {
+            } else if self.deletion == DeletionMode::Hide
+                && self.view.is_none()
+                && !status.can_store(&self.hide_keyword)
+            {
                 Some(format!(
                     "cannot store the hide keyword {}",
                     self.hide_keyword
@@ -133,7 +138,7 @@ impl ImapMaildrop {
                 "server did not report UIDVALIDITY on SELECT",
             ));
         };
-        if self.deletion == DeletionMode::Hide {
+        if self.deletion == DeletionMode::Hide && self.view.is_none() {
             // RFC 3501: without PERMANENTFLAGS, all flags can be changed permanently.
             if !status.can_store(&self.hide_keyword) {
                 self.abandon().await;
@@ -252,13 +257,16 @@ impl ImapMaildrop {
     /// first folder, where most mail is read, is the one left selected.
     pub(super) async fn take_snapshot(&mut self) -> Result<Snapshot, MaildropError> {
         let mut later: Vec<(usize, Vec<MessageEntry>)> = Vec::new();
+        self.served.clear();
         for i in (1..self.folders.len()).rev() {
             self.load_state(i);
             if let Some(opened) = self.open_mailbox(false).await? {
                 let messages = self.folder_listing(opened.uids).await?;
                 later.push((i, messages));
+                self.served.push(i);
             }
         }
+        self.served.push(0);
         self.load_state(0);
         let Some(opened) = self.open_mailbox(true).await? else {
             return Err(MaildropError::unavailable("no first folder"));
