@@ -262,7 +262,11 @@ fn a_commit_answered_unavailable_loses_nothing_and_backs_the_backend_off() {
     assert!(c.cmd("DELE 1").starts_with("+OK"));
     let r = c.cmd("QUIT");
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
-    assert_eq!(s.relay.fired(), 1, "the hiding STORE was not the one refused");
+    assert_eq!(
+        s.relay.fired(),
+        1,
+        "the hiding STORE was not the one refused"
+    );
     assert_eq!(
         metric(
             s.metrics,
