@@ -281,14 +281,25 @@ impl Upstream for RoutedUpstream {
             };
         };
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
-        let gated = self.gate.as_ref().map(|gate| Gated {
-            gate: gate.clone(),
-            backend: name.clone(),
-            user_key: Gated::key(name, &route.login),
-            policy: self.policies.get(&**name).copied().unwrap_or_default(),
+        let gated = self.gate.as_ref().map(|gate| {
+            let user_key = Gated::key(name, &route.login);
+            let secret = match credential {
+                Credential::Password(p) => p,
+                Credential::Bearer(t) => t,
+            };
+            Gated {
+                gate: gate.clone(),
+                backend: name.clone(),
+                fingerprint: gate.fingerprint(&user_key, secret.as_bytes()),
+                user_key,
+                policy: self.policies.get(&**name).copied().unwrap_or_default(),
+            }
         });
         if let Some(g) = &gated {
-            if let Err(refusal) = g.gate.check(name, &g.user_key, Instant::now()) {
+            if let Err(refusal) = g
+                .gate
+                .check(name, &g.user_key, &g.fingerprint, Instant::now())
+            {
                 let (reason, signal, wait) = match refusal {
                     Refusal::LoginDelay { wait } => ("login_delay", Signal::LoginDelay, wait),
                     Refusal::Backoff { signal, wait } => ("backoff", signal, wait),

@@ -163,12 +163,18 @@ impl AuthPenalty {
 /// who logged in less than the delay ago) and the backoff after an upstream said it is under
 /// pressure (a user, or a whole backend). One per process, shared by all listeners and kept
 /// across reloads. Keys are chosen by the caller: a backend name, or a backend and user.
-#[derive(Debug)]
+///
+/// LOGIN-DELAY answers only a login that brings the credentials of the last successful one
+/// (compared by a keyed hash, see [`LoginGate::fingerprint`]): anyone else goes upstream and
+/// gets the store's answer, so the delay tells no one without the password whether a user
+/// exists or logged in recently.
 pub struct LoginGate {
     base: Duration,
     max: Duration,
-    /// Key → the earliest next login allowed.
-    next_login: Mutex<HashMap<String, Instant>>,
+    /// Random per process: fingerprints mean nothing outside it.
+    key: ring::hmac::Key,
+    /// Key → the earliest next login allowed, and the fingerprint of the login that set it.
+    next_login: Mutex<HashMap<String, (Instant, Fingerprint)>>,
     /// Key → (backoffs in a row, until when, the signal that started it).
     backoff: Mutex<HashMap<String, (u32, Instant, Signal)>>,
 }
@@ -182,20 +188,62 @@ pub enum Refusal {
     Backoff { signal: Signal, wait: Duration },
 }
 
+/// A keyed hash (HMAC-SHA-256, key random per process) of a user and the secret they logged
+/// in with: never the secret itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fingerprint(<redacted>)")
+    }
+}
+
+impl std::fmt::Debug for LoginGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginGate")
+            .field("base", &self.base)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LoginGate {
     /// A backoff lasts `base` the first time, doubling each time pressure is reported again
     /// within `max` of the previous backoff's end, never longer than `max`.
     pub fn new(base: Duration, max: Duration) -> Arc<Self> {
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .expect("the system random number generator works");
         Arc::new(LoginGate {
             base,
             max: max.max(base),
+            key,
             next_login: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Whether a login may go upstream: checked for the backend's key, then the user's.
-    pub fn check(&self, backend: &str, user: &str, now: Instant) -> Result<(), Refusal> {
+    /// The fingerprint of `user` logging in with `secret` (a password or a token).
+    pub fn fingerprint(&self, user: &str, secret: &[u8]) -> Fingerprint {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(user.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(secret);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        Fingerprint(out)
+    }
+
+    /// Whether a login of `user` with credentials `fp` may go upstream: the backend's
+    /// backoff, the user's, then the user's LOGIN-DELAY (for the same credentials only).
+    pub fn check(
+        &self,
+        backend: &str,
+        user: &str,
+        fp: &Fingerprint,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         {
             let b = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
             for key in [backend, user] {
@@ -214,14 +262,16 @@ impl LoginGate {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match n.get(user) {
-            Some(&next) if now < next => Err(Refusal::LoginDelay { wait: next - now }),
+            Some(&(next, last)) if now < next && last == *fp => {
+                Err(Refusal::LoginDelay { wait: next - now })
+            }
             _ => Ok(()),
         }
     }
 
-    /// A login of `user` succeeded: the next may come `delay` later (nothing is kept for a
-    /// zero delay).
-    pub fn logged_in(&self, user: &str, delay: Duration, now: Instant) {
+    /// A login of `user` with credentials `fp` succeeded: the next may come `delay` later
+    /// (nothing is kept for a zero delay).
+    pub fn logged_in(&self, user: &str, fp: Fingerprint, delay: Duration, now: Instant) {
         if delay.is_zero() {
             return;
         }
@@ -230,13 +280,13 @@ impl LoginGate {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if n.len() >= MAX_TRACKED && !n.contains_key(user) {
-            n.retain(|_, next| now < *next);
+            n.retain(|_, (next, _)| now < *next);
             if n.len() >= MAX_TRACKED {
                 // Only under a flood of distinct users: some may log in early, nothing worse.
                 n.clear();
             }
         }
-        n.insert(user.to_owned(), now + delay);
+        n.insert(user.to_owned(), (now + delay, fp));
     }
 
     /// The upstream sent `signal` for `key` (a backend's, or a user's): start or extend its
@@ -328,21 +378,34 @@ mod tests {
     }
 
     #[test]
-    fn login_delay_refuses_until_it_has_passed_and_only_that_user() {
+    fn login_delay_refuses_the_same_credentials_until_it_has_passed_and_only_that_user() {
         let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(8));
         let t = Instant::now();
-        assert_eq!(g.check("b", "b\0bob", t), Ok(()));
-        g.logged_in("b\0bob", Duration::from_secs(60), t);
+        let right = g.fingerprint("b\0bob", b"pw");
+        assert_eq!(g.check("b", "b\0bob", &right, t), Ok(()));
+        g.logged_in("b\0bob", right, Duration::from_secs(60), t);
+        let later = t + Duration::from_secs(20);
         assert_eq!(
-            g.check("b", "b\0bob", t + Duration::from_secs(20)),
+            g.check("b", "b\0bob", &right, later),
             Err(Refusal::LoginDelay {
                 wait: Duration::from_secs(40)
             })
         );
-        assert_eq!(g.check("b", "b\0amy", t + Duration::from_secs(20)), Ok(()));
-        assert_eq!(g.check("b", "b\0bob", t + Duration::from_secs(60)), Ok(()));
-        g.logged_in("b\0amy", Duration::ZERO, t);
+        // Other credentials go upstream (which judges them): the delay reveals nothing.
+        let wrong = g.fingerprint("b\0bob", b"guess");
+        assert_ne!(wrong, right);
+        assert_eq!(g.check("b", "b\0bob", &wrong, later), Ok(()));
+        let amy = g.fingerprint("b\0amy", b"pw");
+        assert_eq!(g.check("b", "b\0amy", &amy, later), Ok(()));
+        assert_eq!(
+            g.check("b", "b\0bob", &right, t + Duration::from_secs(60)),
+            Ok(())
+        );
+        g.logged_in("b\0amy", amy, Duration::ZERO, t);
         assert_eq!(g.tracked(), 1, "a zero delay keeps nothing");
+        // Another gate (another process) fingerprints differently.
+        let other = LoginGate::new(Duration::from_secs(1), Duration::from_secs(8));
+        assert_ne!(other.fingerprint("b\0bob", b"pw"), right);
     }
 
     #[test]
@@ -354,17 +417,26 @@ mod tests {
             .collect();
         assert_eq!(waits, vec![1, 2, 4, 5, 5]);
         assert_eq!(
-            g.check("b", "b\0bob", t + Duration::from_secs(1)),
+            g.check(
+                "b",
+                "b\0bob",
+                &g.fingerprint("b\0bob", b"pw"),
+                t + Duration::from_secs(1)
+            ),
             Err(Refusal::Backoff {
                 signal: Signal::Unavailable,
                 wait: Duration::from_secs(4)
             })
         );
         // A backend's backoff holds every user of it; a user's only that user.
+        let fp = g.fingerprint("x", b"y");
         g.pressure("c\0amy", Signal::Throttled, t);
-        assert!(g.check("c", "c\0amy", t).is_err());
-        assert_eq!(g.check("c", "c\0bob", t), Ok(()));
-        assert_eq!(g.check("b", "b\0bob", t + Duration::from_secs(5)), Ok(()));
+        assert!(g.check("c", "c\0amy", &fp, t).is_err());
+        assert_eq!(g.check("c", "c\0bob", &fp, t), Ok(()));
+        assert_eq!(
+            g.check("b", "b\0bob", &fp, t + Duration::from_secs(5)),
+            Ok(())
+        );
         // Quiet for longer than the cap after the end: back to the base.
         assert_eq!(
             g.pressure("b", Signal::Unavailable, t + Duration::from_secs(11))
@@ -378,7 +450,8 @@ mod tests {
         let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(2));
         let t = Instant::now();
         for i in 0..MAX_TRACKED + 10 {
-            g.logged_in(&format!("u{i}"), Duration::from_secs(60), t);
+            let fp = g.fingerprint("u", b"p");
+            g.logged_in(&format!("u{i}"), fp, Duration::from_secs(60), t);
             g.pressure(&format!("u{i}"), Signal::Limit, t);
         }
         assert!(g.tracked() <= 2 * MAX_TRACKED);

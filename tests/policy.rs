@@ -207,3 +207,24 @@ fn a_failed_login_does_not_start_the_delay() {
     let r = c.cmd("PASS fpw");
     assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{r}");
 }
+
+#[test]
+fn within_the_delay_a_wrong_password_gets_the_stores_answer_not_login_delay() {
+    let s = setup();
+    let port = s.pb.pop3_port();
+    let mut c = RawPop3::ready(port);
+    c.login("f", "fpw");
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // Someone without the password learns nothing from the delay: the store judges it.
+    let before = s.relay.connections();
+    let mut c = RawPop3::ready(port);
+    c.cmd("USER f");
+    let r = c.cmd("PASS guess");
+    assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    assert_eq!(s.relay.connections(), before + 1);
+    // The user's own client is held back at once.
+    c.cmd("USER f");
+    let r = c.cmd("PASS fpw");
+    assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{r}");
+    assert_eq!(s.relay.connections(), before + 1);
+}

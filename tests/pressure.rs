@@ -249,3 +249,36 @@ fn a_throttled_fetch_is_sys_temp_not_a_gone_message_and_backs_the_user_off() {
     session.assert_all_ok();
     assert_eq!(session.step("retr 1").data(), b"Subject: 1\r\n\r\none\r\n");
 }
+
+#[test]
+fn a_commit_answered_unavailable_loses_nothing_and_backs_the_backend_off() {
+    let s = setup(
+        Trigger::ClientSends("($POP3Deleted)".into()),
+        Fault::Answer("NO [UNAVAILABLE] Storage busy"),
+    );
+    let port = s.pb.pop3_port();
+    let mut c = RawPop3::ready(port);
+    c.login("f", "fpw");
+    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    let r = c.cmd("QUIT");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert_eq!(
+        s.relay.fired(),
+        1,
+        "the hiding STORE was not the one refused"
+    );
+    assert_eq!(
+        metric(
+            s.metrics,
+            "popbridge_backoffs_total",
+            &[("backend", "imap"), ("scope", "backend")]
+        ),
+        1.0
+    );
+    // Nothing was hidden: after the backoff, all three messages are still listed.
+    s.relay.set(Trigger::Never, Fault::Cut);
+    std::thread::sleep(Duration::from_millis(2100));
+    let mut c = RawPop3::ready(port);
+    c.login("f", "fpw");
+    assert!(c.cmd("STAT").starts_with("+OK 3 "));
+}

@@ -89,7 +89,69 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::MINIMAL;
     use super::*;
+    use std::path::Path;
+
+    fn parse(extra: &str) -> Result<Config, super::super::ConfigError> {
+        Config::parse(Path::new("t.toml"), &format!("{MINIMAL}\n{extra}"))
+    }
+
+    #[test]
+    fn keys_default_are_checked_and_name_the_key() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.login_delay_secs, 0);
+        assert_eq!(
+            (c.limits.backoff_base_secs, c.limits.backoff_max_secs),
+            (5, 300)
+        );
+        assert!(!c.imap.forward_client_address);
+        assert_eq!(c.user_policy("imap"), UserPolicy::default());
+        assert_eq!(c.advertised_policy().capa_lines(None), vec!["EXPIRE NEVER"]);
+        for (extra, key) in [
+            (
+                "[limits]\nbackoff_base_secs = 0",
+                "limits.backoff_base_secs",
+            ),
+            (
+                "[limits]\nbackoff_base_secs = 10\nbackoff_max_secs = 5",
+                "limits.backoff_max_secs",
+            ),
+            (
+                "[limits]\nlogin_delay_secs = 90000",
+                "limits.login_delay_secs",
+            ),
+            (
+                "[backends.b]\nkind = \"pop3\"\nhost = \"h\"\nlogin_delay_secs = 90000",
+                "backends.b.login_delay_secs",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.to_string().contains("t.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_overrides_the_global_delay_and_declares_its_expiry() {
+        let c = parse(
+            "[limits]\nlogin_delay_secs = 60\n\
+             [backends.b]\nkind = \"imap\"\nhost = \"h\"\nlogin_delay_secs = 0\nexpire_days = 7",
+        )
+        .unwrap();
+        assert_eq!(c.user_policy("imap").login_delay_secs, 60);
+        assert_eq!(
+            c.user_policy("b"),
+            UserPolicy {
+                login_delay_secs: 0,
+                expire: Expire::Days(7)
+            }
+        );
+        assert_eq!(
+            c.advertised_policy().capa_lines(None),
+            vec!["LOGIN-DELAY 60 USER", "EXPIRE 7 USER"]
+        );
+    }
 
     #[test]
     fn expire_is_never_unless_the_store_expires_mail_itself() {

@@ -37,6 +37,10 @@ macro_rules! server_section {
             /// Deadline for the greeting and each read or write after it.
             #[serde(default = "default_command_timeout")]
             pub command_timeout_secs: u64,
+            /// Tell the server the client's address before login: IMAP ID (RFC 2971,
+            /// `x-originating-ip` ...) or POP3 XCLIENT, when the server offers it.
+            #[serde(default)]
+            pub forward_client_address: bool,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 
@@ -51,6 +55,7 @@ macro_rules! server_section {
                     tls_server_name: self.tls_server_name.clone(),
                     connect_timeout_secs: self.connect_timeout_secs,
                     command_timeout_secs: self.command_timeout_secs,
+                    forward_client_address: self.forward_client_address,
                 }
             }
         }

@@ -485,6 +485,9 @@ where
                 if let Err(e) = &r {
                     warn!(user = self.user.as_deref().unwrap_or("-"), error = %crate::errors::Chain(e), "commit failed");
                 }
+                if let (Err(MaildropError::Busy { signal, .. }), Some(g)) = (&r, &self.gated) {
+                    g.pressure(*signal);
+                }
                 md.close().await;
                 drop(lock);
                 r

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::policy::UserPolicy;
 use super::relay::Relayed;
-use crate::limits::LoginGate;
+use crate::limits::{Fingerprint, LoginGate};
 use crate::maildrop::{Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Scope, Signal};
 use crate::metrics::metrics;
 use crate::uidl::UidlFormat;
@@ -76,6 +76,8 @@ pub struct Gated {
     pub backend: Arc<str>,
     /// The gate's key for this user of this backend.
     pub user_key: String,
+    /// The credentials of this login, fingerprinted.
+    pub fingerprint: Fingerprint,
     /// The backend's LOGIN-DELAY and EXPIRE, for the gate and for CAPA after login.
     pub policy: UserPolicy,
 }
@@ -90,6 +92,7 @@ impl Gated {
     pub fn logged_in(&self) {
         self.gate.logged_in(
             &self.user_key,
+            self.fingerprint,
             Duration::from_secs(self.policy.login_delay_secs),
             Instant::now(),
         );

@@ -22,6 +22,7 @@ use crate::pop3::connection::{self, ClientPolicy, SessionOutcome};
 use crate::pop3::routed::Upstream;
 use crate::pop3::stream::ClientStream;
 use crate::proxy_protocol;
+use crate::upstream::client_address::{self, ClientAddress};
 use std::net::SocketAddr;
 use tokio_rustls::TlsAcceptor;
 
@@ -216,6 +217,7 @@ pub async fn run<U: Upstream + 'static>(
                     let kill = kill_rx.clone();
                     let mut killed = kill_rx.clone();
                     next_id += 1;
+                    let id = next_id;
                     let span = tracing::info_span!(
                         "session",
                         listener = spec.name,
@@ -231,6 +233,7 @@ pub async fn run<U: Upstream + 'static>(
                         // on its way), the kill at the end of a drain simply drops it.
                         let prelude = async {
                             let mut socket = socket;
+                            let local = socket.local_addr().ok();
                             let client = spec.client_address(&mut socket, peer).await?;
                             let slot = spec.admit(&socket, client)?;
                             m.sessions_started.with_label_values(&[listener]).inc();
@@ -249,7 +252,7 @@ pub async fn run<U: Upstream + 'static>(
                                     }
                                 }
                             };
-                            Some((client, slot, active, io))
+                            Some((client, local, slot, active, io))
                         };
                         let started = Instant::now();
                         let prelude = tokio::select! {
@@ -257,22 +260,34 @@ pub async fn run<U: Upstream + 'static>(
                             p = prelude => p,
                             _ = killed.wait_for(|k| *k) => None,
                         };
-                        let Some((client, _slot, _active, io)) = prelude else {
+                        let Some((client, local, _slot, _active, io)) = prelude else {
                             return;
                         };
                         let outcome = match io {
                             Ok(io) => {
                                 // From here on the session answers the kill itself.
-                                connection::serve_client(
+                                let policy = spec.client_policy(client);
+                                let served = connection::serve_client(
                                     io,
-                                    &spec.client_policy(client),
+                                    &policy,
                                     &bridge.upstream,
                                     &bridge.locks,
                                     &bridge.session,
                                     &bridge.limits,
                                     kill,
-                                )
-                                .await
+                                );
+                                // Who the client is, for backends that forward it upstream.
+                                match local {
+                                    Some(local) => {
+                                        let address = ClientAddress {
+                                            client,
+                                            local,
+                                            session: session_id(listener, id),
+                                        };
+                                        client_address::scope(address, served).await
+                                    }
+                                    None => served.await,
+                                }
                             }
                             Err(o) => o,
                         };
@@ -326,4 +341,10 @@ impl Drop for Active {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The session id sent upstream with the client's address: the process, the listener and
+/// the session's number (as in popbridge's log lines: `id=N`), unique on this host.
+fn session_id(listener: &str, id: u64) -> String {
+    format!("popbridge-{}-{listener}-{id}", std::process::id())
 }

@@ -56,6 +56,8 @@ pub struct EndpointSettings {
     pub connect_timeout_secs: u64,
     /// Deadline for the greeting and each read or write after it.
     pub command_timeout_secs: u64,
+    /// Tell the server who the client is (IMAP ID, POP3 XCLIENT), when it offers that.
+    pub forward_client_address: bool,
 }
 
 impl EndpointSettings {
@@ -123,6 +125,8 @@ pub struct Endpoint {
     pub connect_timeout: Duration,
     /// Deadline for each read and each write; a server silent for longer is dead.
     pub io_timeout: Duration,
+    /// Tell the server who the client is before login (see [`super::client_address`]).
+    pub forward_client_address: bool,
 }
 
 impl Endpoint {
@@ -146,6 +150,7 @@ impl Endpoint {
             tls,
             connect_timeout: Duration::from_secs(s.connect_timeout_secs),
             io_timeout: Duration::from_secs(s.command_timeout_secs),
+            forward_client_address: s.forward_client_address,
         })
     }
 
@@ -178,6 +183,7 @@ mod tests {
             tls_server_name: None,
             connect_timeout_secs: 10,
             command_timeout_secs: 60,
+            forward_client_address: false,
         }
     }
 

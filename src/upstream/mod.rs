@@ -3,6 +3,7 @@
 //!
 //! | module | job |
 //! |---|---|
+//! | [`client_address`] | the client's trusted address, forwarded upstream (IMAP ID, POP3 XCLIENT) |
 //! | [`endpoint`] | where a server is, how to reach it; the settings every server section shares |
 //! | [`tls`] | the rustls client configuration (system roots plus `ca_file`, always verified) |
 //! | [`transport`] | TCP, implicit TLS, STARTTLS/STLS |
@@ -12,6 +13,7 @@
 //! | [`pop3`] | the POP3 client: login, UIDL/LIST/TOP/RETR, hand-off to the relay |
 //! | [`oauth`] | OAuth 2.0 tokens for stores that take only tokens: grants, cache, sealed refresh tokens |
 
+pub mod client_address;
 pub mod credentials;
 pub mod endpoint;
 pub mod imap;

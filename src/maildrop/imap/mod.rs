@@ -600,6 +600,8 @@ pub(super) fn unavailable(e: ImapError) -> MaildropError {
 pub(super) fn expect_ok(what: &str, done: Completion) -> Result<(), MaildropError> {
     if done.is_ok() {
         Ok(())
+    } else if let Some(e) = pressure_error(what, &done) {
+        Err(e)
     } else {
         Err(MaildropError::unavailable(format!(
             "{what} failed: {}",
@@ -626,6 +628,14 @@ fn login_failure(done: &Completion) -> MaildropError {
         .any(|c| code.starts_with(c))
     {
         MaildropError::unavailable(format!("upstream login failed: {}", done.text))
+    } else if matches!(
+        done.code,
+        Some(imap_next::imap_types::response::Code::Alert)
+    ) {
+        // Meant for the user ("log in with a browser", "use an app password"): the user has
+        // to act on their credentials, so [AUTH]; the operator sees why.
+        tracing::info!(alert = %done.text, "upstream refused the login with an ALERT");
+        MaildropError::Auth
     } else if code.starts_with("PRIVACYREQUIRED") {
         MaildropError::Unsupported("upstream requires TLS before login (set imap.security)".into())
     } else {
@@ -661,6 +671,7 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(login_failure(&c(Some(Code::Alert))), MaildropError::Auth);
         let throttled = Code::Other(imap_next::imap_types::response::CodeOther::unvalidated(
             &b"THROTTLED"[..],
         ));

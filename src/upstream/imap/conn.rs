@@ -204,6 +204,20 @@ impl ImapConnection {
         self.engine.execute_login(login).await
     }
 
+    /// See [`Engine::execute_login_after`].
+    pub async fn execute_login_after(
+        &mut self,
+        before: Option<CommandBody<'static>>,
+        login: LoginCommand,
+    ) -> Result<Completion, ImapError> {
+        self.engine.execute_login_after(before, login).await
+    }
+
+    /// See [`Engine::offers_id`].
+    pub fn offers_id(&self) -> bool {
+        self.engine.offers_id()
+    }
+
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.
     pub async fn logout(self) {
         self.logout_after(Vec::new()).await;

@@ -202,6 +202,8 @@ pub struct Engine {
     pub(super) broken: bool,
     /// The greeting listed SASL-IR (RFC 4959): AUTHENTICATE may carry its first response.
     sasl_ir: bool,
+    /// The greeting listed ID (RFC 2971).
+    id: bool,
     /// The response to send after the server's `+` in a two-step AUTHENTICATE.
     sasl_continuation: Option<Vec<u8>>,
     /// The response to an error challenge after that (RFC 7628), and the challenge received.
@@ -246,6 +248,7 @@ impl Engine {
             next_tag: 1,
             broken: false,
             sasl_ir: false,
+            id: false,
             sasl_continuation: None,
             sasl_after_error: None,
             sasl_challenge: None,
@@ -254,8 +257,12 @@ impl Engine {
             match conn.next_event().await? {
                 Event::GreetingReceived { greeting } => {
                     check_greeting(&greeting)?;
-                    conn.sasl_ir = matches!(&greeting.code, Some(Code::Capability(list))
-                        if list.as_ref().iter().any(|c| c.to_string().eq_ignore_ascii_case("SASL-IR")));
+                    let listed = |name: &str| {
+                        matches!(&greeting.code, Some(Code::Capability(list))
+                        if list.as_ref().iter().any(|c| c.to_string().eq_ignore_ascii_case(name)))
+                    };
+                    conn.sasl_ir = listed("SASL-IR");
+                    conn.id = listed("ID");
                 }
                 _ => return Err(ImapError::Malformed),
             }
@@ -416,13 +423,32 @@ impl Engine {
         self.sasl_ir
     }
 
+    /// Whether the greeting listed ID (RFC 2971).
+    pub fn offers_id(&self) -> bool {
+        self.id
+    }
+
     /// Runs a login command (see [`super::login`]), answering the server's continuation
     /// request with the response it owes, if any.
     pub async fn execute_login(&mut self, login: LoginCommand) -> Result<Completion, ImapError> {
+        self.execute_login_after(None, login).await
+    }
+
+    /// [`Self::execute_login`] with `before` (an ID) pipelined ahead of it in the same write:
+    /// no extra round trip. What `before` gets back does not matter.
+    pub async fn execute_login_after(
+        &mut self,
+        before: Option<CommandBody<'static>>,
+        login: LoginCommand,
+    ) -> Result<Completion, ImapError> {
         self.sasl_continuation = login.continuation;
         self.sasl_after_error = login.after_error;
         self.sasl_challenge = None;
-        let done = self.execute(login.command, |_| {}).await;
+        let bodies: Vec<_> = before.into_iter().chain([login.command]).collect();
+        let done = self
+            .execute_all(bodies, |_| {})
+            .await
+            .and_then(|mut d| d.pop().ok_or(ImapError::Malformed));
         if let Some(mut r) = self.sasl_continuation.take() {
             r.iter_mut().for_each(|b| *b = 0);
         }

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use imap_next::imap_types::command::CommandBody;
+use imap_next::imap_types::core::{IString, NString};
 use imap_next::imap_types::flag::FlagPerm;
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data};
@@ -15,6 +16,7 @@ use super::engine::{Completion, ConnLimits, ImapError, Untagged};
 use super::login::Mechanism;
 use crate::maildrop::Signal;
 use crate::metrics::{metrics, Timer};
+use crate::upstream::client_address::{self, ClientAddress};
 use crate::upstream::credentials::Unsendable;
 use crate::upstream::endpoint::Endpoint;
 
@@ -79,8 +81,14 @@ pub async fn open(
             return Err(e.into());
         }
     };
+    // The client's address goes ahead of the login, pipelined: no extra round trip.
+    let id = if endpoint.forward_client_address && conn.offers_id() {
+        client_address::current().and_then(|c| id_command(&c))
+    } else {
+        None
+    };
     let timer = Timer::start(&metrics().upstream_login_duration);
-    let done = conn.execute_login(login).await;
+    let done = conn.execute_login_after(id, login).await;
     drop(timer);
     let result = match &done {
         Ok(d) if d.is_ok() => "ok",
@@ -120,6 +128,24 @@ pub async fn open(
         }
     }
     Ok(Session { conn, capabilities })
+}
+
+/// `ID ("x-originating-ip" "..." ...)` (RFC 2971) for `client`; `None` if a value cannot be
+/// sent (never the case for addresses and popbridge's session ids).
+fn id_command(client: &ClientAddress) -> Option<CommandBody<'static>> {
+    let parameters = client
+        .id_fields()
+        .into_iter()
+        .map(|(k, v)| {
+            Some((
+                IString::try_from(k).ok()?,
+                NString(Some(IString::try_from(v).ok()?)),
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(CommandBody::Id {
+        parameters: Some(parameters),
+    })
 }
 
 /// What a NO or BAD says about the server's load, from its response code (RFC 5530 and the
@@ -224,6 +250,73 @@ mod tests {
             code: code.map(|c| Code::Other(CodeOther::unvalidated(c))),
             text: "x".into(),
         }
+    }
+
+    /// ID goes out in the same write as the login: the server reads both lines before it
+    /// answers anything (a client waiting for ID's answer would stall here).
+    #[tokio::test]
+    async fn id_is_pipelined_with_the_login() {
+        use super::super::engine::ConnLimits;
+        use super::super::login::LoginCommand;
+        use std::time::Duration;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n")
+                .await
+                .unwrap();
+            let mut lines = Vec::new();
+            for _ in 0..2 {
+                let mut l = String::new();
+                r.read_line(&mut l).await.unwrap();
+                lines.push(l);
+            }
+            let tag = |l: &str| l.split(' ').next().unwrap().to_owned();
+            let reply = format!(
+                "* ID NIL\r\n{} OK ID done\r\n{} OK [CAPABILITY IMAP4rev1] Logged in\r\n",
+                tag(&lines[0]),
+                tag(&lines[1])
+            );
+            w.write_all(reply.as_bytes()).await.unwrap();
+            lines
+        });
+        let limits = ConnLimits {
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(5),
+            max_response_size: 1 << 20,
+        };
+        let mut conn = ImapConnection::over(Box::new(a), limits, false)
+            .await
+            .unwrap();
+        assert!(conn.offers_id());
+        let client = ClientAddress {
+            client: "203.0.113.7:51000".parse().unwrap(),
+            local: "127.0.0.1:110".parse().unwrap(),
+            session: "s1".into(),
+        };
+        let login = LoginCommand {
+            command: CommandBody::login("u", "p").unwrap(),
+            continuation: None,
+            after_error: None,
+        };
+        let done = conn
+            .execute_login_after(id_command(&client), login)
+            .await
+            .unwrap();
+        assert!(done.is_ok(), "{done:?}");
+        let lines = server.await.unwrap();
+        assert!(
+            lines[0].contains(
+                "ID (\"x-originating-ip\" \"203.0.113.7\" \"x-originating-port\" \"51000\" \
+                 \"x-connected-ip\" \"127.0.0.1\" \"x-connected-port\" \"110\" \
+                 \"x-session-id\" \"s1\")"
+            ),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("LOGIN"), "{lines:?}");
     }
 
     #[test]

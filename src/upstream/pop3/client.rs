@@ -12,6 +12,7 @@ use super::response::{
     join_listings, parse_listing, parse_status, ListedMessage, LoginRefusal, Pop3Error, Response,
     Status,
 };
+use crate::upstream::client_address::{self, ClientAddress};
 use crate::upstream::credentials::{self, Unsendable};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::reader::Reader;
@@ -34,10 +35,60 @@ impl Pop3Client {
     pub async fn connect(endpoint: &Endpoint) -> Result<Pop3Client, Pop3Error> {
         let connected = endpoint.connect().await?;
         let mut c = Pop3Client::over(connected.io, endpoint.io_timeout);
-        if !connected.greeted {
-            c.expect_ok("greeting").await?;
+        let greeting = if connected.greeted {
+            None
+        } else {
+            Some(c.expect_ok("greeting").await?)
+        };
+        if endpoint.forward_client_address {
+            if let Some(client) = client_address::current() {
+                c.forward_client(&client, greeting.as_deref()).await?;
+            }
         }
         Ok(c)
+    }
+
+    /// Tells the server who the client is with `XCLIENT` (Dovecot applies it from
+    /// `login_trusted_networks`), if the server offers it: in its greeting (`+OK [XCLIENT]`,
+    /// Dovecot's way to a trusted client, no round trip) or else in CAPA. A refusal is
+    /// logged, not fatal. Whether the server took it.
+    pub async fn forward_client(
+        &mut self,
+        client: &ClientAddress,
+        greeting: Option<&str>,
+    ) -> Result<bool, Pop3Error> {
+        let in_greeting = greeting.is_some_and(|g| {
+            g.trim_start()
+                .strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .is_some_and(|(code, _)| code.eq_ignore_ascii_case("XCLIENT"))
+        });
+        let offered = in_greeting || {
+            let capa = match self.multiline("CAPA", b"CAPA", 64 * 1024).await {
+                Ok(c) => c,
+                Err(Pop3Error::Refused { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            capa.split(|&b| b == b'\n').any(|l| {
+                let word = trim_eol(l).split(|&b| b == b' ').next().unwrap_or_default();
+                word.eq_ignore_ascii_case(b"XCLIENT")
+            })
+        };
+        if !offered {
+            tracing::debug!("the POP3 server does not offer XCLIENT: client address not forwarded");
+            return Ok(false);
+        }
+        match self
+            .command("XCLIENT", client.xclient_line().as_bytes())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e @ Pop3Error::Refused { .. }) => {
+                tracing::warn!(error = %e, "the POP3 server refused XCLIENT (is popbridge in its login_trusted_networks?)");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A client over an established stream whose greeting is next.
