@@ -36,7 +36,7 @@ pub struct Opts {
     /// polls: users [default: 2000; 20 with --smoke].
     #[arg(long, value_name = "N")]
     pub poll_users: Option<usize>,
-    /// polls: sessions started per second in the fixed-rate phase [default: 50].
+    /// polls: sessions started per second in the fixed-rate phase [default: 20].
     #[arg(long, value_name = "N")]
     pub poll_rate: Option<f64>,
     /// polls: clients polling back to back in the saturation phase [default: 32].

@@ -147,7 +147,7 @@ impl Ctx {
     pub fn polls(&mut self) -> Result<()> {
         eprintln!("popbridge-bench: scenario polls");
         let n = self.feel.poll_users(self.smoke);
-        let rate = self.feel.poll_rate.unwrap_or(50.0);
+        let rate = self.feel.poll_rate.unwrap_or(20.0);
         let clients = self.feel.poll_clients.unwrap_or(32);
         let t = Instant::now();
         for u in 0..n {

@@ -358,6 +358,7 @@ impl ImapUpstream {
             retrieved_pruned: false,
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
+            heads: HashMap::new(),
         })
     }
 }
@@ -505,6 +506,9 @@ pub struct ImapMaildrop {
     ahead_hint: Vec<(u32, u64)>,
     /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
     ahead: HashMap<u32, Bytes>,
+    /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
+    /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.
+    heads: HashMap<u32, Bytes>,
 }
 
 /// Read ahead at most this many bytes per session ...
@@ -515,6 +519,9 @@ const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
 const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
 /// ... and only messages up to this size (bigger ones are streamed anyway).
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
+/// A first piece at most this long is a TOP's (see `pop3::retrieve`): the same piece of the
+/// next messages is fetched along with it (heads), within READ_AHEAD_BYTES.
+const HEAD_AHEAD_MAX_PIECE: u64 = 64 * 1024;
 /// The next message is prefetched (its FETCH sent as soon as the current one was handed out,
 /// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
 /// something else makes popbridge read and discard it before its next command.
