@@ -321,7 +321,13 @@ impl Upstream for RoutedUpstream {
         }
         let view_login = view.and_then(|_| view_form(&self.views, &route.login));
         let result = self
-            .open(name, backend, &route.login, credential, view_login.as_deref())
+            .open(
+                name,
+                backend,
+                &route.login,
+                credential,
+                view_login.as_deref(),
+            )
             .await;
         if let (Err(MaildropError::Busy { signal, .. }), Some(g)) = (&result, &gated) {
             g.pressure(*signal);
