@@ -485,6 +485,7 @@ impl Run<'_> {
             uid_validity: u32::from_le_bytes([h[2], h[3], h[4], h[5]]),
             messages,
             legacy: None,
+            others: None,
         }
     }
 }
