@@ -1,5 +1,5 @@
 //! Several folders in one maildrop (issue #15 item 1), against a private Dovecot and Cyrus
-//! (which gives a new folder the same UIDVALIDITY as INBOX: the folder tag in later folders'
+//! (which can give a new folder INBOX's UIDVALIDITY: the folder tag in later folders'
 //! UIDLs is what keeps them apart) with real clients (poplib, curl) and a second IMAP client
 //! changing the account meanwhile: INBOX keeps
 //! the UIDLs it had before the option was on, byte for byte; Junk is listed after it with
