@@ -1,5 +1,7 @@
-//! Several folders in one maildrop (issue #15 item 1), against a private Dovecot with real
-//! clients (poplib, curl) and a second IMAP client changing the account meanwhile: INBOX keeps
+//! Several folders in one maildrop (issue #15 item 1), against a private Dovecot and Cyrus
+//! (which can give a new folder INBOX's UIDVALIDITY: the folder tag in later folders'
+//! UIDLs is what keeps them apart) with real clients (poplib, curl) and a second IMAP client
+//! changing the account meanwhile: INBOX keeps
 //! the UIDLs it had before the option was on, byte for byte; Junk is listed after it with
 //! UIDLs of its own form; Junk filled while sessions run; a message moved Junk -> INBOX by
 //! another client; DELE in Junk applying each deletion mode in Junk; a missing folder and one
@@ -12,6 +14,15 @@ use support::raw::RawPop3 as Raw;
 use support::*;
 
 const PW: &str = "fpw";
+
+on_both_servers!(
+    inbox_keeps_its_uidls_and_junk_follows_with_its_own,
+    a_message_moved_from_junk_to_inbox_by_another_client,
+    dele_in_junk_hides_there,
+    dele_in_junk_expunges_there,
+    dele_in_junk_moves_from_there,
+    a_missing_folder_and_one_that_vanishes,
+);
 const TWO: &str = "[imap]\nmailboxes = [\"INBOX\", \"Junk\"]\n";
 
 fn msg(tag: &str, i: usize) -> Vec<u8> {
@@ -19,7 +30,7 @@ fn msg(tag: &str, i: usize) -> Vec<u8> {
 }
 
 /// APPEND each message to `folder` (created first if `create`).
-fn fill(dc: &Dovecot, user: &str, folder: &str, create: bool, msgs: &[Vec<u8>]) {
+fn fill<S: MailServer>(dc: &S, user: &str, folder: &str, create: bool, msgs: &[Vec<u8>]) {
     let mut c = Imap::login(dc.imap_port(), user, PW);
     if create {
         c.run(&format!("CREATE {folder}"), &[]);
@@ -58,9 +69,7 @@ fn download(port: u16, user: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-#[test]
-fn inbox_keeps_its_uidls_and_junk_follows_with_its_own() {
-    let dc = Dovecot::start();
+fn inbox_keeps_its_uidls_and_junk_follows_with_its_own<S: MailServer>(dc: S) {
     dc.add_user("f1", PW);
     let inbox: Vec<Vec<u8>> = (1..=3).map(|i| msg("inbox", i)).collect();
     let refs: Vec<&[u8]> = inbox.iter().map(Vec::as_slice).collect();
@@ -80,6 +89,12 @@ fn inbox_keeps_its_uidls_and_junk_follows_with_its_own() {
     let got = download(port, "f1");
     assert_eq!(got.len(), 5, "INBOX then Junk: {got:?}");
     let uidls: Vec<&str> = got.iter().map(|(u, _)| u.as_str()).collect();
+    let distinct: std::collections::HashSet<&str> = uidls.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        5,
+        "unique UIDLs, whatever the UIDVALIDITYs: {uidls:?}"
+    );
     assert_eq!(
         &uidls[..3],
         &before.iter().map(String::as_str).collect::<Vec<_>>()[..],
@@ -137,9 +152,7 @@ fn inbox_keeps_its_uidls_and_junk_follows_with_its_own() {
     ));
 }
 
-#[test]
-fn a_message_moved_from_junk_to_inbox_by_another_client() {
-    let dc = Dovecot::start();
+fn a_message_moved_from_junk_to_inbox_by_another_client<S: MailServer>(dc: S) {
     dc.add_user("f2", PW);
     dc.seed("f2", &[&msg("inbox", 1)]);
     let junk: Vec<Vec<u8>> = (1..=3).map(|i| msg("junk", i)).collect();
@@ -185,8 +198,7 @@ fn a_message_moved_from_junk_to_inbox_by_another_client() {
     assert_eq!(second[3], first[3], "Junk's third unchanged");
 }
 
-fn dele_in_junk(mode: &str) {
-    let dc = Dovecot::start();
+fn dele_in_junk<S: MailServer>(dc: S, mode: &str) {
     let user = "f3";
     dc.add_user(user, PW);
     dc.seed(user, &[&msg("inbox", 1), &msg("inbox", 2)]);
@@ -239,24 +251,19 @@ fn dele_in_junk(mode: &str) {
     assert_eq!(left.len(), 2, "{mode}: INBOX 1 and Junk 2 left: {left:?}");
 }
 
-#[test]
-fn dele_in_junk_hides_there() {
-    dele_in_junk("hide");
+fn dele_in_junk_hides_there<S: MailServer>(dc: S) {
+    dele_in_junk(dc, "hide");
 }
 
-#[test]
-fn dele_in_junk_expunges_there() {
-    dele_in_junk("expunge");
+fn dele_in_junk_expunges_there<S: MailServer>(dc: S) {
+    dele_in_junk(dc, "expunge");
 }
 
-#[test]
-fn dele_in_junk_moves_from_there() {
-    dele_in_junk("move");
+fn dele_in_junk_moves_from_there<S: MailServer>(dc: S) {
+    dele_in_junk(dc, "move");
 }
 
-#[test]
-fn a_missing_folder_and_one_that_vanishes() {
-    let dc = Dovecot::start();
+fn a_missing_folder_and_one_that_vanishes<S: MailServer>(dc: S) {
     dc.add_user("f4", PW);
     dc.seed("f4", &[&msg("inbox", 1), &msg("inbox", 2)]);
     fill(&dc, "f4", "Junk", true, &[msg("junk", 1)]);

@@ -1,4 +1,4 @@
-//! Retention of hidden mail (issue #15 item 3), against a private Dovecot: mail APPENDed with
+//! Retention of hidden mail (issue #15 item 3), against a private Dovecot and Cyrus: mail APPENDed with
 //! old and new INTERNALDATEs, hidden or not (and one another client flagged `\Deleted`), then
 //! a POP3 session (poplib) that QUITs. Hidden and old is removed (expunged, or moved to Trash),
 //! in every served folder; hidden and new, and everything not hidden, is untouched; the
@@ -13,6 +13,12 @@ use support::*;
 
 const PW: &str = "rpw";
 const OLD: &str = "01-Jan-2020 10:00:00 +0000";
+
+on_both_servers!(
+    hidden_old_mail_is_expunged_and_nothing_else,
+    hidden_old_mail_is_moved_to_trash,
+    retention_is_bounded_per_commit,
+);
 
 fn msg(tag: &str) -> Vec<u8> {
     format!("Subject: {tag}\r\nX-Id: {tag}\r\n\r\nbody {tag}\r\n").into_bytes()
@@ -65,7 +71,7 @@ fn quit_session(port: u16, user: &str) {
     s.assert_all_ok();
 }
 
-fn start(dc: &Dovecot, extra: &str) -> (Popbridge, u16) {
+fn start<S: MailServer>(dc: &S, extra: &str) -> (Popbridge, u16) {
     let mport = free_ports(1)[0];
     let pb = Popbridge::start(
         dc,
@@ -78,7 +84,7 @@ fn start(dc: &Dovecot, extra: &str) -> (Popbridge, u16) {
 
 /// The user must exist already (users are added before any login: Dovecot may not see a
 /// passwd-file change made within the second of its previous read).
-fn seed(dc: &Dovecot, user: &str) -> Imap {
+fn seed<S: MailServer>(dc: &S, user: &str) -> Imap {
     let mut c = Imap::login(dc.imap_port(), user, PW);
     c.run("CREATE Junk", &[]);
     append(&mut c, "INBOX", "hidden-old", "$POP3Deleted", Some(OLD));
@@ -109,9 +115,7 @@ fn kept_inbox() -> Vec<(String, bool)> {
     v
 }
 
-#[test]
-fn hidden_old_mail_is_expunged_and_nothing_else() {
-    let dc = Dovecot::start();
+fn hidden_old_mail_is_expunged_and_nothing_else<S: MailServer>(dc: S) {
     dc.add_user("r1", PW);
     dc.add_user("r2", PW);
     let mut c = seed(&dc, "r1");
@@ -159,9 +163,7 @@ fn hidden_old_mail_is_expunged_and_nothing_else() {
     assert_eq!(ids(&mut c2, "Junk").len(), 2);
 }
 
-#[test]
-fn hidden_old_mail_is_moved_to_trash() {
-    let dc = Dovecot::start();
+fn hidden_old_mail_is_moved_to_trash<S: MailServer>(dc: S) {
     dc.add_user("r3", PW);
     let mut c = seed(&dc, "r3");
     let (pb, mport) = start(
@@ -188,9 +190,7 @@ fn hidden_old_mail_is_moved_to_trash() {
     );
 }
 
-#[test]
-fn retention_is_bounded_per_commit() {
-    let dc = Dovecot::start();
+fn retention_is_bounded_per_commit<S: MailServer>(dc: S) {
     dc.add_user("r4", PW);
     let mut c = Imap::login(dc.imap_port(), "r4", PW);
     for i in 0..13 {

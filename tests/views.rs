@@ -1,4 +1,4 @@
-//! Per-device views (issue #15 item 2), against a private Dovecot with poplib and curl: one
+//! Per-device views (issue #15 item 2), against a private Dovecot and Cyrus with poplib and curl: one
 //! user on two devices, a desktop with the normal login (downloads and deletes, hide mode)
 //! and a phone with `recent:<user>` (the last 30 days, whatever the desktop hid), each keeping
 //! a ledger of what it downloaded as a leave-on-server client does (by UIDL). Checked: each
@@ -17,11 +17,17 @@ use support::*;
 const PW: &str = "vpw";
 const OLD: &str = "01-Jan-2020 10:00:00 +0000";
 
+on_both_servers!(
+    two_devices_one_in_the_view_dele_does_nothing,
+    two_devices_one_in_the_view_dele_sets_seen,
+    the_view_form_is_refused_where_views_are_off,
+);
+
 fn msg(tag: &str) -> Vec<u8> {
     format!("Subject: {tag}\r\nX-Id: {tag}\r\n\r\nbody {tag}\r\n").into_bytes()
 }
 
-fn append(dc: &Dovecot, user: &str, tag: &str, date: Option<&str>) {
+fn append<S: MailServer>(dc: &S, user: &str, tag: &str, date: Option<&str>) {
     let mut c = Imap::login(dc.imap_port(), user, PW);
     let date = date.map(|d| format!(" \"{d}\"")).unwrap_or_default();
     c.run(&format!("APPEND INBOX (){date}"), &msg(tag));
@@ -118,8 +124,7 @@ fn sorted(v: &[&str]) -> Vec<String> {
     v
 }
 
-fn two_devices(dele_mode: &str) {
-    let dc = Dovecot::start();
+fn two_devices<S: MailServer>(dc: S, dele_mode: &str) {
     let user = "v1";
     dc.add_user(user, PW);
     append(&dc, user, "old", Some(OLD));
@@ -232,19 +237,15 @@ fn two_devices(dele_mode: &str) {
     assert_eq!(bad.code, 67, "login denied: {}", bad.stderr);
 }
 
-#[test]
-fn two_devices_one_in_the_view_dele_does_nothing() {
-    two_devices("nothing");
+fn two_devices_one_in_the_view_dele_does_nothing<S: MailServer>(dc: S) {
+    two_devices(dc, "nothing");
 }
 
-#[test]
-fn two_devices_one_in_the_view_dele_sets_seen() {
-    two_devices("seen");
+fn two_devices_one_in_the_view_dele_sets_seen<S: MailServer>(dc: S) {
+    two_devices(dc, "seen");
 }
 
-#[test]
-fn the_view_form_is_refused_where_views_are_off() {
-    let dc = Dovecot::start();
+fn the_view_form_is_refused_where_views_are_off<S: MailServer>(dc: S) {
     dc.add_user("v2", PW);
     append(&dc, "v2", "r1", None);
     let pb = Popbridge::start(&dc, "");

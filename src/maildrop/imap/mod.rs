@@ -1,7 +1,9 @@
 //! The maildrop backed by an IMAP folder. [`ImapUpstream`] (one per IMAP backend) logs users
 //! in; each session's [`ImapMaildrop`] takes the listing (`snapshot.rs`), serves message bytes
 //! with read-ahead and prefetch (`retrieve.rs`), and applies the deletion mode at QUIT with UID
-//! commands only (`commit.rs`). Migrated UIDL maps come from [`legacy_map`].
+//! commands only (`commit.rs`), then retention of old hidden mail (`retention.rs`). Several
+//! folders share one connection (`folders.rs`); a per-device view lists recent mail and
+//! deletes nothing (`view.rs`). Migrated UIDL maps come from [`legacy_map`].
 
 mod commit;
 mod folders;
