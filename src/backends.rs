@@ -281,8 +281,11 @@ impl Upstream for RoutedUpstream {
             };
         };
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
+        let view_login = view.and_then(|_| view_form(&self.views, &route.login));
+        // LOGIN-DELAY is per POP3 login: a device in the per-device view (`recent:alice`)
+        // polls on its own schedule, as RFC 2449 gives each login name its own delay.
         let gated = self.gate.as_ref().map(|gate| {
-            let user_key = Gated::key(name, &route.login);
+            let user_key = Gated::key(name, view_login.as_deref().unwrap_or(&route.login));
             let secret = match credential {
                 Credential::Password(p) => p,
                 Credential::Bearer(t) => t,
@@ -319,7 +322,6 @@ impl Upstream for RoutedUpstream {
                 };
             }
         }
-        let view_login = view.and_then(|_| view_form(&self.views, &route.login));
         let result = self
             .open(
                 name,

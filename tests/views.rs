@@ -21,6 +21,7 @@ on_both_servers!(
     two_devices_one_in_the_view_dele_does_nothing,
     two_devices_one_in_the_view_dele_sets_seen,
     the_view_form_is_refused_where_views_are_off,
+    login_delay_counts_the_view_and_the_account_apart,
 );
 
 fn msg(tag: &str) -> Vec<u8> {
@@ -269,4 +270,38 @@ fn the_view_form_is_refused_where_views_are_off<S: MailServer>(dc: S) {
         "{}",
         pb.log_tail(10)
     );
+}
+
+/// RFC 2449 gives each login name its own LOGIN-DELAY: the phone in the view polls on its own
+/// schedule, so a desktop login does not delay `recent:<user>`, and each is delayed by its own
+/// last login.
+fn login_delay_counts_the_view_and_the_account_apart<S: MailServer>(dc: S) {
+    dc.add_user("v3", PW);
+    append(&dc, "v3", "r1", None);
+    let pb = Popbridge::start(
+        &dc,
+        "[views]\nrecent_days = 30\n[limits]\nlogin_delay_secs = 60\n",
+    );
+    let port = pb.pop3_port();
+    let account = format!("pop3://v3:{PW}@127.0.0.1:{port}/");
+    let view = format!("pop3://recent%3Av3:{PW}@127.0.0.1:{port}/");
+    let first = curl_pop3(&account, &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let phone = curl_pop3(&view, &[]);
+    assert_eq!(
+        phone.code, 0,
+        "the desktop's login delayed the view: {}",
+        phone.stderr
+    );
+    for url in [&account, &view] {
+        let again = curl_pop3(url, &[]);
+        assert_eq!(
+            again.code, 67,
+            "{url}: a second login within the delay: {}",
+            again.stderr
+        );
+    }
+    let r = poplib(port, &["user recent:v3", &format!("pass {PW}")]);
+    let resp = &r.step(&format!("pass {PW}")).resp;
+    assert!(resp.starts_with("-ERR [LOGIN-DELAY]"), "{resp}");
 }
