@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, DEFAULT_BACKEND};
+use crate::config::{BackendConfig, Config, ImapConfig, SharedMap, ViewDele, DEFAULT_BACKEND};
 use crate::limits::{LoginGate, Refusal};
 use crate::live::Live;
 use crate::maildrop::imap::{ImapMaildrop, ImapUpstream};
@@ -59,6 +59,16 @@ pub struct RoutedUpstream {
     gate: Option<Arc<LoginGate>>,
     /// Each backend's LOGIN-DELAY and EXPIRE.
     policies: HashMap<String, UserPolicy>,
+    /// The per-device view's login prefix and DELE, when some backend offers the view.
+    views: Option<(String, ViewDele)>,
+}
+
+/// The account behind a login in the per-device view form (`recent:alice` -> `alice`), when
+/// `login` starts with `prefix` (ASCII case aside) and has more after it.
+pub fn view_account<'a>(prefix: &str, login: &'a str) -> Option<&'a str> {
+    let head = login.get(..prefix.len())?;
+    let rest = &login[prefix.len()..];
+    (head.eq_ignore_ascii_case(prefix) && !rest.is_empty()).then_some(rest)
 }
 
 impl RoutedUpstream {
@@ -134,6 +144,9 @@ impl RoutedUpstream {
             default_imap,
             gate: None,
             policies,
+            views: config
+                .views_enabled()
+                .then(|| (config.views.prefix.clone(), config.views.dele)),
         })
     }
 
@@ -163,7 +176,17 @@ impl RoutedUpstream {
         backend: &Backend,
         login: &str,
         credential: Credential<'_>,
+        view: Option<&str>,
     ) -> Result<Opened<ImapMaildrop>, MaildropError> {
+        if view.is_some() && matches!(backend, Backend::Pop3(_)) {
+            tracing::info!(
+                backend = name,
+                "per-device view asked of a legacy POP3 backend, which has none"
+            );
+            return Err(MaildropError::Unsupported(
+                "per-device views are not available for this mailbox".into(),
+            ));
+        }
         match (backend, credential) {
             (Backend::Pop3(p), Credential::Password(password)) => {
                 Ok(Opened::Relay(Box::new(p.login(login, password).await?)))
@@ -205,7 +228,12 @@ impl RoutedUpstream {
                         return Err(e);
                     }
                 }
-                let maildrop = upstream.login(login, credential).await?;
+                let maildrop = match (view, &self.views) {
+                    (Some(form), Some((_, dele))) => {
+                        upstream.login_view(login, form, credential, *dele).await?
+                    }
+                    _ => upstream.login(login, credential).await?,
+                };
                 // One lock per mailbox, however many backend names or routes reach it: two
                 // names for one server must not let two sessions commit at once (RFC 1939).
                 let lock_key = maildrop.key().clone();
@@ -223,7 +251,18 @@ impl RoutedUpstream {
 impl Upstream for RoutedUpstream {
     type Maildrop = ImapMaildrop;
 
+    fn account<'a>(&self, login: &'a str) -> &'a str {
+        self.views
+            .as_ref()
+            .and_then(|(prefix, _)| view_account(prefix, login))
+            .unwrap_or(login)
+    }
+
+    /// A login in the per-device view form is routed as its account (`recent:alice` as
+    /// `alice`): rules, rewrites and backend are the account's; the view is opened there.
     async fn route(&self, user: &str, credential: Credential<'_>) -> Routed<ImapMaildrop> {
+        let view = (self.account(user) != user).then_some(user);
+        let user = self.account(user);
         let Some(route) = self.router.get().route(user) else {
             tracing::info!(user = %user, "login refused: no route for this user");
             return Routed {
@@ -280,7 +319,16 @@ impl Upstream for RoutedUpstream {
                 };
             }
         }
-        let result = self.open(name, backend, &route.login, credential).await;
+        let view_login = view.and_then(|_| view_form(&self.views, &route.login));
+        let result = self
+            .open(
+                name,
+                backend,
+                &route.login,
+                credential,
+                view_login.as_deref(),
+            )
+            .await;
         if let (Err(MaildropError::Busy { signal, .. }), Some(g)) = (&result, &gated) {
             g.pressure(*signal);
         }
@@ -289,5 +337,29 @@ impl Upstream for RoutedUpstream {
             result,
             gated,
         }
+    }
+}
+
+/// The view form of an upstream login (`recent:` + the login the backend is sent): the key of
+/// the view's own lock, whatever case the client wrote the prefix in.
+fn view_form(views: &Option<(String, ViewDele)>, login: &str) -> Option<String> {
+    views.as_ref().map(|(prefix, _)| format!("{prefix}{login}"))
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn view_logins_name_their_account() {
+        assert_eq!(view_account("recent:", "recent:alice"), Some("alice"));
+        assert_eq!(view_account("recent:", "RECENT:alice"), Some("alice"));
+        assert_eq!(view_account("recent:", "recent:"), None);
+        assert_eq!(view_account("recent:", "alice"), None);
+        assert_eq!(view_account("recent:", "ré"), None);
+        assert_eq!(
+            view_form(&Some(("recent:".into(), ViewDele::Nothing)), "alice").as_deref(),
+            Some("recent:alice")
+        );
     }
 }

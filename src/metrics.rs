@@ -43,6 +43,8 @@ pub struct Metrics {
     pub uidl_changed_sessions: IntCounter,
     pub retr_repeated: IntCounter,
     pub retr_gone: IntCounter,
+    pub folders_skipped: IntCounter,
+    pub retention_removed: IntCounterVec,
     pub backend_logins: IntCounterVec,
     pub relay_sessions: IntCounterVec,
     pub relay_bytes: IntCounterVec,
@@ -241,6 +243,17 @@ impl Metrics {
                 "popbridge_retr_gone_total",
                 "RETRs and TOPs answered -ERR because another client removed the message since the session's listing.",
             ),
+            folders_skipped: counter(
+                &r,
+                "popbridge_folders_skipped_total",
+                "Listings that left out a folder of a several-folder maildrop (missing, read-only, or unable to store the hide keyword).",
+            ),
+            retention_removed: counter_vec(
+                &r,
+                "popbridge_retention_removed_total",
+                "Hidden messages past the retention period removed at a commit, by action (expunge, move).",
+                &["action"],
+            ),
             backend_logins: counter_vec(
                 &r,
                 "popbridge_backend_logins_total",
@@ -365,6 +378,9 @@ impl Metrics {
         }
         for mode in ["hide", "expunge", "move"] {
             self.deletions.with_label_values(&[mode]);
+        }
+        for action in ["expunge", "move"] {
+            self.retention_removed.with_label_values(&[action]);
         }
         for reason in ["total", "per_ip", "untrusted_proxy", "bad_proxy_header"] {
             self.connections_rejected.with_label_values(&[reason]);

@@ -529,8 +529,9 @@ fn a_wave_from_a_users_file_and_a_changed_uidl_refusal() {
         "u3 not migrated: {u3:?}"
     );
     drop(pb);
-    // Accepting the change stores u3's map (and changes nothing for the others).
-    let out = run(args(&["--accept-changed-uidls"]));
+    // Accepting the change stores u3's map (and changes nothing for the others: --redo works
+    // on the users the wave's journal records as done too).
+    let out = run(args(&["--accept-changed-uidls", "--redo"]));
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         stdout(&out).contains("1 changed UIDLs accepted"),

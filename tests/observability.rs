@@ -182,6 +182,16 @@ const CONTRACT: &[Family] = &[
         labels: &[],
     },
     Family {
+        name: "popbridge_folders_skipped_total",
+        kind: "counter",
+        labels: &[],
+    },
+    Family {
+        name: "popbridge_retention_removed_total",
+        kind: "counter",
+        labels: &[("action", &["expunge", "move"])],
+    },
+    Family {
         name: "popbridge_upstream_logins_total",
         kind: "counter",
         labels: &[

@@ -296,3 +296,128 @@ pub fn list_only(ep: &Endpoint, user: &str, pw: &str) -> io::Result<Download> {
         elapsed: t0.elapsed(),
     })
 }
+
+impl Client {
+    /// TOP n lines: the header, the blank line and `lines` body lines (unstuffed), mixed
+    /// into `mix`; returns the octets.
+    pub fn top(&mut self, n: u64, lines: u64, mix: &mut Mix) -> io::Result<u64> {
+        self.command(&format!("TOP {n} {lines}"), "TOP")?;
+        self.multiline(mix)
+    }
+
+    /// UIDL as (message number, unique id) pairs, also mixed into `mix`.
+    pub fn uidl(&mut self, mix: &mut Mix) -> io::Result<Vec<(u64, String)>> {
+        self.command("UIDL", "UIDL")?;
+        let mut out = Vec::new();
+        loop {
+            self.read_line()?;
+            if self.line == b".\r\n" {
+                return Ok(out);
+            }
+            mix.bytes(&self.line);
+            let s = String::from_utf8_lossy(&self.line[..self.line.len() - 2]).into_owned();
+            let mut it = s.splitn(2, ' ');
+            match (it.next().and_then(|n| n.parse().ok()), it.next()) {
+                (Some(n), Some(id)) => out.push((n, id.to_string())),
+                _ => return Err(proto(format!("bad UIDL line: {s}"))),
+            }
+        }
+    }
+}
+
+/// USER, PASS, STAT, UIDL, RETR 1..min(n, limit), QUIT: [`download_all`] cut to the first
+/// `limit` messages (so a run over a slow link can be short).
+pub fn download_first(ep: &Endpoint, user: &str, pw: &str, limit: u64) -> io::Result<Download> {
+    let t0 = Instant::now();
+    let mut c = Client::connect(ep)?;
+    c.login(user, pw)?;
+    let login = t0.elapsed();
+    let (n, _) = c.stat()?;
+    let mut listing = Mix::new();
+    c.listing("UIDL", &mut listing)?;
+    let mut content = Mix::new();
+    let mut d = Download {
+        login,
+        ..Download::default()
+    };
+    for i in 1..=n.min(limit) {
+        let t = Instant::now();
+        let b = c.retr(i, &mut content)?;
+        d.retr.push((b, t.elapsed()));
+        d.bytes += b;
+        d.messages += 1;
+    }
+    c.quit()?;
+    d.elapsed = t0.elapsed();
+    d.content = content.value();
+    d.listing = listing.value();
+    Ok(d)
+}
+
+/// A header preview: USER, PASS, STAT, UIDL, `TOP i 0` for every message, then RETR of the
+/// `retr` messages given, QUIT. `content` mixes every TOP and RETR output in order.
+pub fn preview(ep: &Endpoint, user: &str, pw: &str, retr: &[u64]) -> io::Result<Download> {
+    let t0 = Instant::now();
+    let mut c = Client::connect(ep)?;
+    c.login(user, pw)?;
+    let login = t0.elapsed();
+    let (n, _) = c.stat()?;
+    let mut listing = Mix::new();
+    c.listing("UIDL", &mut listing)?;
+    let mut content = Mix::new();
+    let mut d = Download {
+        login,
+        ..Download::default()
+    };
+    for i in 1..=n {
+        d.bytes += c.top(i, 0, &mut content)?;
+        d.messages += 1;
+    }
+    for &i in retr.iter().filter(|&&i| i >= 1 && i <= n) {
+        let t = Instant::now();
+        let b = c.retr(i, &mut content)?;
+        d.retr.push((b, t.elapsed()));
+        d.bytes += b;
+    }
+    c.quit()?;
+    d.elapsed = t0.elapsed();
+    d.content = content.value();
+    d.listing = listing.value();
+    Ok(d)
+}
+
+/// A poll: USER, PASS, STAT, UIDL, RETR of every message whose unique id is not in `known`
+/// (which it then adds), QUIT. `messages` counts the RETRs.
+pub fn poll(
+    ep: &Endpoint,
+    user: &str,
+    pw: &str,
+    known: &mut std::collections::HashSet<String>,
+) -> io::Result<Download> {
+    let t0 = Instant::now();
+    let mut c = Client::connect(ep)?;
+    c.login(user, pw)?;
+    let login = t0.elapsed();
+    c.stat()?;
+    let mut listing = Mix::new();
+    let ids = c.uidl(&mut listing)?;
+    let mut content = Mix::new();
+    let mut d = Download {
+        login,
+        ..Download::default()
+    };
+    for (n, id) in ids {
+        if known.contains(&id) {
+            continue;
+        }
+        let b = c.retr(n, &mut content)?;
+        d.bytes += b;
+        d.messages += 1;
+        known.insert(id);
+    }
+    c.quit()?;
+    d.elapsed = t0.elapsed();
+    d.content = content.value();
+    d.listing = listing.value();
+    Ok(d)
+}

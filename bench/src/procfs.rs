@@ -46,3 +46,36 @@ pub fn process_cpu_ms(pid: u32) -> Option<f64> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 * 10.0)
 }
+
+/// CPU time of one /proc/PID/stat: (own user + system, reaped children's user + system), ms.
+fn cpu_fields(pid: u32) -> Option<(f64, f64, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    let n = |i: usize| f.get(i)?.parse::<u64>().ok();
+    let own = (n(11)? + n(12)?) as f64 * 10.0;
+    let children = (n(13)? + n(14)?) as f64 * 10.0;
+    Some((own, children, f.get(1)?.parse().ok()?))
+}
+
+/// CPU time, ms, of a process tree rooted at `root` (a Dovecot master): its own, that of its
+/// children it has reaped (Dovecot's login and mail processes live one session each and are
+/// reaped by the master), and that of its children still alive (auth, anvil, log, ...). A
+/// difference of two readings is what the tree spent in between, up to processes that
+/// straddle the readings.
+pub fn tree_cpu_ms(root: u32) -> Option<f64> {
+    let (own, reaped, _) = cpu_fields(root)?;
+    let mut total = own + reaped;
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((own, reaped, ppid)) = cpu_fields(pid) {
+            if ppid == root {
+                total += own + reaped;
+            }
+        }
+    }
+    Some(total)
+}

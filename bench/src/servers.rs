@@ -36,6 +36,18 @@ pub fn start_dovecot(script: Option<PathBuf>, dir: PathBuf) -> Result<Dovecot> {
 /// Starts `bin` with a fresh state directory `dir` in front of `dc`'s plain IMAP port, listening
 /// for POP3 and POP3S ([`tls_port`]); `extra` is appended to its configuration.
 pub fn start_popbridge(bin: &Path, dc: &Dovecot, dir: PathBuf, extra: &str) -> Result<Popbridge> {
+    start_popbridge_upstream(bin, dc, dir, extra, dc.imap_port())
+}
+
+/// [`start_popbridge`] with its upstream IMAP at `imap_port` on loopback (a latency relay in
+/// front of `dc`'s IMAP port).
+pub fn start_popbridge_upstream(
+    bin: &Path,
+    dc: &Dovecot,
+    dir: PathBuf,
+    extra: &str,
+    imap_port: u16,
+) -> Result<Popbridge> {
     let p = try_free_ports(2)?;
     let config = format!(
         r#"[pop3]
@@ -66,7 +78,7 @@ auth_penalty_base_ms = 1
         port = p[0],
         tls = p[1],
         dc = dc.dir().display(),
-        imap = dc.imap_port(),
+        imap = imap_port,
         state = dir.join("state").display(),
     );
     Ok(Popbridge::try_start(PopbridgeOptions {

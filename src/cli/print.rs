@@ -2,9 +2,12 @@
 //! stdout (and lines naming logins, unmatched UIDLs, conflicts), `note` and `DIFF` lines for
 //! verify; warnings on stderr.
 
+use std::time::Duration;
+
 use popbridge::migrate::report::{
-    ImportReport, LoginsUsed, SizeDiff, UidlsReport, UserOutcome, Verdict, VerifyReport, Warning,
+    ImportReport, LoginsUsed, UidlsReport, UserOutcome, Verdict, VerifyReport, Warning,
 };
+use popbridge::migrate::summary::Tally;
 
 /// At most this many unmatched UIDLs and conflicts are listed per user.
 const LISTED: usize = 20;
@@ -38,10 +41,15 @@ pub fn uidls_user(o: &UserOutcome<UidlsReport>) -> bool {
     let verdict = match r.verdict {
         Verdict::Ok => "ok".to_string(),
         Verdict::Accepted(n) => format!("{n} changed UIDLs accepted"),
-        Verdict::Refused(n) => format!("REFUSED: {n} messages would show a changed UIDL (nothing stored; --accept-changed-uidls to store anyway)"),
+        Verdict::Refused(n) => format!("REFUSED: {n} messages would show a changed UIDL or have no counterpart (nothing stored; see --legacy-without-copy, --new-without-legacy, --accept-changed-uidls)"),
+    };
+    let x = if r.by_x_uidl > 0 {
+        format!(", {} by X-UIDL", r.by_x_uidl)
+    } else {
+        String::new()
     };
     println!(
-        "user {}: legacy {}, new {}; matched {} ({} by size, {} by header); unmatched legacy {}, unmatched new {}; duplicates {}/{}; conflicts {}; stored {}; {verdict}",
+        "user {}: legacy {}, new {}; matched {} ({} by size, {} by header{x}); unmatched legacy {}, unmatched new {}; duplicates {}/{}; conflicts {}; stored {}; {verdict}",
         o.user,
         r.legacy,
         r.new,
@@ -60,6 +68,12 @@ pub fn uidls_user(o: &UserOutcome<UidlsReport>) -> bool {
         println!(
             "  user {}: legacy UIDL {u} has no match in the new store",
             o.user
+        );
+    }
+    if r.unmatched_new > 0 {
+        println!(
+            "  user {}: {} new-store messages have no legacy message (served as new mail if stored)",
+            o.user, r.unmatched_new
         );
     }
     for c in r.conflicts.iter().take(LISTED) {
@@ -98,20 +112,22 @@ pub fn import_user(o: &UserOutcome<ImportReport>) -> bool {
     !matches!(r.verdict, Verdict::Refused(_))
 }
 
-/// Before `migrate verify` runs: the logins it uses.
-pub fn verify_logins(l: &LoginsUsed) {
-    logins(l);
-}
-
-/// During `migrate verify`: a message popbridge lists with another size than it delivers.
-pub fn verify_size_diff(user: &str, d: &SizeDiff) {
-    println!("DIFF {user}: {d}");
-}
-
-/// After `migrate verify`: notes, differences (the size differences were printed as found)
-/// and the verdict; true when clean.
-pub fn verify_report(r: &VerifyReport) -> bool {
+/// Prints one user of `migrate verify`: the logins used, messages popbridge lists with
+/// another size than it delivers, notes, differences and the verdict; true when clean.
+pub fn verify_user(o: &UserOutcome<VerifyReport>) -> bool {
+    o.warnings.iter().for_each(warning);
+    let r = match &o.result {
+        Ok(r) => r,
+        Err(e) => {
+            println!("verify {}: FAILED: {e}", o.user);
+            return false;
+        }
+    };
     let user = &r.logins.user;
+    logins(&r.logins);
+    for d in &r.size_diffs {
+        println!("DIFF {user}: {d}");
+    }
     for n in &r.notes {
         println!("note {user}: {n}");
     }
@@ -127,4 +143,42 @@ pub fn verify_report(r: &VerifyReport) -> bool {
         println!("verify {user}: {} differences", r.differences());
     }
     r.clean()
+}
+
+/// The summary at the end of a wave: users clean, needing attention, failed (and skipped,
+/// abandoned, not started), messages by how they were matched, time and rate.
+pub fn summary(job: &str, t: &Tally, took: Duration, clock: &str) {
+    let secs = took.as_secs_f64();
+    let rate = if secs > 0.0 {
+        t.done() as f64 / secs
+    } else {
+        0.0
+    };
+    println!(
+        "summary {job}: {} users: {} clean ({} with changed UIDLs accepted), {} need attention, {} failed; {} skipped (done before), {} abandoned, {} not started; {} retried after throttling",
+        t.done() + t.skipped + t.abandoned + t.not_started,
+        t.clean,
+        t.accepted,
+        t.attention,
+        t.failed,
+        t.skipped,
+        t.abandoned,
+        t.not_started,
+        t.retried,
+    );
+    match job {
+        "uidls" => println!(
+            "summary {job}: messages: {} legacy, {} matched by size, {} by header, {} by X-UIDL, {} legacy unmatched, {} new unmatched; {} conflicts",
+            t.messages, t.by_size, t.by_header, t.by_x_uidl, t.unmatched_legacy, t.unmatched_new, t.conflicts
+        ),
+        "verify" => println!(
+            "summary {job}: messages: {} legacy compared, {} differences",
+            t.messages, t.differences
+        ),
+        _ => println!(
+            "summary {job}: lines: {} imported, {} conflicts",
+            t.messages, t.conflicts
+        ),
+    }
+    println!("summary {job}: time {clock} ({secs:.2} s), {rate:.1} users/s");
 }

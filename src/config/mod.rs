@@ -14,6 +14,7 @@ pub use crate::routing::{RouteRule, UnknownUsers, DEFAULT_BACKEND};
 pub use crate::upstream::credentials::read_secret;
 pub use crate::upstream::Security;
 
+mod maildrops;
 mod policy;
 mod sections;
 mod servers;
@@ -56,6 +57,10 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub migration: MigrationConfig,
+    #[serde(default)]
+    pub folders: FoldersConfig,
+    #[serde(default)]
+    pub views: ViewsConfig,
 }
 
 impl Config {
@@ -77,7 +82,7 @@ impl Config {
             message,
         };
         let de = toml::Deserializer::parse(text).map_err(|e| err(None, one_line(&e)))?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = (key != ".").then_some(key);
             err(key, one_line(e.inner()))
@@ -85,6 +90,7 @@ impl Config {
         config
             .validate()
             .map_err(|(key, msg)| err(Some(key), msg))?;
+        config.inherit_defaults();
         Ok(config)
     }
 
@@ -105,6 +111,7 @@ impl Config {
                 BackendConfig::Pop3(pop3) => validate_pop3_backend(&prefix, pop3)?,
             }
         }
+        self.validate_maildrops()?;
         self.validate_policy()?;
         self.validate_routing()
     }

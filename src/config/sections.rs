@@ -33,6 +33,46 @@ impl Default for MigrationConfig {
     }
 }
 
+/// Per-device views (`recent:alice`): a login form giving a session the last days of mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewsConfig {
+    /// What a login starts with to ask for the view (matched without regard to ASCII case).
+    pub prefix: String,
+    /// Days of mail a view lists, for backends without their own `recent_days`; 0: no view.
+    pub recent_days: u32,
+    /// What a view's committed DELE does upstream.
+    pub dele: ViewDele,
+}
+
+impl Default for ViewsConfig {
+    fn default() -> Self {
+        ViewsConfig {
+            prefix: "recent:".into(),
+            recent_days: 0,
+            dele: ViewDele::Nothing,
+        }
+    }
+}
+
+/// What a per-device view's committed DELE does upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewDele {
+    /// Nothing: the message stays as it was for every device.
+    Nothing,
+    /// `UID STORE +FLAGS (\Seen)`.
+    Seen,
+}
+
+/// Defaults for what each IMAP backend serves (a backend's own keys win).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FoldersConfig {
+    /// Folders served together as one maildrop, for backends without `mailboxes`.
+    pub mailboxes: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyProtocolConfig {
@@ -187,6 +227,26 @@ pub struct DeletionConfig {
     pub move_to: String,
     #[serde(default = "default_hide_keyword")]
     pub hide_keyword: String,
+    /// With `mode = "hide"`: hidden mail older than this many days (INTERNALDATE) is removed
+    /// at a session's commit; 0 keeps it for ever. Backends may set their own.
+    #[serde(default)]
+    pub retention_days: u32,
+    /// What retention does to such mail.
+    #[serde(default = "default_retention_action")]
+    pub retention_action: RetentionAction,
+    /// UIDs per retention command (and a tenth of the most removed per folder and commit).
+    #[serde(default = "default_retention_batch")]
+    pub retention_batch: u32,
+}
+
+/// What retention does to hidden mail past its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionAction {
+    /// `UID STORE +FLAGS (\Deleted)` + `UID EXPUNGE` (UIDPLUS).
+    Expunge,
+    /// `UID MOVE` (or `UID COPY` + `UID EXPUNGE`) into `move_to`.
+    Move,
 }
 
 impl Default for DeletionConfig {
@@ -195,8 +255,18 @@ impl Default for DeletionConfig {
             mode: default_mode(),
             move_to: default_move_to(),
             hide_keyword: default_hide_keyword(),
+            retention_days: 0,
+            retention_action: default_retention_action(),
+            retention_batch: default_retention_batch(),
         }
     }
+}
+
+fn default_retention_action() -> RetentionAction {
+    RetentionAction::Expunge
+}
+fn default_retention_batch() -> u32 {
+    500
 }
 
 fn default_true() -> bool {

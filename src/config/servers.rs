@@ -124,6 +124,10 @@ server_section! {
         pub verify_password_with: Option<String>,
         /// Log in with OAuth 2.0 tokens (`[imap.oauth]`, `[backends.X.oauth]`).
         pub oauth: Option<Box<OAuthSettings>>,
+        /// Folders served together as one maildrop, in this order; the first must be
+        /// `mailbox`. Empty: `folders.mailboxes` (filled in at load), else `mailbox` alone.
+        #[serde(default)]
+        pub mailboxes: Vec<String>,
         /// RFC 2449 LOGIN-DELAY for users of this backend, in seconds (0: none); defaults to
         /// `limits.login_delay_secs`.
         pub login_delay_secs: Option<u64>,
@@ -131,12 +135,27 @@ server_section! {
         /// autoexpunge, a provider's policy). Unset: popbridge never removes such mail, so
         /// CAPA says `EXPIRE NEVER`.
         pub expire_days: Option<u32>,
+        /// Days hidden mail is kept (see `deletion.retention_days`, the default, filled in
+        /// at load).
+        pub retention_days: Option<u32>,
+        /// Days of mail a per-device view lists (see `[views]`, the default, filled in at
+        /// load); 0: this backend has no view.
+        pub recent_days: Option<u32>,
     }
 }
 
 impl ImapConfig {
     pub fn port(&self) -> u16 {
         self.endpoint().port(Protocol::Imap)
+    }
+
+    /// The folders served, in listing order: `mailboxes`, or `mailbox` alone.
+    pub fn folders(&self) -> Vec<String> {
+        if self.mailboxes.is_empty() {
+            vec![self.mailbox.clone()]
+        } else {
+            self.mailboxes.clone()
+        }
     }
 }
 

@@ -230,6 +230,7 @@ impl Maildrop for MemoryMaildrop {
                     })
                     .collect(),
                 legacy: u.legacy.clone(),
+                others: None,
             })
             .ok_or(MaildropError::Auth);
         async move { r }

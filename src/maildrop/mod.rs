@@ -11,12 +11,14 @@ pub use key::MaildropKey;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::uidl::folders::OtherUidls;
 use crate::uidl::map::UidlMap;
 use crate::uidl::UidlFormat;
 
 use bytes::Bytes;
 
-/// One message of the snapshot: its upstream UID and its size in octets (CRLF line ends,
+/// One message of the snapshot: its upstream UID (a handle standing for folder and UID for
+/// messages of a several-folder maildrop's later folders, see [`crate::uidl::folders`]) and its size in octets (CRLF line ends,
 /// before dot-stuffing) as `LIST` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageEntry {
@@ -32,12 +34,17 @@ pub struct Snapshot {
     /// UIDLs migrated from a legacy POP3 server (`popbridge migrate`), when this maildrop has
     /// a map for `uid_validity`; mapped messages are served with their legacy UIDL.
     pub legacy: Option<Arc<UidlMap>>,
+    /// With several folders: the UIDLs of the messages of the folders after the first.
+    pub others: Option<Arc<OtherUidls>>,
 }
 
 impl Snapshot {
     /// The UIDL message `uid` is shown with: its legacy UIDL when migrated, else `format`'s
     /// (escaped when it would equal a legacy UIDL; see [`UidlMap::serve`]).
     pub fn uidl(&self, uid: u32, format: &UidlFormat) -> String {
+        if let Some(uidl) = self.others.as_ref().and_then(|o| o.get(uid)) {
+            return uidl.to_owned();
+        }
         match &self.legacy {
             Some(map) => map.serve(uid, self.uid_validity, format).into_string(),
             None => format.format(uid, self.uid_validity),

@@ -4,11 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::copies::{self, existing_map, open_state, store_map};
+use super::journal::Class;
 use super::report::{Conflict, ImportReport, Stored, UserOutcome, Verdict, Warning};
 use super::store::Store;
 use super::users::{credential, imap_backend, master, Logins, UserSpec};
+use super::wave::{Gates, WaveJob};
 use super::{Credential, MigrateError};
 use crate::config::{Config, ImapConfig};
 use crate::state::StateStore;
@@ -106,91 +109,120 @@ pub struct ImportOptions {
     pub to_login: Option<String>,
 }
 
-/// A run of `migrate import`: [`ImportWave::start`] checks the options and the whole file,
-/// then [`ImportWave::next_user`] stores one user's map at a time and returns their report.
-pub struct ImportWave<'a> {
-    config: &'a Config,
-    opts: &'a ImportOptions,
-    imap: &'a ImapConfig,
-    imap_master: Option<Credential>,
-    logins: Logins,
-    users: std::collections::btree_map::IntoIter<String, Vec<ImportLine>>,
-    total: usize,
-    state: Option<StateStore>,
-    state_warning: Option<Warning>,
+/// One user of an import file: their lines, and their password if given.
+pub struct ImportItem {
+    pub user: String,
+    pub lines: Vec<ImportLine>,
+    pub password: Option<String>,
 }
 
-impl<'a> ImportWave<'a> {
+/// `migrate import` as the work of a wave ([`super::wave`]): [`ImportJob::start`] checks the
+/// options and the whole file and returns the file's users; each user's map is then stored
+/// on its own.
+pub struct ImportJob {
+    config: Arc<Config>,
+    opts: ImportOptions,
+    imap: ImapConfig,
+    imap_master: Option<Credential>,
+    logins: Logins,
+    state: Option<StateStore>,
+}
+
+/// What [`ImportJob::start`] returns: the job, the file's users, and why the local state is
+/// not updated, if it could not be opened.
+pub type ImportStart = (Arc<ImportJob>, Vec<ImportItem>, Option<Warning>);
+
+impl ImportJob {
     /// Checks the backend and login template, reads and checks the file (every bad line, with
     /// `file:line`), and opens the local state.
-    pub fn start(config: &'a Config, opts: &'a ImportOptions) -> Result<Self, MigrateError> {
-        let imap = imap_backend(config, &opts.to)?;
-        let logins = Logins::new(config, None, opts.to_login.clone())?;
+    pub fn start(
+        config: Arc<Config>,
+        mut opts: ImportOptions,
+    ) -> Result<ImportStart, MigrateError> {
+        let imap = imap_backend(&config, &opts.to)?.clone();
+        let logins = Logins::new(&config, None, opts.to_login.clone())?;
         let text = std::fs::read_to_string(&opts.file).map_err(|source| MigrateError::Read {
             path: opts.file.clone(),
             source,
         })?;
         let by_user = parse_import(&opts.file, &text).map_err(MigrateError::ImportFile)?;
         let imap_master = master(&imap.master_user, &imap.master_password_file)?;
-        let (state, state_warning) = match open_state(config) {
+        let (state, state_warning) = match open_state(&config) {
             Ok(s) => (Some(s), None),
             Err(w) => (None, Some(w)),
         };
-        Ok(ImportWave {
+        let passwords = std::mem::take(&mut opts.passwords);
+        let items = by_user
+            .into_iter()
+            .map(|(user, lines)| ImportItem {
+                password: passwords.get(&user).cloned(),
+                user,
+                lines,
+            })
+            .collect();
+        let job = ImportJob {
             config,
             opts,
             imap,
             imap_master,
             logins,
-            total: by_user.len(),
-            users: by_user.into_iter(),
             state,
-            state_warning,
-        })
-    }
-
-    /// Why the local state is not updated, if it could not be opened.
-    pub fn state_warning(&self) -> Option<&Warning> {
-        self.state_warning.as_ref()
-    }
-
-    /// How many users the file has.
-    pub fn users(&self) -> usize {
-        self.total
-    }
-
-    /// Stores the next user's map; `None` (after flushing the local state) when all are done.
-    pub async fn next_user(&mut self) -> Option<UserOutcome<ImportReport>> {
-        let Some((user, lines)) = self.users.next() else {
-            if let Some(s) = self.state.take() {
-                s.flush();
-            }
-            return None;
         };
+        Ok((Arc::new(job), items, state_warning))
+    }
+
+    /// Flushes the local state (at the end of the wave).
+    pub fn flush(&self) {
+        if let Some(s) = &self.state {
+            s.flush();
+        }
+    }
+}
+
+impl WaveJob for ImportJob {
+    type Item = ImportItem;
+    type Report = ImportReport;
+
+    fn login(item: &ImportItem) -> &str {
+        &item.user
+    }
+
+    fn class(r: &ImportReport) -> Class {
+        match r.verdict {
+            Verdict::Ok | Verdict::Accepted(_) => Class::Clean,
+            Verdict::Refused(_) => Class::Attention,
+        }
+    }
+
+    async fn run(self: Arc<Self>, item: &ImportItem, gates: &Gates) -> UserOutcome<ImportReport> {
         let mut warnings = Vec::new();
-        let result = self.import_user(&user, &lines, &mut warnings).await;
-        Some(UserOutcome {
-            user,
+        let result = self.import_user(item, gates, &mut warnings).await;
+        UserOutcome {
+            user: item.user.clone(),
             warnings,
             result,
-        })
+        }
     }
+}
 
+impl ImportJob {
     async fn import_user(
         &self,
-        user: &str,
-        lines: &[ImportLine],
+        item: &ImportItem,
+        gates: &Gates,
         warnings: &mut Vec<Warning>,
     ) -> Result<ImportReport, MigrateError> {
-        let (config, opts, state) = (self.config, self.opts, self.state.as_ref());
+        let (config, opts, state) = (&*self.config, &self.opts, self.state.as_ref());
+        let (user, lines) = (item.user.as_str(), item.lines.as_slice());
         let spec = UserSpec {
             user: user.to_owned(),
-            password: opts.passwords.get(user).cloned(),
+            password: item.password.clone(),
         };
         let logins = self.logins.used(None, &opts.to, user);
         let login = logins.new.login.clone();
         let cred = credential(&self.imap_master, &spec, "new")?;
-        let mut store = Store::open(self.imap, &login, &cred).await?;
+        let _permit = gates.new_store().await;
+        let mut store = Store::open(&self.imap, &login, &cred).await?;
         store.v2_user = copies::v2_user(&opts.to, &login);
         let present: HashSet<u32> = store.messages().await?.iter().map(|m| m.uid).collect();
         let shared = copies::shared(config, &store);

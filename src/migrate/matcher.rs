@@ -193,6 +193,50 @@ pub struct NewMessage {
 pub enum MatchedBy {
     Size,
     Header,
+    /// The new store's copy carries an `X-UIDL:` header naming the legacy UIDL.
+    XUidl,
+}
+
+/// The value of the first `X-UIDL:` header field of `header` (mbox-era servers wrote the POP3
+/// UIDL into the message), if it is a legal UIDL (1-70 characters of 0x21-0x7E).
+pub fn x_uidl(header: &[u8]) -> Option<String> {
+    for line in header.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if trim_end(&line[..colon]).eq_ignore_ascii_case(b"X-UIDL") {
+            let value = std::str::from_utf8(&line[colon + 1..]).ok()?.trim();
+            let legal = !value.is_empty()
+                && value.len() <= 70
+                && value.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            return legal.then(|| value.to_owned());
+        }
+    }
+    None
+}
+
+/// Pairs by `X-UIDL:` first: `new_x_uidls` (index-aligned with `new`) holds each new-store
+/// message's X-UIDL value; a legacy message whose UIDL equals one is paired with it. The
+/// pairs (legacy index, new index), each message at most once.
+pub fn match_by_x_uidl(
+    legacy: &[LegacyMessage],
+    new_x_uidls: &[Option<String>],
+) -> Vec<(usize, usize)> {
+    let mut by_uidl: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, l) in legacy.iter().enumerate() {
+        by_uidl.entry(l.uidl.as_str()).or_insert(i);
+    }
+    let mut out = Vec::new();
+    for (j, x) in new_x_uidls.iter().enumerate() {
+        if let Some(i) = x.as_deref().and_then(|x| by_uidl.remove(x)) {
+            out.push((i, j));
+        }
+    }
+    out
 }
 
 /// The number of leading pairs the size pass matches.
@@ -303,6 +347,28 @@ mod tests {
 
     fn h(m: &[u8]) -> [u8; 32] {
         header_hash(m).digest
+    }
+
+    #[test]
+    fn x_uidl_headers_name_the_legacy_uidl() {
+        let h = b"From: a\r\nX-Uidl:  1500.7 \r\nSubject: x\r\n\r\nX-UIDL: body\r\n";
+        assert_eq!(x_uidl(h).as_deref(), Some("1500.7"));
+        assert_eq!(x_uidl(b"From: a\r\n\r\nX-UIDL: in-body\r\n"), None);
+        assert_eq!(x_uidl(b"X-UIDL: two words\r\n\r\n"), None);
+        let legacy: Vec<LegacyMessage> = ["a", "b", "c"]
+            .iter()
+            .map(|u| LegacyMessage {
+                uidl: u.to_string(),
+                size: 1,
+            })
+            .collect();
+        let x = vec![
+            Some("c".to_string()),
+            None,
+            Some("zz".into()),
+            Some("c".into()),
+        ];
+        assert_eq!(match_by_x_uidl(&legacy, &x), vec![(2, 0)]);
     }
 
     #[test]

@@ -12,18 +12,24 @@
 //! | [`import`] | `migrate import`: maps from a `user uid legacy-uidl` file |
 //! | [`verify`] | `migrate verify`: the legacy server's view against popbridge's |
 //! | [`report`] | what each of them returns, per user, as data |
+//! | [`wave`] | a wave's users in parallel, connections per backend, backoff when throttled |
+//! | [`summary`] | a wave added up, and one JSON object per user |
+//! | [`journal`] | each user's outcome on disk, so that a re-run skips the users done |
 //!
 //! Nothing here prints: the jobs return reports (a wave hands them over one user at a time)
 //! and the `popbridge` binary prints them.
 
 pub mod copies;
 pub mod import;
+pub mod journal;
 pub mod matcher;
 pub mod report;
 pub mod store;
+pub mod summary;
 pub mod uidls;
 pub mod users;
 pub mod verify;
+pub mod wave;
 
 use std::path::PathBuf;
 
@@ -80,6 +86,11 @@ pub enum MigrateError {
     UidlFormat(#[source] UidlFormatError),
     #[error("legacy POP3: {0}")]
     Pop3(#[from] Pop3Error),
+    /// The legacy POP3 server refused the connection or the login for now (connection
+    /// refused or reset, `-ERR [SYS/TEMP]`, `[IN-USE]`, `[LOGIN-DELAY]`): the wave slows down
+    /// and tries the user again.
+    #[error("legacy POP3 busy: {0}")]
+    Pop3Busy(#[source] Pop3Error),
     #[error("legacy POP3 backend: {0}")]
     Setup(#[from] SetupError),
     #[error("new store: {0}")]
@@ -106,6 +117,20 @@ pub enum MigrateError {
         #[source]
         source: MaildropError,
     },
+}
+
+impl MigrateError {
+    /// A backend throttled or refused the connection for now: worth trying the user again
+    /// after a pause, rather than failing them.
+    pub fn throttled(&self) -> bool {
+        match self {
+            MigrateError::Pop3Busy(_) | MigrateError::Store(StoreError::Busy(_)) => true,
+            MigrateError::Bridge(e) => {
+                matches!(e, MaildropError::Unavailable { .. } | MaildropError::InUse)
+            }
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]

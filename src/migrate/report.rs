@@ -180,6 +180,52 @@ impl fmt::Display for Warning {
     }
 }
 
+/// What `migrate uidls` does with a legacy message that has no copy in the new store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LegacyWithoutCopy {
+    /// Store nothing for the user (they need attention).
+    #[default]
+    Refuse,
+    /// Store the map without it (the message is not in the new store: a client that had not
+    /// downloaded it never will).
+    Drop,
+}
+
+/// What `migrate uidls` does with a new-store message that has no legacy one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NewWithoutLegacy {
+    /// Store nothing for the user (they need attention).
+    #[default]
+    Refuse,
+    /// Store the map: the message is served as new mail (a generated UIDL; clients download
+    /// it once).
+    New,
+}
+
+/// The policies of a `migrate uidls` wave (`--accept-changed-uidls` accepts everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policies {
+    pub legacy_without_copy: LegacyWithoutCopy,
+    pub new_without_legacy: NewWithoutLegacy,
+}
+
+impl fmt::Display for Policies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = match self.legacy_without_copy {
+            LegacyWithoutCopy::Refuse => "refuse",
+            LegacyWithoutCopy::Drop => "drop",
+        };
+        let n = match self.new_without_legacy {
+            NewWithoutLegacy::Refuse => "refuse",
+            NewWithoutLegacy::New => "new",
+        };
+        write!(
+            f,
+            "legacy message without a copy: {l}; new-store message without a legacy one: {n}"
+        )
+    }
+}
+
 /// `migrate uidls` for one user.
 #[derive(Debug)]
 pub struct UidlsReport {
@@ -190,6 +236,8 @@ pub struct UidlsReport {
     /// Matched by size (in order) and by header hash.
     pub by_size: usize,
     pub by_header: usize,
+    /// Matched by the `X-UIDL:` header of the new store's copy.
+    pub by_x_uidl: usize,
     /// Legacy UIDLs with no match: their clients would download them again.
     pub unmatched_legacy: Vec<String>,
     pub unmatched_new: usize,
@@ -204,7 +252,7 @@ pub struct UidlsReport {
 
 impl UidlsReport {
     pub fn matched(&self) -> usize {
-        self.by_size + self.by_header
+        self.by_size + self.by_header + self.by_x_uidl
     }
 }
 

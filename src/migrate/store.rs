@@ -31,6 +31,10 @@ const BATCH: usize = 256;
 pub enum StoreError {
     #[error("IMAP: {0}")]
     Imap(#[from] ImapError),
+    /// The server refused the connection or the login for now (refused or reset at connect,
+    /// BYE, `NO [THROTTLED]`, `[LIMIT]`, `[UNAVAILABLE]`, `[INUSE]`): worth trying again later.
+    #[error("IMAP busy: {0}")]
+    Busy(String),
     /// The server refused the login (its text).
     #[error("IMAP login refused: {0}")]
     Login(String),
@@ -97,8 +101,25 @@ impl Store {
             capabilities,
         } = match session::open(&endpoint, limits, mechanism).await {
             Ok(s) => s,
-            Err(SessionError::Refused { done, .. }) => return Err(StoreError::Login(done.text)),
+            Err(SessionError::Refused { done, .. }) => {
+                let busy = done.other_code().is_some_and(|c| {
+                    let code = c.split(' ').next().unwrap_or_default();
+                    ["THROTTLED", "LIMIT", "UNAVAILABLE", "INUSE"].contains(&code)
+                });
+                return Err(if busy {
+                    StoreError::Busy(format!("login: {}", done.text))
+                } else {
+                    StoreError::Login(done.text)
+                });
+            }
             Err(SessionError::Unsendable(e)) => return Err(StoreError::Unsendable(e)),
+            Err(SessionError::Imap(
+                e @ (ImapError::Connect { .. }
+                | ImapError::Closed
+                | ImapError::Io(_)
+                | ImapError::Bye(_)
+                | ImapError::Timeout(_)),
+            )) => return Err(StoreError::Busy(e.to_string())),
             Err(SessionError::Imap(e)) => return Err(e.into()),
             Err(e @ SessionError::Capability(_)) => return Err(StoreError::Session(e)),
         };

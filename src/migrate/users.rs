@@ -7,7 +7,8 @@ use super::report::{BackendLogin, LoginsUsed};
 use super::{Credential, MigrateError};
 use crate::config::{read_secret, BackendRef, Config, ImapConfig, Pop3BackendConfig};
 use crate::routing::{expand, Router};
-use crate::upstream::pop3::Pop3Client;
+use crate::upstream::pop3::{Pop3Client, Pop3Error};
+use crate::upstream::transport::TransportError;
 use crate::upstream::{Endpoint, Protocol};
 
 /// One user to work on, and the password given for them (if any).
@@ -189,12 +190,34 @@ pub(super) async fn legacy_session(
     cred: &Credential,
 ) -> Result<Pop3Client, MigrateError> {
     let endpoint = Endpoint::new(Protocol::Pop3, &backend.endpoint())?;
-    let mut pop = Pop3Client::connect(&endpoint).await?;
-    match cred {
-        Credential::Password(pw) => pop.login(user, pw).await?,
-        Credential::Master { user: m, password } => pop.login_master(user, m, password).await?,
+    let mut pop = Pop3Client::connect(&endpoint).await.map_err(|e| match e {
+        // TLS that fails is a setting to fix, not a busy server.
+        Pop3Error::Transport(TransportError::Tls(_)) => MigrateError::Pop3(e),
+        e => MigrateError::Pop3Busy(e),
+    })?;
+    let login = match cred {
+        Credential::Password(pw) => pop.login(user, pw).await,
+        Credential::Master { user: m, password } => pop.login_master(user, m, password).await,
     };
-    Ok(pop)
+    match login {
+        Ok(_) => Ok(pop),
+        Err(e) if busy_refusal(&e) => Err(MigrateError::Pop3Busy(e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A POP3 login refused for now (RFC 2449, RFC 3206): `[SYS/TEMP]`, `[IN-USE]`,
+/// `[LOGIN-DELAY]`.
+fn busy_refusal(e: &Pop3Error) -> bool {
+    let Pop3Error::Refused { text, .. } = e else {
+        return false;
+    };
+    let code = text
+        .trim_start()
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .map(|(c, _)| c.to_ascii_uppercase());
+    matches!(code.as_deref(), Some("SYS/TEMP" | "IN-USE" | "LOGIN-DELAY"))
 }
 
 #[cfg(test)]

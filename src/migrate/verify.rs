@@ -5,10 +5,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::journal::Class;
 use super::matcher::without_skipped_headers;
-use super::report::{Difference, LoginsUsed, Note, SizeDiff, VerifyReport};
+use super::report::{Difference, LoginsUsed, Note, SizeDiff, UserOutcome, VerifyReport};
 use super::users::{credential, imap_backend, legacy_session, master, pop3_backend};
 use super::users::{Logins, UserSpec};
+use super::wave::{Gates, WaveJob};
 use super::{Credential, MigrateError, MAX_MESSAGE};
 use crate::config::{Config, ImapConfig, Pop3BackendConfig, SharedMap};
 use crate::maildrop::imap::ImapUpstream;
@@ -125,89 +127,40 @@ fn compare(legacy: &[Seen], bridge: &[Seen]) -> (Vec<Difference>, Vec<Note>) {
     (diffs, notes)
 }
 
-/// `migrate verify` for one user: [`Verify::new`] checks the backends and the legacy side's
-/// credential and names the logins; [`Verify::run`] compares.
-pub struct Verify<'a> {
-    config: &'a Config,
-    legacy: &'a Pop3BackendConfig,
-    imap: &'a ImapConfig,
-    spec: &'a UserSpec,
-    credential: Credential,
-    logins: LoginsUsed,
+/// `migrate verify` as the work of a wave ([`super::wave`]): [`VerifyJob::start`] checks the
+/// backends and sets up popbridge's own view of the new store (once for the wave); each user
+/// is then compared on their own.
+pub struct VerifyJob {
+    from: String,
+    to: String,
+    legacy: Pop3BackendConfig,
+    imap: ImapConfig,
+    legacy_master: Option<Credential>,
+    logins: Logins,
+    upstream: ImapUpstream,
+    format: UidlFormat,
 }
 
-impl<'a> Verify<'a> {
-    /// `spec` on the legacy backend `from` against popbridge's view of the new store `to`.
-    pub fn new(
-        config: &'a Config,
+impl VerifyJob {
+    /// Users on the legacy backend `from` against popbridge's view of the new store `to`.
+    pub fn start(
+        config: Arc<Config>,
         from: &str,
         to: &str,
-        spec: &'a UserSpec,
-        logins: &Logins,
-    ) -> Result<Self, MigrateError> {
-        let legacy = pop3_backend(config, from)?;
-        let imap = imap_backend(config, to)?;
+        logins: Logins,
+    ) -> Result<Arc<VerifyJob>, MigrateError> {
+        let legacy = pop3_backend(&config, from)?.clone();
+        let imap = imap_backend(&config, to)?.clone();
         let legacy_master = master(&legacy.master_user, &legacy.master_password_file)?;
-        let credential = credential(&legacy_master, spec, "legacy")?;
-        Ok(Verify {
-            config,
-            legacy,
-            imap,
-            spec,
-            credential,
-            logins: logins.used(Some(from), to, &spec.user),
-        })
-    }
-
-    /// The logins used on each side.
-    pub fn logins(&self) -> &LoginsUsed {
-        &self.logins
-    }
-
-    /// Reads every message from both sides and compares. `size_diff` is told of each message
-    /// whose popbridge LIST size differs from what it delivers as soon as it is found (the
-    /// report has them all as well).
-    pub async fn run(
-        self,
-        mut size_diff: impl FnMut(&SizeDiff),
-    ) -> Result<VerifyReport, MigrateError> {
-        let (config, imap, spec) = (self.config, self.imap, self.spec);
-        let from_login = self.logins.legacy.as_ref().map_or("", |b| &b.login);
-        let to_login = &self.logins.new.login;
-
-        // The legacy server, as a client sees it.
-        let mut pop = legacy_session(self.legacy, from_login, &self.credential).await?;
-        let listed: Vec<ListedMessage> = pop.listing().await?;
-        let mut legacy = Vec::with_capacity(listed.len());
-        for m in &listed {
-            let bytes = pop.retr(m.number, MAX_MESSAGE).await?;
-            legacy.push(Seen::new(m.uidl.clone(), m.size, &bytes));
-        }
-        pop.quit().await;
-
-        // popbridge, in-process: the same upstream, snapshot and UIDL code `serve` uses. With a
-        // master user on the new store, `serve` logs in as that master user after another
-        // backend checked the client's password; verify is an operator tool and skips that
-        // check.
-        let password = match (&spec.password, &imap.master_user) {
-            (_, Some(_)) => String::new(),
-            (Some(p), None) => p.clone(),
-            (None, None) => {
-                return Err(MigrateError::Usage(format!(
-                    "verify logs in to the new store like a POP3 session does, with {}'s password (--password-env), unless that backend has a master_user",
-                    spec.user
-                )))
-            }
-        };
         let state = StateStore::open(&config.state.dir).ok().map(Arc::new);
         if state.is_none() && config.migration.shared_map == SharedMap::None {
             return Err(MigrateError::NoMapToRead);
         }
         let upstream = ImapUpstream::new(
-            imap,
+            &imap,
             &config.deletion,
             state,
-            &crate::state::state_prefix(&self.logins.new.backend),
+            &crate::state::state_prefix(to),
             config.migration.shared_map == SharedMap::Metadata,
         )
         .map_err(MigrateError::BridgeSetup)?;
@@ -217,12 +170,72 @@ impl<'a> Verify<'a> {
                 .unwrap_or(&config.pop3.uidl_format),
         )
         .map_err(MigrateError::UidlFormat)?;
-        let mut md = upstream
+        Ok(Arc::new(VerifyJob {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            legacy,
+            imap,
+            legacy_master,
+            logins,
+            upstream,
+            format,
+        }))
+    }
+
+    /// Whether `spec` can be verified at all: credentials on the legacy side, and on the new
+    /// side a password unless the new store has a master user.
+    pub fn check_credentials(&self, spec: &UserSpec) -> Result<(), MigrateError> {
+        credential(&self.legacy_master, spec, "legacy")?;
+        self.bridge_password(spec).map(|_| ())
+    }
+
+    fn bridge_password(&self, spec: &UserSpec) -> Result<String, MigrateError> {
+        // popbridge, in-process: the same upstream, snapshot and UIDL code `serve` uses. With a
+        // master user on the new store, `serve` logs in as that master user after another
+        // backend checked the client's password; verify is an operator tool and skips that
+        // check.
+        match (&spec.password, &self.imap.master_user) {
+            (_, Some(_)) => Ok(String::new()),
+            (Some(p), None) => Ok(p.clone()),
+            (None, None) => Err(MigrateError::Usage(format!(
+                "verify logs in to the new store like a POP3 session does, with {}'s password (--password-env, or the users file), unless that backend has a master_user",
+                spec.user
+            ))),
+        }
+    }
+
+    /// Reads every message of `spec` from both sides and compares.
+    async fn verify_user(
+        &self,
+        spec: &UserSpec,
+        logins: LoginsUsed,
+        gates: &Gates,
+    ) -> Result<VerifyReport, MigrateError> {
+        let credential = credential(&self.legacy_master, spec, "legacy")?;
+        let password = self.bridge_password(spec)?;
+        let from_login = logins.legacy.as_ref().map_or("", |b| &b.login);
+        let to_login = &logins.new.login;
+
+        // The legacy server, as a client sees it.
+        let permit = gates.legacy().await;
+        let mut pop = legacy_session(&self.legacy, from_login, &credential).await?;
+        let listed: Vec<ListedMessage> = pop.listing().await?;
+        let mut legacy = Vec::with_capacity(listed.len());
+        for m in &listed {
+            let bytes = pop.retr(m.number, MAX_MESSAGE).await?;
+            legacy.push(Seen::new(m.uidl.clone(), m.size, &bytes));
+        }
+        pop.quit().await;
+        drop(permit);
+
+        let _permit = gates.new_store().await;
+        let mut md = self
+            .upstream
             .login(to_login, crate::maildrop::Credential::Password(&password))
             .await
             .map_err(MigrateError::Bridge)?;
         let snapshot = md.snapshot().await.map_err(MigrateError::Bridge)?;
-        let chunk = imap.fetch_chunk_bytes;
+        let chunk = self.imap.fetch_chunk_bytes;
         let mut bridge = Vec::with_capacity(snapshot.messages.len());
         let mut size_diffs = Vec::new();
         for m in &snapshot.messages {
@@ -241,16 +254,14 @@ impl<'a> Verify<'a> {
                 }
             }
             if raw.len() as u64 != m.size {
-                let diff = SizeDiff {
+                size_diffs.push(SizeDiff {
                     uid: m.uid,
                     listed: m.size,
                     delivered: raw.len(),
-                };
-                size_diff(&diff);
-                size_diffs.push(diff);
+                });
             }
             bridge.push(Seen::new(
-                snapshot.uidl(m.uid, &format),
+                snapshot.uidl(m.uid, &self.format),
                 m.size,
                 &pop3_form(&raw),
             ));
@@ -258,12 +269,39 @@ impl<'a> Verify<'a> {
         md.close().await;
         let (diffs, notes) = compare(&legacy, &bridge);
         Ok(VerifyReport {
-            logins: self.logins,
+            logins,
             legacy_messages: legacy.len(),
             size_diffs,
             notes,
             diffs,
         })
+    }
+}
+
+impl WaveJob for VerifyJob {
+    type Item = UserSpec;
+    type Report = VerifyReport;
+
+    fn login(item: &UserSpec) -> &str {
+        &item.user
+    }
+
+    fn class(r: &VerifyReport) -> Class {
+        if r.clean() {
+            Class::Clean
+        } else {
+            Class::Attention
+        }
+    }
+
+    async fn run(self: Arc<Self>, spec: &UserSpec, gates: &Gates) -> UserOutcome<VerifyReport> {
+        let logins = self.logins.used(Some(&self.from), &self.to, &spec.user);
+        let result = self.verify_user(spec, logins, gates).await;
+        UserOutcome {
+            user: spec.user.clone(),
+            warnings: Vec::new(),
+            result,
+        }
     }
 }
 

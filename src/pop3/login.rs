@@ -84,10 +84,12 @@ where
             }
         };
         if let Some(penalty) = &self.tls.penalty {
+            // A per-device view's failures count against its account.
+            let account = self.upstream.account(&user);
             match &result {
-                Ok(_) => penalty.succeeded(self.tls.peer, &user),
+                Ok(_) => penalty.succeeded(self.tls.peer, account),
                 Err(MaildropError::Auth) => {
-                    let (delay, failures) = penalty.failed(self.tls.peer, &user);
+                    let (delay, failures) = penalty.failed(self.tls.peer, account);
                     if !delay.is_zero() {
                         info!(user = %user, failures, delay_ms = delay.as_millis() as u64, "login penalty");
                         tokio::time::sleep(delay).await;

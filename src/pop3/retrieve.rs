@@ -29,7 +29,7 @@ where
             return self.retrieve_failed(msg, uid, MaildropError::unavailable("no maildrop"));
         };
         md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
-        let mut part = match read_part(md, uid, size, top, 0, chunk).await {
+        let mut part = match read_part(md, uid, size, top_lines, 0, chunk).await {
             Ok(d) => d,
             Err(e) => return self.retrieve_failed(msg, uid, e),
         };
@@ -58,7 +58,7 @@ where
             let Some((md, _)) = self.maildrop.as_mut() else {
                 return Flow::End(SessionOutcome::UpstreamError);
             };
-            part = match read_part(md, uid, size, top, offset, chunk).await {
+            part = match read_part(md, uid, size, top_lines, offset, chunk).await {
                 Ok(d) => d,
                 Err(e) if flushed => {
                     warn!(user = self.user.as_deref().unwrap_or("-"), uid, offset, error = %crate::errors::Chain(&e),
@@ -115,6 +115,14 @@ where
     }
 }
 
+/// A TOP's first piece: 16 KiB for the header (most are a few KiB) plus 256 octets per line
+/// asked for.
+fn top_first_piece(top_lines: Option<u32>) -> u32 {
+    const HEADER: u32 = 16 * 1024;
+    const PER_LINE: u32 = 256;
+    HEADER.saturating_add(top_lines.unwrap_or(0).saturating_mul(PER_LINE))
+}
+
 /// The next part of message `uid` (`size` octets listed) from `offset`. A TOP starts with a
 /// piece (usually all it needs: the header and a few lines); the rest, when needed, comes as
 /// one streamed range. A message listed as non-empty whose first part is empty and final
@@ -123,13 +131,17 @@ async fn read_part<M: Maildrop>(
     md: &mut M,
     uid: u32,
     size: u64,
-    top: bool,
+    top_lines: Option<u32>,
     offset: u64,
     chunk: u32,
 ) -> Result<BodyPart, MaildropError> {
-    let part = if top && offset == 0 {
-        let data = md.fetch(uid, offset, chunk).await?;
-        let last = data.len() < chunk as usize;
+    let part = if top_lines.is_some() && offset == 0 {
+        // Usually enough for the header and the lines asked for (and the same piece of the
+        // next messages comes along with it, see ImapMaildrop::fetch_piece); else the rest
+        // follows as one streamed range.
+        let first = top_first_piece(top_lines).min(chunk);
+        let data = md.fetch(uid, offset, first).await?;
+        let last = data.len() < first as usize;
         BodyPart { data, last }
     } else {
         md.read_body(uid, size, offset, chunk).await?

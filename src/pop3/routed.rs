@@ -17,6 +17,12 @@ use crate::uidl::UidlFormat;
 pub trait Upstream: Send + Sync {
     type Maildrop: Maildrop;
 
+    /// The account a login stands for: the login itself, or the user behind a per-device
+    /// view form (`recent:alice` -> `alice`). Login penalties count against it.
+    fn account<'a>(&self, login: &'a str) -> &'a str {
+        login
+    }
+
     /// Route a login to its backend and open it there, without listing it yet (see
     /// [`Maildrop::snapshot`]).
     fn route(
@@ -140,6 +146,10 @@ pub enum Opened<M> {
 
 impl<T: Upstream> Upstream for Arc<T> {
     type Maildrop = T::Maildrop;
+
+    fn account<'a>(&self, login: &'a str) -> &'a str {
+        (**self).account(login)
+    }
 
     fn route(
         &self,

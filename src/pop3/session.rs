@@ -847,6 +847,7 @@ mod tests {
                 MessageEntry { uid: 9, size: 3 },
             ],
             legacy: None,
+            others: None,
         }
     }
 

@@ -274,6 +274,10 @@ impl UidlMap {
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
         self.entries.iter().map(|(u, s)| (*u, s.as_str()))
     }
+    /// Whether some entry has this legacy UIDL.
+    pub fn holds_uidl(&self, uidl: &str) -> bool {
+        self.values.contains(uidl)
+    }
     /// The UID a legacy UIDL belongs to.
     pub fn uid_of(&self, uidl: &str) -> Option<u32> {
         if !self.values.contains(uidl) {

@@ -1,6 +1,7 @@
 //! UIDLs: the formats popbridge generates them in ([`format`], Dovecot's `pop3_uidl_format`
 //! syntax) and the legacy UIDL maps migrated from old POP3 servers ([`map`]). Sans-I/O.
 
+pub mod folders;
 pub mod format;
 pub mod map;
 

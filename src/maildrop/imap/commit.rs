@@ -149,9 +149,70 @@ impl ImapMaildrop {
         }
         Err(MaildropError::unavailable(format!("{name} failed")))
     }
-    /// Applies the deletion mode to `uids` (see [`Maildrop::commit`]).
-    pub(super) async fn apply_deletions(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
-        self.commit_sets(uids).await?;
+    /// Applies the deletion mode to the messages of these handles (see [`Maildrop::commit`]),
+    /// each in its own folder: the selected folder first (no SELECT needed), then the others
+    /// in listing order. A folder that fails does not stop the others; the first error is
+    /// returned (the client is told not everything was removed).
+    pub(super) async fn apply_deletions(&mut self, handles: &[u32]) -> Result<(), MaildropError> {
+        if let Some(view) = self.view {
+            return self.commit_view(view, handles).await;
+        }
+        let mut groups = self.by_folder(handles);
+        if let Some(sel) = self.selected {
+            groups.sort_by_key(|(f, _)| (*f != sel, *f));
+        }
+        let mut first_error = None;
+        for (folder, uids) in groups {
+            let applied = match self.enter(folder).await {
+                Ok(()) => self.commit_sets(&uids).await,
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok(()) => self.count_deletions(uids.len()),
+                Err(e) => {
+                    tracing::warn!(maildrop = %self.lock_key, folder = %self.folder_name(folder), error = %crate::errors::Chain(&e), "deletions in this folder not applied");
+                    first_error.get_or_insert(e);
+                    if self.conn.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+        if first_error.is_none() {
+            self.retain().await;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Retention in every served folder, the selected one first. Housekeeping: a failure is
+    /// logged and does not change the client's answer (its deletions were applied).
+    async fn retain(&mut self) {
+        let Some(r) = self.retention else {
+            return;
+        };
+        let mut folders = self.served.clone();
+        folders.sort_by_key(|&f| (Some(f) != self.selected, f));
+        for folder in folders {
+            let result = match self.enter(folder).await {
+                Ok(()) => self.apply_retention(r).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(maildrop = %self.lock_key, folder = %self.folder_name(folder), removed = n, days = r.days.get(), "retention removed hidden mail")
+                }
+                Err(e) => {
+                    tracing::warn!(maildrop = %self.lock_key, folder = %self.folder_name(folder), error = %crate::errors::Chain(&e), "retention failed");
+                    if self.conn.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_deletions(&self, n: usize) {
         let mode = match self.deletion {
             DeletionMode::Hide => "hide",
             DeletionMode::Expunge => "expunge",
@@ -160,13 +221,15 @@ impl ImapMaildrop {
         metrics()
             .deletions
             .with_label_values(&[mode])
-            .inc_by(uids.len() as u64);
-        Ok(())
+            .inc_by(n as u64);
     }
 
     /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.
     pub(super) async fn finish(mut self) {
-        self.store_retrieved();
+        for i in 0..self.folders.len() {
+            self.load_state(i);
+            self.store_retrieved();
+        }
         let owed = self.seen_owed().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
             Vec::new()

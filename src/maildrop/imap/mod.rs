@@ -4,18 +4,24 @@
 //! commands only (`commit.rs`). Migrated UIDL maps come from [`legacy_map`].
 
 mod commit;
+mod folders;
 pub mod legacy_map;
+mod retention;
 mod retrieve;
 mod snapshot;
+mod view;
+
+pub use view::View;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use imap_next::imap_types::mailbox::Mailbox;
 
-use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig};
+use crate::config::{read_secret, DeletionConfig, DeletionMode, ImapConfig, RetentionAction};
 use crate::maildrop::{
     BodyPart, Credential, Maildrop, MaildropError, MaildropKey, Mailstore, Snapshot,
 };
@@ -35,6 +41,12 @@ pub struct ImapUpstream {
     endpoint: Endpoint,
     limits: ConnLimits,
     mailbox: String,
+    /// Every folder served, in listing order (`mailbox` first).
+    folders: Vec<String>,
+    /// Hidden mail past its time removed at commits (hide mode with `retention_days`).
+    retention: Option<retention::Retention>,
+    /// Days of mail a per-device view lists (`recent_days`); 0: no view here.
+    recent_days: u32,
     deletion: DeletionMode,
     move_to: String,
     hide_keyword: String,
@@ -95,6 +107,18 @@ impl ImapUpstream {
             ),
             endpoint,
             mailbox: imap.mailbox.clone(),
+            folders: imap.folders(),
+            retention: imap
+                .retention_days
+                .or(Some(deletion.retention_days))
+                .and_then(NonZeroU32::new)
+                .filter(|_| deletion.mode == DeletionMode::Hide)
+                .map(|days| retention::Retention {
+                    days,
+                    action: deletion.retention_action,
+                    batch: deletion.retention_batch.max(1) as usize,
+                }),
+            recent_days: imap.recent_days.unwrap_or(0),
             deletion: deletion.mode,
             move_to: deletion.move_to.clone(),
             hide_keyword: deletion.hide_keyword.clone(),
@@ -273,11 +297,50 @@ impl ImapUpstream {
             }
             _ => {}
         }
+        let retention = self.retention.filter(|r| {
+            let able = match r.action {
+                RetentionAction::Expunge => has_uidplus,
+                RetentionAction::Move => has_move || has_uidplus,
+            };
+            if !able {
+                tracing::warn!(
+                    user,
+                    "retention needs UIDPLUS (expunge) or MOVE/UIDPLUS (move), which the server lacks: hidden mail is kept"
+                );
+            }
+            able
+        });
 
+        let key = MaildropKey::new(&self.endpoint.address(), user, &self.mailbox);
+        let folders = self
+            .folders
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                if i == 0 {
+                    folders::Folder::default()
+                } else {
+                    folders::Folder::new(
+                        name,
+                        MaildropKey::new(&self.endpoint.address(), user, name),
+                    )
+                }
+            })
+            .collect();
         Ok(ImapMaildrop {
             conn: Some(conn),
             state: self.state.clone(),
-            key: MaildropKey::new(&self.endpoint.address(), user, &self.mailbox),
+            lock_key: key.clone(),
+            key,
+            folders,
+            served: Vec::new(),
+            retention,
+            view: None,
+            current: 0,
+            selected: None,
+            others: Vec::new(),
+            first_other: None,
+            hint: Vec::new(),
             v2_user: format!("{}{user}", self.v2_prefix),
             mailbox: self.mailbox.clone(),
             // Set by `select`, which `snapshot` runs under the IN-USE lock.
@@ -295,6 +358,7 @@ impl ImapUpstream {
             retrieved_pruned: false,
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
+            heads: HashMap::new(),
         })
     }
 }
@@ -341,6 +405,35 @@ fn login_error(e: SessionError) -> MaildropError {
     }
 }
 
+impl ImapUpstream {
+    /// Log `user` in for a per-device view (see [`View`]) with the user's own credentials.
+    /// Its lock is `view_login`'s (the login form, e.g. `recent:alice`), not the user's: a
+    /// view never hides or removes mail, so it runs beside the user's normal session; two
+    /// sessions of the same view still exclude each other. Caches stay the user's.
+    pub async fn login_view(
+        &self,
+        user: &str,
+        view_login: &str,
+        credential: Credential<'_>,
+        dele: crate::config::ViewDele,
+    ) -> Result<ImapMaildrop, MaildropError> {
+        let Some(days) = NonZeroU32::new(self.recent_days) else {
+            tracing::info!(
+                user,
+                "login in the per-device view form, but this backend has no view (recent_days = 0)"
+            );
+            return Err(MaildropError::Unsupported(
+                "per-device views are not enabled for this mailbox".into(),
+            ));
+        };
+        let mut md = self.open(user, credential).await?;
+        md.view = Some(View { days, dele });
+        md.retention = None;
+        md.lock_key = MaildropKey::new(&self.endpoint.address(), view_login, &self.mailbox);
+        Ok(md)
+    }
+}
+
 impl Mailstore for ImapUpstream {
     type Maildrop = ImapMaildrop;
 
@@ -362,8 +455,30 @@ pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
     state: Option<Arc<StateStore>>,
-    /// Which maildrop this is: its lock, its cache entries, its decoded map, its log lines.
+    /// Which maildrop this is: its lock and its log lines (the first folder's key).
+    lock_key: MaildropKey,
+    /// The current folder's key: its cache entries, its decoded map.
     key: MaildropKey,
+    /// Every folder served, in listing order; the current one's state is in this struct's
+    /// fields, the others' parked here (see `folders.rs`).
+    folders: Vec<folders::Folder>,
+    /// Which of `folders` the listing holds (opened at login).
+    served: Vec<usize>,
+    /// Retention to apply at the commit, when configured and possible.
+    retention: Option<retention::Retention>,
+    /// A per-device view session: what it lists and what its DELE does.
+    view: Option<View>,
+    /// Which of `folders` is current.
+    current: usize,
+    /// Which of `folders` is selected upstream.
+    selected: Option<usize>,
+    /// Where the snapshot's handles of later folders' messages point: (folder, UID), the
+    /// message with handle `u32::MAX - i` at `others[i]`.
+    others: Vec<(usize, u32)>,
+    /// The lowest such handle.
+    first_other: Option<u32>,
+    /// The session's read-ahead hint, in handles.
+    hint: Vec<(u32, u64)>,
     /// How the v2 state layout named the user (backend prefix and login), to carry a map over.
     v2_user: String,
     mailbox: String,
@@ -391,6 +506,9 @@ pub struct ImapMaildrop {
     ahead_hint: Vec<(u32, u64)>,
     /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
     ahead: HashMap<u32, Bytes>,
+    /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
+    /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.
+    heads: HashMap<u32, Bytes>,
 }
 
 /// Read ahead at most this many bytes per session ...
@@ -401,6 +519,9 @@ const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
 const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
 /// ... and only messages up to this size (bigger ones are streamed anyway).
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;
+/// A first piece at most this long is a TOP's (see `pop3::retrieve`): the same piece of the
+/// next messages is fetched along with it (heads), within READ_AHEAD_BYTES.
+const HEAD_AHEAD_MAX_PIECE: u64 = 64 * 1024;
 /// The next message is prefetched (its FETCH sent as soon as the current one was handed out,
 /// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
 /// something else makes popbridge read and discard it before its next command.
@@ -408,8 +529,10 @@ const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
 
 impl ImapMaildrop {
     /// Which maildrop this is (the key of its RFC 1939 lock).
+    // The lock is the first folder's whatever folder is current (`self.key`).
+    #[allow(clippy::misnamed_getters)]
     pub fn key(&self) -> &MaildropKey {
-        &self.key
+        &self.lock_key
     }
 }
 
@@ -418,37 +541,53 @@ impl Maildrop for ImapMaildrop {
         self.take_snapshot().await
     }
 
-    async fn fetch(&mut self, uid: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+    /// `handle` is a UID, or with several folders one of the snapshot's handles (see
+    /// `folders.rs`); so in the methods below.
+    async fn fetch(&mut self, handle: u32, offset: u64, len: u32) -> Result<Bytes, MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.fetch_piece(uid, offset, len).await
     }
 
     async fn read_body(
         &mut self,
-        uid: u32,
+        handle: u32,
         size: u64,
         offset: u64,
         max: u32,
     ) -> Result<BodyPart, MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.read_part(uid, size, offset, max).await
     }
 
     fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
-        self.set_ahead_hint(upcoming);
+        if self.folders.len() > 1 {
+            self.hint.clear();
+            self.hint.extend_from_slice(upcoming);
+        } else {
+            self.set_ahead_hint(upcoming);
+        }
     }
 
     /// Owed until the next upstream command (or the end of the session), so a RETR costs one
     /// round trip, not two.
-    async fn mark_seen(&mut self, uid: u32) -> Result<(), MaildropError> {
+    async fn mark_seen(&mut self, handle: u32) -> Result<(), MaildropError> {
+        let uid = self.enter_for(handle).await?;
         self.pending_seen.push(uid);
         Ok(())
     }
 
-    fn retrieved(&mut self, uid: u32) {
+    fn retrieved(&mut self, handle: u32) {
+        let Some((i, uid)) = self.resolve(handle) else {
+            return;
+        };
+        let was = self.current;
+        self.load_state(i);
         self.note_retrieved(uid);
+        self.load_state(was);
     }
 
-    async fn commit(&mut self, uids: &[u32]) -> Result<(), MaildropError> {
-        self.apply_deletions(uids).await
+    async fn commit(&mut self, handles: &[u32]) -> Result<(), MaildropError> {
+        self.apply_deletions(handles).await
     }
 
     /// The `\Seen` flags still owed go out with the LOGOUT: one round trip.

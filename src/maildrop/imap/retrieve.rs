@@ -11,7 +11,7 @@ use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
 use imap_next::imap_types::response::{Data, StatusKind};
 
 use super::{
-    lost, unavailable, ImapMaildrop, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
+    lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
     READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE,
 };
 use crate::maildrop::{BodyPart, MaildropError};
@@ -60,6 +60,25 @@ impl ImapMaildrop {
         wanted
     }
 
+    /// For a short first piece (a TOP's): the next messages of the hint whose same piece is
+    /// not at hand yet, each costing at most `len` of READ_AHEAD_BYTES. Those shorter than
+    /// `len` come whole (kept in `ahead`), the others' first `len` octets in `heads`.
+    fn heads_wanted(&self, uid: u32, len: u64) -> Vec<u32> {
+        let mut budget = READ_AHEAD_BYTES;
+        let mut wanted = Vec::new();
+        for &(next, size) in &self.ahead_hint {
+            if next == uid || self.ahead.contains_key(&next) {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size.min(len)) else {
+                break;
+            };
+            budget = left;
+            wanted.push(next);
+        }
+        wanted
+    }
+
     /// Up to `len` octets of `uid` from `offset`, decoded (see [`Maildrop::fetch`]).
     pub(super) async fn fetch_piece(
         &mut self,
@@ -75,20 +94,34 @@ impl ImapMaildrop {
             return Ok(Bytes::new());
         };
         let mut wanted = vec![uid];
+        let heads_too = offset == 0 && u64::from(len) <= HEAD_AHEAD_MAX_PIECE;
         if offset == 0 {
             if let Some(whole) = self.ahead.remove(&uid) {
                 return Ok(whole);
             }
+            // The same first piece, fetched ahead (a header preview of the next message).
+            if let Some(head) = self.heads.remove(&uid) {
+                if head.len() == len as usize {
+                    return Ok(head);
+                }
+            }
             // Whatever was read ahead and not asked for is stale now.
             self.ahead.clear();
+            self.heads.clear();
             // Small messages the client will probably ask for next come along in the same
             // FETCH: a one-command-at-a-time client then costs one upstream round trip per
             // window of messages instead of two per message. Bounded in count and bytes.
-            wanted.extend(self.ahead_wanted(
-                uid,
-                u64::from(len),
-                (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
-            ));
+            // For a TOP's short first piece, the same piece of the next messages: a client
+            // previewing every header costs one round trip per window of messages.
+            if heads_too {
+                wanted.extend(self.heads_wanted(uid, u64::from(len)));
+            } else {
+                wanted.extend(self.ahead_wanted(
+                    uid,
+                    u64::from(len),
+                    (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
+                ));
+            }
         }
         let set = uid_sets(&wanted)
             .map_err(MaildropError::unavailable)?
@@ -138,12 +171,19 @@ impl ImapMaildrop {
             })
             .await?;
         let piece = pieces.remove(&uid);
-        // Keep only read-ahead pieces that are whole messages (shorter than asked, and not
-        // empty unless the listing says so: `""` is what some servers send for one gone).
-        self.ahead = pieces
+        // Keep read-ahead pieces that are whole messages (shorter than asked, and not empty
+        // unless the listing says so: `""` is what some servers send for one gone), and
+        // for a TOP's piece the pieces of the next messages as long as asked.
+        let (whole, cut): (HashMap<u32, Bytes>, HashMap<u32, Bytes>) = pieces
             .into_iter()
-            .filter(|(u, b)| b.len() < len as usize && self.plausibly_whole(*u, b))
+            .partition(|(_, b)| b.len() < len as usize);
+        self.ahead = whole
+            .into_iter()
+            .filter(|(u, b)| self.plausibly_whole(*u, b))
             .collect();
+        if heads_too {
+            self.heads = cut;
+        }
         match piece {
             Some(bytes) => Ok(bytes),
             // NO [THROTTLED] and friends: the server is busy, the message is not gone.

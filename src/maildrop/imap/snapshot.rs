@@ -13,6 +13,7 @@ use super::{lost, unavailable, ImapMaildrop};
 use crate::config::DeletionMode;
 use crate::maildrop::{MaildropError, MessageEntry, Snapshot};
 use crate::metrics::metrics;
+use crate::uidl::folders::{self, OtherUidls};
 use crate::uidl::map::{MapHead, UidlMap};
 use crate::upstream::imap::metadata::{self, MetadataError};
 use crate::upstream::imap::session::{self, MailboxStatus};
@@ -36,9 +37,15 @@ impl ImapMaildrop {
     /// the session that held the lock before: a SELECT taken before the lock would show
     /// what that commit hid (tests/faults.rs), and a NOOP to resync it would cost every
     /// login a round trip.
-    async fn open_mailbox(&mut self) -> Result<Opened, MaildropError> {
+    ///
+    /// A later folder of a several-folder maildrop (`primary` false) that cannot be served
+    /// (missing, read-only, cannot store the hide keyword) is a warning and `None`: the
+    /// session serves the others.
+    async fn open_mailbox(&mut self, primary: bool) -> Result<Option<Opened>, MaildropError> {
         let select = session::select(&self.mailbox, false).map_err(MaildropError::Unsupported)?;
-        let criteria = if self.deletion == DeletionMode::Hide {
+        let criteria = if let Some(view) = self.view {
+            view.criterion()?
+        } else if self.deletion == DeletionMode::Hide {
             let atom = Atom::try_from(self.hide_keyword.clone())
                 .map_err(|e| MaildropError::Unsupported(e.to_string()))?;
             SearchKey::Not(Box::new(SearchKey::Keyword(atom)))
@@ -49,7 +56,7 @@ impl ImapMaildrop {
             select,
             CommandBody::search(None, Vec1::from(criteria), true),
         ];
-        if self.shared_map {
+        if self.shared_map && primary {
             match metadata::head_command(&self.mailbox) {
                 Ok(body) => bodies.push(body),
                 Err(e) => return Err(self.map_unusable(e)),
@@ -74,10 +81,39 @@ impl ImapMaildrop {
                 self.conn = None;
                 unavailable(e)
             })?;
-        let head_done = if self.shared_map { done.pop() } else { None };
+        let head_done = if self.shared_map && primary {
+            done.pop()
+        } else {
+            None
+        };
         let (Some(search_done), Some(select_done)) = (done.pop(), done.pop()) else {
             return Err(MaildropError::unavailable("no completion"));
         };
+        if !primary {
+            let refusal = if !select_done.is_ok() {
+                Some(select_done.text.clone())
+            } else if status.read_only {
+                Some("read-only".to_owned())
+            } else if self.deletion == DeletionMode::Hide
+                && self.view.is_none()
+                && !status.can_store(&self.hide_keyword)
+            {
+                Some(format!(
+                    "cannot store the hide keyword {}",
+                    self.hide_keyword
+                ))
+            } else if status.uid_validity.is_none() {
+                Some("no UIDVALIDITY".to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                self.selected = None;
+                metrics().folders_skipped.inc();
+                tracing::warn!(maildrop = %self.lock_key, folder = %self.mailbox, reason = %why, "a folder of this maildrop cannot be served; serving the others");
+                return Ok(None);
+            }
+        }
         if !select_done.is_ok() {
             self.abandon().await;
             if let Some(e) = super::pressure_error("SELECT refused", &select_done) {
@@ -102,7 +138,7 @@ impl ImapMaildrop {
                 "server did not report UIDVALIDITY on SELECT",
             ));
         };
-        if self.deletion == DeletionMode::Hide {
+        if self.deletion == DeletionMode::Hide && self.view.is_none() {
             // RFC 3501: without PERMANENTFLAGS, all flags can be changed permanently.
             if !status.can_store(&self.hide_keyword) {
                 self.abandon().await;
@@ -120,10 +156,11 @@ impl ImapMaildrop {
         }
         self.uid_validity = uid_validity;
         self.uid_next = status.uid_next;
+        self.selected = Some(self.current);
         uids.sort_unstable();
         uids.dedup();
         let head = head_done.map(|done| metadata::head_from(values, done));
-        Ok(Opened { uids, head })
+        Ok(Some(Opened { uids, head }))
     }
 
     /// Log out and forget the connection (a refused SELECT).
@@ -215,10 +252,78 @@ impl ImapMaildrop {
 }
 
 impl ImapMaildrop {
-    /// The listing, under the IN-USE lock (see [`Maildrop::snapshot`]).
+    /// The listing, under the IN-USE lock (see [`Maildrop::snapshot`]): the folders in
+    /// listing order, each listed while selected. They are opened last to first, so the
+    /// first folder, where most mail is read, is the one left selected.
     pub(super) async fn take_snapshot(&mut self) -> Result<Snapshot, MaildropError> {
-        let opened = self.open_mailbox().await?;
-        let messages = self.sizes(opened.uids).await?;
+        let mut later: Vec<(usize, Vec<MessageEntry>)> = Vec::new();
+        self.served.clear();
+        for i in (1..self.folders.len()).rev() {
+            self.load_state(i);
+            if let Some(opened) = self.open_mailbox(false).await? {
+                let messages = self.folder_listing(opened.uids).await?;
+                later.push((i, messages));
+                self.served.push(i);
+            }
+        }
+        self.served.push(0);
+        self.load_state(0);
+        let Some(opened) = self.open_mailbox(true).await? else {
+            return Err(MaildropError::unavailable("no first folder"));
+        };
+        let mut messages = self.folder_listing(opened.uids).await?;
+        let legacy = self.legacy_map(opened.head).await?;
+        let others = self.number_later(&mut messages, later, legacy.as_deref());
+        Ok(Snapshot {
+            uid_validity: self.uid_validity,
+            messages,
+            legacy,
+            others,
+        })
+    }
+
+    /// Later folders' messages, appended to the first folder's in listing order, with
+    /// handles for UIDs (see [`crate::uidl::folders`]) and their UIDLs.
+    fn number_later(
+        &mut self,
+        messages: &mut Vec<MessageEntry>,
+        mut later: Vec<(usize, Vec<MessageEntry>)>,
+        legacy: Option<&UidlMap>,
+    ) -> Option<Arc<OtherUidls>> {
+        if self.folders.len() < 2 {
+            return None;
+        }
+        later.sort_by_key(|(i, _)| *i);
+        let count: usize = later.iter().map(|(_, m)| m.len()).sum();
+        let lowest = count.checked_sub(1).map(folders::handle);
+        let top = messages.last().map_or(0, |m| m.uid);
+        if lowest.is_some_and(|l| l <= top) {
+            // UIDs this close to 2^32 do not happen (servers renumber long before).
+            tracing::error!(maildrop = %self.lock_key, "first folder's UIDs reach the handles of later folders; serving the first folder only");
+            return None;
+        }
+        self.others.clear();
+        let mut uidls = Vec::with_capacity(count);
+        for (i, listed) in later {
+            self.load_state(i);
+            let tag = folders::folder_tag(&self.mailbox);
+            for m in listed {
+                uidls.push(folders::folder_uidl(tag, m.uid, self.uid_validity, legacy));
+                messages.push(MessageEntry {
+                    uid: folders::handle(self.others.len()),
+                    size: m.size,
+                });
+                self.others.push((i, m.uid));
+            }
+        }
+        self.load_state(0);
+        self.first_other = lowest;
+        Some(Arc::new(OtherUidls::new(uidls)))
+    }
+
+    /// The current folder's listing with sizes, and its records updated.
+    async fn folder_listing(&mut self, uids: Vec<u32>) -> Result<Vec<MessageEntry>, MaildropError> {
+        let messages = self.sizes(uids).await?;
         if let Some(state) = &self.state {
             let before = state.retrieved(&self.key, self.uid_validity);
             let listed = |uid: &u32| {
@@ -234,12 +339,7 @@ impl ImapMaildrop {
                 metrics().uidl_changed_sessions.inc();
             }
         }
-        let legacy = self.legacy_map(opened.head).await?;
-        Ok(Snapshot {
-            uid_validity: self.uid_validity,
-            messages,
-            legacy,
-        })
+        Ok(messages)
     }
 
     /// The migrated UIDL map for this folder's UIDVALIDITY (see [`super::legacy`]): METADATA
