@@ -57,8 +57,8 @@ pub struct RoutedUpstream {
     default_imap: Arc<ImapUpstream>,
     /// LOGIN-DELAY and backoff, shared by every listener and generation; `None`: no gate.
     gate: Option<Arc<LoginGate>>,
-    /// Each backend's LOGIN-DELAY and EXPIRE.
-    policies: HashMap<String, UserPolicy>,
+    /// Each backend's LOGIN-DELAY and EXPIRE: for its accounts, and for its per-device view.
+    policies: HashMap<String, (UserPolicy, Option<UserPolicy>)>,
     /// The per-device view's login prefix and DELE, when some backend offers the view.
     views: Option<(String, ViewDele)>,
 }
@@ -136,7 +136,10 @@ impl RoutedUpstream {
         m.initialize_backend(UNROUTED, false);
         let policies = backends
             .keys()
-            .map(|name| (name.clone(), config.user_policy(name)))
+            .map(|name| {
+                let policies = (config.user_policy(name), config.view_policy(name));
+                (name.clone(), policies)
+            })
             .collect();
         Ok(RoutedUpstream {
             router,
@@ -282,27 +285,36 @@ impl Upstream for RoutedUpstream {
         };
         tracing::debug!(backend = %name, upstream_login = %route.login, matched = route.matched, "routed");
         let view_login = view.and_then(|_| view_form(&self.views, &route.login));
-        // LOGIN-DELAY is per POP3 login: a device in the per-device view (`recent:alice`)
-        // polls on its own schedule, as RFC 2449 gives each login name its own delay.
         let gated = self.gate.as_ref().map(|gate| {
-            let user_key = Gated::key(name, view_login.as_deref().unwrap_or(&route.login));
+            // Backoffs hold the account (the store throttles it, whatever the view); the
+            // LOGIN-DELAY counts the account and its view apart (one user, two devices).
+            let user_key = Gated::key(name, &route.login);
+            let delay_key = Gated::key(name, view_login.as_deref().unwrap_or(&route.login));
             let secret = match credential {
                 Credential::Password(p) => p,
                 Credential::Bearer(t) => t,
             };
+            let (account, view_policy) = self.policies.get(&**name).copied().unwrap_or_default();
             Gated {
                 gate: gate.clone(),
                 backend: name.clone(),
-                fingerprint: gate.fingerprint(&user_key, secret.as_bytes()),
+                fingerprint: gate.fingerprint(&delay_key, secret.as_bytes()),
                 user_key,
-                policy: self.policies.get(&**name).copied().unwrap_or_default(),
+                delay_key,
+                policy: match view_login {
+                    Some(_) => view_policy.unwrap_or(account),
+                    None => account,
+                },
             }
         });
         if let Some(g) = &gated {
-            if let Err(refusal) = g
-                .gate
-                .check(name, &g.user_key, &g.fingerprint, Instant::now())
-            {
+            if let Err(refusal) = g.gate.check(
+                name,
+                &g.user_key,
+                &g.delay_key,
+                &g.fingerprint,
+                Instant::now(),
+            ) {
                 let (reason, signal, wait) = match refusal {
                     Refusal::LoginDelay { wait } => ("login_delay", Signal::LoginDelay, wait),
                     Refusal::Backoff { signal, wait } => ("backoff", signal, wait),

@@ -236,11 +236,13 @@ impl LoginGate {
     }
 
     /// Whether a login of `user` with credentials `fp` may go upstream: the backend's
-    /// backoff, the user's, then the user's LOGIN-DELAY (for the same credentials only).
+    /// backoff, the user's, then the LOGIN-DELAY under `delay_key` (the user's, or a view's
+    /// of it) for the same credentials only.
     pub fn check(
         &self,
         backend: &str,
         user: &str,
+        delay_key: &str,
         fp: &Fingerprint,
         now: Instant,
     ) -> Result<(), Refusal> {
@@ -261,7 +263,7 @@ impl LoginGate {
             .next_login
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match n.get(user) {
+        match n.get(delay_key) {
             Some(&(next, last)) if now < next && last == *fp => {
                 Err(Refusal::LoginDelay { wait: next - now })
             }
@@ -382,11 +384,11 @@ mod tests {
         let g = LoginGate::new(Duration::from_secs(1), Duration::from_secs(8));
         let t = Instant::now();
         let right = g.fingerprint("b\0bob", b"pw");
-        assert_eq!(g.check("b", "b\0bob", &right, t), Ok(()));
+        assert_eq!(g.check("b", "b\0bob", "b\0bob", &right, t), Ok(()));
         g.logged_in("b\0bob", right, Duration::from_secs(60), t);
         let later = t + Duration::from_secs(20);
         assert_eq!(
-            g.check("b", "b\0bob", &right, later),
+            g.check("b", "b\0bob", "b\0bob", &right, later),
             Err(Refusal::LoginDelay {
                 wait: Duration::from_secs(40)
             })
@@ -394,11 +396,17 @@ mod tests {
         // Other credentials go upstream (which judges them): the delay reveals nothing.
         let wrong = g.fingerprint("b\0bob", b"guess");
         assert_ne!(wrong, right);
-        assert_eq!(g.check("b", "b\0bob", &wrong, later), Ok(()));
+        assert_eq!(g.check("b", "b\0bob", "b\0bob", &wrong, later), Ok(()));
         let amy = g.fingerprint("b\0amy", b"pw");
-        assert_eq!(g.check("b", "b\0amy", &amy, later), Ok(()));
+        assert_eq!(g.check("b", "b\0amy", "b\0amy", &amy, later), Ok(()));
         assert_eq!(
-            g.check("b", "b\0bob", &right, t + Duration::from_secs(60)),
+            g.check("b", "b\0bob", "b\0bob", &right, t + Duration::from_secs(60)),
+            Ok(())
+        );
+        // The same account through its per-device view has its own delay.
+        let view = g.fingerprint("b\0recent:bob", b"pw");
+        assert_eq!(
+            g.check("b", "b\0bob", "b\0recent:bob", &view, later),
             Ok(())
         );
         g.logged_in("b\0amy", amy, Duration::ZERO, t);
@@ -420,6 +428,7 @@ mod tests {
             g.check(
                 "b",
                 "b\0bob",
+                "b\0bob",
                 &g.fingerprint("b\0bob", b"pw"),
                 t + Duration::from_secs(1)
             ),
@@ -431,10 +440,10 @@ mod tests {
         // A backend's backoff holds every user of it; a user's only that user.
         let fp = g.fingerprint("x", b"y");
         g.pressure("c\0amy", Signal::Throttled, t);
-        assert!(g.check("c", "c\0amy", &fp, t).is_err());
-        assert_eq!(g.check("c", "c\0bob", &fp, t), Ok(()));
+        assert!(g.check("c", "c\0amy", "c\0amy", &fp, t).is_err());
+        assert_eq!(g.check("c", "c\0bob", "c\0bob", &fp, t), Ok(()));
         assert_eq!(
-            g.check("b", "b\0bob", &fp, t + Duration::from_secs(5)),
+            g.check("b", "b\0bob", "b\0bob", &fp, t + Duration::from_secs(5)),
             Ok(())
         );
         // Quiet for longer than the cap after the end: back to the base.

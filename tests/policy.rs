@@ -228,3 +228,35 @@ fn within_the_delay_a_wrong_password_gets_the_stores_answer_not_login_delay() {
     assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{r}");
     assert_eq!(s.relay.connections(), before + 1);
 }
+
+#[test]
+fn a_per_device_view_has_its_own_login_delay_and_an_expire_of_its_days() {
+    let dc = Dovecot::start();
+    dc.add_user("v", "vpw");
+    dc.seed("v", &[b"Subject: 1\r\n\r\none\r\n"]);
+    let pb = Popbridge::start(
+        &dc,
+        "[limits]\nlogin_delay_secs = 30\n[views]\nrecent_days = 14\n",
+    );
+    let port = pb.pop3_port();
+    let mut c = RawPop3::ready(port);
+    let before = capa(&mut c);
+    assert!(has(&before, "LOGIN-DELAY 30"), "{before:?}");
+    assert!(has(&before, "EXPIRE 14 USER"), "{before:?}");
+    // The desktop polls the account ...
+    c.login("v", "vpw");
+    assert!(has(&capa(&mut c), "EXPIRE NEVER"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // ... and the phone's view right after is not held back by it ...
+    let phone = poplib(port, &["user recent:v", "pass vpw", "capa", "stat", "quit"]);
+    phone.assert_all_ok();
+    let lines = String::from_utf8_lossy(&phone.step("capa").data()).into_owned();
+    assert!(lines.contains("EXPIRE 14\r\n"), "{lines}");
+    assert!(lines.contains("LOGIN-DELAY 30\r\n"), "{lines}");
+    // ... while each is held back by its own previous login.
+    for login in ["v", "recent:v"] {
+        let s = poplib(port, &[&format!("user {login}"), "pass vpw"]);
+        let r = &s.step("pass vpw").resp;
+        assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{login}: {r}");
+    }
+}

@@ -27,26 +27,59 @@ pub fn expire(
 impl Config {
     /// The LOGIN-DELAY and EXPIRE of users routed to `backend` (`imap` for `[imap]`).
     pub fn user_policy(&self, backend: &str) -> UserPolicy {
-        let (delay, declared) = if backend == DEFAULT_BACKEND {
-            (self.imap.login_delay_secs, self.imap.expire_days)
+        let imap = |c: &super::ImapConfig| {
+            (
+                c.login_delay_secs,
+                c.expire_days,
+                c.retention_days.filter(|&d| d > 0),
+            )
+        };
+        let (delay, declared, retention) = if backend == DEFAULT_BACKEND {
+            imap(&self.imap)
         } else {
             match self.backends.get(backend) {
-                Some(BackendConfig::Imap(c)) => (c.login_delay_secs, c.expire_days),
-                Some(BackendConfig::Pop3(c)) => (c.login_delay_secs, c.expire_days),
-                None => (None, None),
+                Some(BackendConfig::Imap(c)) => imap(c),
+                Some(BackendConfig::Pop3(c)) => (c.login_delay_secs, c.expire_days, None),
+                None => (None, None, None),
             }
         };
         UserPolicy {
             login_delay_secs: delay.unwrap_or(self.limits.login_delay_secs),
-            expire: expire(self.deletion.mode, None, declared),
+            expire: expire(self.deletion.mode, retention, declared),
         }
     }
 
-    /// What CAPA shows before login, over every backend.
+    /// The policy of a per-device view login (`recent:alice`) at `backend`, when it offers
+    /// the view: its own LOGIN-DELAY (counted apart from the account's, so a phone in the
+    /// view and a desktop polling the account do not hold each other back), and EXPIRE no
+    /// longer than the view's `recent_days`: older mail leaves the view's listing.
+    pub fn view_policy(&self, backend: &str) -> Option<UserPolicy> {
+        let c = if backend == DEFAULT_BACKEND {
+            &self.imap
+        } else {
+            match self.backends.get(backend) {
+                Some(BackendConfig::Imap(c)) => c,
+                _ => return None,
+            }
+        };
+        let days = c.recent_days.unwrap_or(self.views.recent_days);
+        if days == 0 {
+            return None;
+        }
+        let account = self.user_policy(backend);
+        Some(UserPolicy {
+            expire: account.expire.min(Expire::Days(days)),
+            ..account
+        })
+    }
+
+    /// What CAPA shows before login, over every backend (and its view, if any).
     pub fn advertised_policy(&self) -> Advertised {
         let names =
             std::iter::once(DEFAULT_BACKEND).chain(self.backends.keys().map(|k| k.as_str()));
-        Advertised::over(names.map(|n| self.user_policy(n)))
+        Advertised::over(
+            names.flat_map(|n| std::iter::once(self.user_policy(n)).chain(self.view_policy(n))),
+        )
     }
 
     pub(super) fn validate_policy(&self) -> Result<(), (String, String)> {
@@ -130,6 +163,26 @@ mod tests {
             assert_eq!(e.key.as_deref(), Some(key), "{e}");
             assert!(e.to_string().contains("t.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_view_expires_after_its_days_and_shows_in_capa_before_login() {
+        let c = parse(
+            "[views]\nrecent_days = 14\n\
+             [backends.b]\nkind = \"imap\"\nhost = \"h\"\nexpire_days = 30",
+        )
+        .unwrap();
+        assert_eq!(c.view_policy("b").unwrap().expire, Expire::Days(14));
+        assert_eq!(c.user_policy("b").expire, Expire::Days(30));
+        assert_eq!(c.view_policy("imap").unwrap().expire, Expire::Days(14));
+        assert_eq!(
+            c.advertised_policy().capa_lines(None),
+            vec!["EXPIRE 14 USER"]
+        );
+        assert_eq!(parse("").unwrap().view_policy("imap"), None);
+        // Retention of hidden mail removes nothing a client left: still NEVER.
+        let c = parse("[deletion]\nretention_days = 30").unwrap();
+        assert_eq!(c.user_policy("imap").expire, Expire::Never);
     }
 
     #[test]

@@ -74,8 +74,10 @@ pub struct Routed<M> {
 pub struct Gated {
     pub gate: Arc<LoginGate>,
     pub backend: Arc<str>,
-    /// The gate's key for this user of this backend.
+    /// The gate's key for this user of this backend (backoffs).
     pub user_key: String,
+    /// The gate's key for this login's LOGIN-DELAY: the user's, or its per-device view's.
+    pub delay_key: String,
     /// The credentials of this login, fingerprinted.
     pub fingerprint: Fingerprint,
     /// The backend's LOGIN-DELAY and EXPIRE, for the gate and for CAPA after login.
@@ -91,7 +93,7 @@ impl Gated {
     /// The user logged in: the next login may come after the LOGIN-DELAY.
     pub fn logged_in(&self) {
         self.gate.logged_in(
-            &self.user_key,
+            &self.delay_key,
             self.fingerprint,
             Duration::from_secs(self.policy.login_delay_secs),
             Instant::now(),
