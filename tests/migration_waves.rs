@@ -67,8 +67,14 @@ def busy_proxy(port_file, upstream, refuse):
         threading.Thread(target=pump, args=(c, u), daemon=True).start()
         threading.Thread(target=pump, args=(u, c), daemon=True).start()
 
+def sizes(port, user, pw):
+    p = poplib.POP3('127.0.0.1', port); p.user(user); p.pass_(pw)
+    resp, lines, _ = p.list(); p.quit()
+    print(json.dumps([int(l.split()[1]) for l in lines]))
+
 cmd = sys.argv[1]
 if cmd == 'uidls_all': uidls_all(int(sys.argv[2]), sys.argv[3])
+elif cmd == 'sizes': sizes(int(sys.argv[2]), sys.argv[3], sys.argv[4])
 elif cmd == 'busy_proxy': busy_proxy(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 "#;
 
@@ -459,4 +465,212 @@ fn a_legacy_server_refusing_connections_slows_the_wave_and_fails_nobody() {
         stdout.contains(&format!("{retried} retried after throttling")),
         "{stdout}"
     );
+}
+
+/// Writes `messages` into `user`'s maildir on `dc` with the POP3 size (`W=`) Dovecot will
+/// report given by `sizes`: a legacy server whose sizes are wrong.
+fn seed_with_sizes(dc: &Dovecot, user: &str, messages: &[Vec<u8>], sizes: &[usize]) {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap();
+    let ids: Vec<u32> = passwd
+        .lines()
+        .find(|l| l.starts_with("mail:"))
+        .unwrap()
+        .split(':')
+        .skip(2)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    for (i, (m, w)) in messages.iter().zip(sizes).enumerate() {
+        let base = format!(
+            "{}.M{i}P1Q{i}.wrongsize,S={},W={w}",
+            1_700_000_000 + i,
+            m.len()
+        );
+        let tmp = dc.maildir(user).join("tmp").join(&base);
+        fs::write(&tmp, m).unwrap();
+        std::os::unix::fs::chown(&tmp, Some(ids[0]), Some(ids[1])).unwrap();
+        fs::rename(
+            &tmp,
+            dc.maildir(user).join("cur").join(format!("{base}:2,")),
+        )
+        .unwrap();
+    }
+}
+
+fn uidl_of(line: &serde_json::Value) -> String {
+    line.as_str().unwrap().split(' ').nth(1).unwrap().to_owned()
+}
+
+fn uidls_of(listing: &serde_json::Value) -> Vec<String> {
+    listing.as_array().unwrap().iter().map(uidl_of).collect()
+}
+
+#[test]
+fn mixed_cases_follow_the_policies_asked_for() {
+    let env = Env::new();
+    let legacy = Dovecot::start_with_conf(LEGACY_CONF);
+    let new = Dovecot::start();
+    let names = ["sz", "hd", "idh", "miss", "extra", "xu", "ws", "badpw"];
+    for u in names {
+        legacy.add_user(u, "pw");
+        new.add_user(u, if u == "badpw" { "nope" } else { "pw" });
+    }
+    let prefix = |m: &[u8]| [&b"Return-Path: <b@example.org>\r\nStatus: RO\r\n"[..], m].concat();
+    let three: Vec<Vec<u8>> = (1..=3).map(|n| msg(50, n)).collect();
+    for u in ["sz", "hd", "miss", "xu", "badpw"] {
+        legacy.try_seed(u, &three).unwrap();
+    }
+    new.try_seed("sz", &three).unwrap();
+    new.try_seed("hd", three.iter().map(|m| prefix(m))).unwrap();
+    new.try_seed("miss", three[..2].iter().map(|m| prefix(m)))
+        .unwrap();
+    new.try_seed("badpw", &three).unwrap();
+    // Identical headers, different bodies: paired in order.
+    let same = b"From: a@example.org\r\nSubject: same\r\nMessage-ID: <same@x>\r\n\r\n";
+    let idh: Vec<Vec<u8>> = ["one\r\n", "two, longer\r\n"]
+        .iter()
+        .map(|b| [&same[..], b.as_bytes()].concat())
+        .collect();
+    legacy.try_seed("idh", &idh).unwrap();
+    new.try_seed("idh", idh.iter().map(|m| prefix(m))).unwrap();
+    // A message the legacy server never had.
+    legacy.try_seed("extra", &three[..2]).unwrap();
+    new.try_seed("extra", &three).unwrap();
+    // Legacy sizes swapped (A says B's size and B says A's); the copies are in the order B, A.
+    let (a, b) = (msg(60, 1), msg(60, 3));
+    seed_with_sizes(&legacy, "ws", &[a.clone(), b.clone()], &[b.len(), a.len()]);
+    new.try_seed("ws", &[b.clone(), a.clone()]).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let all = env.path("all.txt");
+    let lines: Vec<String> = names.iter().map(|u| format!("{u}\tpw")).collect();
+    fs::write(&all, lines.join("\n") + "\n").unwrap();
+    let before = env.uidls_all(legacy.pop3_port(), &all);
+    let ws_sizes = env.py(&["sizes", &legacy.pop3_port().to_string(), "ws", "pw"]);
+    let ws_sizes: Vec<usize> = serde_json::from_str(ws_sizes.trim()).unwrap();
+    let crlf = |m: &[u8]| m.len();
+    assert_eq!(
+        ws_sizes,
+        vec![crlf(&b), crlf(&a)],
+        "the legacy server lists each message with the other's size"
+    );
+    // X-UIDL: the copies carry the legacy UIDL in a header, and nothing else matches (another
+    // subject, reversed order).
+    let xu_uidls = uidls_of(&before["xu"]);
+    let xu_copies: Vec<Vec<u8>> = three
+        .iter()
+        .zip(&xu_uidls)
+        .rev()
+        .map(|(m, u)| {
+            let m = String::from_utf8_lossy(m).replace("Subject: m ", "Subject: copied ");
+            format!("X-UIDL: {u}\r\n{m}").into_bytes()
+        })
+        .collect();
+    new.try_seed("xu", &xu_copies).unwrap();
+
+    let cfg = env.config("mixed.toml", new.imap_port(), legacy.pop3_port());
+    let run = |file: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "migrate",
+            "uidls",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--users-file",
+            file.to_str().unwrap(),
+            "--jobs",
+            "3",
+        ];
+        a.extend_from_slice(extra);
+        Command::new(POPBRIDGE_BIN).args(&a).output().unwrap()
+    };
+    let json = |path: &Path| -> BTreeMap<String, serde_json::Value> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| (v["login"].as_str().unwrap().to_owned(), v))
+            .collect()
+    };
+
+    // Defaults: safe. Users with a missing copy, an extra message or only X-UIDL headers get
+    // nothing stored; the wrong password fails; ws is left for --no-size-pass.
+    let first = env.path("first.txt");
+    let lines: Vec<String> = names
+        .iter()
+        .filter(|u| **u != "ws")
+        .map(|u| format!("{u}\tpw"))
+        .collect();
+    fs::write(&first, lines.join("\n") + "\n").unwrap();
+    let r1 = env.path("r1.jsonl");
+    let out = run(&first, &["--report-json", r1.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("policies: legacy message without a copy: refuse; new-store message without a legacy one: refuse"), "{stdout}");
+    let j = json(&r1);
+    let outcome = |u: &str| j[u]["outcome"].as_str().unwrap().to_owned();
+    for u in ["sz", "hd", "idh"] {
+        assert_eq!(outcome(u), "clean", "{u}: {}", j[u]);
+    }
+    for u in ["miss", "extra", "xu"] {
+        assert_eq!(outcome(u), "attention", "{u}: {}", j[u]);
+        assert_eq!(j[u]["counts"]["stored"], "nowhere", "{u}");
+    }
+    assert_eq!(outcome("badpw"), "failed");
+    assert_eq!(j["sz"]["counts"]["by_size"], 3);
+    assert_eq!(j["hd"]["counts"]["by_header"], 3);
+    assert_eq!(j["idh"]["counts"]["duplicates_legacy"], 2);
+    assert_eq!(j["miss"]["counts"]["unmatched_legacy"], 1);
+    assert_eq!(j["extra"]["counts"]["unmatched_new"], 1);
+    assert_eq!(j["xu"]["counts"]["unmatched_legacy"], 3);
+
+    // The policies, X-UIDL headers, and no size pass for the server with wrong sizes.
+    let second = env.path("second.txt");
+    fs::write(&second, "miss\tpw\nextra\tpw\nxu\tpw\nws\tpw\n").unwrap();
+    let r2 = env.path("r2.jsonl");
+    let out = run(
+        &second,
+        &[
+            "--legacy-without-copy",
+            "drop",
+            "--new-without-legacy",
+            "new",
+            "--x-uidl",
+            "--no-size-pass",
+            "--report-json",
+            r2.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let j = json(&r2);
+    assert_eq!(j["xu"]["counts"]["by_x_uidl"], 3, "{}", j["xu"]);
+    assert_eq!(j["ws"]["counts"]["by_header"], 2, "{}", j["ws"]);
+
+    // What each client sees through popbridge.
+    let pb = Popbridge::start(&new, "");
+    let after = env.uidls_all(pb.pop3_port(), &all);
+    for u in ["sz", "hd", "idh"] {
+        assert_eq!(after[u], before[u], "{u}");
+    }
+    let legacy_of = |u: &str| uidls_of(&before[u]);
+    assert_eq!(uidls_of(&after["miss"]), legacy_of("miss")[..2].to_vec());
+    let extra = uidls_of(&after["extra"]);
+    assert_eq!(extra[..2], legacy_of("extra")[..]);
+    assert!(
+        !legacy_of("extra").contains(&extra[2]),
+        "served as new mail"
+    );
+    let mut reversed = legacy_of("xu");
+    reversed.reverse();
+    assert_eq!(uidls_of(&after["xu"]), reversed, "X-UIDL headers kept");
+    let ws = legacy_of("ws");
+    assert_eq!(
+        uidls_of(&after["ws"]),
+        vec![ws[1].clone(), ws[0].clone()],
+        "matched by header, not by the wrong sizes"
+    );
+    assert_eq!(after["badpw"], "refused");
 }
