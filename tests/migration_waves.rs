@@ -72,8 +72,18 @@ def sizes(port, user, pw):
     resp, lines, _ = p.list(); p.quit()
     print(json.dumps([int(l.split()[1]) for l in lines]))
 
+def hold(ready, pop3_port, pop3_user, imap_port, imap_user, pw, secs):
+    # Holds a POP3 session on one server and an IMAP session on the other for `secs` seconds.
+    import imaplib, time, os
+    p = poplib.POP3('127.0.0.1', pop3_port); p.user(pop3_user); p.pass_(pw)
+    i = imaplib.IMAP4('127.0.0.1', imap_port); i.login(imap_user, pw)
+    open(ready, 'w').write('ready')
+    time.sleep(secs)
+    p.quit(); i.logout()
+
 cmd = sys.argv[1]
-if cmd == 'uidls_all': uidls_all(int(sys.argv[2]), sys.argv[3])
+if cmd == 'hold': hold(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7], float(sys.argv[8]))
+elif cmd == 'uidls_all': uidls_all(int(sys.argv[2]), sys.argv[3])
 elif cmd == 'sizes': sizes(int(sys.argv[2]), sys.argv[3], sys.argv[4])
 elif cmd == 'busy_proxy': busy_proxy(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 "#;
@@ -673,4 +683,102 @@ fn mixed_cases_follow_the_policies_asked_for() {
         "matched by header, not by the wrong sizes"
     );
     assert_eq!(after["badpw"], "refused");
+}
+
+#[test]
+fn dovecots_refusing_logins_over_their_connection_limit_slow_the_wave_down() {
+    // One connection per user and address on each side: a client holding a session makes the
+    // wave's login for that user refused (POP3 on the legacy side, IMAP on the new one).
+    let limit = "mail_max_userip_connections = 1";
+    let legacy = Dovecot::start_with_conf(&format!("{LEGACY_CONF}\n{limit}"));
+    let new = Dovecot::start_with_conf(limit);
+    let env = Env::new();
+    let users: Vec<String> = (0..6).map(|i| format!("lim{i}")).collect();
+    for u in &users {
+        legacy.add_user(u, "pw");
+        new.add_user(u, "pw");
+    }
+    for (i, u) in users.iter().enumerate() {
+        let msgs: Vec<Vec<u8>> = (1..=3).map(|n| msg(i, n)).collect();
+        legacy.try_seed(u, &msgs).unwrap();
+        new.try_seed(u, &msgs).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let ready = env.path("held");
+    let mut holder = Command::new("python3")
+        .arg(env.path("helpers.py"))
+        .args([
+            "hold",
+            ready.to_str().unwrap(),
+            &legacy.pop3_port().to_string(),
+            "lim0",
+            &new.imap_port().to_string(),
+            "lim1",
+            "pw",
+            "2.5",
+        ])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the holder did not log in"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cfg = env.config("limit.toml", new.imap_port(), legacy.pop3_port());
+    let wave = env.path("limit.txt");
+    let lines: Vec<String> = users.iter().map(|u| format!("{u}\tpw")).collect();
+    fs::write(&wave, lines.join("\n") + "\n").unwrap();
+    let report = env.path("limit.jsonl");
+    let out = Command::new(POPBRIDGE_BIN)
+        .args([
+            "migrate",
+            "uidls",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--users-file",
+            wave.to_str().unwrap(),
+            "--jobs",
+            "3",
+            "--attempts",
+            "40",
+            "--max-backoff",
+            "1",
+            "--report-json",
+            report.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = holder.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("6 users: 6 clean"), "{stdout}");
+    let attempts: BTreeMap<String, u64> = fs::read_to_string(&report)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            (
+                v["login"].as_str().unwrap().to_owned(),
+                v["attempts"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        attempts["lim0"] > 1,
+        "legacy POP3 refused lim0 at first: {attempts:?}"
+    );
+    assert!(
+        attempts["lim1"] > 1,
+        "the new IMAP store refused lim1 at first: {attempts:?}"
+    );
+    assert_eq!(attempts["lim2"], 1, "{attempts:?}");
+    assert!(stderr.contains("the backends throttled"), "{stderr}");
 }
