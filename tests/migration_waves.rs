@@ -688,7 +688,8 @@ fn mixed_cases_follow_the_policies_asked_for() {
 #[test]
 fn dovecots_refusing_logins_over_their_connection_limit_slow_the_wave_down() {
     // One connection per user and address on each side: a client holding a session makes the
-    // wave's login for that user refused (POP3 on the legacy side, IMAP on the new one).
+    // wave's login for that user refused (checked: the legacy POP3 answers `-ERR [IN-USE]
+    // Maximum number of connections from user+IP exceeded`, the new IMAP store `NO [LIMIT]`).
     let limit = "mail_max_userip_connections = 1";
     let legacy = Dovecot::start_with_conf(&format!("{LEGACY_CONF}\n{limit}"));
     let new = Dovecot::start_with_conf(limit);
