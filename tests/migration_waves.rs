@@ -36,9 +36,11 @@ def uidls_all(port, users_file):
         out[user] = [l.decode() for l in lines]
     print(json.dumps(out))
 
-def busy_proxy(port_file, upstream, refuse):
+def busy_proxy(port_file, upstream, refuse, delay):
     # A front of the legacy server that is busy at first: the first `refuse` connections are
-    # closed as soon as they are accepted (reset at connect); then it relays.
+    # closed as soon as they are accepted (reset at connect); then it relays, each connection
+    # `delay` seconds after it was accepted.
+    import time
     srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(('127.0.0.1', 0)); srv.listen(256)
     open(port_file + '.tmp', 'w').write(str(srv.getsockname()[1]))
@@ -63,9 +65,12 @@ def busy_proxy(port_file, upstream, refuse):
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
             c.close()
             continue
-        u = socket.create_connection(('127.0.0.1', upstream))
-        threading.Thread(target=pump, args=(c, u), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c), daemon=True).start()
+        def relay(c):
+            time.sleep(delay)
+            u = socket.create_connection(('127.0.0.1', upstream))
+            threading.Thread(target=pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=pump, args=(u, c), daemon=True).start()
+        threading.Thread(target=relay, args=(c,), daemon=True).start()
 
 def sizes(port, user, pw):
     p = poplib.POP3('127.0.0.1', port); p.user(user); p.pass_(pw)
@@ -85,7 +90,7 @@ cmd = sys.argv[1]
 if cmd == 'hold': hold(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7], float(sys.argv[8]))
 elif cmd == 'uidls_all': uidls_all(int(sys.argv[2]), sys.argv[3])
 elif cmd == 'sizes': sizes(int(sys.argv[2]), sys.argv[3], sys.argv[4])
-elif cmd == 'busy_proxy': busy_proxy(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+elif cmd == 'busy_proxy': busy_proxy(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
 "#;
 
 struct Env {
@@ -420,6 +425,7 @@ fn a_legacy_server_refusing_connections_slows_the_wave_and_fails_nobody() {
             port_file.to_str().unwrap(),
             &legacy.pop3_port().to_string(),
             "10",
+            "0",
         ])
         .spawn()
         .unwrap();
@@ -782,4 +788,113 @@ fn dovecots_refusing_logins_over_their_connection_limit_slow_the_wave_down() {
     );
     assert_eq!(attempts["lim2"], 1, "{attempts:?}");
     assert!(stderr.contains("the backends throttled"), "{stderr}");
+}
+
+#[test]
+fn a_second_sigint_abandons_the_users_in_flight_and_a_rerun_redoes_them() {
+    let env = Env::new();
+    let legacy = Dovecot::start_with_conf(LEGACY_CONF);
+    let new = Dovecot::start();
+    let users: Vec<String> = (0..5).map(|i| format!("ab{i}")).collect();
+    for u in &users {
+        legacy.add_user(u, "pw");
+        new.add_user(u, "pw");
+    }
+    for (i, u) in users.iter().enumerate() {
+        let msgs: Vec<Vec<u8>> = (1..=2).map(|n| msg(i, n)).collect();
+        legacy.try_seed(u, &msgs).unwrap();
+        new.try_seed(u, &msgs).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    // A slow legacy front: every connection waits 20 s before it is relayed.
+    let port_file = env.path("slow.port");
+    let mut proxy = Command::new("python3")
+        .arg(env.path("helpers.py"))
+        .args([
+            "busy_proxy",
+            port_file.to_str().unwrap(),
+            &legacy.pop3_port().to_string(),
+            "0",
+            "20",
+        ])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !port_file.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let port: u16 = fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    let slow = env.config("slow.toml", new.imap_port(), port);
+    let wave = env.path("ab.txt");
+    let lines: Vec<String> = users.iter().map(|u| format!("{u}\tpw")).collect();
+    fs::write(&wave, lines.join("\n") + "\n").unwrap();
+    let args = |cfg: &Path| -> Vec<String> {
+        [
+            "migrate",
+            "uidls",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--from",
+            "legacy",
+            "--to",
+            "imap",
+            "--users-file",
+            wave.to_str().unwrap(),
+            "--jobs",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let slow_args = args(&slow);
+    let a: Vec<&str> = slow_args.iter().map(String::as_str).collect();
+    let out_path = env.path("ab.out");
+    let mut child = spawn_wave(&a, &out_path);
+    // Two users are in flight, waiting for the legacy greeting.
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, "-INT");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGINT waits for the users in flight"
+    );
+    signal(&child, "-INT");
+    let t = Instant::now();
+    assert_eq!(wait_exit(&mut child), Some(130));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "abandoned at once, not after the slow server"
+    );
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let out = fs::read_to_string(&out_path).unwrap();
+    let err = fs::read_to_string(out_path.with_extension("err")).unwrap();
+    assert!(err.contains("abandoning the users in flight"), "{err}");
+    assert_eq!(
+        out.matches(": abandoned (stopped; a re-run redoes it)")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("2 abandoned, 3 not started"), "{out}");
+    let journal = env.path("ab.txt.uidls.journal");
+    assert_eq!(
+        journal_records(&journal),
+        0,
+        "nothing recorded for users abandoned"
+    );
+
+    // The re-run, with the legacy server reachable again, does every user.
+    let fast = env.config("fast.toml", new.imap_port(), legacy.pop3_port());
+    let fast_args = args(&fast);
+    let out = Command::new(POPBRIDGE_BIN)
+        .args(&fast_args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("5 users: 5 clean"), "{stdout}");
+    assert_eq!(journal_records(&journal), 5);
 }
