@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::maildrop::MaildropKey;
 use crate::uidl::map::{MapHead, UidlMap};
+use crate::uidl::moved::{self, Origins};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -207,6 +208,28 @@ impl StateStore {
         self.store_uid_records(entry(SIZES, maildrop), uid_validity, words);
     }
 
+    /// Which UIDL each EMAILID of `maildrop` (the first folder's key) was first listed under
+    /// (see [`crate::uidl::moved`]); empty when absent or damaged.
+    pub fn email_origins(&self, maildrop: &MaildropKey) -> Origins {
+        let Ok(Some(blob)) = self.db.get(entry(ORIGINS, maildrop)) else {
+            return Origins::new();
+        };
+        std::str::from_utf8(&blob)
+            .ok()
+            .and_then(moved::decode)
+            .unwrap_or_default()
+    }
+
+    /// Replace that map (bounded by [`moved::MAX_ORIGINS`]).
+    pub fn store_email_origins(&self, maildrop: &MaildropKey, origins: &Origins) {
+        if let Err(e) = self.db.insert(
+            entry(ORIGINS, maildrop),
+            moved::encode(origins).into_bytes(),
+        ) {
+            tracing::warn!(error = %e, "could not update state cache");
+        }
+    }
+
     /// The head of the cached legacy UIDL map of `user`'s `mailbox` (small: read at every
     /// login to compare with the head in METADATA). `None` when absent or damaged.
     pub fn uidl_map_head(&self, maildrop: &MaildropKey) -> Option<MapHead> {
@@ -322,6 +345,8 @@ const UIDL_MAP: &[u8] = b"v3/uidlmap/";
 /// ... and its head line (UIDVALIDITY, count, checksum; the METADATA head it was read from,
 /// or a local one).
 const UIDL_HEAD: &[u8] = b"v3/uidlhead/";
+/// ... and, with OBJECTID and several folders, EMAILID -> first-listed UIDL lines.
+const ORIGINS: &[u8] = b"v3/emailids/";
 
 fn entry(kind: &[u8], maildrop: &MaildropKey) -> Vec<u8> {
     let mut key = kind.to_vec();

@@ -22,6 +22,7 @@ on_both_servers!(
     dele_in_junk_expunges_there,
     dele_in_junk_moves_from_there,
     a_missing_folder_and_one_that_vanishes,
+    moved_both_ways_keep_their_uidls_with_objectid,
 );
 const TWO: &str = "[imap]\nmailboxes = [\"INBOX\", \"Junk\"]\n";
 
@@ -188,14 +189,29 @@ fn a_message_moved_from_junk_to_inbox_by_another_client<S: MailServer>(dc: S) {
         second[1].1, junk[1],
         "the moved message is now INBOX's second"
     );
-    assert_eq!(
-        second[1].0,
-        inbox.uidl(inbox.uids()[1]),
-        "with INBOX's UIDL form"
-    );
-    assert_ne!(second[1].0, first[2].0, "without OBJECTID its UIDL changed");
+    if offers_objectid(&dc, "f2") {
+        assert_eq!(second[1].0, first[2].0, "with OBJECTID it keeps its UIDL");
+    } else {
+        assert_eq!(
+            second[1].0,
+            inbox.uidl(inbox.uids()[1]),
+            "with INBOX's UIDL form"
+        );
+        assert_ne!(second[1].0, first[2].0, "without OBJECTID its UIDL changed");
+    }
     assert_eq!(second[2], first[1], "Junk's first unchanged");
     assert_eq!(second[3], first[3], "Junk's third unchanged");
+}
+
+/// Whether the server offers OBJECTID after login (Cyrus 3.6 does, Dovecot 2.3 does not:
+/// checked, so each server runs the branch it should).
+fn offers_objectid<S: MailServer>(dc: &S, user: &str) -> bool {
+    let mut c = Imap::login(dc.imap_port(), user, PW);
+    let caps = c.run("CAPABILITY", &[]).concat();
+    c.run("LOGOUT", &[]);
+    let offered = caps.split_whitespace().any(|w| w == "OBJECTID");
+    assert_eq!(offered, dc.name() == "cyrus", "{}: {caps}", dc.name());
+    offered
 }
 
 fn dele_in_junk<S: MailServer>(dc: S, mode: &str) {
@@ -309,4 +325,121 @@ fn a_missing_folder_and_one_that_vanishes<S: MailServer>(dc: S) {
     let left = download(port, "f4");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].1, msg("inbox", 2));
+}
+
+/// Messages moved Junk -> INBOX and INBOX -> Junk by another IMAP client between sessions.
+/// With OBJECTID (Cyrus) each keeps the UIDL it was first listed with, for poplib and curl,
+/// and DELE removes it from the folder it is in now; without (Dovecot) the moved ones get
+/// the UIDL of where they are (the README's documented behaviour) and the rest is the same.
+fn moved_both_ways_keep_their_uidls_with_objectid<S: MailServer>(dc: S) {
+    let user = "f5";
+    dc.add_user(user, PW);
+    let inbox: Vec<Vec<u8>> = (1..=2).map(|i| msg("inbox", i)).collect();
+    let junk: Vec<Vec<u8>> = (1..=2).map(|i| msg("junk", i)).collect();
+    dc.seed(user, &[&inbox[0], &inbox[1]]);
+    fill(&dc, user, "Junk", true, &junk);
+    let objectid = offers_objectid(&dc, user);
+    let pb = Popbridge::start(&dc, &format!("{TWO}[deletion]\nmode = \"expunge\"\n"));
+    let port = pb.pop3_port();
+    let first = download(port, user);
+    let bodies: Vec<&[u8]> = first.iter().map(|(_, b)| b.as_slice()).collect();
+    assert_eq!(bodies, [&inbox[0], &inbox[1], &junk[0], &junk[1]]);
+    let uidl_of = |body: &[u8]| first.iter().find(|(_, b)| b == body).unwrap().0.clone();
+
+    // Another client moves Junk's first to INBOX and INBOX's first to Junk.
+    let (i_state, j_state) = (
+        dc.imap_state(user, PW, "INBOX"),
+        dc.imap_state(user, PW, "Junk"),
+    );
+    let mut c = Imap::login(dc.imap_port(), user, PW);
+    c.run(&format!("UID MOVE {} Junk", i_state.uids()[0]), &[]);
+    c.run("SELECT Junk", &[]);
+    c.run(&format!("UID MOVE {} INBOX", j_state.uids()[0]), &[]);
+    c.run("LOGOUT", &[]);
+
+    let second = download(port, user);
+    let bodies: Vec<&[u8]> = second.iter().map(|(_, b)| b.as_slice()).collect();
+    assert_eq!(
+        bodies,
+        [&inbox[1], &junk[0], &junk[1], &inbox[0]],
+        "INBOX then Junk, each where it is now"
+    );
+    for (uidl, body) in &second {
+        let was = uidl_of(body);
+        let moved = body == &junk[0] || body == &inbox[0];
+        if objectid || !moved {
+            assert_eq!(*uidl, was, "{}: same UIDL", String::from_utf8_lossy(body));
+        } else {
+            assert_ne!(*uidl, was, "without OBJECTID a moved message is new mail");
+        }
+    }
+    let distinct: std::collections::HashSet<&String> = second.iter().map(|(u, _)| u).collect();
+    assert_eq!(distinct.len(), 4, "unique UIDLs: {second:?}");
+    // curl sees the same UIDLs.
+    let c = curl_pop3(
+        &format!("pop3://{user}:{PW}@127.0.0.1:{port}/"),
+        &["-X", "UIDL"],
+    );
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let text = String::from_utf8_lossy(&c.stdout).into_owned();
+    for (k, (uidl, _)) in second.iter().enumerate() {
+        assert!(text.contains(&format!("{} {uidl}\r\n", k + 1)), "{text}");
+    }
+    // A third session lists the same (the map does not drift).
+    assert_eq!(download(port, user), second);
+
+    // The state directory lost (it is a cache; or another node of a fleet): the moved
+    // messages get the UIDL of where they are, as without OBJECTID, and nothing is lost.
+    let mut pb = pb;
+    pb.kill();
+    std::fs::remove_dir_all(pb.state_dir()).unwrap();
+    pb.restart();
+    let port = pb.pop3_port();
+    let after_loss = download(port, user);
+    let (i_now, j_now) = (
+        dc.imap_state(user, PW, "INBOX"),
+        dc.imap_state(user, PW, "Junk"),
+    );
+    let expected = vec![
+        second[0].clone(),
+        (i_now.uidl(i_now.uids()[1]), junk[0].clone()),
+        second[2].clone(),
+        (
+            junk_uidl(j_now.uids()[1], j_now.uidvalidity),
+            inbox[0].clone(),
+        ),
+    ];
+    assert_eq!(after_loss, expected);
+    let second = after_loss;
+
+    // DELE of both moved messages applies in the folder each is in now.
+    let s = poplib(
+        port,
+        &[
+            &format!("user {user}"),
+            &format!("pass {PW}"),
+            "dele 2",
+            "dele 4",
+            "quit",
+        ],
+    );
+    s.assert_all_ok();
+    let (i_now, j_now) = (
+        dc.imap_state(user, PW, "INBOX"),
+        dc.imap_state(user, PW, "Junk"),
+    );
+    assert_eq!(i_now.messages.len(), 1, "{i_now:?}");
+    assert_eq!(j_now.messages.len(), 1, "{j_now:?}");
+    let left = download(port, user);
+    assert_eq!(
+        left,
+        vec![second[0].clone(), second[2].clone()],
+        "INBOX's second and Junk's second left, UIDLs unchanged"
+    );
+    report(&format!(
+        "folders on {}: moved messages {} their UIDL (OBJECTID {})",
+        dc.name(),
+        if objectid { "keep" } else { "change" },
+        if objectid { "offered" } else { "not offered" }
+    ));
 }

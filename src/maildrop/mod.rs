@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::uidl::folders::OtherUidls;
 use crate::uidl::map::UidlMap;
+use crate::uidl::moved::Origin;
 use crate::uidl::UidlFormat;
 
 use bytes::Bytes;
@@ -42,8 +43,18 @@ impl Snapshot {
     /// The UIDL message `uid` is shown with: its legacy UIDL when migrated, else `format`'s
     /// (escaped when it would equal a legacy UIDL; see [`UidlMap::serve`]).
     pub fn uidl(&self, uid: u32, format: &UidlFormat) -> String {
-        if let Some(uidl) = self.others.as_ref().and_then(|o| o.get(uid)) {
-            return uidl.to_owned();
+        let mut uid = uid;
+        if let Some(others) = &self.others {
+            // A message moved between folders, served as where it was first listed.
+            match others.pinned(uid) {
+                Some(Origin::Other(uidl)) => return uidl.clone(),
+                Some(Origin::First { uid: first, .. }) => uid = *first,
+                None => {
+                    if let Some(uidl) = others.get(uid) {
+                        return uidl.to_owned();
+                    }
+                }
+            }
         }
         match &self.legacy {
             Some(map) => map.serve(uid, self.uid_validity, format).into_string(),
@@ -289,6 +300,34 @@ pub struct BodyPart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_messages_are_served_as_first_listed() {
+        let junk_uidl = "000000076b080e83~eb20faab";
+        let mut others = OtherUidls::new(vec![junk_uidl.into(), "00000009x~t".into()]);
+        let mut pins = std::collections::HashMap::new();
+        // INBOX's UID 5 was first listed in Junk; Junk's second was INBOX's UID 2.
+        pins.insert(5, Origin::Other("00000003x~t".into()));
+        pins.insert(
+            u32::MAX - 1,
+            Origin::First {
+                uid_validity: 0x6b08_0e83,
+                uid: 2,
+            },
+        );
+        others.pin(pins);
+        let snap = Snapshot {
+            uid_validity: 0x6b08_0e83,
+            messages: Vec::new(),
+            legacy: None,
+            others: Some(Arc::new(others)),
+        };
+        let f = UidlFormat::default();
+        assert_eq!(snap.uidl(1, &f), f.format(1, 0x6b08_0e83));
+        assert_eq!(snap.uidl(5, &f), "00000003x~t");
+        assert_eq!(snap.uidl(u32::MAX, &f), junk_uidl);
+        assert_eq!(snap.uidl(u32::MAX - 1, &f), f.format(2, 0x6b08_0e83));
+    }
 
     #[test]
     fn login_labels_are_the_preinitialised_ones() {

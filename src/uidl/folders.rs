@@ -13,13 +13,17 @@
 //!   within a folder UID and UIDVALIDITY are unique.
 //!
 //! A message moved between folders gets a new UID in its new folder, so it gets a new UIDL
-//! there (a client sees it as new mail; see the README).
+//! there (a client sees it as new mail; see the README), unless the server offers OBJECTID:
+//! then it keeps the UIDL it was first listed with (see [`super::moved`]).
 //!
 //! In the snapshot, messages of later folders carry *handles* instead of UIDs (counting down
 //! from `u32::MAX`); [`OtherUidls`] gives their UIDLs. Messages of the first folder keep
 //! their UID as handle.
 
+use std::collections::HashMap;
+
 use super::map::UidlMap;
+use super::moved::Origin;
 
 /// What separates the folder tag in a later folder's UIDL.
 pub const MARK: char = '~';
@@ -58,12 +62,28 @@ pub fn handle(i: usize) -> u32 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OtherUidls {
     uidls: Vec<String>,
+    /// Messages moved between folders, served under the UIDL they were first listed with
+    /// (see [`super::moved`]), by handle (first-folder UID or later-folder handle).
+    pins: HashMap<u32, Origin>,
 }
 
 impl OtherUidls {
     /// `uidls[i]` is the UIDL of the message with handle [`handle`]`(i)`.
     pub fn new(uidls: Vec<String>) -> OtherUidls {
-        OtherUidls { uidls }
+        OtherUidls {
+            uidls,
+            pins: HashMap::new(),
+        }
+    }
+
+    /// Serve these handles under the UIDLs they were first listed with.
+    pub fn pin(&mut self, pins: HashMap<u32, Origin>) {
+        self.pins = pins;
+    }
+
+    /// Where the message with this handle was first listed, when it was moved since.
+    pub fn pinned(&self, h: u32) -> Option<&Origin> {
+        self.pins.get(&h)
     }
 
     /// The lowest handle in use (`u32::MAX` + 1 - count), `None` when empty.

@@ -3,11 +3,13 @@
 //! with read-ahead and prefetch (`retrieve.rs`), and applies the deletion mode at QUIT with UID
 //! commands only (`commit.rs`), then retention of old hidden mail (`retention.rs`). Several
 //! folders share one connection (`folders.rs`); a per-device view lists recent mail and
-//! deletes nothing (`view.rs`). Migrated UIDL maps come from [`legacy_map`].
+//! deletes nothing (`view.rs`). Migrated UIDL maps come from [`legacy_map`]; moved messages keep their UIDL with OBJECTID
+//! (`moved.rs`).
 
 mod commit;
 mod folders;
 pub mod legacy_map;
+mod moved;
 mod retention;
 mod retrieve;
 mod snapshot;
@@ -284,6 +286,7 @@ impl ImapUpstream {
         let has_move = caps.has("MOVE");
         let has_metadata = caps.has("METADATA");
         let has_uidplus = caps.has("UIDPLUS");
+        let has_objectid = caps.has("OBJECTID");
         match self.deletion {
             DeletionMode::Expunge if !has_uidplus => {
                 conn.logout().await;
@@ -352,6 +355,7 @@ impl ImapUpstream {
             move_to: self.move_to.clone(),
             hide_keyword: self.hide_keyword.clone(),
             has_move,
+            has_objectid,
             shared_map: self.shared_map && has_metadata,
             maps: Arc::clone(&self.maps),
             pending_seen: Vec::new(),
@@ -491,6 +495,9 @@ pub struct ImapMaildrop {
     move_to: String,
     hide_keyword: String,
     has_move: bool,
+    /// The server offers OBJECTID (RFC 8474): with several folders, moved messages keep
+    /// their UIDL (see `snapshot.rs` and [`crate::uidl::moved`]).
+    has_objectid: bool,
     /// Look for a migrated UIDL map in METADATA (configured, and the server offers it).
     shared_map: bool,
     maps: Arc<legacy_map::MapCache>,

@@ -2,7 +2,7 @@
 //! ([`conn`]) with its streamed FETCH of message bodies ([`fetch`], with the pure parser
 //! [`fetch_parse`]),
 //! session setup and every login mechanism popbridge uses ([`session`], [`login`]), and
-//! METADATA ([`metadata`]).
+//! METADATA ([`metadata`]), RFC 8474 EMAILIDs ([`objectid`]).
 
 pub mod conn;
 pub mod engine;
@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod fetch_parse;
 pub mod login;
 pub mod metadata;
+pub mod objectid;
 pub mod session;
 pub mod uids;
 
