@@ -345,6 +345,18 @@ fn moved_both_ways_keep_their_uidls_with_objectid<S: MailServer>(dc: S) {
     let bodies: Vec<&[u8]> = first.iter().map(|(_, b)| b.as_slice()).collect();
     assert_eq!(bodies, [&inbox[0], &inbox[1], &junk[0], &junk[1]]);
     let uidl_of = |body: &[u8]| first.iter().find(|(_, b)| b == body).unwrap().0.clone();
+    // EMAILIDs are asked for only of new or moved messages: a session with nothing new asks
+    // nothing (popbridge's debug log, on unless the environment's RUST_LOG turns it off).
+    let asked = |pb: &Popbridge| pb.log().matches("asking the server for EMAILIDs").count();
+    let before = asked(&pb);
+    assert_eq!(
+        before > 0,
+        objectid && pb.log().contains("DEBUG"),
+        "{}",
+        pb.log_tail(30)
+    );
+    assert_eq!(uidl_list(port, user, PW).len(), 4);
+    assert_eq!(asked(&pb), before, "nothing new, nothing asked");
 
     // Another client moves Junk's first to INBOX and INBOX's first to Junk.
     let (i_state, j_state) = (

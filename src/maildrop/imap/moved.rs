@@ -1,6 +1,7 @@
 //! Moved messages keep their UIDL (several folders on a server that offers OBJECTID, RFC
-//! 8474): the snapshot learns each listed message's EMAILID (one pipelined
-//! `UID FETCH <set> (UID EMAILID)` per folder, see [`crate::upstream::imap::objectid`]) and
+//! 8474): the snapshot learns each listed message's EMAILID (from the map for a message still
+//! where it was first listed; else one pipelined `UID FETCH <set> (UID EMAILID)` per folder
+//! with new or moved messages, see [`crate::upstream::imap::objectid`]) and
 //! serves a message listed before elsewhere under the UIDL it was first listed with, from the
 //! per-maildrop map in sled ([`crate::uidl::moved`] decides). Off (nothing asked, nothing
 //! stored) with one folder, without OBJECTID, or without a state directory.
@@ -10,27 +11,80 @@ use std::sync::Arc;
 
 use super::{unavailable, ImapMaildrop};
 use crate::maildrop::{MaildropError, MessageEntry};
-use crate::uidl::folders::OtherUidls;
-use crate::uidl::moved::{self, Listed, Origin};
+use crate::uidl::folders::{self, OtherUidls};
+use crate::uidl::moved::{self, Listed, Origin, Origins};
 
-/// EMAILIDs of one folder's listed messages: (folder index, sorted (UID, EMAILID)).
-pub(super) type FolderIds = (usize, Vec<(u32, String)>);
+/// What a snapshot that follows moves carries from folder to folder.
+pub(super) struct Moves {
+    /// The maildrop's map, as read at the start of the snapshot.
+    known: Origins,
+    /// The same, by origin: a message still where it was first listed has the EMAILID its
+    /// origin is mapped from (a UID names one message for its folder's UIDVALIDITY), so it
+    /// need not be asked for again.
+    at: HashMap<Origin, String>,
+    /// (folder index, UID) -> EMAILID of the listed messages.
+    ids: HashMap<(usize, u32), String>,
+}
 
 impl ImapMaildrop {
-    /// Whether this session follows moved messages.
-    pub(super) fn tracks_moves(&self) -> bool {
-        self.has_objectid && self.folders.len() > 1 && self.state.is_some()
+    /// Whether this session follows moved messages: several folders, a server that offers
+    /// OBJECTID, and a state directory to remember first UIDLs in; then the map, read.
+    pub(super) fn start_moves(&mut self) -> Option<Moves> {
+        if !(self.has_objectid && self.folders.len() > 1) {
+            return None;
+        }
+        let state = self.state.clone()?;
+        self.load_state(0);
+        let known = state.email_origins(&self.key);
+        let at = known.iter().map(|(e, o)| (o.clone(), e.clone())).collect();
+        Some(Moves {
+            known,
+            at,
+            ids: HashMap::new(),
+        })
     }
 
-    /// The EMAILIDs of the current (selected) folder's `messages`.
-    pub(super) async fn email_ids_here(
+    /// The EMAILIDs of the current (selected) folder's `messages`: those still where the map
+    /// says they were first listed are known; the others (new or moved) are asked for, in one
+    /// pipelined round trip (none when there are none).
+    pub(super) async fn learn_email_ids(
         &mut self,
+        moves: &mut Moves,
         messages: &[MessageEntry],
-    ) -> Result<FolderIds, MaildropError> {
-        let uids: Vec<u32> = messages.iter().map(|m| m.uid).collect();
+    ) -> Result<(), MaildropError> {
+        let folder = self.current;
+        let tag = folders::folder_tag(&self.mailbox);
+        let mut ask = Vec::new();
+        for m in messages {
+            let here = if folder == 0 {
+                Origin::First {
+                    uid_validity: self.uid_validity,
+                    uid: m.uid,
+                }
+            } else {
+                // Without the legacy map (not read yet): a UIDL it made take `~<n>` is
+                // simply asked for.
+                Origin::Other(folders::folder_uidl(tag, m.uid, self.uid_validity, None))
+            };
+            match moves.at.get(&here) {
+                Some(e) => {
+                    moves.ids.insert((folder, m.uid), e.clone());
+                }
+                None => ask.push(m.uid),
+            }
+        }
+        if ask.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(maildrop = %self.lock_key, folder = %self.mailbox, asked = ask.len(), known = messages.len() - ask.len(), "asking the server for EMAILIDs");
         let conn = self.conn.as_mut().ok_or_else(super::lost)?;
-        match conn.email_ids(&uids).await {
-            Ok(ids) => Ok((self.current, ids)),
+        match conn.email_ids(&ask).await {
+            Ok(ids) => {
+                moves
+                    .ids
+                    .extend(ids.into_iter().map(|(u, e)| ((folder, u), e)));
+                Ok(())
+            }
             Err(e) => {
                 self.conn = None;
                 Err(unavailable(e))
@@ -45,15 +99,12 @@ impl ImapMaildrop {
         &mut self,
         messages: &[MessageEntry],
         mut others: Arc<OtherUidls>,
-        ids: Vec<FolderIds>,
+        moves: Moves,
     ) -> Arc<OtherUidls> {
         let Some(state) = self.state.clone() else {
             return others;
         };
-        let ids: HashMap<(usize, u32), String> = ids
-            .into_iter()
-            .flat_map(|(f, list)| list.into_iter().map(move |(u, e)| ((f, u), e)))
-            .collect();
+        let Moves { known, ids, .. } = moves;
         let listed: Vec<Listed> = messages
             .iter()
             .filter_map(|m| {
@@ -73,7 +124,6 @@ impl ImapMaildrop {
                 })
             })
             .collect();
-        let known = state.email_origins(&self.key);
         // Forget EMAILIDs no longer listed only when the listing is complete: a per-device
         // view lists recent mail only, and a folder may have been skipped.
         let complete = self.view.is_none() && self.served.len() == self.folders.len();

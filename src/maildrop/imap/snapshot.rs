@@ -257,15 +257,14 @@ impl ImapMaildrop {
     /// first folder, where most mail is read, is the one left selected.
     pub(super) async fn take_snapshot(&mut self) -> Result<Snapshot, MaildropError> {
         let mut later: Vec<(usize, Vec<MessageEntry>)> = Vec::new();
-        let track = self.tracks_moves();
-        let mut ids = Vec::new();
+        let mut moves = self.start_moves();
         self.served.clear();
         for i in (1..self.folders.len()).rev() {
             self.load_state(i);
             if let Some(opened) = self.open_mailbox(false).await? {
                 let messages = self.folder_listing(opened.uids).await?;
-                if track {
-                    ids.push(self.email_ids_here(&messages).await?);
+                if let Some(moves) = moves.as_mut() {
+                    self.learn_email_ids(moves, &messages).await?;
                 }
                 later.push((i, messages));
                 self.served.push(i);
@@ -277,13 +276,13 @@ impl ImapMaildrop {
             return Err(MaildropError::unavailable("no first folder"));
         };
         let mut messages = self.folder_listing(opened.uids).await?;
-        if track {
-            ids.push(self.email_ids_here(&messages).await?);
+        if let Some(moves) = moves.as_mut() {
+            self.learn_email_ids(moves, &messages).await?;
         }
         let legacy = self.legacy_map(opened.head).await?;
         let mut others = self.number_later(&mut messages, later, legacy.as_deref());
-        if track {
-            others = others.map(|o| self.pin_moved(&messages, o, ids));
+        if let Some(moves) = moves {
+            others = others.map(|o| self.pin_moved(&messages, o, moves));
         }
         Ok(Snapshot {
             uid_validity: self.uid_validity,
