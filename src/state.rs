@@ -211,7 +211,27 @@ impl StateStore {
     /// Which UIDL each EMAILID of `maildrop` (the first folder's key) was first listed under
     /// (see [`crate::uidl::moved`]); empty when absent or damaged.
     pub fn email_origins(&self, maildrop: &MaildropKey) -> Origins {
-        let Ok(Some(blob)) = self.db.get(entry(ORIGINS, maildrop)) else {
+        self.origins_at(entry(ORIGINS, maildrop))
+    }
+
+    /// Replace that map (bounded by [`moved::MAX_ORIGINS`]).
+    pub fn store_email_origins(&self, maildrop: &MaildropKey, origins: &Origins) {
+        self.store_origins_at(entry(ORIGINS, maildrop), origins);
+    }
+
+    /// Where the moved messages of `maildrop` were last listed (EMAILID -> location, same
+    /// form), so their EMAILIDs need not be asked for again; empty when absent or damaged.
+    pub fn moved_locations(&self, maildrop: &MaildropKey) -> Origins {
+        self.origins_at(entry(MOVED_AT, maildrop))
+    }
+
+    /// Replace that record.
+    pub fn store_moved_locations(&self, maildrop: &MaildropKey, at: &Origins) {
+        self.store_origins_at(entry(MOVED_AT, maildrop), at);
+    }
+
+    fn origins_at(&self, key: Vec<u8>) -> Origins {
+        let Ok(Some(blob)) = self.db.get(key) else {
             return Origins::new();
         };
         std::str::from_utf8(&blob)
@@ -220,12 +240,8 @@ impl StateStore {
             .unwrap_or_default()
     }
 
-    /// Replace that map (bounded by [`moved::MAX_ORIGINS`]).
-    pub fn store_email_origins(&self, maildrop: &MaildropKey, origins: &Origins) {
-        if let Err(e) = self.db.insert(
-            entry(ORIGINS, maildrop),
-            moved::encode(origins).into_bytes(),
-        ) {
+    fn store_origins_at(&self, key: Vec<u8>, origins: &Origins) {
+        if let Err(e) = self.db.insert(key, moved::encode(origins).into_bytes()) {
             tracing::warn!(error = %e, "could not update state cache");
         }
     }
@@ -345,8 +361,10 @@ const UIDL_MAP: &[u8] = b"v3/uidlmap/";
 /// ... and its head line (UIDVALIDITY, count, checksum; the METADATA head it was read from,
 /// or a local one).
 const UIDL_HEAD: &[u8] = b"v3/uidlhead/";
-/// ... and, with OBJECTID and several folders, EMAILID -> first-listed UIDL lines.
+/// ... with OBJECTID and several folders, EMAILID -> first-listed UIDL lines ...
 const ORIGINS: &[u8] = b"v3/emailids/";
+/// ... and where the moved ones among them were last listed.
+const MOVED_AT: &[u8] = b"v3/movedat/";
 
 fn entry(kind: &[u8], maildrop: &MaildropKey) -> Vec<u8> {
     let mut key = kind.to_vec();

@@ -397,8 +397,11 @@ fn moved_both_ways_keep_their_uidls_with_objectid<S: MailServer>(dc: S) {
     for (k, (uidl, _)) in second.iter().enumerate() {
         assert!(text.contains(&format!("{} {uidl}\r\n", k + 1)), "{text}");
     }
-    // A third session lists the same (the map does not drift).
+    // A third session lists the same (the map does not drift), and asks no EMAILID: where
+    // the moved ones are now was remembered too.
+    let before = asked(&pb);
     assert_eq!(download(port, user), second);
+    assert_eq!(asked(&pb), before, "moved messages are not asked for again");
 
     // The state directory lost (it is a cache; or another node of a fleet): the moved
     // messages get the UIDL of where they are, as without OBJECTID, and nothing is lost.

@@ -1,6 +1,6 @@
 //! Moved messages keep their UIDL (several folders on a server that offers OBJECTID, RFC
 //! 8474): the snapshot learns each listed message's EMAILID (from the map for a message still
-//! where it was first listed; else one pipelined `UID FETCH <set> (UID EMAILID)` per folder
+//! where it was first listed or where a moved one was last listed; else one pipelined `UID FETCH <set> (UID EMAILID)` per folder
 //! with new or moved messages, see [`crate::upstream::imap::objectid`]) and
 //! serves a message listed before elsewhere under the UIDL it was first listed with, from the
 //! per-maildrop map in sled ([`crate::uidl::moved`] decides). Off (nothing asked, nothing
@@ -24,6 +24,8 @@ pub(super) struct Moves {
     at: HashMap<Origin, String>,
     /// (folder index, UID) -> EMAILID of the listed messages.
     ids: HashMap<(usize, u32), String>,
+    /// Where the moved messages were last listed, as read.
+    moved_at: Origins,
 }
 
 impl ImapMaildrop {
@@ -36,11 +38,19 @@ impl ImapMaildrop {
         let state = self.state.clone()?;
         self.load_state(0);
         let known = state.email_origins(&self.key);
-        let at = known.iter().map(|(e, o)| (o.clone(), e.clone())).collect();
+        let moved_at = state.moved_locations(&self.key);
+        // A location names one message for its folder's UIDVALIDITY, whichever record says
+        // an EMAILID was there.
+        let at = known
+            .iter()
+            .chain(moved_at.iter())
+            .map(|(e, o)| (o.clone(), e.clone()))
+            .collect();
         Some(Moves {
             known,
             at,
             ids: HashMap::new(),
+            moved_at,
         })
     }
 
@@ -104,7 +114,12 @@ impl ImapMaildrop {
         let Some(state) = self.state.clone() else {
             return others;
         };
-        let Moves { known, ids, .. } = moves;
+        let Moves {
+            known,
+            ids,
+            moved_at,
+            ..
+        } = moves;
         let listed: Vec<Listed> = messages
             .iter()
             .filter_map(|m| {
@@ -133,6 +148,16 @@ impl ImapMaildrop {
         }
         if let Some(store) = &r.store {
             state.store_email_origins(&self.key, store);
+        }
+        // Where the pinned ones are now: next time their EMAILIDs need not be asked for.
+        let now: Origins = listed
+            .iter()
+            .filter(|l| r.pins.contains_key(&l.handle))
+            .filter_map(|l| Some((l.email_id.clone()?, l.here.clone())))
+            .take(moved::MAX_ORIGINS)
+            .collect();
+        if now != moved_at {
+            state.store_moved_locations(&self.key, &now);
         }
         if !r.pins.is_empty() {
             tracing::debug!(maildrop = %self.lock_key, count = r.pins.len(), "moved messages served under their first UIDL");
