@@ -339,7 +339,10 @@ fn moved_both_ways_keep_their_uidls_with_objectid<S: MailServer>(dc: S) {
     dc.seed(user, &[&inbox[0], &inbox[1]]);
     fill(&dc, user, "Junk", true, &junk);
     let objectid = offers_objectid(&dc, user);
-    let pb = Popbridge::start(&dc, &format!("{TWO}[deletion]\nmode = \"expunge\"\n"));
+    let pb = Popbridge::start(
+        &dc,
+        &format!("{TWO}[deletion]\nmode = \"expunge\"\n[views]\nrecent_days = 30\n"),
+    );
     let port = pb.pop3_port();
     let first = download(port, user);
     let bodies: Vec<&[u8]> = first.iter().map(|(_, b)| b.as_slice()).collect();
@@ -385,6 +388,12 @@ fn moved_both_ways_keep_their_uidls_with_objectid<S: MailServer>(dc: S) {
             assert_ne!(*uidl, was, "without OBJECTID a moved message is new mail");
         }
     }
+    // A per-device view (`recent:`) serves the same UIDLs as the normal login.
+    let phone = uidl_list(port, &format!("recent:{user}"), PW);
+    assert_eq!(
+        phone,
+        second.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>()
+    );
     let distinct: std::collections::HashSet<&String> = second.iter().map(|(u, _)| u).collect();
     assert_eq!(distinct.len(), 4, "unique UIDLs: {second:?}");
     // curl sees the same UIDLs.
