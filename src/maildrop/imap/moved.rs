@@ -1,10 +1,11 @@
 //! Moved messages keep their UIDL (several folders on a server that offers OBJECTID, RFC
-//! 8474): the snapshot learns each listed message's EMAILID (from the map for a message still
-//! where it was first listed or where a moved one was last listed; else one pipelined `UID FETCH <set> (UID EMAILID)` per folder
-//! with new or moved messages, see [`crate::upstream::imap::objectid`]) and
-//! serves a message listed before elsewhere under the UIDL it was first listed with, from the
-//! per-maildrop map in sled ([`crate::uidl::moved`] decides). Off (nothing asked, nothing
-//! stored) with one folder, without OBJECTID, or without a state directory.
+//! 8474): the snapshot learns each listed message's EMAILID and serves a message listed
+//! before elsewhere under the UIDL it was first listed with, from the per-maildrop map in
+//! sled ([`crate::uidl::moved`] decides). A message still where it was first listed, or
+//! where a moved one was last listed, has the EMAILID the records give that place; the
+//! others (new or just moved) are asked for, one pipelined `UID FETCH <set> (UID EMAILID)`
+//! per folder that has any (see [`crate::upstream::imap::objectid`]). Off (nothing asked,
+//! nothing stored) with one folder, without OBJECTID, or without a state directory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,12 +41,19 @@ impl ImapMaildrop {
         let known = state.email_origins(&self.key);
         let moved_at = state.moved_locations(&self.key);
         // A location names one message for its folder's UIDVALIDITY, whichever record says
-        // an EMAILID was there.
-        let at = known
-            .iter()
-            .chain(moved_at.iter())
-            .map(|(e, o)| (o.clone(), e.clone()))
-            .collect();
+        // an EMAILID was there. A location two records give different EMAILIDs (a damaged
+        // cache, or a server that changed one) is asked for instead.
+        let mut at: HashMap<Origin, String> = HashMap::new();
+        let mut doubtful = Vec::new();
+        for (e, o) in known.iter().chain(moved_at.iter()) {
+            if at.get(o).is_some_and(|was| was != e) {
+                doubtful.push(o.clone());
+            }
+            at.insert(o.clone(), e.clone());
+        }
+        for o in doubtful {
+            at.remove(&o);
+        }
         Some(Moves {
             known,
             at,
