@@ -147,6 +147,9 @@ impl ImapConnection {
     /// engine's reader (bounded by `max_response_size`, with the I/O deadline); a literal in
     /// an answer (unexpected here) is skipped.
     pub async fn email_ids(&mut self, uids: &[u32]) -> Result<Vec<(u32, String)>, ImapError> {
+        if self.engine.broken {
+            return Err(ImapError::Broken);
+        }
         self.abandon_body().await?;
         self.drain_prefetch().await?;
         let sets = sets(uids);
