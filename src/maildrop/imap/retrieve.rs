@@ -12,7 +12,8 @@ use imap_next::imap_types::response::{Data, StatusKind};
 
 use super::{
     lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
-    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE,
+    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE,
+    STREAM_AHEAD_RATE,
 };
 use crate::maildrop::{BodyPart, MaildropError};
 use crate::metrics::metrics;
@@ -58,6 +59,18 @@ impl ImapMaildrop {
             wanted.push(next);
         }
         wanted
+    }
+
+    /// The byte budget of a streamed read-ahead window: STREAM_AHEAD_BYTES, or on a distant
+    /// server what arrives in one round trip at STREAM_AHEAD_RATE, at most
+    /// STREAM_AHEAD_MAX_BYTES. With the next window prefetched while the client reads this
+    /// one (`prefetch_next`), a session holds at most about two windows: one read into
+    /// `ahead`, one waiting unread in the socket (the kernel's buffers).
+    pub(super) fn stream_budget(&self) -> u64 {
+        let bdp = self
+            .fetch_rtt
+            .map_or(0, |rtt| (rtt.as_secs_f64() * STREAM_AHEAD_RATE) as u64);
+        bdp.clamp(STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES)
     }
 
     /// For a short first piece (a TOP's): the next messages of the hint whose same piece is
@@ -256,16 +269,21 @@ impl ImapMaildrop {
                 self.ahead_wanted(
                     uid,
                     u64::from(max),
-                    (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+                    (self.stream_budget(), STREAM_AHEAD_MAX_MESSAGE),
                 )
             } else {
                 Vec::new()
             };
             let conn = self.conn.as_mut().ok_or_else(lost)?;
+            let sent = std::time::Instant::now();
             let started = conn
                 .body_start_at(uid, if ranged { origin } else { 0 }, &others)
                 .await
                 .map(|s| (s, conn.take_ahead()));
+            if !prefetched {
+                let took = sent.elapsed();
+                self.fetch_rtt = Some(self.fetch_rtt.map_or(took, |r| r.min(took)));
+            }
             match started {
                 Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
                 // No body for it: another client expunged it (NIL, or no FETCH data, with
@@ -344,39 +362,48 @@ impl ImapMaildrop {
         state.store_retrieved(&self.key, self.uid_validity, &all);
     }
 
-    /// A message was handed out whole: if the client's next RETR is probably for a message
-    /// that is neither read ahead nor on its way, send its FETCH (with the small messages
-    /// after it, as `read_body` would) now instead of after the client asked: that RETR then
-    /// needs no upstream round trip at all (no NOOP either, like a message read ahead).
-    /// Anything else the client does first drains the response (bounded, with deadlines).
+    /// A message was handed out whole: send the FETCH of the first message the client will
+    /// probably ask for that is neither read ahead nor on its way (with the small messages
+    /// after it, within the window's budget) now instead of after the client asked: while
+    /// the client reads the window at hand, the next one is on its way, and the RETR that
+    /// reaches it needs no upstream round trip at all (no NOOP either, like a message read
+    /// ahead). Anything else the client does first drains the response (bounded, with
+    /// deadlines). At most one such FETCH is pending.
     pub(super) async fn prefetch_next(&mut self, max: u32) {
-        let Some(&(next, size)) = self.ahead_hint.first() else {
-            return;
-        };
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        if size > PREFETCH_MAX_MESSAGE
+        if self.ahead_hint.is_empty()
             || !conn.uid_before_body()
             || conn.has_prefetch()
             || conn.streaming_any()
-            || self.ahead.contains_key(&next)
         {
             return;
         }
         let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
-        if coming.contains(&next) {
+        let Some(at) = self
+            .ahead_hint
+            .iter()
+            .position(|(u, _)| !coming.contains(u))
+        else {
+            return;
+        };
+        let (next, size) = self.ahead_hint[at];
+        if size > PREFETCH_MAX_MESSAGE {
             return;
         }
-        let others: Vec<u32> = self
-            .ahead_wanted(
-                next,
-                u64::from(max),
-                (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
-            )
-            .into_iter()
-            .filter(|u| !coming.contains(u))
-            .collect();
+        let mut budget = self.stream_budget();
+        let mut others = Vec::new();
+        for &(u, size) in &self.ahead_hint[at + 1..] {
+            if coming.contains(&u) || size > STREAM_AHEAD_MAX_MESSAGE || size >= u64::from(max) {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size) else {
+                break;
+            };
+            budget = left;
+            others.push(u);
+        }
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
