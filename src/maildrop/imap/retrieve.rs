@@ -17,7 +17,10 @@ use super::{
 };
 use crate::maildrop::{BodyPart, MaildropError};
 use crate::metrics::metrics;
-use crate::upstream::imap::{uid_sets, BodyStart, ImapError, Untagged};
+use crate::upstream::imap::{uid_sets, BodyStart, Completion, ImapError, Untagged};
+
+/// At most this many messages' first pieces in one FETCH (the command line stays short).
+const HEADS_MAX: usize = 128;
 
 impl ImapMaildrop {
     /// Whether `body`, read ahead for `uid`, can be the whole message: an empty one only if
@@ -74,10 +77,9 @@ impl ImapMaildrop {
     }
 
     /// For a short first piece (a TOP's): the next messages of the hint whose same piece is
-    /// not at hand yet, each costing at most `len` of READ_AHEAD_BYTES. Those shorter than
+    /// not at hand yet, each costing at most `len` of `budget`. Those shorter than
     /// `len` come whole (kept in `ahead`), the others' first `len` octets in `heads`.
-    fn heads_wanted(&self, uid: u32, len: u64) -> Vec<u32> {
-        let mut budget = READ_AHEAD_BYTES;
+    fn heads_wanted(&self, uid: u32, len: u64, mut budget: u64) -> Vec<u32> {
         let mut wanted = Vec::new();
         for &(next, size) in &self.ahead_hint {
             if next == uid || self.ahead.contains_key(&next) {
@@ -88,6 +90,9 @@ impl ImapMaildrop {
             };
             budget = left;
             wanted.push(next);
+            if wanted.len() >= HEADS_MAX {
+                break;
+            }
         }
         wanted
     }
@@ -127,13 +132,54 @@ impl ImapMaildrop {
             // For a TOP's short first piece, the same piece of the next messages: a client
             // previewing every header costs one round trip per window of messages.
             if heads_too {
-                wanted.extend(self.heads_wanted(uid, u64::from(len)));
+                // Read without decoding (below), a window as big as a streamed one.
+                let budget = if self.conn.as_ref().is_some_and(|c| c.uid_before_body()) {
+                    self.stream_budget()
+                } else {
+                    READ_AHEAD_BYTES
+                };
+                wanted.extend(self.heads_wanted(uid, u64::from(len), budget));
             } else {
                 wanted.extend(self.ahead_wanted(
                     uid,
                     u64::from(len),
                     (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
                 ));
+            }
+        }
+        // On a server that sends UID before BODY[], the pieces are read without decoding.
+        if heads_too
+            && self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.uid_before_body() && c.fetch_order_known())
+        {
+            if let Some(conn) = self.conn.as_mut().filter(|c| c.unsettled()) {
+                let settled = conn.settle().await.map(|()| conn.take_ahead());
+                match settled {
+                    Ok(read) => self.keep_ahead(read),
+                    Err(e) => {
+                        self.conn = None;
+                        return Err(unavailable(e));
+                    }
+                }
+            }
+            // What the settle read ahead may be what is asked for.
+            if let Some(whole) = self.ahead.remove(&uid) {
+                return Ok(whole);
+            }
+            let conn = self.conn.as_mut().ok_or_else(lost)?;
+            match conn.fetch_heads(&wanted, len).await {
+                Ok((done, read)) => {
+                    let pieces: HashMap<u32, Bytes> = read.into_iter().collect();
+                    return self.keep_pieces(uid, len, true, pieces, done);
+                }
+                // Not possible on this connection now: the decoded way below.
+                Err(ImapError::Command(_)) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
             }
         }
         let set = uid_sets(&wanted)
@@ -183,6 +229,19 @@ impl ImapMaildrop {
                 }
             })
             .await?;
+        self.keep_pieces(uid, len, heads_too, pieces, done)
+    }
+
+    /// The piece of `uid` from a FETCH of first pieces `len` long; the others kept as
+    /// read-ahead (whole messages), and with `heads_too` as heads.
+    fn keep_pieces(
+        &mut self,
+        uid: u32,
+        len: u32,
+        heads_too: bool,
+        mut pieces: HashMap<u32, Bytes>,
+        done: Completion,
+    ) -> Result<Bytes, MaildropError> {
         let piece = pieces.remove(&uid);
         // Keep read-ahead pieces that are whole messages (shorter than asked, and not empty
         // unless the listing says so: `""` is what some servers send for one gone), and
