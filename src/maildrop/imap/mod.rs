@@ -391,7 +391,8 @@ pub struct ImapMaildrop {
     retrieved_pruned: bool,
     /// What the session expects to be asked for next: (UID, size).
     ahead_hint: Vec<(u32, u64)>,
-    /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
+    /// Whole small messages fetched ahead, by UID; at most one read-ahead window in all
+    /// (READ_AHEAD_BYTES decoded, `stream_budget` streamed).
     ahead: HashMap<u32, Bytes>,
     /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
     /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.

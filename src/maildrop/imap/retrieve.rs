@@ -97,7 +97,9 @@ impl ImapMaildrop {
         wanted
     }
 
-    /// Up to `len` octets of `uid` from `offset`, decoded (see [`Maildrop::fetch`]).
+    /// Up to `len` octets of `uid` from `offset` (see [`Maildrop::fetch`]): decoded by
+    /// imap-next, or, for a TOP's first piece on a server that sends UID before BODY[],
+    /// read whole by the streamed-FETCH reader (`fetch_heads`).
     pub(super) async fn fetch_piece(
         &mut self,
         uid: u32,

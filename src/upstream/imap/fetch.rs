@@ -1,5 +1,6 @@
-//! The one response popbridge streams instead of letting imap-next decode it:
-//! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`. The body literal of `<uid>` goes to the client
+//! The responses popbridge reads itself instead of letting imap-next decode them:
+//! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`, and the first pieces TOP needs
+//! (`UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`, [`ImapConnection::fetch_heads`]). The body literal of `<uid>` goes to the client
 //! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
 //! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
 //! be sent before the client asks for it ([`ImapConnection::prefetch`]). The lines around the
