@@ -80,8 +80,9 @@ async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// to the client, LOGOUT upstream) before its connections are just dropped.
 const STOP_GOODBYE: Duration = Duration::from_millis(500);
 
-/// How many following messages the maildrop is told about before a RETR/TOP.
-pub(super) const READ_AHEAD_MESSAGES: usize = 16;
+/// How many following messages the maildrop is told about before a RETR/TOP (its read-ahead
+/// is bounded in bytes; this only caps the count, see ImapMaildrop::stream_budget).
+pub(super) const READ_AHEAD_MESSAGES: usize = 512;
 
 /// Flush the output buffer when it grows past this while streaming a body.
 pub(super) const FLUSH_AT: usize = 64 * 1024;

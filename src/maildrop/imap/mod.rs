@@ -365,6 +365,7 @@ impl ImapUpstream {
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
             heads: HashMap::new(),
+            fetch_rtt: None,
         })
     }
 }
@@ -513,11 +514,15 @@ pub struct ImapMaildrop {
     retrieved_pruned: bool,
     /// What the session expects to be asked for next: (UID, size).
     ahead_hint: Vec<(u32, u64)>,
-    /// Whole small messages fetched ahead, by UID; at most READ_AHEAD_BYTES in all.
+    /// Whole small messages fetched ahead, by UID; at most one read-ahead window in all
+    /// (READ_AHEAD_BYTES decoded, `stream_budget` streamed).
     ahead: HashMap<u32, Bytes>,
     /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
     /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.
     heads: HashMap<u32, Bytes>,
+    /// The shortest time a streamed FETCH took to its first body byte (a round trip plus the
+    /// server's work): sizes the read-ahead to the link, see `stream_budget`.
+    fetch_rtt: Option<std::time::Duration>,
 }
 
 /// Read ahead at most this many bytes per session ...
@@ -525,6 +530,10 @@ const READ_AHEAD_BYTES: u64 = 256 * 1024;
 /// The same limits when the messages read ahead come in a streamed FETCH (no decoding cost,
 /// so medium-sized messages are worth reading ahead too: each saves two round trips).
 const STREAM_AHEAD_BYTES: u64 = 1024 * 1024;
+/// On a distant server the streamed read-ahead grows to what arrives in one round trip at
+/// STREAM_AHEAD_RATE (the bandwidth-delay product the client can use), up to this.
+const STREAM_AHEAD_MAX_BYTES: u64 = 4 << 20;
+const STREAM_AHEAD_RATE: f64 = 64e6;
 const STREAM_AHEAD_MAX_MESSAGE: u64 = 256 * 1024;
 /// ... and only messages up to this size (bigger ones are streamed anyway).
 const READ_AHEAD_MAX_MESSAGE: u64 = 64 * 1024;

@@ -12,11 +12,15 @@ use imap_next::imap_types::response::{Data, StatusKind};
 
 use super::{
     lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
-    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE,
+    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE,
+    STREAM_AHEAD_RATE,
 };
 use crate::maildrop::{BodyPart, MaildropError};
 use crate::metrics::metrics;
-use crate::upstream::imap::{uid_sets, BodyStart, ImapError, Untagged};
+use crate::upstream::imap::{uid_sets, BodyStart, Completion, ImapError, Untagged};
+
+/// At most this many messages' first pieces in one FETCH (the command line stays short).
+const HEADS_MAX: usize = 128;
 
 impl ImapMaildrop {
     /// Whether `body`, read ahead for `uid`, can be the whole message: an empty one only if
@@ -60,11 +64,22 @@ impl ImapMaildrop {
         wanted
     }
 
+    /// The byte budget of a streamed read-ahead window: STREAM_AHEAD_BYTES, or on a distant
+    /// server what arrives in one round trip at STREAM_AHEAD_RATE, at most
+    /// STREAM_AHEAD_MAX_BYTES. With the next window prefetched while the client reads this
+    /// one (`prefetch_next`), a session holds at most about two windows: one read into
+    /// `ahead`, one waiting unread in the socket (the kernel's buffers).
+    pub(super) fn stream_budget(&self) -> u64 {
+        let bdp = self
+            .fetch_rtt
+            .map_or(0, |rtt| (rtt.as_secs_f64() * STREAM_AHEAD_RATE) as u64);
+        bdp.clamp(STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES)
+    }
+
     /// For a short first piece (a TOP's): the next messages of the hint whose same piece is
-    /// not at hand yet, each costing at most `len` of READ_AHEAD_BYTES. Those shorter than
+    /// not at hand yet, each costing at most `len` of `budget`. Those shorter than
     /// `len` come whole (kept in `ahead`), the others' first `len` octets in `heads`.
-    fn heads_wanted(&self, uid: u32, len: u64) -> Vec<u32> {
-        let mut budget = READ_AHEAD_BYTES;
+    fn heads_wanted(&self, uid: u32, len: u64, mut budget: u64) -> Vec<u32> {
         let mut wanted = Vec::new();
         for &(next, size) in &self.ahead_hint {
             if next == uid || self.ahead.contains_key(&next) {
@@ -75,11 +90,16 @@ impl ImapMaildrop {
             };
             budget = left;
             wanted.push(next);
+            if wanted.len() >= HEADS_MAX {
+                break;
+            }
         }
         wanted
     }
 
-    /// Up to `len` octets of `uid` from `offset`, decoded (see [`Maildrop::fetch`]).
+    /// Up to `len` octets of `uid` from `offset` (see [`Maildrop::fetch`]): decoded by
+    /// imap-next, or, for a TOP's first piece on a server that sends UID before BODY[],
+    /// read whole by the streamed-FETCH reader (`fetch_heads`).
     pub(super) async fn fetch_piece(
         &mut self,
         uid: u32,
@@ -114,13 +134,54 @@ impl ImapMaildrop {
             // For a TOP's short first piece, the same piece of the next messages: a client
             // previewing every header costs one round trip per window of messages.
             if heads_too {
-                wanted.extend(self.heads_wanted(uid, u64::from(len)));
+                // Read without decoding (below), a window as big as a streamed one.
+                let budget = if self.conn.as_ref().is_some_and(|c| c.uid_before_body()) {
+                    self.stream_budget()
+                } else {
+                    READ_AHEAD_BYTES
+                };
+                wanted.extend(self.heads_wanted(uid, u64::from(len), budget));
             } else {
                 wanted.extend(self.ahead_wanted(
                     uid,
                     u64::from(len),
                     (READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE),
                 ));
+            }
+        }
+        // On a server that sends UID before BODY[], the pieces are read without decoding.
+        if heads_too
+            && self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.uid_before_body() && c.fetch_order_known())
+        {
+            if let Some(conn) = self.conn.as_mut().filter(|c| c.unsettled()) {
+                let settled = conn.settle().await.map(|()| conn.take_ahead());
+                match settled {
+                    Ok(read) => self.keep_ahead(read),
+                    Err(e) => {
+                        self.conn = None;
+                        return Err(unavailable(e));
+                    }
+                }
+            }
+            // What the settle read ahead may be what is asked for.
+            if let Some(whole) = self.ahead.remove(&uid) {
+                return Ok(whole);
+            }
+            let conn = self.conn.as_mut().ok_or_else(lost)?;
+            match conn.fetch_heads(&wanted, len).await {
+                Ok((done, read)) => {
+                    let pieces: HashMap<u32, Bytes> = read.into_iter().collect();
+                    return self.keep_pieces(uid, len, true, pieces, done);
+                }
+                // Not possible on this connection now: the decoded way below.
+                Err(ImapError::Command(_)) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Err(unavailable(e));
+                }
             }
         }
         let set = uid_sets(&wanted)
@@ -170,6 +231,19 @@ impl ImapMaildrop {
                 }
             })
             .await?;
+        self.keep_pieces(uid, len, heads_too, pieces, done)
+    }
+
+    /// The piece of `uid` from a FETCH of first pieces `len` long; the others kept as
+    /// read-ahead (whole messages), and with `heads_too` as heads.
+    fn keep_pieces(
+        &mut self,
+        uid: u32,
+        len: u32,
+        heads_too: bool,
+        mut pieces: HashMap<u32, Bytes>,
+        done: Completion,
+    ) -> Result<Bytes, MaildropError> {
         let piece = pieces.remove(&uid);
         // Keep read-ahead pieces that are whole messages (shorter than asked, and not empty
         // unless the listing says so: `""` is what some servers send for one gone), and
@@ -260,16 +334,21 @@ impl ImapMaildrop {
                 self.ahead_wanted(
                     uid,
                     u64::from(max),
-                    (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
+                    (self.stream_budget(), STREAM_AHEAD_MAX_MESSAGE),
                 )
             } else {
                 Vec::new()
             };
             let conn = self.conn.as_mut().ok_or_else(lost)?;
+            let sent = std::time::Instant::now();
             let started = conn
                 .body_start_at(uid, if ranged { origin } else { 0 }, &others)
                 .await
                 .map(|s| (s, conn.take_ahead()));
+            if !prefetched {
+                let took = sent.elapsed();
+                self.fetch_rtt = Some(self.fetch_rtt.map_or(took, |r| r.min(took)));
+            }
             match started {
                 Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
                 // NO [THROTTLED] and friends: the server is busy, the message is not gone.
@@ -354,39 +433,48 @@ impl ImapMaildrop {
         state.store_retrieved(&self.key, self.uid_validity, &all);
     }
 
-    /// A message was handed out whole: if the client's next RETR is probably for a message
-    /// that is neither read ahead nor on its way, send its FETCH (with the small messages
-    /// after it, as `read_body` would) now instead of after the client asked: that RETR then
-    /// needs no upstream round trip at all (no NOOP either, like a message read ahead).
-    /// Anything else the client does first drains the response (bounded, with deadlines).
+    /// A message was handed out whole: send the FETCH of the first message the client will
+    /// probably ask for that is neither read ahead nor on its way (with the small messages
+    /// after it, within the window's budget) now instead of after the client asked: while
+    /// the client reads the window at hand, the next one is on its way, and the RETR that
+    /// reaches it needs no upstream round trip at all (no NOOP either, like a message read
+    /// ahead). Anything else the client does first drains the response (bounded, with
+    /// deadlines). At most one such FETCH is pending.
     pub(super) async fn prefetch_next(&mut self, max: u32) {
-        let Some(&(next, size)) = self.ahead_hint.first() else {
-            return;
-        };
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        if size > PREFETCH_MAX_MESSAGE
+        if self.ahead_hint.is_empty()
             || !conn.uid_before_body()
             || conn.has_prefetch()
             || conn.streaming_any()
-            || self.ahead.contains_key(&next)
         {
             return;
         }
         let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
-        if coming.contains(&next) {
+        let Some(at) = self
+            .ahead_hint
+            .iter()
+            .position(|(u, _)| !coming.contains(u))
+        else {
+            return;
+        };
+        let (next, size) = self.ahead_hint[at];
+        if size > PREFETCH_MAX_MESSAGE {
             return;
         }
-        let others: Vec<u32> = self
-            .ahead_wanted(
-                next,
-                u64::from(max),
-                (STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_MESSAGE),
-            )
-            .into_iter()
-            .filter(|u| !coming.contains(u))
-            .collect();
+        let mut budget = self.stream_budget();
+        let mut others = Vec::new();
+        for &(u, size) in &self.ahead_hint[at + 1..] {
+            if coming.contains(&u) || size > STREAM_AHEAD_MAX_MESSAGE || size >= u64::from(max) {
+                continue;
+            }
+            let Some(left) = budget.checked_sub(size) else {
+                break;
+            };
+            budget = left;
+            others.push(u);
+        }
         let Some(conn) = self.conn.as_mut() else {
             return;
         };

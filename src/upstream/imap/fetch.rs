@@ -1,5 +1,6 @@
-//! The one response popbridge streams instead of letting imap-next decode it:
-//! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`. The body literal of `<uid>` goes to the client
+//! The responses popbridge reads itself instead of letting imap-next decode them:
+//! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`, and the first pieces TOP needs
+//! (`UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`, [`ImapConnection::fetch_heads`]). The body literal of `<uid>` goes to the client
 //! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
 //! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
 //! be sent before the client asks for it ([`ImapConnection::prefetch`]). The lines around the
@@ -128,6 +129,66 @@ impl ImapConnection {
             let len = RANGE_TO_END - origin.min(RANGE_TO_END - 1);
             command.push_str(&format!(" (UID BODY.PEEK[]<{origin}.{len}>)\r\n"));
         }
+        self.write_command(&command).await?;
+        Ok(tag)
+    }
+
+    /// `UID FETCH <uids> (UID BODY.PEEK[]<0.len>)` with every body read whole and not decoded
+    /// (imap-codec takes a literal a byte at a time): the first pieces TOP needs, of the
+    /// message asked for and of the next ones. Each literal is at most `len` (at most
+    /// `AHEAD_LITERAL_MAX`); a message another client expunged is simply absent (or empty).
+    /// Only when [`Self::uid_before_body`]; any read-ahead of an unsettled streamed FETCH
+    /// must have been taken first ([`Self::settle`], [`Self::take_ahead`]).
+    pub async fn fetch_heads(
+        &mut self,
+        uids: &[u32],
+        len: u32,
+    ) -> Result<(Completion, Vec<(u32, Bytes)>), ImapError> {
+        if self.engine.broken {
+            return Err(ImapError::Broken);
+        }
+        if !self.uid_before_body
+            || uids.is_empty()
+            || uids.contains(&0)
+            || len == 0
+            || len > AHEAD_LITERAL_MAX
+        {
+            return Err(ImapError::Command("cannot fetch heads".into()));
+        }
+        self.abandon_body().await?;
+        self.drain_prefetch().await?;
+        self.ahead.clear();
+        let started = Instant::now();
+        let tag = format!("P{}", self.engine.next_tag);
+        self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
+        let set: Vec<String> = uids.iter().map(u32::to_string).collect();
+        let command = format!(
+            "{tag} UID FETCH {} (UID BODY.PEEK[]<0.{len}>)\r\n",
+            set.join(",")
+        );
+        self.write_command(&command).await?;
+        match self.fetch_lines(&tag, None, uids).await {
+            Ok(Step::Done(done)) => {
+                metrics()
+                    .upstream_command_duration
+                    .with_label_values(&["FETCH"])
+                    .observe(started.elapsed().as_secs_f64());
+                self.engine.reader.shrink_idle();
+                Ok((done, std::mem::take(&mut self.ahead)))
+            }
+            Ok(_) => Err(self.engine.fail(ImapError::Malformed)),
+            Err(e) => {
+                metrics()
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes one command line (deadline on the write).
+    async fn write_command(&mut self, command: &str) -> Result<(), ImapError> {
         let t = self.engine.limits.io_timeout;
         let written = tokio::time::timeout(t, async {
             self.engine.io.write_all(command.as_bytes()).await?;
@@ -135,7 +196,7 @@ impl ImapConnection {
         })
         .await;
         match written {
-            Ok(Ok(())) => Ok(tag),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.engine.fail(e.into())),
             Err(_) => Err(self.engine.fail(ImapError::Timeout(t))),
         }
@@ -697,6 +758,70 @@ mod tests {
             assert_eq!(read_all(&mut conn).await.unwrap(), msg);
             in_step(&mut conn).await;
         }
+    }
+
+    #[tokio::test]
+    async fn first_pieces_are_read_whole_without_decoding_and_gone_ones_are_absent() {
+        let order = Arc::new(FetchOrder::default());
+        order.set(true);
+        let (a, b, c) = (body(64), body(10), body(64));
+        let mut reply = fetch_reply("* 1 FETCH (UID 7 BODY[]<0> ", &a, ")\r\n");
+        // A flag update of another message, then one expunged meanwhile (NIL), then a short
+        // whole message and one cut at the piece's length.
+        reply.extend_from_slice(b"* 5 FETCH (FLAGS (\\Seen))\r\n");
+        reply.extend_from_slice(b"* 2 FETCH (UID 8 BODY[]<0> NIL)\r\n");
+        reply.extend_from_slice(&fetch_reply("* 3 FETCH (UID 9 BODY[]<0> ", &b, ")\r\n"));
+        reply.extend_from_slice(&fetch_reply("* 4 FETCH (UID 10 BODY[]<0> ", &c, ")\r\n"));
+        reply.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![
+                ("UID FETCH 7,8,9,10 (UID BODY.PEEK[]<0.64>)", reply),
+                ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+            ],
+            7,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(order);
+        let (done, mut read) = conn.fetch_heads(&[7, 8, 9, 10], 64).await.unwrap();
+        assert!(done.is_ok());
+        read.sort_by_key(|(u, _)| *u);
+        let got: Vec<(u32, Vec<u8>)> = read.into_iter().map(|(u, d)| (u, d.to_vec())).collect();
+        assert_eq!(got, vec![(7, a), (9, b), (10, c)]);
+        in_step(&mut conn).await;
+    }
+
+    #[tokio::test]
+    async fn first_pieces_need_uid_before_body_and_refuse_a_literal_not_asked_for() {
+        // Unknown order: refused before anything is sent (the decoded way is taken).
+        let mut conn = connect(
+            vec![("NOOP", b"{tag} OK noop\r\n".to_vec())],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        assert!(matches!(
+            conn.fetch_heads(&[7], 64).await,
+            Err(ImapError::Command(_))
+        ));
+        in_step(&mut conn).await;
+        // A body of a UID not asked for ends the connection.
+        let order = Arc::new(FetchOrder::default());
+        order.set(true);
+        let mut reply = fetch_reply("* 1 FETCH (UID 99 BODY[]<0> ", &body(8), ")\r\n");
+        reply.extend_from_slice(b"{tag} OK done\r\n");
+        let mut conn = connect(
+            vec![("UID FETCH 7 (UID BODY.PEEK[]<0.64>)", reply)],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(order);
+        assert!(conn.fetch_heads(&[7], 64).await.is_err());
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
     }
 
     #[tokio::test]
