@@ -832,6 +832,23 @@ tests:
         values: '0 0 1+0x60'
       - series: 'popbridge_uidl_changed_sessions_total{job="popbridge",instance="b:1"}'
         values: '0+0x60'
+      # a: 0.5 logins/s refused by a backoff on backend imap. b: one a minute.
+      - series: 'popbridge_logins_refused_early_total{job="popbridge",instance="a:1",backend="imap",reason="backoff"}'
+        values: '0+30x30'
+      - series: 'popbridge_logins_refused_early_total{job="popbridge",instance="b:1",backend="imap",reason="backoff"}'
+        values: '0+1x30'
+      - series: 'popbridge_logins_refused_early_total{job="popbridge",instance="b:1",backend="imap",reason="login_delay"}'
+        values: '0+60x30'
+      # a: one invalid_grant at 3m. b: none, many ok.
+      - series: 'popbridge_oauth_token_requests_total{job="popbridge",instance="a:1",provider="m365",grant="refresh_token",result="invalid_grant"}'
+        values: '0 0 0 1+0x90'
+      - series: 'popbridge_oauth_token_requests_total{job="popbridge",instance="b:1",provider="m365",grant="refresh_token",result="ok"}'
+        values: '0+10x30'
+      # a: the endpoint unavailable 1/s, nothing ok. b: 1 failure a minute against 10 ok.
+      - series: 'popbridge_oauth_token_requests_total{job="popbridge",instance="a:1",provider="m365",grant="client_credentials",result="unavailable"}'
+        values: '0+60x30'
+      - series: 'popbridge_oauth_token_requests_total{job="popbridge",instance="b:1",provider="m365",grant="client_credentials",result="unavailable"}'
+        values: '0+1x30'
     alert_rule_test:
       - eval_time: 2m
         alertname: PopbridgeTargetDown
@@ -880,6 +897,30 @@ tests:
       - eval_time: 45m
         alertname: PopbridgeUidlChurn
         exp_alerts: []
+      - eval_time: 8m
+        alertname: PopbridgeUpstreamPushingBack
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: PopbridgeUpstreamPushingBack
+        exp_alerts:
+          - exp_labels: {severity: warning, job: popbridge, instance: "a:1", backend: imap}
+      - eval_time: 2m
+        alertname: PopbridgeOAuthUsersMustAuthorizeAgain
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: PopbridgeOAuthUsersMustAuthorizeAgain
+        exp_alerts:
+          - exp_labels: {severity: warning, job: popbridge, instance: "a:1", provider: m365}
+      - eval_time: 80m
+        alertname: PopbridgeOAuthUsersMustAuthorizeAgain
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: PopbridgeOAuthTokenEndpointFailing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: PopbridgeOAuthTokenEndpointFailing
+        exp_alerts:
+          - exp_labels: {severity: critical, job: popbridge, instance: "a:1", provider: m365}
 "#;
 
 #[test]
@@ -908,6 +949,9 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         "PopbridgeUpstreamErrors",
         "PopbridgeSessionsEndingWithUpstreamError",
         "PopbridgeUidlChurn",
+        "PopbridgeUpstreamPushingBack",
+        "PopbridgeOAuthUsersMustAuthorizeAgain",
+        "PopbridgeOAuthTokenEndpointFailing",
     ] {
         assert!(names.iter().any(|n| n == want), "no alert {want}");
         assert!(
