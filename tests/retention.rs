@@ -7,8 +7,10 @@
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use support::imap_raw::Imap;
+use support::relay::{Fault, Relay, Trigger};
 use support::*;
 
 const PW: &str = "rpw";
@@ -18,6 +20,7 @@ on_both_servers!(
     hidden_old_mail_is_expunged_and_nothing_else,
     hidden_old_mail_is_moved_to_trash,
     retention_is_bounded_per_commit,
+    a_message_unhidden_after_the_search_is_left_alone,
 );
 
 fn msg(tag: &str) -> Vec<u8> {
@@ -223,4 +226,66 @@ fn retention_is_bounded_per_commit<S: MailServer>(dc: S) {
         ),
         13.0
     );
+}
+
+/// The window between retention's SEARCH and its removal: another client un-hides a message
+/// after the server answered the SEARCH (the relay holds that answer 2 s) and before
+/// popbridge's STORE. With CONDSTORE (both servers offer it) the STORE carries
+/// UNCHANGEDSINCE, the server names the message in [MODIFIED], and it stays, not hidden;
+/// the other hidden, old message is removed. For both actions.
+fn a_message_unhidden_after_the_search_is_left_alone<S: MailServer>(dc: S) {
+    let cases = [("r7", "expunge"), ("r8", "move")];
+    for (user, _) in cases {
+        dc.add_user(user, PW);
+    }
+    for (user, action) in cases {
+        let mut c = Imap::login(dc.imap_port(), user, PW);
+        append(&mut c, "INBOX", "unhidden", "$POP3Deleted", Some(OLD));
+        append(&mut c, "INBOX", "goes", "$POP3Deleted", Some(OLD));
+        let relay = Relay::start(
+            dc.imap_port(),
+            Trigger::ClientSends("BEFORE".into()),
+            Fault::Delay(Duration::from_secs(2)),
+        );
+        let pb = Popbridge::start(
+            &dc,
+            &format!(
+                "[imap]\nport = {}\n[deletion]\nretention_days = 30\nretention_action = \"{action}\"\n",
+                relay.port()
+            ),
+        );
+        let port = pb.pop3_port();
+        let session = std::thread::spawn(move || quit_session(port, user));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relay.fired() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{action}: retention's SEARCH never came: {}",
+                pb.log_tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The SEARCH was answered (its answer is held in the relay): un-hide `unhidden`.
+        c.run("SELECT INBOX", &[]);
+        c.run("UID STORE 1 -FLAGS.SILENT ($POP3Deleted)", &[]);
+        session.join().expect("the POP3 session");
+        assert_eq!(
+            ids(&mut c, "INBOX"),
+            vec![("unhidden".to_owned(), false)],
+            "{action}: {}",
+            pb.log_tail(20)
+        );
+        if action == "move" {
+            assert_eq!(
+                ids(&mut c, "Trash"),
+                vec![("goes".to_owned(), true)],
+                "{action}"
+            );
+        }
+        assert!(
+            pb.log().contains("changed since the search are left alone"),
+            "{action}: {}",
+            pb.log_tail(20)
+        );
+    }
 }

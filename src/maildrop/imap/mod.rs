@@ -287,6 +287,7 @@ impl ImapUpstream {
         let has_metadata = caps.has("METADATA");
         let has_uidplus = caps.has("UIDPLUS");
         let has_objectid = caps.has("OBJECTID");
+        let has_condstore = caps.has("CONDSTORE") || caps.has("QRESYNC");
         match self.deletion {
             DeletionMode::Expunge if !has_uidplus => {
                 conn.logout().await;
@@ -356,6 +357,7 @@ impl ImapUpstream {
             hide_keyword: self.hide_keyword.clone(),
             has_move,
             has_objectid,
+            has_condstore,
             shared_map: self.shared_map && has_metadata,
             maps: Arc::clone(&self.maps),
             pending_seen: Vec::new(),
@@ -499,6 +501,9 @@ pub struct ImapMaildrop {
     /// The server offers OBJECTID (RFC 8474): with several folders, moved messages keep
     /// their UIDL (see `snapshot.rs` and [`crate::uidl::moved`]).
     has_objectid: bool,
+    /// The server offers CONDSTORE (RFC 7162): retention removes only what did not change
+    /// since its SEARCH (see `retention.rs`).
+    has_condstore: bool,
     /// Look for a migrated UIDL map in METADATA (configured, and the server offers it).
     shared_map: bool,
     maps: Arc<legacy_map::MapCache>,
