@@ -19,6 +19,7 @@ on_both_servers!(
     retr_and_top_right_after_another_client_expunged,
     messages_read_ahead_or_prefetched_then_expunged,
     quit_commits_the_marks_that_still_exist_in_every_mode,
+    previews_from_a_window_asked_for_ahead_then_expunged,
 );
 
 fn message(i: usize) -> Vec<u8> {
@@ -148,6 +149,87 @@ fn messages_read_ahead_or_prefetched_then_expunged<S: MailServer>(dc: S) {
     ));
     assert!(c.cmd("NOOP").starts_with("+OK"));
     assert!(c.cmd("QUIT").starts_with("+OK"));
+}
+
+/// A message of about 20 KB: longer than TOP's 16 KiB first piece, so a header preview of it
+/// comes from a window of pieces, not from a message read ahead whole.
+fn preview_message(i: usize) -> Vec<u8> {
+    let mut m = format!("Subject: preview {i}\r\nX-Model-Id: p{i}\r\n\r\n").into_bytes();
+    for l in 0..700 {
+        m.extend_from_slice(format!("line {l} of preview message {i}\r\n").as_bytes());
+        if l % 50 == 0 {
+            m.extend_from_slice(b".dot line\r\n");
+        }
+    }
+    m
+}
+
+fn previews_from_a_window_asked_for_ahead_then_expunged<S: MailServer>(dc: S) {
+    // TOP n 0 on every message: the pieces come 64 to a FETCH (1 MiB on loopback), and once
+    // the client used a window's pieces, the next window's FETCH is sent while it reads this
+    // one. After TOP 66 (the second window, 66-130), the FETCH of 131-194 is on its way;
+    // then another client expunges 131 and 140 (in it) and 200 (in the one after).
+    let n = 220;
+    dc.add_user("e", "epw");
+    let msgs: Vec<Vec<u8>> = (1..=n).map(preview_message).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+    dc.seed("e", &refs);
+    let pb = Popbridge::start(&dc, "");
+    // A session with a RETR first: popbridge learns that the server sends UID before BODY[]
+    // (pieces are then read undecoded, and asked for ahead).
+    poplib(pb.pop3_port(), &["user e", "pass epw", "retr 1", "quit"]).assert_all_ok();
+    let mut c = Raw::ready(pb.pop3_port());
+    c.login("e", "epw");
+    assert!(c.cmd("STAT").starts_with(&format!("+OK {n} ")));
+    let top = |i: usize| expected_top(&preview_message(i), 0);
+    for i in 1..=70 {
+        assert!(exact_or_err(&mut c, &format!("TOP {i} 0"), i, &top(i)));
+    }
+    expunge(&dc, "131,140,200");
+    std::thread::sleep(Duration::from_millis(200));
+    let gone = [131, 140, 200];
+    let mut served = 0;
+    for i in 71..=n {
+        let ok = exact_or_err(&mut c, &format!("TOP {i} 0"), i, &top(i));
+        assert!(ok || gone.contains(&i), "message {i} was never touched");
+        served += (ok && gone.contains(&i)) as u32;
+    }
+    // Other commands after a window asked for ahead: a RETR (drains it first), TOP again.
+    for i in [205, 131, 3] {
+        let ok = exact_or_err(&mut c, &format!("RETR {i}"), i, &preview_message(i));
+        assert!(ok || gone.contains(&i), "message {i} was never touched");
+    }
+    assert!(exact_or_err(&mut c, "TOP 210 0", 210, &top(210)));
+    assert!(exact_or_err(
+        &mut c,
+        "TOP 5 2",
+        5,
+        &expected_top(&preview_message(5), 2)
+    ));
+    assert!(
+        c.cmd("STAT").starts_with(&format!("+OK {n} ")),
+        "the listing is fixed"
+    );
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    report(&format!(
+        "previews from a window asked for ahead ({}): {served} of 3 expunged served the listed bytes, the rest -ERR",
+        std::any::type_name::<S>().rsplit("::").next().unwrap_or("?")
+    ));
+    // Windows 3 (131-194) and 4 (from 195) were read from FETCHes sent ahead.
+    let ahead = pb.log_count("first pieces read from a FETCH sent ahead");
+    assert!(
+        ahead >= 2,
+        "windows asked for ahead: {ahead}\n{}",
+        pb.log_tail(40)
+    );
+    let next = poplib(pb.pop3_port(), &["user e", "pass epw", "stat", "quit"]);
+    next.assert_all_ok();
+    assert!(
+        next.step("stat")
+            .resp
+            .starts_with(&format!("+OK {} ", n - 3)),
+        "131, 140 and 200 are gone"
+    );
 }
 
 fn quit_commits_the_marks_that_still_exist_in_every_mode<S: MailServer>(dc: S) {

@@ -367,6 +367,7 @@ impl ImapUpstream {
             ahead_hint: Vec::new(),
             ahead: HashMap::new(),
             heads: HashMap::new(),
+            heads_used: false,
             fetch_rtt: None,
         })
     }
@@ -525,6 +526,9 @@ pub struct ImapMaildrop {
     /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
     /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.
     heads: HashMap<u32, Bytes>,
+    /// A TOP was served from `heads` since the last FETCH of first pieces: the client is
+    /// previewing, and the next window is asked for ahead (`prefetch_heads`).
+    heads_used: bool,
     /// The shortest time a streamed FETCH took to its first body byte (a round trip plus the
     /// server's work): sizes the read-ahead to the link, see `stream_budget`.
     fetch_rtt: Option<std::time::Duration>,

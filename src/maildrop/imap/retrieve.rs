@@ -97,6 +97,45 @@ impl ImapMaildrop {
         wanted
     }
 
+    /// Sends the FETCH of the next window of first pieces `len` long (the hint's messages
+    /// after those at hand or just asked for, `asked`), leaving its response unread
+    /// (`ImapConnection::prefetch_heads`): at most one window held (`heads`, `ahead`) and
+    /// one on its way; anything but the TOP that reaches it drains it first (bounded).
+    async fn prefetch_heads(&mut self, uid: u32, len: u32, asked: &HashSet<u32>) {
+        let budget = self.stream_budget();
+        let mut next = Vec::new();
+        let mut left = budget;
+        for &(u, size) in &self.ahead_hint {
+            if u == uid
+                || asked.contains(&u)
+                || self.ahead.contains_key(&u)
+                || self.heads.contains_key(&u)
+            {
+                continue;
+            }
+            let Some(l) = left.checked_sub(size.min(u64::from(len))) else {
+                break;
+            };
+            left = l;
+            next.push(u);
+            if next.len() >= HEADS_MAX {
+                break;
+            }
+        }
+        if next.is_empty() {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = conn.prefetch_heads(&next, len).await {
+            tracing::debug!(error = %e, "heads prefetch failed");
+            if !matches!(e, ImapError::Command(_)) {
+                self.conn = None;
+            }
+        }
+    }
+
     /// Up to `len` octets of `uid` from `offset` (see [`Maildrop::fetch`]): decoded by
     /// imap-next, or, for a TOP's first piece on a server that sends UID before BODY[],
     /// read whole by the streamed-FETCH reader (`fetch_heads`).
@@ -122,6 +161,7 @@ impl ImapMaildrop {
             // The same first piece, fetched ahead (a header preview of the next message).
             if let Some(head) = self.heads.remove(&uid) {
                 if head.len() == len as usize {
+                    self.heads_used = true;
                     return Ok(head);
                 }
             }
@@ -171,10 +211,22 @@ impl ImapMaildrop {
                 return Ok(whole);
             }
             let conn = self.conn.as_mut().ok_or_else(lost)?;
+            // The UIDs of the window about to be read (the one sent ahead, if it has `uid`).
+            let asked: HashSet<u32> = if conn.heads_prefetched(uid, len) {
+                conn.in_flight().collect()
+            } else {
+                wanted.iter().copied().collect()
+            };
             match conn.fetch_heads(&wanted, len).await {
                 Ok((done, read)) => {
                     let pieces: HashMap<u32, Bytes> = read.into_iter().collect();
-                    return self.keep_pieces(uid, len, true, pieces, done);
+                    let piece = self.keep_pieces(uid, len, true, pieces, done);
+                    // The client used the heads of the window before this one: it is
+                    // previewing, so the next window is asked for while it reads this one.
+                    if std::mem::take(&mut self.heads_used) {
+                        self.prefetch_heads(uid, len, &asked).await;
+                    }
+                    return piece;
                 }
                 // Not possible on this connection now: the decoded way below.
                 Err(ImapError::Command(_)) => {}

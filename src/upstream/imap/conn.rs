@@ -48,6 +48,9 @@ pub(super) struct Prefetch {
     pub(super) uid: u32,
     pub(super) others: Vec<u32>,
     pub(super) started: Instant,
+    /// `Some(len)`: the FETCH asks for the first `len` octets of every UID (TOP's pieces,
+    /// read whole by [`ImapConnection::fetch_heads`]), not for whole bodies.
+    pub(super) heads: Option<u32>,
 }
 
 /// The length asked for the rest of a body from an origin: more than any message.

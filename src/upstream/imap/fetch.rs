@@ -3,7 +3,8 @@
 //! (`UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`, [`ImapConnection::fetch_heads`]). The body literal of `<uid>` goes to the client
 //! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
 //! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
-//! be sent before the client asks for it ([`ImapConnection::prefetch`]). The lines around the
+//! be sent before the client asks for it ([`ImapConnection::prefetch`]), and so can the next
+//! window of first pieces ([`ImapConnection::prefetch_heads`]). The lines around the
 //! literals are read by the pure parser in [`super::fetch_parse`], which accepts every shape a
 //! server sends for a message that went away under the session.
 
@@ -65,7 +66,9 @@ impl ImapConnection {
         // A FETCH of this very message sent ahead: its response is next in the socket, no
         // command and no round trip needed (its `others` replace the ones asked for now).
         let (tag, others, started) = match self.prefetch.take() {
-            Some(p) if p.uid == uid && origin == 0 => (p.tag, p.others, p.started),
+            Some(p) if p.uid == uid && origin == 0 && p.heads.is_none() => {
+                (p.tag, p.others, p.started)
+            }
             p => {
                 self.prefetch = p;
                 self.drain_prefetch().await?;
@@ -156,18 +159,28 @@ impl ImapConnection {
             return Err(ImapError::Command("cannot fetch heads".into()));
         }
         self.abandon_body().await?;
-        self.drain_prefetch().await?;
+        // The same pieces of these messages asked for ahead (`prefetch_heads`): their
+        // response is next in the socket, no command and no round trip needed (its UIDs
+        // replace the ones asked for now).
+        let (tag, uids, started) = match self.prefetch.take() {
+            Some(p)
+                if p.heads == Some(len) && (p.uid == uids[0] || p.others.contains(&uids[0])) =>
+            {
+                tracing::debug!(uid = uids[0], "first pieces read from a FETCH sent ahead");
+                let mut all = p.others;
+                all.insert(0, p.uid);
+                (p.tag, all, p.started)
+            }
+            p => {
+                self.prefetch = p;
+                self.drain_prefetch().await?;
+                let started = Instant::now();
+                let tag = self.send_heads(uids, len).await?;
+                (tag, uids.to_vec(), started)
+            }
+        };
         self.ahead.clear();
-        let started = Instant::now();
-        let tag = format!("P{}", self.engine.next_tag);
-        self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
-        let set: Vec<String> = uids.iter().map(u32::to_string).collect();
-        let command = format!(
-            "{tag} UID FETCH {} (UID BODY.PEEK[]<0.{len}>)\r\n",
-            set.join(",")
-        );
-        self.write_command(&command).await?;
-        match self.fetch_lines(&tag, None, uids).await {
+        match self.fetch_lines(&tag, None, &uids).await {
             Ok(Step::Done(done)) => {
                 metrics()
                     .upstream_command_duration
@@ -185,6 +198,60 @@ impl ImapConnection {
                 Err(e)
             }
         }
+    }
+
+    /// Writes `UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`; its tag.
+    async fn send_heads(&mut self, uids: &[u32], len: u32) -> Result<String, ImapError> {
+        let tag = format!("P{}", self.engine.next_tag);
+        self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
+        let set: Vec<String> = uids.iter().map(u32::to_string).collect();
+        let command = format!(
+            "{tag} UID FETCH {} (UID BODY.PEEK[]<0.{len}>)\r\n",
+            set.join(",")
+        );
+        self.write_command(&command).await?;
+        Ok(tag)
+    }
+
+    /// Sends the FETCH of [`Self::fetch_heads`] for `uids` now and leaves its response
+    /// unread in the socket: the next `fetch_heads` of the same `len` whose first UID is
+    /// among them reads it without a round trip; any other command first drains it
+    /// ([`Self::drain_prefetch`], every literal one of `uids` and bounded). Only when no
+    /// FETCH is streamed or prefetched and the server sends `UID` before `BODY[]`.
+    pub async fn prefetch_heads(&mut self, uids: &[u32], len: u32) -> Result<(), ImapError> {
+        if self.engine.broken {
+            return Err(ImapError::Broken);
+        }
+        let Some((&first, rest)) = uids.split_first() else {
+            return Err(ImapError::Command("cannot prefetch heads now".into()));
+        };
+        if self.prefetch.is_some()
+            || self.body.is_some()
+            || !self.uid_before_body
+            || uids.contains(&0)
+            || len == 0
+            || len > AHEAD_LITERAL_MAX
+        {
+            return Err(ImapError::Command("cannot prefetch heads now".into()));
+        }
+        let started = Instant::now();
+        let tag = self.send_heads(uids, len).await?;
+        self.prefetch = Some(Prefetch {
+            tag,
+            uid: first,
+            others: rest.to_vec(),
+            started,
+            heads: Some(len),
+        });
+        Ok(())
+    }
+
+    /// Whether the pieces `len` long of a FETCH sent ahead ([`Self::prefetch_heads`])
+    /// include `uid`'s.
+    pub fn heads_prefetched(&self, uid: u32, len: u32) -> bool {
+        self.prefetch
+            .as_ref()
+            .is_some_and(|p| p.heads == Some(len) && (p.uid == uid || p.others.contains(&uid)))
     }
 
     /// Writes one command line (deadline on the write).
@@ -225,13 +292,16 @@ impl ImapConnection {
             uid,
             others: others.to_vec(),
             started,
+            heads: None,
         });
         Ok(())
     }
 
     /// Whether a prefetched FETCH of `uid` is waiting to be streamed.
     pub fn prefetched(&self, uid: u32) -> bool {
-        self.prefetch.as_ref().is_some_and(|p| p.uid == uid)
+        self.prefetch
+            .as_ref()
+            .is_some_and(|p| p.uid == uid && p.heads.is_none())
     }
 
     /// Whether some FETCH was prefetched.
@@ -789,6 +859,91 @@ mod tests {
         let got: Vec<(u32, Vec<u8>)> = read.into_iter().map(|(u, d)| (u, d.to_vec())).collect();
         assert_eq!(got, vec![(7, a), (9, b), (10, c)]);
         in_step(&mut conn).await;
+    }
+
+    #[tokio::test]
+    async fn first_pieces_asked_for_ahead_are_read_without_a_command_or_drained() {
+        let order = Arc::new(FetchOrder::default());
+        order.set(true);
+        let heads = |uids: &[u32], gone: u32| {
+            let mut r = Vec::new();
+            for &u in uids {
+                if u == gone {
+                    r.extend_from_slice(
+                        format!("* {u} FETCH (UID {u} BODY[]<0> NIL)\r\n").as_bytes(),
+                    );
+                } else {
+                    let prefix = format!("* {u} FETCH (UID {u} BODY[]<0> ");
+                    r.extend(fetch_reply(&prefix, &body(64 + u as usize), ")\r\n"));
+                }
+            }
+            r.extend_from_slice(b"{tag} OK done\r\n");
+            r
+        };
+        // 7 now; 8-10 sent ahead (8 expunged meanwhile: NIL), read by the TOP of 9 without
+        // a command; 11-12 sent ahead and drained by the NOOP; 13 sent ahead, then a body
+        // asked for instead (drained too, and not taken for a prefetched body).
+        let mut whole = fetch_reply("* 13 FETCH (UID 13 BODY[] ", &body(30), ")\r\n");
+        whole.extend_from_slice(b"{tag} OK done\r\n");
+        let steps = vec![
+            ("UID FETCH 7 (UID BODY.PEEK[]<0.64>)", heads(&[7], 0)),
+            (
+                "UID FETCH 8,9,10 (UID BODY.PEEK[]<0.64>)",
+                heads(&[8, 9, 10], 8),
+            ),
+            (
+                "UID FETCH 11,12 (UID BODY.PEEK[]<0.64>)",
+                heads(&[11, 12], 0),
+            ),
+            ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+            ("UID FETCH 13 (UID BODY.PEEK[]<0.64>)", heads(&[13], 0)),
+            ("UID FETCH 13 (UID BODY.PEEK[])", whole),
+            ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+        ];
+        for split in [1, 7, 1 << 20] {
+            let mut conn = connect(steps.clone(), split, LIMITS).await;
+            conn.share_fetch_order(order.clone());
+            let (_, read) = conn.fetch_heads(&[7], 64).await.unwrap();
+            assert_eq!(read.len(), 1);
+            conn.prefetch_heads(&[8, 9, 10], 64).await.unwrap();
+            assert!(
+                conn.prefetch_heads(&[11], 64).await.is_err(),
+                "one at a time"
+            );
+            assert!(conn.heads_prefetched(9, 64) && !conn.heads_prefetched(9, 65));
+            assert!(!conn.prefetched(8), "not a prefetched body");
+            // Asked for 9 (other UIDs named now are ignored: the FETCH sent ahead is read).
+            let (done, mut read) = conn.fetch_heads(&[9, 99], 64).await.unwrap();
+            assert!(done.is_ok() && !conn.has_prefetch());
+            read.sort_by_key(|(u, _)| *u);
+            let got: Vec<(u32, Vec<u8>)> = read.into_iter().map(|(u, d)| (u, d.to_vec())).collect();
+            assert_eq!(
+                got,
+                vec![(9, body(73)), (10, body(74))],
+                "8 is absent: gone"
+            );
+            conn.prefetch_heads(&[11, 12], 64).await.unwrap();
+            in_step(&mut conn).await;
+            assert!(!conn.has_prefetch());
+            conn.prefetch_heads(&[13], 64).await.unwrap();
+            conn.body_start(13, &[]).await.unwrap();
+            assert_eq!(read_all(&mut conn).await.unwrap(), body(30));
+            in_step(&mut conn).await;
+        }
+        // A piece of a UID not sent ahead, in the drain, ends the connection.
+        let mut conn = connect(
+            vec![("UID FETCH 5 (UID BODY.PEEK[]<0.64>)", heads(&[6], 0))],
+            1 << 20,
+            LIMITS,
+        )
+        .await;
+        conn.share_fetch_order(order);
+        conn.prefetch_heads(&[5], 64).await.unwrap();
+        assert!(conn.execute(CommandBody::Noop, |_| {}).await.is_err());
+        assert!(matches!(
+            conn.execute(CommandBody::Noop, |_| {}).await,
+            Err(ImapError::Broken)
+        ));
     }
 
     #[tokio::test]
