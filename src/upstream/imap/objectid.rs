@@ -16,39 +16,9 @@ use crate::uidl::moved::is_objectid;
 /// Length of the UID set in one command (command lines stay short for every server).
 const SET_CHARS: usize = 2000;
 
-/// The UIDs (sorted, no zero, no duplicate) as compact sets (`1:5,7`), each about
-/// [`SET_CHARS`] long at most.
+/// The UIDs as compact sets (`1:5,7`), each about [`SET_CHARS`] long at most.
 pub fn sets(uids: &[u32]) -> Vec<String> {
-    let mut sorted: Vec<u32> = uids.iter().copied().filter(|&u| u != 0).collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        i += 1;
-        if text.len() >= SET_CHARS {
-            out.push(std::mem::take(&mut text));
-        }
-        if !text.is_empty() {
-            text.push(',');
-        }
-        if start == end {
-            text.push_str(&start.to_string());
-        } else {
-            text.push_str(&format!("{start}:{end}"));
-        }
-    }
-    if !text.is_empty() {
-        out.push(text);
-    }
-    out
+    super::uids::uid_set_texts(uids, SET_CHARS)
 }
 
 /// `* <n> FETCH (... UID <u> ... EMAILID (<id>) ...)`, items in any order: `(u, id)`. `None`

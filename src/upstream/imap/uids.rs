@@ -5,10 +5,19 @@ use imap_next::imap_types::sequence::SequenceSet;
 
 /// UIDs as compact `a:b,c` sets, split so no command line grows past a few KiB.
 pub fn uid_sets(uids: &[u32]) -> Result<Vec<SequenceSet>, String> {
+    uid_set_texts(uids, 4000)
+        .iter()
+        .map(|t| parse_set(t))
+        .collect()
+}
+
+/// The same sets as text (sorted, no zero, no duplicate), a new one begun once one is
+/// `max_chars` long: for commands written by hand (EMAILID, which imap-codec cannot express).
+pub fn uid_set_texts(uids: &[u32], max_chars: usize) -> Vec<String> {
     let mut sorted: Vec<u32> = uids.iter().copied().filter(|&u| u != 0).collect();
     sorted.sort_unstable();
     sorted.dedup();
-    let mut sets = Vec::new();
+    let mut out = Vec::new();
     let mut text = String::new();
     let mut i = 0;
     while i < sorted.len() {
@@ -27,14 +36,14 @@ pub fn uid_sets(uids: &[u32]) -> Result<Vec<SequenceSet>, String> {
         } else {
             text.push_str(&format!("{start}:{end}"));
         }
-        if text.len() > 4000 {
-            sets.push(parse_set(&std::mem::take(&mut text))?);
+        if text.len() > max_chars {
+            out.push(std::mem::take(&mut text));
         }
     }
     if !text.is_empty() {
-        sets.push(parse_set(&text)?);
+        out.push(text);
     }
-    Ok(sets)
+    out
 }
 
 fn parse_set(text: &str) -> Result<SequenceSet, String> {
