@@ -182,3 +182,40 @@ fn tokens_and_client_credentials_are_absent_from_trace_logs() {
         );
     }
 }
+
+/// A password typed at a terminal for `popbridge oauth hash-password` (and `oauth authorize`,
+/// which reads it the same way) is not echoed back to the screen; the hash still comes out.
+#[test]
+fn a_password_typed_at_a_terminal_is_not_shown() {
+    let pw = "Typed-At-A-Tty-42";
+    // Python's pty gives popbridge a real terminal on stdin; it prints what the terminal shows.
+    let script = r#"
+import os, pty, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], [sys.argv[1], "oauth", "hash-password"])
+out = b""
+deadline = time.time() + 20
+while b"not shown" not in out and time.time() < deadline:
+    out += os.read(fd, 4096)
+os.write(fd, sys.argv[2].encode() + b"\n")
+while time.time() < deadline:
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, POPBRIDGE_BIN, pw])
+        .output()
+        .expect("run python3");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("$argon2id$"), "no hash printed: {screen}");
+    assert!(!screen.contains(pw), "the password was echoed: {screen}");
+}

@@ -201,17 +201,53 @@ fn password(env: Option<&str>) -> Result<String, String> {
     if let Some(var) = env {
         return std::env::var(var).map_err(|_| format!("environment variable {var} is not set"));
     }
-    if std::io::stdin().is_terminal() {
-        eprint!("The password the user will give POP3: ");
+    let terminal = std::io::stdin().is_terminal();
+    if terminal {
+        eprint!("The password the user will give POP3 (not shown): ");
     }
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the password: {e}"))?;
+    {
+        // Typed at a terminal, the password is not echoed (restored on every path out).
+        let _quiet = terminal.then(EchoOff::new).flatten();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+    }
+    if terminal {
+        eprintln!();
+    }
     let line = line.trim_end_matches(['\r', '\n']).to_owned();
     if line.is_empty() {
         return Err("empty password".into());
     }
     Ok(line)
+}
+
+/// The terminal on standard input with echo off, until dropped. `None` if its modes cannot be
+/// read or set (the password is then read as typed).
+struct EchoOff {
+    before: rustix::termios::Termios,
+}
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+        let stdin = std::io::stdin();
+        let before = tcgetattr(&stdin).ok()?;
+        let mut quiet = before.clone();
+        quiet.local_modes -= LocalModes::ECHO;
+        tcsetattr(&stdin, OptionalActions::Flush, &quiet).ok()?;
+        Some(EchoOff { before })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.before,
+        );
+    }
 }
