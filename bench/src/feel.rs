@@ -17,6 +17,25 @@ pub enum Workload {
     Big,
 }
 
+/// Another POP3 proxy measured in popbridge's place in `wan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// nginx's mail proxy.
+    Nginx,
+    /// perdition.
+    Perdition,
+}
+
+impl Peer {
+    pub fn kind(self) -> popbridge_testkit::pop3_proxy::ProxyKind {
+        use popbridge_testkit::pop3_proxy::ProxyKind;
+        match self {
+            Peer::Nginx => ProxyKind::Nginx,
+            Peer::Perdition => ProxyKind::Perdition,
+        }
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct Opts {
     /// wan: one-way delays in ms (a round trip costs twice), comma-separated
@@ -33,6 +52,11 @@ pub struct Opts {
     /// 50 ms RTT alone take over 100 s).
     #[arg(long, value_name = "N")]
     pub wan_runs: Option<usize>,
+    /// wan: other POP3 proxies run in popbridge's place for context (client, proxy, relay,
+    /// Dovecot's POP3), comma-separated [default: none]. Each must be installed (Debian:
+    /// nginx-core libnginx-mod-mail; perdition).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub wan_peers: Vec<Peer>,
     /// polls: users [default: 2000; 20 with --smoke].
     #[arg(long, value_name = "N")]
     pub poll_users: Option<usize>,

@@ -1,10 +1,14 @@
 //! `wan`: the IMAP store far away. A latency relay ([`crate::relay`]) sits between popbridge
 //! and Dovecot's IMAP (B: client, popbridge, relay, IMAP) and between the client and Dovecot's
 //! POP3 (D: client, relay, POP3: POP3 straight to the far server). Per workload and one-way
-//! delay: session speed, and the round trips and commands that crossed the far link.
+//! delay: session speed, and the round trips and commands that crossed the far link. With
+//! `--wan-peers`, other POP3 proxies run in popbridge's place for context (client, proxy,
+//! relay, Dovecot's POP3), in rows of their own.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use popbridge_testkit::pop3_proxy::Pop3Proxy;
 
 use crate::corpus::Rng;
 use crate::feel::Workload;
@@ -15,9 +19,14 @@ use crate::{mb, median, ms, servers, Ctx, Result, PASSWORD};
 /// The far-link delay where the targets apply (25 ms one way, 50 ms round trip).
 const TARGET_DELAY_MS: f64 = 25.0;
 
+/// One figure of a session.
+type Figure = dyn Fn(&Download, &Counts) -> f64;
+
 struct Measured {
     d: Vec<(Download, Counts)>,
     b: Vec<(Download, Counts)>,
+    /// Per peer (in `--wan-peers` order), its sessions.
+    peers: Vec<(&'static str, Vec<(Download, Counts)>)>,
 }
 
 impl Ctx {
@@ -79,6 +88,17 @@ impl Ctx {
             tls: None,
         };
         let b_ep = Self::b_plain(&pb);
+        // Other proxies in popbridge's place, in front of the same far POP3 as D.
+        let mut peers = Vec::new();
+        for peer in self.feel.wan_peers.clone() {
+            let dir = self.root.join(format!("peer-{peer:?}").to_lowercase());
+            let p = Pop3Proxy::start(peer.kind(), &dir, d_relay.addr())?;
+            let ep = Endpoint {
+                addr: local(p.port()),
+                tls: None,
+            };
+            peers.push((p, ep));
+        }
         for w in self.feel.workloads() {
             let user = self.wan_seed(w)?;
             let session = move |ep: &Endpoint| -> std::io::Result<Download> {
@@ -96,6 +116,11 @@ impl Ctx {
             let reference = self.session(&format!("wan {w:?} D warm-up"), || session(&d_direct))?;
             let warm = self.session(&format!("wan {w:?} B warm-up"), || session(&b_ep))?;
             self.check(&format!("wan {w:?}"), "popbridge", &reference, &warm);
+            for (p, ep) in &peers {
+                let got =
+                    self.session(&format!("wan {w:?} {} warm-up", p.name()), || session(ep))?;
+                self.check(&format!("wan {w:?}"), p.name(), &reference, &got);
+            }
             for &delay in &delays {
                 let one_way = Duration::from_secs_f64(delay / 1000.0);
                 d_relay.set_delay(one_way);
@@ -103,6 +128,7 @@ impl Ctx {
                 let mut m = Measured {
                     d: Vec::new(),
                     b: Vec::new(),
+                    peers: peers.iter().map(|(p, _)| (p.name(), Vec::new())).collect(),
                 };
                 for r in 0..runs {
                     for side in if r % 2 == 0 { ["D", "B"] } else { ["B", "D"] } {
@@ -134,8 +160,26 @@ impl Ctx {
                             m.b.push((got, counts));
                         }
                     }
+                    for (i, (p, ep)) in peers.iter().enumerate() {
+                        d_relay.take();
+                        let t = Instant::now();
+                        let label = format!("wan {w:?} {delay} ms {} run {r}", p.name());
+                        let got = self.session(&label, || session(ep))?;
+                        std::thread::sleep(one_way * 2 + Duration::from_millis(20));
+                        let counts = d_relay.take();
+                        self.check(&format!("wan {w:?} {delay} ms"), p.name(), &reference, &got);
+                        eprintln!(
+                            "  {label}: {:.2} s, {} round trips, {} commands, {} connections",
+                            t.elapsed().as_secs_f64(),
+                            counts.round_trips,
+                            counts.client_lines,
+                            counts.connections
+                        );
+                        m.peers[i].1.push((got, counts));
+                    }
                 }
                 self.wan_rows(w, delay, &m);
+                self.peer_rows(w, delay, &m);
             }
         }
         pb.check_alive()?;
@@ -222,5 +266,52 @@ impl Ctx {
             "info",
             None,
         );
+    }
+
+    /// The peers' rows: the workload's figure with the peer in B's column, and its far-link
+    /// round trips (information only: they are context, not targets).
+    fn peer_rows(&mut self, w: Workload, delay: f64, m: &Measured) {
+        let rtt = format!("RTT {} ms", delay * 2.0);
+        let f = |v: &[(Download, Counts)], g: &Figure| {
+            median(&v.iter().map(|(d, c)| g(d, c)).collect::<Vec<_>>())
+        };
+        let msgs = m.d.first().map(|(d, _)| d.messages).unwrap_or(0);
+        let rate = |d: &Download, _: &Counts| d.messages as f64 / d.elapsed.as_secs_f64();
+        let time = |d: &Download, _: &Counts| ms(d.elapsed);
+        let big = |d: &Download, _: &Counts| mb(d.bytes) / d.retr[0].1.as_secs_f64();
+        let (what, g): (String, &Figure) = match w {
+            Workload::Mixed => (format!("{msgs} mixed: msgs/s"), &rate),
+            Workload::Small => (format!("{msgs} 2-8 KB: msgs/s"), &rate),
+            Workload::Huge => (format!("{msgs}-message listing: session ms"), &time),
+            Workload::Big => {
+                let bytes = m.d.first().map(|(d, _)| d.bytes).unwrap_or(0);
+                (format!("{:.0} MB message: RETR MB/s", mb(bytes)), &big)
+            }
+        };
+        let rt = |_: &Download, c: &Counts| c.round_trips as f64;
+        for (name, v) in &m.peers {
+            if v.is_empty() {
+                continue;
+            }
+            let (d, p) = (f(&m.d, g), f(v, g));
+            self.row(
+                "wan",
+                &format!("{rtt}, {what}, {name} in B's column"),
+                Some(d),
+                Some(p),
+                Some(p / d),
+                "info",
+                None,
+            );
+            self.row(
+                "wan",
+                &format!("{rtt}, {w:?}: far-link round trips, {name} in B's column"),
+                Some(f(&m.d, &rt)),
+                Some(f(v, &rt)),
+                None,
+                "info",
+                None,
+            );
+        }
     }
 }

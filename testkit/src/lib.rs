@@ -49,6 +49,7 @@ pub mod imap_do;
 pub mod imap_raw;
 pub mod ledger;
 pub mod oauth;
+pub mod pop3_proxy;
 pub mod prometheus;
 pub mod raw;
 pub mod relay;
