@@ -524,7 +524,9 @@ pub struct ImapMaildrop {
     /// (READ_AHEAD_BYTES decoded, `stream_budget` streamed).
     ahead: HashMap<u32, Bytes>,
     /// The first octets (a TOP's first piece) of messages longer than that, fetched ahead for
-    /// the TOPs a header-previewing client sends next, by UID; at most READ_AHEAD_BYTES in all.
+    /// the TOPs a header-previewing client sends next, by UID: one window, at most HEADS_MAX
+    /// pieces of at most HEAD_AHEAD_MAX_PIECE each, within `stream_budget` (READ_AHEAD_BYTES
+    /// on a server whose FETCH answers must be decoded).
     heads: HashMap<u32, Bytes>,
     /// A TOP was served from `heads` since the last FETCH of first pieces: the client is
     /// previewing, and the next window is asked for ahead (`prefetch_heads`).
