@@ -92,17 +92,7 @@ impl World {
 
     /// The sum of the samples of `name` that carry every label of `labels`.
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let (status, body) = http_get(self.metrics_port, "/metrics").expect("GET /metrics");
-        assert_eq!(status, 200);
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-            .filter(|l| {
-                labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        popbridge_testkit::prometheus::metric_sum(self.metrics_port, name, labels)
     }
 
     /// The upstream logins Dovecot saw with `method`.
@@ -115,8 +105,6 @@ impl World {
             .count()
     }
 }
-
-use popbridge_testkit::prometheus::http_get;
 
 fn subject_of(step: &PopStep) -> String {
     String::from_utf8_lossy(&step.data())

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::prometheus::http_get;
+use support::prometheus::metric_sum;
 use support::raw::RawPop3;
 use support::relay::{Fault, Relay, Trigger};
 use support::*;
@@ -55,24 +55,6 @@ fn setup() -> Setup {
         pop3s,
         metrics,
     }
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (status, body) = http_get(port, "/metrics").expect("scrape /metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// CAPA's lines, without the status line and the terminator.
@@ -162,7 +144,7 @@ fn login_delay_is_enforced_across_listeners_without_contacting_the_upstream() {
         "too slow to test"
     );
     assert_eq!(
-        metric(
+        metric_sum(
             s.metrics,
             "popbridge_logins_refused_early_total",
             &[("backend", "imap"), ("reason", "login_delay")]
@@ -170,7 +152,7 @@ fn login_delay_is_enforced_across_listeners_without_contacting_the_upstream() {
         2.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             s.metrics,
             "popbridge_logins_total",
             &[("result", "login_delay")]

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::prometheus::http_get;
+use support::prometheus::metric_sum;
 use support::raw::RawPop3;
 use support::relay::{Fault, Relay, Trigger};
 use support::*;
@@ -54,24 +54,6 @@ fn setup(trigger: Trigger, fault: Fault) -> Setup {
     }
 }
 
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (status, body) = http_get(port, "/metrics").expect("scrape /metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 /// One login with Python's poplib: the PASS answer.
 fn poplib_login(port: u16, user: &str) -> String {
     let s = poplib(port, &[&format!("user {user}"), &format!("pass {user}pw")]);
@@ -107,7 +89,7 @@ fn a_throttled_login_is_login_delay_not_auth_charges_no_penalty_and_backs_the_us
     let m = s.metrics;
     let imap = ("backend", "imap");
     assert_eq!(
-        metric(
+        metric_sum(
             m,
             "popbridge_upstream_pressure_total",
             &[imap, ("code", "throttled")]
@@ -115,11 +97,11 @@ fn a_throttled_login_is_login_delay_not_auth_charges_no_penalty_and_backs_the_us
         1.0
     );
     assert_eq!(
-        metric(m, "popbridge_backoffs_total", &[imap, ("scope", "user")]),
+        metric_sum(m, "popbridge_backoffs_total", &[imap, ("scope", "user")]),
         1.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             m,
             "popbridge_logins_refused_early_total",
             &[imap, ("reason", "backoff")]
@@ -127,11 +109,11 @@ fn a_throttled_login_is_login_delay_not_auth_charges_no_penalty_and_backs_the_us
         2.0
     );
     assert_eq!(
-        metric(m, "popbridge_logins_total", &[("result", "upstream_busy")]),
+        metric_sum(m, "popbridge_logins_total", &[("result", "upstream_busy")]),
         3.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             m,
             "popbridge_logins_total",
             &[("result", "bad_credentials")]
@@ -177,14 +159,17 @@ fn select_in_use_upstream_is_in_use_not_sys_perm_and_does_not_back_off() {
     assert!(poplib_login(port, "f").starts_with("+OK"));
     let imap = ("backend", "imap");
     assert_eq!(
-        metric(
+        metric_sum(
             s.metrics,
             "popbridge_upstream_pressure_total",
             &[imap, ("code", "inuse")]
         ),
         2.0
     );
-    assert_eq!(metric(s.metrics, "popbridge_backoffs_total", &[imap]), 0.0);
+    assert_eq!(
+        metric_sum(s.metrics, "popbridge_backoffs_total", &[imap]),
+        0.0
+    );
 }
 
 #[test]
@@ -203,7 +188,7 @@ fn an_unavailable_backend_backs_off_for_every_user_then_recovers() {
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     assert_eq!(s.relay.connections(), before, "the upstream was contacted");
     assert_eq!(
-        metric(
+        metric_sum(
             s.metrics,
             "popbridge_backoffs_total",
             &[("backend", "imap"), ("scope", "backend")]
@@ -233,7 +218,7 @@ fn a_throttled_fetch_is_sys_temp_not_a_gone_message_and_backs_the_user_off() {
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     assert!(c.wait_closed(Duration::from_secs(5)), "session not closed");
     assert_eq!(
-        metric(s.metrics, "popbridge_retr_gone_total", &[]),
+        metric_sum(s.metrics, "popbridge_retr_gone_total", &[]),
         0.0,
         "a throttled FETCH is not a vanished message"
     );
@@ -268,7 +253,7 @@ fn a_commit_answered_unavailable_loses_nothing_and_backs_the_backend_off() {
         "the hiding STORE was not the one refused"
     );
     assert_eq!(
-        metric(
+        metric_sum(
             s.metrics,
             "popbridge_backoffs_total",
             &[("backend", "imap"), ("scope", "backend")]

@@ -61,6 +61,25 @@ pub fn promtool(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().expect("wait for promtool")
 }
 
+/// The sum of the samples of `name` on popbridge's `/metrics` at 127.0.0.1:`port` whose labels
+/// include every one of `labels` (0 if there is none). Panics if the scrape fails.
+pub fn metric_sum(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = http_get(port, "/metrics").expect("scrape /metrics");
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// A plain HTTP/1.1 GET to 127.0.0.1:`port`: the status code and the body (chunked transfer
 /// encoding undone). Errors are connection or protocol failures, never HTTP status codes.
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
