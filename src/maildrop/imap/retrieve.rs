@@ -11,9 +11,9 @@ use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
 use imap_next::imap_types::response::{Data, StatusKind};
 
 use super::{
-    lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
-    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE,
-    STREAM_AHEAD_RATE,
+    lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE,
+    PREFETCH_QUEUE_MIN_RTT, READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES,
+    STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE, STREAM_AHEAD_RATE,
 };
 use crate::maildrop::{BodyPart, MaildropError};
 use crate::metrics::metrics;
@@ -494,8 +494,8 @@ impl ImapMaildrop {
     /// ahead). Anything else the client does first drains the responses (bounded, with
     /// deadlines).
     ///
-    /// Near the server one such FETCH is pending at a time. On a distant server (a window
-    /// bigger than STREAM_AHEAD_BYTES: see `stream_budget`) up to PREFETCH_QUEUE_MAX are, as
+    /// Near the server one such FETCH is pending at a time. On a distant server (a FETCH
+    /// round trip of PREFETCH_QUEUE_MIN_RTT or more) up to PREFETCH_QUEUE_MAX are, as
     /// long as the listed octets of everything unread (the current window's rest and every
     /// pending FETCH) stay within two windows: a message too big for a window (streamed,
     /// never held) is then asked for a bandwidth-delay product ahead too, instead of when the
@@ -504,7 +504,10 @@ impl ImapMaildrop {
     /// `upstream::imap::prefetch`: then at most those listed octets are held).
     pub(super) async fn prefetch_next(&mut self, max: u32) {
         let window = self.stream_budget();
-        let (depth, total) = if window > STREAM_AHEAD_BYTES {
+        let distant = self
+            .fetch_rtt
+            .is_some_and(|rtt| rtt >= PREFETCH_QUEUE_MIN_RTT);
+        let (depth, total) = if distant {
             (PREFETCH_QUEUE_MAX, 2 * window)
         } else {
             (1, 0)
