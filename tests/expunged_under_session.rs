@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use support::imap_do::imap_do;
 use support::raw::RawPop3 as Raw;
+use support::relay::{Fault, Relay, Trigger};
 use support::*;
 
 on_both_servers!(
@@ -20,6 +21,7 @@ on_both_servers!(
     messages_read_ahead_or_prefetched_then_expunged,
     quit_commits_the_marks_that_still_exist_in_every_mode,
     previews_from_a_window_asked_for_ahead_then_expunged,
+    pending_fetches_of_a_distant_server_then_expunged,
 );
 
 fn message(i: usize) -> Vec<u8> {
@@ -286,4 +288,98 @@ fn quit_commits_the_marks_that_still_exist_in_every_mode<S: MailServer>(dc: S) {
         }
         drop(pb);
     }
+}
+
+/// Every third message too big for a read-ahead window (streamed, never held), the others
+/// small.
+fn distant_message(i: usize) -> Vec<u8> {
+    let mut m = format!("Subject: distant {i}\r\nX-Model-Id: d{i}\r\n\r\n").into_bytes();
+    let lines = if i % 3 == 0 { 12_000 } else { 60 };
+    for l in 0..lines {
+        m.extend_from_slice(format!("line {l} of distant message {i}\r\n").as_bytes());
+        if l % 40 == 0 {
+            m.extend_from_slice(b".dot line\r\n");
+        }
+    }
+    m
+}
+
+fn pending_fetches_of_a_distant_server_then_expunged<S: MailServer>(dc: S) {
+    // A relay holds every answer to a UID FETCH 40 ms: the server looks distant (a window of
+    // 2.5 MB), so once RETR 1 is handed out, up to 8 FETCHes are sent ahead: the big
+    // messages' (3, 6, 9, ...) and windows of the small ones, a bandwidth-delay product's
+    // worth, their answers left unread. Then another client expunges messages whose FETCHes
+    // are pending: small ones of the first window (2, 10), big ones asked for ahead (6, 9,
+    // 12), and one whose FETCH is not sent yet (42).
+    let n = 45;
+    dc.add_user("e", "epw");
+    let msgs: Vec<Vec<u8>> = (1..=n).map(distant_message).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
+    dc.seed("e", &refs);
+    let relay = Relay::start(
+        dc.imap_port(),
+        Trigger::ClientSends("UID FETCH".into()),
+        Fault::Delay(Duration::from_millis(40)),
+    );
+    let pb = Popbridge::start(&dc, &format!("[imap]\nport = {}\n", relay.port()));
+    // A session with a RETR first: popbridge learns that the server sends UID before BODY[].
+    poplib(pb.pop3_port(), &["user e", "pass epw", "retr 1", "quit"]).assert_all_ok();
+    let mut c = Raw::ready(pb.pop3_port());
+    c.login("e", "epw");
+    assert!(c.cmd("STAT").starts_with(&format!("+OK {n} ")));
+    assert!(exact_or_err(&mut c, "RETR 1", 1, &distant_message(1)));
+    let gone = [2, 6, 9, 10, 12, 42];
+    expunge(&dc, "2,6,9,10,12,42");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut served = 0;
+    for i in 2..=n {
+        let ok = exact_or_err(&mut c, &format!("RETR {i}"), i, &distant_message(i));
+        assert!(ok || gone.contains(&i), "message {i} was never touched");
+        served += (ok && gone.contains(&i)) as u32;
+    }
+    // The session goes on: again, out of order, after a command that drains what is pending.
+    assert!(c.cmd("NOOP").starts_with("+OK"));
+    for i in [3, 45, 7] {
+        assert!(exact_or_err(
+            &mut c,
+            &format!("RETR {i}"),
+            i,
+            &distant_message(i)
+        ));
+    }
+    assert!(
+        c.cmd("STAT").starts_with(&format!("+OK {n} ")),
+        "the listing is fixed"
+    );
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    let early = pb.log_count("came early");
+    report(&format!(
+        "pending FETCHes then expunged ({}): {served} of {} expunged served the listed bytes, the rest -ERR; {early} bodies came early (interleaved)",
+        std::any::type_name::<S>().rsplit("::").next().unwrap_or("?"),
+        gone.len()
+    ));
+    // Never out of step with the server: no response taken for another command's.
+    assert_eq!(
+        pb.log_count("cannot parse"),
+        0,
+        "every response reached its own command\n{}",
+        pb.log_tail(40)
+    );
+    // Several FETCHes were pending at once.
+    let queued = pb.log_count("more pending");
+    assert!(
+        queued >= 2,
+        "bodies read from a queue of FETCHes sent ahead: {queued}\n{}",
+        pb.log_tail(40)
+    );
+    // Nothing lost: only the expunged ones are gone.
+    let next = poplib(pb.pop3_port(), &["user e", "pass epw", "stat", "quit"]);
+    next.assert_all_ok();
+    assert!(
+        next.step("stat")
+            .resp
+            .starts_with(&format!("+OK {} ", n - gone.len())),
+        "only the expunged messages are gone: {}",
+        next.step("stat").resp
+    );
 }

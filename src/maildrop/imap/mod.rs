@@ -555,6 +555,9 @@ const HEAD_AHEAD_MAX_PIECE: u64 = 64 * 1024;
 /// see [`ImapMaildrop::prefetch_next`]) only up to this size: a client that asks for
 /// something else makes popbridge read and discard it before its next command.
 const PREFETCH_MAX_MESSAGE: u64 = 4 << 20;
+/// On a server at least this far (the shortest FETCH round trip seen), several FETCHes are
+/// sent ahead at once (see [`ImapMaildrop::prefetch_next`]); nearer (loopback, a LAN) one.
+const PREFETCH_QUEUE_MIN_RTT: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl ImapMaildrop {
     /// Which maildrop this is (the key of its RFC 1939 lock).

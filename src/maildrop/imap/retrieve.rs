@@ -11,12 +11,13 @@ use imap_next::imap_types::fetch::{MessageDataItem, MessageDataItemName};
 use imap_next::imap_types::response::{Data, StatusKind};
 
 use super::{
-    lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE, READ_AHEAD_BYTES,
-    READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE,
-    STREAM_AHEAD_RATE,
+    lost, unavailable, ImapMaildrop, HEAD_AHEAD_MAX_PIECE, PREFETCH_MAX_MESSAGE,
+    PREFETCH_QUEUE_MIN_RTT, READ_AHEAD_BYTES, READ_AHEAD_MAX_MESSAGE, STREAM_AHEAD_BYTES,
+    STREAM_AHEAD_MAX_BYTES, STREAM_AHEAD_MAX_MESSAGE, STREAM_AHEAD_RATE,
 };
 use crate::maildrop::{BodyPart, MaildropError};
 use crate::metrics::metrics;
+use crate::upstream::imap::conn::PREFETCH_QUEUE_MAX;
 use crate::upstream::imap::{uid_sets, BodyStart, Completion, ImapError, Untagged};
 
 /// At most this many messages' first pieces in one FETCH (the command line stays short).
@@ -490,52 +491,86 @@ impl ImapMaildrop {
     /// after it, within the window's budget) now instead of after the client asked: while
     /// the client reads the window at hand, the next one is on its way, and the RETR that
     /// reaches it needs no upstream round trip at all (no NOOP either, like a message read
-    /// ahead). Anything else the client does first drains the response (bounded, with
-    /// deadlines). At most one such FETCH is pending.
+    /// ahead). Anything else the client does first drains the responses (bounded, with
+    /// deadlines).
+    ///
+    /// Near the server one such FETCH is pending at a time. On a distant server (a FETCH
+    /// round trip of PREFETCH_QUEUE_MIN_RTT or more) up to PREFETCH_QUEUE_MAX are, as
+    /// long as the listed octets of everything unread (the current window's rest and every
+    /// pending FETCH) stay within two windows: a message too big for a window (streamed,
+    /// never held) is then asked for a bandwidth-delay product ahead too, instead of when the
+    /// message before it is handed out. Their responses wait in the socket (the kernel's
+    /// buffers), not in popbridge, unless the server interleaves them (see
+    /// `upstream::imap::prefetch`: then at most those listed octets are held).
     pub(super) async fn prefetch_next(&mut self, max: u32) {
-        let Some(conn) = self.conn.as_ref() else {
-            return;
+        let window = self.stream_budget();
+        let distant = self
+            .fetch_rtt
+            .is_some_and(|rtt| rtt >= PREFETCH_QUEUE_MIN_RTT);
+        let (depth, total) = if distant {
+            (PREFETCH_QUEUE_MAX, 2 * window)
+        } else {
+            (1, 0)
         };
-        if self.ahead_hint.is_empty()
-            || !conn.uid_before_body()
-            || conn.has_prefetch()
-            || conn.streaming_any()
-        {
-            return;
-        }
-        let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
-        let Some(at) = self
-            .ahead_hint
-            .iter()
-            .position(|(u, _)| !coming.contains(u))
-        else {
-            return;
-        };
-        let (next, size) = self.ahead_hint[at];
-        if size > PREFETCH_MAX_MESSAGE {
-            return;
-        }
-        let mut budget = self.stream_budget();
-        let mut others = Vec::new();
-        for &(u, size) in &self.ahead_hint[at + 1..] {
-            if coming.contains(&u) || size > STREAM_AHEAD_MAX_MESSAGE || size >= u64::from(max) {
-                continue;
-            }
-            let Some(left) = budget.checked_sub(size) else {
-                break;
+        loop {
+            let Some(conn) = self.conn.as_ref() else {
+                return;
             };
-            budget = left;
-            others.push(u);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        if let Err(e) = conn.prefetch(next, &others).await {
-            tracing::debug!(error = %e, uid = next, "prefetch failed");
-            if matches!(e, ImapError::Command(_)) {
+            let (queued, heads) = conn.prefetch_queue();
+            if self.ahead_hint.is_empty()
+                || !conn.uid_before_body()
+                || queued >= depth
+                || heads
+                || conn.streaming_any()
+            {
                 return;
             }
-            self.conn = None;
+            let coming: HashSet<u32> = conn.in_flight().chain(self.ahead.keys().copied()).collect();
+            // Listed octets not read yet: the current window's rest and the FETCHes pending.
+            let unread: u64 = self
+                .ahead_hint
+                .iter()
+                .filter(|(u, _)| !self.ahead.contains_key(u) && coming.contains(u))
+                .map(|&(_, size)| size)
+                .sum();
+            let Some(at) = self
+                .ahead_hint
+                .iter()
+                .position(|(u, _)| !coming.contains(u))
+            else {
+                return;
+            };
+            let (next, size) = self.ahead_hint[at];
+            if size > PREFETCH_MAX_MESSAGE || (queued > 0 && unread + size > total) {
+                return;
+            }
+            let mut budget = if queued > 0 {
+                window.min(total - unread - size)
+            } else {
+                window
+            };
+            let mut others = Vec::new();
+            for &(u, size) in &self.ahead_hint[at + 1..] {
+                if coming.contains(&u) || size > STREAM_AHEAD_MAX_MESSAGE || size >= u64::from(max)
+                {
+                    continue;
+                }
+                let Some(left) = budget.checked_sub(size) else {
+                    break;
+                };
+                budget = left;
+                others.push(u);
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            if let Err(e) = conn.prefetch(next, &others).await {
+                tracing::debug!(error = %e, uid = next, "prefetch failed");
+                if !matches!(e, ImapError::Command(_)) {
+                    self.conn = None;
+                }
+                return;
+            }
         }
     }
 }

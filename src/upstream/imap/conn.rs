@@ -2,6 +2,7 @@
 //! over it (see [`super::fetch`]). Every command first reads the rest of a streamed or
 //! prefetched FETCH, so the engine always finds the connection between responses.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +39,9 @@ pub(super) struct BodyStream {
     pub(super) delivered: bool,
     pub(super) info: FetchInfo,
     pub(super) started: Instant,
+    /// The command's tagged completion, if it came early (before the command was read:
+    /// see [`ImapConnection::stash`]); nothing more of it is then read from the socket.
+    pub(super) done: Option<Completion>,
 }
 
 /// A `UID FETCH <uid>,<others> (UID BODY.PEEK[])` sent but not read yet: its response follows
@@ -51,7 +55,20 @@ pub(super) struct Prefetch {
     /// `Some(len)`: the FETCH asks for the first `len` octets of every UID (TOP's pieces,
     /// read whole by [`ImapConnection::fetch_heads`]), not for whole bodies.
     pub(super) heads: Option<u32>,
+    /// Its tagged completion, if it came while an earlier command was read (servers may
+    /// run pipelined FETCHes concurrently: see [`ImapConnection::stash`]).
+    pub(super) done: Option<Completion>,
 }
+
+/// At most this many FETCHes pending unread ([`ImapConnection::prefetch`]); the maildrop
+/// sizes its queue (count and listed octets) within this.
+pub const PREFETCH_QUEUE_MAX: usize = 8;
+
+/// At most this many octets of bodies read early into [`ImapConnection::stash`] (bodies of a
+/// pending FETCH the server sent in the middle of an earlier one's response); the maildrop
+/// keeps the listed octets of its queue below this, so only a server lying about sizes can
+/// reach it, and that ends the connection.
+pub(super) const STASH_MAX: u64 = 3 * DRAIN_MAX;
 
 /// The length asked for the rest of a body from an origin: more than any message.
 pub(super) const RANGE_TO_END: u32 = i32::MAX as u32;
@@ -95,9 +112,17 @@ pub struct ImapConnection {
     pub(super) body: Option<BodyStream>,
     /// Whole read-ahead messages that came with the streamed FETCH, for the maildrop.
     pub(super) ahead: Vec<(u32, Bytes)>,
-    /// A FETCH sent ahead of the client's next RETR ([`Self::prefetch`]) whose response is
-    /// still unread in the socket.
-    pub(super) prefetch: Option<Prefetch>,
+    /// FETCHes sent ahead of the client's next RETRs ([`Self::prefetch`]), in the order sent,
+    /// whose responses are still unread in the socket (bounded: [`PREFETCH_QUEUE_MAX`]).
+    pub(super) prefetch: VecDeque<Prefetch>,
+    /// Bodies (or `None`: NIL, gone) of messages of pending FETCHes that arrived while an
+    /// earlier command's response was read. Dovecot runs pipelined UID FETCHes concurrently
+    /// and interleaves their responses (whole FETCH responses, never inside one) whenever its
+    /// output blocks between two messages: the responses of a FETCH sent ahead can come
+    /// before the rest of the one being read, and its tagged completion too. Bounded by
+    /// [`STASH_MAX`] octets.
+    pub(super) stash: HashMap<u32, Option<Bytes>>,
+    pub(super) stash_bytes: u64,
     /// The server was seen to send `UID` before `BODY[]` in a FETCH response, so a FETCH of
     /// several UIDs can be streamed (each literal is known to be whose before it arrives).
     pub(super) uid_before_body: bool,
@@ -161,7 +186,9 @@ impl ImapConnection {
             engine,
             body: None,
             ahead: Vec::new(),
-            prefetch: None,
+            prefetch: VecDeque::new(),
+            stash: HashMap::new(),
+            stash_bytes: 0,
             uid_before_body: false,
             fetch_order_known: false,
             fetch_order: None,

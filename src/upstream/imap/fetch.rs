@@ -2,8 +2,9 @@
 //! `UID FETCH <uid>,<others> (UID BODY.PEEK[])`, and the first pieces TOP needs
 //! (`UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`, [`ImapConnection::fetch_heads`]). The body literal of `<uid>` goes to the client
 //! in bounded parts as it arrives ([`ImapConnection::body_start`], [`ImapConnection::body_next`]);
-//! small messages named in `<others>` are read ahead whole; the FETCH of the next message can
-//! be sent before the client asks for it ([`ImapConnection::prefetch`]), and so can the next
+//! small messages named in `<others>` are read ahead whole; the FETCHes of the next messages
+//! can be sent before the client asks for them ([`ImapConnection::prefetch`], a bounded queue
+//! whose responses a server may interleave: see [`super::prefetch`]), and so can the next
 //! window of first pieces ([`ImapConnection::prefetch_heads`]). The lines around the
 //! literals are read by the pure parser in [`super::fetch_parse`], which accepts every shape a
 //! server sends for a message that went away under the session.
@@ -16,8 +17,8 @@ use imap_next::imap_types::response::StatusKind;
 use tokio::io::AsyncWriteExt;
 
 use super::conn::{
-    BodyStart, BodyStream, FetchOrder, ImapConnection, Prefetch, Step, AHEAD_LITERAL_MAX,
-    DRAIN_MAX, RANGE_TO_END,
+    BodyStart, BodyStream, FetchOrder, ImapConnection, Step, AHEAD_LITERAL_MAX, DRAIN_MAX,
+    RANGE_TO_END,
 };
 use super::engine::{Completion, ImapError};
 use super::fetch_parse::{self, BodyValue, FetchInfo, Items, Line};
@@ -65,12 +66,53 @@ impl ImapConnection {
         self.ahead.clear();
         // A FETCH of this very message sent ahead: its response is next in the socket, no
         // command and no round trip needed (its `others` replace the ones asked for now).
-        let (tag, others, started) = match self.prefetch.take() {
-            Some(p) if p.uid == uid && origin == 0 && p.heads.is_none() => {
+        let front = self
+            .prefetch
+            .front()
+            .is_some_and(|p| p.uid == uid && origin == 0 && p.heads.is_none());
+        let taken = if front {
+            self.prefetch.pop_front()
+        } else {
+            None
+        };
+        let (tag, others, started) = match taken {
+            Some(p) => {
+                if !self.prefetch.is_empty() {
+                    tracing::debug!(
+                        uid,
+                        pending = self.prefetch.len(),
+                        "body read from a FETCH sent ahead, more pending"
+                    );
+                }
+                // What of it arrived early, in the middle of an earlier response.
+                self.unstash_ahead(&p.others);
+                // NIL (`Some(None)`): gone; the rest of the response has no body for it
+                // either.
+                if let Some(Some(data)) = self.stash_take(uid) {
+                    self.body = Some(BodyStream {
+                        tag: p.tag,
+                        uid,
+                        others: p.others,
+                        left: 0,
+                        inline: Some(data),
+                        items_pending: false,
+                        origin: 0,
+                        delivered: false,
+                        info: FetchInfo {
+                            uid: Some(uid),
+                            ..FetchInfo::default()
+                        },
+                        started: p.started,
+                        done: p.done,
+                    });
+                    return Ok(BodyStart::Streaming);
+                }
+                if let Some(done) = p.done {
+                    return Ok(BodyStart::NoBody(done));
+                }
                 (p.tag, p.others, p.started)
             }
-            p => {
-                self.prefetch = p;
+            None => {
                 self.drain_prefetch().await?;
                 let started = Instant::now();
                 let others = if origin == 0 { others } else { &[] };
@@ -98,6 +140,7 @@ impl ImapConnection {
             delivered: false,
             info,
             started,
+            done: None,
         });
         Ok(BodyStart::Streaming)
     }
@@ -105,7 +148,7 @@ impl ImapConnection {
     /// Writes `UID FETCH <uid>,<others> (UID BODY.PEEK[])`, or with a non-zero `origin` (and
     /// no others) `UID FETCH <uid> (UID BODY.PEEK[]<origin.n>)` for the rest of the body from
     /// there (deadline on the write); its tag.
-    async fn send_fetch(
+    pub(super) async fn send_fetch(
         &mut self,
         uid: u32,
         origin: u32,
@@ -162,17 +205,22 @@ impl ImapConnection {
         // The same pieces of these messages asked for ahead (`prefetch_heads`): their
         // response is next in the socket, no command and no round trip needed (its UIDs
         // replace the ones asked for now).
-        let (tag, uids, started) = match self.prefetch.take() {
-            Some(p)
-                if p.heads == Some(len) && (p.uid == uids[0] || p.others.contains(&uids[0])) =>
-            {
+        let front = self.prefetch.front().is_some_and(|p| {
+            p.heads == Some(len) && (p.uid == uids[0] || p.others.contains(&uids[0]))
+        });
+        let taken = if front {
+            self.prefetch.pop_front()
+        } else {
+            None
+        };
+        let (tag, uids, started) = match taken {
+            Some(p) => {
                 tracing::debug!(uid = uids[0], "first pieces read from a FETCH sent ahead");
                 let mut all = p.others;
                 all.insert(0, p.uid);
                 (p.tag, all, p.started)
             }
-            p => {
-                self.prefetch = p;
+            None => {
                 self.drain_prefetch().await?;
                 let started = Instant::now();
                 let tag = self.send_heads(uids, len).await?;
@@ -201,7 +249,7 @@ impl ImapConnection {
     }
 
     /// Writes `UID FETCH <uids> (UID BODY.PEEK[]<0.len>)`; its tag.
-    async fn send_heads(&mut self, uids: &[u32], len: u32) -> Result<String, ImapError> {
+    pub(super) async fn send_heads(&mut self, uids: &[u32], len: u32) -> Result<String, ImapError> {
         let tag = format!("P{}", self.engine.next_tag);
         self.engine.next_tag = self.engine.next_tag.wrapping_add(1);
         let set: Vec<String> = uids.iter().map(u32::to_string).collect();
@@ -211,47 +259,6 @@ impl ImapConnection {
         );
         self.write_command(&command).await?;
         Ok(tag)
-    }
-
-    /// Sends the FETCH of [`Self::fetch_heads`] for `uids` now and leaves its response
-    /// unread in the socket: the next `fetch_heads` of the same `len` whose first UID is
-    /// among them reads it without a round trip; any other command first drains it
-    /// ([`Self::drain_prefetch`], every literal one of `uids` and bounded). Only when no
-    /// FETCH is streamed or prefetched and the server sends `UID` before `BODY[]`.
-    pub async fn prefetch_heads(&mut self, uids: &[u32], len: u32) -> Result<(), ImapError> {
-        if self.engine.broken {
-            return Err(ImapError::Broken);
-        }
-        let Some((&first, rest)) = uids.split_first() else {
-            return Err(ImapError::Command("cannot prefetch heads now".into()));
-        };
-        if self.prefetch.is_some()
-            || self.body.is_some()
-            || !self.uid_before_body
-            || uids.contains(&0)
-            || len == 0
-            || len > AHEAD_LITERAL_MAX
-        {
-            return Err(ImapError::Command("cannot prefetch heads now".into()));
-        }
-        let started = Instant::now();
-        let tag = self.send_heads(uids, len).await?;
-        self.prefetch = Some(Prefetch {
-            tag,
-            uid: first,
-            others: rest.to_vec(),
-            started,
-            heads: Some(len),
-        });
-        Ok(())
-    }
-
-    /// Whether the pieces `len` long of a FETCH sent ahead ([`Self::prefetch_heads`])
-    /// include `uid`'s.
-    pub fn heads_prefetched(&self, uid: u32, len: u32) -> bool {
-        self.prefetch
-            .as_ref()
-            .is_some_and(|p| p.heads == Some(len) && (p.uid == uid || p.others.contains(&uid)))
     }
 
     /// Writes one command line (deadline on the write).
@@ -269,118 +276,18 @@ impl ImapConnection {
         }
     }
 
-    /// Sends `UID FETCH <uid>,<others> (UID BODY.PEEK[])` now and leaves its response unread
-    /// in the socket: if the next body asked for is `uid`, [`Self::body_start`] streams it
-    /// without a round trip; any other command first drains it ([`Self::drain_prefetch`]).
-    /// Only while no body is being streamed (a delivered one whose tail is unread is fine:
-    /// the responses come in order), none is prefetched yet, and the server is known to send
-    /// `UID` before `BODY[]` (so a drain knows whose every literal is).
-    pub async fn prefetch(&mut self, uid: u32, others: &[u32]) -> Result<(), ImapError> {
-        if self.engine.broken {
-            return Err(ImapError::Broken);
-        }
-        if self.prefetch.is_some()
-            || !self.uid_before_body
-            || self.body.as_ref().is_some_and(|b| !b.delivered)
-        {
-            return Err(ImapError::Command("cannot prefetch now".into()));
-        }
-        let started = Instant::now();
-        let tag = self.send_fetch(uid, 0, others).await?;
-        self.prefetch = Some(Prefetch {
-            tag,
-            uid,
-            others: others.to_vec(),
-            started,
-            heads: None,
-        });
-        Ok(())
-    }
-
-    /// Whether a prefetched FETCH of `uid` is waiting to be streamed.
-    pub fn prefetched(&self, uid: u32) -> bool {
-        self.prefetch
-            .as_ref()
-            .is_some_and(|p| p.uid == uid && p.heads.is_none())
-    }
-
-    /// Whether some FETCH was prefetched.
-    pub fn has_prefetch(&self) -> bool {
-        self.prefetch.is_some()
-    }
-
-    /// The UIDs of the streamed FETCH (current body and read-ahead) whose bodies are not
-    /// handed out yet, and those of a prefetched one.
-    pub fn in_flight(&self) -> impl Iterator<Item = u32> + '_ {
-        let body = self.body.iter().flat_map(|b| b.others.iter().copied());
-        let pre = self
-            .prefetch
-            .iter()
-            .flat_map(|p| std::iter::once(p.uid).chain(p.others.iter().copied()));
-        body.chain(pre)
-    }
-
-    /// Reads and discards the response to a prefetched FETCH that the client did not ask for,
-    /// before any other command: every body must be one of its UIDs and at most `DRAIN_MAX`
-    /// bytes, every read has the I/O deadline; anything else ends the connection.
-    pub(super) async fn drain_prefetch(&mut self) -> Result<(), ImapError> {
-        let Some(p) = self.prefetch.take() else {
-            return Ok(());
-        };
-        let r = self.drain_inner(&p).await;
-        if let Err(e) = &r {
-            self.engine.broken = true;
-            metrics()
-                .upstream_errors
-                .with_label_values(&[e.kind()])
-                .inc();
-        }
-        r
-    }
-
-    async fn drain_inner(&mut self, p: &Prefetch) -> Result<(), ImapError> {
-        loop {
-            let (len, mut info) = match self.next_fetch_body(&p.tag).await? {
-                Step::Done(_) => {
-                    tracing::debug!(uid = p.uid, "prefetched FETCH drained");
-                    self.engine.reader.shrink_idle();
-                    return Ok(());
-                }
-                // Nothing to skip: a NIL (gone) or quoted body is already read; but it too must
-                // be one the prefetch asked for.
-                Step::Inline { info, .. } => {
-                    if info
-                        .uid
-                        .is_some_and(|u| u != p.uid && !p.others.contains(&u))
-                    {
-                        return Err(self.engine.fail(ImapError::Malformed));
-                    }
-                    continue;
-                }
-                Step::Body { len, info } => (len, info),
-            };
-            let ours = info
-                .uid
-                .is_some_and(|u| u == p.uid || p.others.contains(&u));
-            if info.uid.is_none() {
-                self.learn_fetch_order(false);
-            }
-            if !ours || u64::from(len) > DRAIN_MAX {
-                return Err(self.engine.fail(ImapError::Malformed));
-            }
-            self.engine.skip(u64::from(len)).await?;
-            self.finish_items(&mut info).await?;
-        }
-    }
-
     /// The next step of the response to our FETCH `tag`: its completion, a FETCH response
     /// whose body literal of `len` octets starts next in the buffer, or one whose body came
     /// inline (quoted, or NIL). Other untagged responses (EXISTS, EXPUNGE, VANISHED, `* OK`;
     /// their literals skipped) and FETCH responses without a body (flag updates) are passed
     /// over.
-    async fn next_fetch_body(&mut self, tag: &str) -> Result<Step, ImapError> {
+    pub(super) async fn next_fetch_body(&mut self, tag: &str) -> Result<Step, ImapError> {
         loop {
             let line = self.engine.read_line().await?;
+            // The completion of a FETCH sent after this one: the server ran them at once.
+            if self.early_completion(fetch_parse::trim_eol(&line))? {
+                continue;
+            }
             let classified = fetch_parse::classify(&line, tag.as_bytes());
             let items_at = match classified.map_err(|e| self.engine.fail(e.into()))? {
                 Line::Done { kind, text } => return Ok(Step::Done(completion(kind, text))),
@@ -398,9 +305,15 @@ impl ImapConnection {
             };
             let mut info = FetchInfo::default();
             let items = &fetch_parse::trim_eol(&line)[items_at..];
-            match fetch_parse::parse_items(items, &mut info)
-                .map_err(|e| self.engine.fail(e.into()))?
-            {
+            let parsed = fetch_parse::parse_items(items, &mut info)
+                .map_err(|e| self.engine.fail(e.into()))?;
+            // A whole FETCH response of a FETCH sent after this one (its UID comes first):
+            // kept for that command, which reads it from the stash when its turn comes.
+            if let Some(u) = info.uid.filter(|&u| self.queued_body(u)) {
+                self.stash_early(u, parsed, info).await?;
+                continue;
+            }
+            match parsed {
                 Items::Body(len) => return Ok(Step::Body { len, info }),
                 Items::End => match info.body.take() {
                     None => continue,
@@ -419,9 +332,44 @@ impl ImapConnection {
         }
     }
 
+    /// Reads the body of `uid` of a pending FETCH (see [`super::prefetch`]) whose response
+    /// arrived early into the stash: a literal (bounded), a quoted string, or NIL.
+    async fn stash_early(
+        &mut self,
+        uid: u32,
+        parsed: Items,
+        mut info: FetchInfo,
+    ) -> Result<(), ImapError> {
+        if info.origin != 0 {
+            return Err(self.engine.fail(ImapError::Malformed));
+        }
+        let data = match parsed {
+            Items::Body(len) => {
+                if !self.stash_room(u64::from(len)) {
+                    return Err(self.engine.fail(ImapError::Malformed));
+                }
+                let data = self.engine.take_exact(len as usize).await?;
+                self.finish_items(&mut info).await?;
+                if info.uid != Some(uid) {
+                    return Err(self.engine.fail(ImapError::Malformed));
+                }
+                Some(data)
+            }
+            Items::End => match info.body.take() {
+                // A flag update of it: nothing to keep.
+                None => return Ok(()),
+                Some(BodyValue::Nil) => None,
+                Some(BodyValue::Quoted(q)) => Some(Bytes::from(q)),
+                Some(BodyValue::Literal(_)) => return Err(self.engine.fail(ImapError::Malformed)),
+            },
+        };
+        tracing::debug!(uid, "a body of a FETCH sent ahead came early");
+        self.stash_put(uid, data)
+    }
+
     /// Reads the rest of a FETCH response's item list after a body literal into `info`; it
     /// must hold no further literal.
-    async fn finish_items(&mut self, info: &mut FetchInfo) -> Result<(), ImapError> {
+    pub(super) async fn finish_items(&mut self, info: &mut FetchInfo) -> Result<(), ImapError> {
         let line = self.engine.read_line().await?;
         match fetch_parse::parse_items(fetch_parse::trim_eol(&line), info) {
             Ok(Items::End) => Ok(()),
@@ -563,6 +511,7 @@ impl ImapConnection {
             mut info,
             started,
             items_pending,
+            done: early,
             ..
         } = stream;
         // The rest of the FETCH item list.
@@ -572,8 +521,13 @@ impl ImapConnection {
         if info.uid != Some(uid) {
             return Err(self.engine.fail(ImapError::Malformed));
         }
-        let Step::Done(done) = self.fetch_lines(&tag, None, &others).await? else {
-            return Err(self.engine.fail(ImapError::Malformed));
+        let done = match early {
+            // Completed before its turn (its bodies came early): nothing left to read.
+            Some(done) => done,
+            None => match self.fetch_lines(&tag, None, &others).await? {
+                Step::Done(done) => done,
+                _ => return Err(self.engine.fail(ImapError::Malformed)),
+            },
         };
         metrics()
             .upstream_command_duration
@@ -608,7 +562,7 @@ impl ImapConnection {
         self.fetch_order = Some(order);
     }
 
-    fn learn_fetch_order(&mut self, uid_first: bool) {
+    pub(super) fn learn_fetch_order(&mut self, uid_first: bool) {
         self.uid_before_body = uid_first;
         self.fetch_order_known = true;
         if let Some(order) = &self.fetch_order {
@@ -671,7 +625,7 @@ impl ImapConnection {
     }
 }
 
-fn completion(kind: fetch_parse::Completion, text: &[u8]) -> Completion {
+pub(super) fn completion(kind: fetch_parse::Completion, text: &[u8]) -> Completion {
     Completion {
         kind: match kind {
             fetch_parse::Completion::Ok => StatusKind::Ok,
@@ -707,21 +661,31 @@ mod tests {
         let (r, mut w) = tokio::io::split(io);
         let mut r = BufReader::new(r);
         w.write_all(b"* OK ready\r\n").await.unwrap();
+        let mut tags: Vec<Vec<u8>> = Vec::new();
         for (expect, reply) in steps {
             let mut line = String::new();
             if r.read_line(&mut line).await.unwrap() == 0 {
                 return;
             }
             assert!(line.contains(expect), "{line:?} lacks {expect:?}");
-            let tag = line.split(' ').next().unwrap().as_bytes().to_vec();
-            let mut out = Vec::new();
-            let mut rest = &reply[..];
-            while let Some(i) = rest.windows(5).position(|w| w == b"{tag}") {
-                out.extend_from_slice(&rest[..i]);
-                out.extend_from_slice(&tag);
-                rest = &rest[i + 5..];
+            tags.push(line.split(' ').next().unwrap().as_bytes().to_vec());
+            // `{tag}` is this command's tag, `{tag-1}` and `{tag-2}` those of the commands
+            // before it (a server answering pipelined commands out of order).
+            let mut out = reply;
+            for (back, name) in [(0, &b"{tag}"[..]), (1, b"{tag-1}"), (2, b"{tag-2}")] {
+                let Some(tag) = tags.len().checked_sub(back + 1).map(|i| tags[i].clone()) else {
+                    continue;
+                };
+                let mut replaced = Vec::new();
+                let mut rest = &out[..];
+                while let Some(i) = rest.windows(name.len()).position(|w| w == name) {
+                    replaced.extend_from_slice(&rest[..i]);
+                    replaced.extend_from_slice(&tag);
+                    rest = &rest[i + name.len()..];
+                }
+                replaced.extend_from_slice(rest);
+                out = replaced;
             }
-            out.extend_from_slice(rest);
             for piece in out.chunks(split.max(1)) {
                 w.write_all(piece).await.unwrap();
             }
@@ -1317,8 +1281,8 @@ mod tests {
         assert_eq!(read_all(&mut conn).await.unwrap(), body(30_000));
         conn.prefetch(8, &[9]).await.unwrap();
         assert!(conn.prefetched(8) && !conn.prefetched(9));
-        // Only one at a time.
-        assert!(conn.prefetch(10, &[]).await.is_err());
+        // Never a UID already on its way.
+        assert!(conn.prefetch(10, &[9]).await.is_err());
         conn
     }
 
@@ -1459,5 +1423,65 @@ mod tests {
             conn.execute(CommandBody::Noop, |_| {}).await,
             Err(ImapError::Broken)
         ));
+    }
+
+    /// Dovecot runs pipelined UID FETCHes at once: once its output blocks between two
+    /// messages of one, it starts the next, so the responses of FETCHes sent ahead (and
+    /// their completions) arrive in the middle of the earlier one's. Each is kept for its
+    /// command, and every body reaches the right RETR, at every split of the stream.
+    #[tokio::test]
+    async fn interleaved_responses_of_pending_fetches_reach_their_own_commands() {
+        let order = Arc::new(FetchOrder::default());
+        order.set(true);
+        let (b7, b8, b9, b11) = (body(30_000), body(700), body(5), body(90));
+        let a = fetch_reply("* 1 FETCH (UID 7 BODY[] ", &b7, ")\r\n");
+        let mut b = fetch_reply("* 3 FETCH (UID 9 BODY[] ", &b9, " FLAGS ())\r\n");
+        b.extend(fetch_reply("* 2 FETCH (UID 8 BODY[] ", &b8, ")\r\n"));
+        let mut c = fetch_reply("* 5 FETCH (UID 11 BODY[] ", &b11, ")\r\n");
+        c.extend_from_slice(b"{tag-1} OK b\r\n* 4 FETCH (UID 10 BODY[] NIL)\r\n");
+        c.extend_from_slice(b"* 9 EXISTS\r\n{tag} OK c\r\n{tag-2} OK a\r\n");
+        for split in [1, 3, 64, 4096, 1 << 20] {
+            let steps = vec![
+                ("UID FETCH 7,8 (", a.clone()),
+                ("UID FETCH 9 (", b.clone()),
+                ("UID FETCH 10,11 (", c.clone()),
+                ("NOOP", b"{tag} OK noop\r\n".to_vec()),
+            ];
+            // Read in turn: each RETR gets its own body, the gone one none.
+            let mut conn = connect(steps.clone(), split, LIMITS).await;
+            conn.share_fetch_order(order.clone());
+            conn.body_start(7, &[8]).await.unwrap();
+            assert_eq!(read_all(&mut conn).await.unwrap(), b7);
+            conn.prefetch(9, &[]).await.unwrap();
+            // A UID on its way already is never asked for twice.
+            assert!(conn.prefetch(8, &[]).await.is_err());
+            assert!(conn.prefetch(12, &[9]).await.is_err());
+            conn.prefetch(10, &[11]).await.unwrap();
+            conn.settle().await.unwrap();
+            assert_eq!(conn.take_ahead(), vec![(8, Bytes::from(b8.clone()))]);
+            assert!(conn.prefetched(9));
+            assert!(matches!(
+                conn.body_start(9, &[]).await.unwrap(),
+                BodyStart::Streaming
+            ));
+            assert_eq!(read_all(&mut conn).await.unwrap(), b9, "split {split}");
+            conn.settle().await.unwrap();
+            match conn.body_start(10, &[]).await.unwrap() {
+                BodyStart::NoBody(done) => assert_eq!(done.text, "c"),
+                BodyStart::Streaming => panic!("a body for a message that went away"),
+            }
+            assert_eq!(conn.take_ahead(), vec![(11, Bytes::from(b11.clone()))]);
+            assert!(!conn.has_prefetch());
+            in_step(&mut conn).await;
+            // Drained instead: the next command finds the connection in step.
+            let mut conn = connect(steps, split, LIMITS).await;
+            conn.share_fetch_order(order.clone());
+            conn.body_start(7, &[8]).await.unwrap();
+            assert_eq!(read_all(&mut conn).await.unwrap(), b7);
+            conn.prefetch(9, &[]).await.unwrap();
+            conn.prefetch(10, &[11]).await.unwrap();
+            in_step(&mut conn).await;
+            assert!(!conn.has_prefetch());
+        }
     }
 }
