@@ -198,18 +198,23 @@ fn long_header_message(header_len: usize, tag: usize) -> Vec<u8> {
     m
 }
 
-/// TOP of messages whose header is longer than TOP's first piece (any of its sizes: the
+/// TOP of messages whose header is longer than TOP's first piece (either of its sizes: the
 /// header's end, the blank line, falls just before, on and just after 4, 8 and 16 KiB, and far
 /// beyond): the rest comes from a second FETCH, byte for byte what Dovecot's POP3 sends, for
-/// single TOPs and for a client previewing every message in turn (first pieces read ahead).
+/// single TOPs and for a client previewing every message in turn (first pieces read ahead,
+/// 8 KiB long, then 16 KiB once a header was longer).
 #[test]
 fn top_of_headers_longer_than_the_first_piece_matches_dovecot() {
     let dc = Dovecot::start();
     dc.add_user("hdr", "hdrpw");
-    let mut lens = vec![1_000, 40_000, 70_000];
+    // In this order, the previews run first with the short first piece (8 KiB: the headers
+    // ending around 4 KiB and up to 8 KiB fit it), then, from the first header longer than
+    // that, with the long one (16 KiB).
+    let mut lens = vec![1_000];
     for k in [4096, 8192, 16384] {
         lens.extend([k - 3, k - 2, k - 1, k, k + 1, k + 2, k + 300]);
     }
+    lens.extend([40_000, 70_000]);
     let msgs: Vec<Vec<u8>> = lens
         .iter()
         .enumerate()
