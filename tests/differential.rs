@@ -170,3 +170,95 @@ fn curl_reads_the_same_message_as_from_dovecot() {
     assert!(!uidl_b.stdout.is_empty());
     assert_eq!(uidl_d.stdout, uidl_b.stdout);
 }
+
+/// A message whose header ends exactly `header_len` octets in (blank line included), with a
+/// short body. Header lines are `Received:`-like lines of at most 100 octets, one folded.
+fn long_header_message(header_len: usize, tag: usize) -> Vec<u8> {
+    let mut m =
+        format!("From: h{tag}@example.test\r\nSubject: long header {header_len}\r\n").into_bytes();
+    m.extend_from_slice(b"X-Folded: a folded header line\r\n\tcontinued here\r\n");
+    let mut i = 0;
+    // Room for this line (at most 102 octets), the last one (at least 16) and the blank line.
+    while m.len() + 102 + 18 <= header_len {
+        let line = format!("Received: from relay{i}.example.test by mx.example.test; {i:0>60}\r\n");
+        let line = &line[..line.len().min(100)];
+        m.extend_from_slice(line.as_bytes());
+        if !line.ends_with("\r\n") {
+            m.extend_from_slice(b"\r\n");
+        }
+        i += 1;
+    }
+    let pad = header_len - 2 - m.len();
+    assert!(pad >= 16, "header_len {header_len} too small");
+    m.extend_from_slice(b"X-Pad: ");
+    m.extend(std::iter::repeat_n(b'p', pad - 9));
+    m.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(m.len(), header_len);
+    m.extend_from_slice(b"first body line\r\nsecond body line\r\n.dot line\r\nlast\r\n");
+    m
+}
+
+/// TOP of messages whose header is longer than TOP's first piece (either of its sizes: the
+/// header's end, the blank line, falls just before, on and just after 4, 8 and 16 KiB, and far
+/// beyond): the rest comes from a second FETCH, byte for byte what Dovecot's POP3 sends, for
+/// single TOPs and for a client previewing every message in turn (first pieces read ahead,
+/// 8 KiB long, then 16 KiB once a header was longer).
+#[test]
+fn top_of_headers_longer_than_the_first_piece_matches_dovecot() {
+    let dc = Dovecot::start();
+    dc.add_user("hdr", "hdrpw");
+    // In this order, the previews run first with the short first piece (8 KiB: the headers
+    // ending around 4 KiB and up to 8 KiB fit it), then, from the first header longer than
+    // that, with the long one (16 KiB).
+    let mut lens = vec![1_000];
+    for k in [4096, 8192, 16384] {
+        lens.extend([k - 3, k - 2, k - 1, k, k + 1, k + 2, k + 300]);
+    }
+    lens.extend([40_000, 70_000]);
+    let msgs: Vec<Vec<u8>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| long_header_message(l, i))
+        .collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    dc.seed("hdr", &refs);
+    let pb = Popbridge::start(&dc, "[pop3]\nmark_seen = false");
+
+    let n = msgs.len();
+    let mut steps: Vec<String> = vec!["user hdr".into(), "pass hdrpw".into()];
+    // A previewing client: TOP n 0 of every message in order.
+    steps.extend((1..=n).map(|i| format!("top {i} 0")));
+    // Then single TOPs with lines, and RETR.
+    for i in 1..=n {
+        steps.extend([format!("top {i} 2"), format!("retr {i}")]);
+    }
+    steps.push("quit".into());
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let mut opts = PopOpts::plain(dc.pop3_port());
+    opts.no_lines = true;
+    let reference = poplib_with(&opts, &steps);
+    reference.assert_all_ok();
+    opts.port = pb.pop3_port();
+    let bridged = poplib_with(&opts, &steps);
+    bridged.assert_all_ok();
+    assert_eq!(reference.steps.len(), bridged.steps.len());
+    for (d, b) in reference.steps.iter().zip(&bridged.steps) {
+        assert_eq!(d.step, b.step);
+        if d.step.starts_with("top") || d.step.starts_with("retr") {
+            let i: usize = d.step.split(' ').nth(1).unwrap().parse().unwrap();
+            assert!(
+                data(d) == data(b),
+                "step {:?} (header of {} octets): data differs (dovecot {} bytes, popbridge {} bytes)",
+                d.step,
+                lens[i - 1],
+                data(d).len(),
+                data(b).len()
+            );
+        }
+    }
+    // Each TOP n 0 is the whole header and the blank line, dot-terminated.
+    for (i, &l) in lens.iter().enumerate() {
+        let top = bridged.step(&format!("top {} 0", i + 1));
+        assert_eq!(data(top).len(), l + 3, "top {} 0", i + 1);
+    }
+}

@@ -153,8 +153,9 @@ fn messages_read_ahead_or_prefetched_then_expunged<S: MailServer>(dc: S) {
     assert!(c.cmd("QUIT").starts_with("+OK"));
 }
 
-/// A message of about 20 KB: longer than TOP's 16 KiB first piece, so a header preview of it
-/// comes from a window of pieces, not from a message read ahead whole.
+/// A message of about 20 KB: longer than TOP's first piece (8 KiB, or 16 KiB after a long
+/// header), so a header preview of it comes from a window of pieces, not from a message read
+/// ahead whole.
 fn preview_message(i: usize) -> Vec<u8> {
     let mut m = format!("Subject: preview {i}\r\nX-Model-Id: p{i}\r\n\r\n").into_bytes();
     for l in 0..700 {
@@ -167,11 +168,12 @@ fn preview_message(i: usize) -> Vec<u8> {
 }
 
 fn previews_from_a_window_asked_for_ahead_then_expunged<S: MailServer>(dc: S) {
-    // TOP n 0 on every message: the pieces come 64 to a FETCH (1 MiB on loopback), and once
-    // the client used a window's pieces, the next window's FETCH is sent while it reads this
-    // one. After TOP 66 (the second window, 66-130), the FETCH of 131-194 is on its way;
-    // then another client expunges 131 and 140 (in it) and 200 (in the one after).
-    let n = 220;
+    // TOP n 0 on every message: the 8 KiB pieces come 128 to a FETCH (1 MiB on loopback, and
+    // at most 128), and once the client used a window's pieces, the next window's FETCH is
+    // sent while it reads this one. After TOP 130 (the second window, 130-258), the FETCH of
+    // 259-386 is on its way; then another client expunges 259 and 270 (in it) and 390 (in
+    // the one after).
+    let n = 420;
     dc.add_user("e", "epw");
     let msgs: Vec<Vec<u8>> = (1..=n).map(preview_message).collect();
     let refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
@@ -184,24 +186,24 @@ fn previews_from_a_window_asked_for_ahead_then_expunged<S: MailServer>(dc: S) {
     c.login("e", "epw");
     assert!(c.cmd("STAT").starts_with(&format!("+OK {n} ")));
     let top = |i: usize| expected_top(&preview_message(i), 0);
-    for i in 1..=70 {
+    for i in 1..=135 {
         assert!(exact_or_err(&mut c, &format!("TOP {i} 0"), i, &top(i)));
     }
-    expunge(&dc, "131,140,200");
+    expunge(&dc, "259,270,390");
     std::thread::sleep(Duration::from_millis(200));
-    let gone = [131, 140, 200];
+    let gone = [259, 270, 390];
     let mut served = 0;
-    for i in 71..=n {
+    for i in 136..=n {
         let ok = exact_or_err(&mut c, &format!("TOP {i} 0"), i, &top(i));
         assert!(ok || gone.contains(&i), "message {i} was never touched");
         served += (ok && gone.contains(&i)) as u32;
     }
     // Other commands after a window asked for ahead: a RETR (drains it first), TOP again.
-    for i in [205, 131, 3] {
+    for i in [395, 259, 3] {
         let ok = exact_or_err(&mut c, &format!("RETR {i}"), i, &preview_message(i));
         assert!(ok || gone.contains(&i), "message {i} was never touched");
     }
-    assert!(exact_or_err(&mut c, "TOP 210 0", 210, &top(210)));
+    assert!(exact_or_err(&mut c, "TOP 410 0", 410, &top(410)));
     assert!(exact_or_err(
         &mut c,
         "TOP 5 2",
@@ -217,7 +219,7 @@ fn previews_from_a_window_asked_for_ahead_then_expunged<S: MailServer>(dc: S) {
         "previews from a window asked for ahead ({}): {served} of 3 expunged served the listed bytes, the rest -ERR",
         std::any::type_name::<S>().rsplit("::").next().unwrap_or("?")
     ));
-    // Windows 3 (131-194) and 4 (from 195) were read from FETCHes sent ahead.
+    // Windows 3 (259-386) and 4 (from 387) were read from FETCHes sent ahead.
     let ahead = pb.log_count("first pieces read from a FETCH sent ahead");
     assert!(
         ahead >= 2,
@@ -230,7 +232,7 @@ fn previews_from_a_window_asked_for_ahead_then_expunged<S: MailServer>(dc: S) {
         next.step("stat")
             .resp
             .starts_with(&format!("+OK {} ", n - 3)),
-        "131, 140 and 200 are gone"
+        "259, 270 and 390 are gone"
     );
 }
 

@@ -133,6 +133,9 @@ impl Default for ClientPolicy {
 pub(super) struct Conn<'a, IO, U: Upstream> {
     /// Octets asked of the upstream per piece: the session's backend's.
     pub(super) fetch_chunk: u32,
+    /// The header part of a TOP's first piece (see `retrieve::top_first_piece`): short until
+    /// a header in this session turned out longer.
+    pub(super) top_header: u32,
     pub(super) io: ClientStream<IO>,
     pub(super) tls: &'a ClientPolicy,
     pub(super) out: Vec<u8>,
@@ -206,6 +209,7 @@ where
         limits,
         session: Session::new(Arc::clone(cfg)).with_security(security),
         fetch_chunk: limits.fetch_chunk,
+        top_header: super::retrieve::TOP_HEADER_SHORT,
         user: None,
         maildrop: None,
         reply_ok: None,

@@ -209,6 +209,10 @@ pub struct Engine {
     /// The response to an error challenge after that (RFC 7628), and the challenge received.
     sasl_after_error: Option<Vec<u8>>,
     sasl_challenge: Option<Vec<u8>>,
+    /// Command bytes imap-next produced and not yet written: everything pipelined goes out
+    /// in one write when imap-next next needs the server's answer (one segment, one system
+    /// call, one wake-up of the server, instead of one per command).
+    out: Vec<u8>,
 }
 
 impl Engine {
@@ -252,6 +256,7 @@ impl Engine {
             sasl_continuation: None,
             sasl_after_error: None,
             sasl_challenge: None,
+            out: Vec::new(),
         };
         if !greeting_done {
             match conn.next_event().await? {
@@ -414,6 +419,9 @@ impl Engine {
             }
             pending[index].3 = Some(completion);
         }
+        // Every completion came after its command was written, so nothing is left; should
+        // imap-next ever produce output it does not wait on, it goes out now.
+        self.write_out().await?;
         self.reader.shrink_idle();
         Ok(pending.into_iter().filter_map(|p| p.3).collect())
     }
@@ -497,20 +505,9 @@ impl Engine {
         loop {
             match self.client.next() {
                 Ok(event) => return Ok(event),
-                Err(Interrupt::Io(Io::Output(bytes))) => {
-                    let t = self.limits.io_timeout;
-                    let written = tokio::time::timeout(t, async {
-                        self.io.write_all(&bytes).await?;
-                        self.io.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(self.fail(e.into())),
-                        Err(_) => return Err(self.fail(ImapError::Timeout(t))),
-                    }
-                }
+                Err(Interrupt::Io(Io::Output(bytes))) => self.out.extend_from_slice(&bytes),
                 Err(Interrupt::Io(Io::NeedMoreInput)) => {
+                    self.write_out().await?;
                     let fragment = self.next_fragment().await?;
                     self.client.enqueue_input(&fragment);
                 }
@@ -519,6 +516,25 @@ impl Engine {
                     return Err(self.fail(ImapError::Malformed));
                 }
             }
+        }
+    }
+
+    /// Writes the command bytes gathered in `out` (see there), with the I/O deadline.
+    async fn write_out(&mut self) -> Result<(), ImapError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let t = self.limits.io_timeout;
+        let written = tokio::time::timeout(t, async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        })
+        .await;
+        self.out.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.fail(e.into())),
+            Err(_) => Err(self.fail(ImapError::Timeout(t))),
         }
     }
 }
@@ -613,5 +629,102 @@ fn check_greeting(greeting: &Greeting<'_>) -> Result<(), ImapError> {
             "server greeted with PREAUTH; popbridge needs to log in as the POP3 user".into(),
         )),
         GreetingKind::Bye => Err(ImapError::Bye(greeting.text.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader, ReadBuf};
+
+    /// A stream that counts the writes made to it.
+    struct Counted {
+        inner: tokio::io::DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Pipelined commands go to the server in one write (one segment, one wake-up of the
+    /// server), and each still gets its own completion.
+    #[tokio::test]
+    async fn pipelined_commands_go_out_in_one_write() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut tags = Vec::new();
+            for _ in 0..3 {
+                let mut l = String::new();
+                r.read_line(&mut l).await.unwrap();
+                tags.push(l.split(' ').next().unwrap().to_owned());
+            }
+            let mut reply = String::from("* 2 EXISTS\r\n");
+            for t in &tags {
+                reply.push_str(&format!("{t} OK done\r\n"));
+            }
+            w.write_all(reply.as_bytes()).await.unwrap();
+        });
+        let limits = ConnLimits {
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(5),
+            max_response_size: 1 << 20,
+        };
+        let io = Counted {
+            inner: a,
+            writes: Arc::clone(&writes),
+        };
+        let mut engine = Engine::over(Box::new(io), limits, false).await.unwrap();
+        let mut untagged = 0;
+        let done = engine
+            .execute_all(
+                vec![CommandBody::Noop, CommandBody::Check, CommandBody::Noop],
+                |_| untagged += 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.len(), 3);
+        assert!(done.iter().all(Completion::is_ok), "{done:?}");
+        assert_eq!(untagged, 1);
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            1,
+            "one write for three commands"
+        );
+        server.await.unwrap();
     }
 }
