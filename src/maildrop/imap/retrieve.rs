@@ -541,15 +541,18 @@ impl ImapMaildrop {
                 return;
             };
             let (next, size) = self.ahead_hint[at];
-            if size > PREFETCH_MAX_MESSAGE || (queued > 0 && unread + size > total) {
+            // Behind another pending FETCH only what fits in two windows.
+            let room = total.saturating_sub(unread);
+            if size > PREFETCH_MAX_MESSAGE || (queued > 0 && size > room) {
                 return;
             }
             let mut budget = if queued > 0 {
-                window.min(total - unread - size)
+                window.min(room - size)
             } else {
                 window
             };
             let mut others = Vec::new();
+            let mut octets = size;
             for &(u, size) in &self.ahead_hint[at + 1..] {
                 if coming.contains(&u) || size > STREAM_AHEAD_MAX_MESSAGE || size >= u64::from(max)
                 {
@@ -559,7 +562,15 @@ impl ImapMaildrop {
                     break;
                 };
                 budget = left;
+                octets += size;
                 others.push(u);
+            }
+            // ... and a window of small messages behind it only if it is at least half a
+            // window (the hint shows a few more messages each time one is handed out: a few
+            // big FETCHes, not a small one per message). The last ones of the mailbox come
+            // once nothing else is pending.
+            if queued > 0 && size <= STREAM_AHEAD_MAX_MESSAGE && octets < window / 2 {
+                return;
             }
             let Some(conn) = self.conn.as_mut() else {
                 return;
