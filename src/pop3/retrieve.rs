@@ -123,8 +123,8 @@ where
 
 /// The header part of a TOP's first piece at the start of a session: most headers are a few
 /// KiB, and a server reads (and sends) the whole piece of every message previewed, so a
-/// shorter piece is less work on both sides (issue 17: popbridge's CPU in the previews
-/// benchmark 17 % lower than with 16 KiB).
+/// shorter piece is less work on both sides (issue 17: in the previews benchmark popbridge's
+/// CPU a quarter lower than with 16 KiB, Dovecot's a tenth; see docs/performance.md).
 pub(super) const TOP_HEADER_SHORT: u32 = 8 * 1024;
 /// ... and once a TOP of the session needed more than its first piece (a second FETCH for the
 /// rest of its header, a round trip on a distant server), the longer piece from then on.
