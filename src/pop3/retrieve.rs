@@ -59,10 +59,11 @@ where
             let Some((md, _)) = self.maildrop.as_mut() else {
                 return Flow::End(SessionOutcome::UpstreamError);
             };
-            if top && parts == 1 {
+            if top && parts == 1 && self.top_header < TOP_HEADER_LONG {
                 // This header (or the lines asked for) did not fit: the client's mail has
                 // long headers, so the pieces of the next windows are the long ones.
                 self.top_header = TOP_HEADER_LONG;
+                debug!(uid, "TOP's first piece is the long one from now on");
             }
             part = match read_part(md, uid, size, top_lines, top_header, offset, chunk).await {
                 Ok(d) => d,
