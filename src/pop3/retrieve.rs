@@ -4,7 +4,9 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use super::connection::{Conn, Flow, SessionOutcome, FLUSH_AT, READ_AHEAD_MESSAGES};
+use super::connection::{
+    Conn, Flow, SessionOutcome, FLUSH_AT, READ_AHEAD_MESSAGES, TOP_HEADER_LONG,
+};
 use super::response::DotStuffer;
 use super::routed::Upstream;
 use crate::maildrop::{BodyPart, Maildrop, MaildropError};
@@ -122,16 +124,8 @@ where
     }
 }
 
-/// The header part of a TOP's first piece at the start of a session: most headers are a few
-/// KiB, and a server reads (and sends) the whole piece of every message previewed, so a
-/// shorter piece is less work on both sides (issue 17: in the previews benchmark popbridge's
-/// CPU a quarter lower than with 16 KiB, Dovecot's a tenth; see docs/performance.md).
-pub(super) const TOP_HEADER_SHORT: u32 = 8 * 1024;
-/// ... and once a TOP of the session needed more than its first piece (a second FETCH for the
-/// rest of its header, a round trip on a distant server), the longer piece from then on.
-pub(super) const TOP_HEADER_LONG: u32 = 16 * 1024;
-
-/// A TOP's first piece: `header` octets for the header plus 256 octets per line asked for.
+/// A TOP's first piece: `header` octets for the header (see [`super::connection::TOP_HEADER_SHORT`])
+/// plus 256 octets per line asked for.
 fn top_first_piece(top_lines: Option<u32>, header: u32) -> u32 {
     const PER_LINE: u32 = 256;
     header.saturating_add(top_lines.unwrap_or(0).saturating_mul(PER_LINE))
