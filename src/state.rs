@@ -107,12 +107,23 @@ impl StateStore {
 
     /// Record that `maildrop` was served with `uid_validity`; warn and return true
     /// when it changed since the last session. A failure to write is logged and otherwise
-    /// ignored: the cache must never block mail.
+    /// ignored: the cache must never block mail. The time last seen is kept to within
+    /// [`LAST_SEEN_STEP_SECS`]: a session that finds the same UIDVALIDITY recorded more
+    /// recently than that writes nothing (a poll then writes nothing to sled at all).
     pub fn observe_mailbox(&self, maildrop: &MaildropKey, uid_validity: u32) -> bool {
         let key = entry(MBOX, maildrop);
+        let now = unix_now();
+        if let Ok(Some(old)) = self.db.get(&key) {
+            if decode(&old).is_some_and(|old| {
+                old.uid_validity == uid_validity
+                    && now.saturating_sub(old.last_seen_unix) < LAST_SEEN_STEP_SECS
+            }) {
+                return false;
+            }
+        }
         let record = MailboxRecord {
             uid_validity,
-            last_seen_unix: unix_now(),
+            last_seen_unix: now,
         };
         match self.db.insert(&key, encode(record).as_slice()) {
             Ok(Some(old)) => {
@@ -349,6 +360,9 @@ impl StateStore {
     }
 }
 
+/// How old the recorded time a maildrop was last seen may get before a session rewrites it.
+pub const LAST_SEEN_STEP_SECS: u64 = 3600;
+
 /// Entry kinds, each followed by the maildrop's [`MaildropKey::state_id`]:
 /// the UIDVALIDITY last served and when ...
 const MBOX: &[u8] = b"v3/mbox/";
@@ -470,6 +484,43 @@ mod tests {
         assert!(!s.observe_mailbox(&k("alice", "INBOX"), 42), "unchanged");
         assert!(s.observe_mailbox(&k("alice", "INBOX"), 43), "changed");
         assert_eq!(s.mailbox(&k("alice", "INBOX")).unwrap().uid_validity, 43);
+    }
+
+    /// A session that finds the same UIDVALIDITY seen less than LAST_SEEN_STEP_SECS ago
+    /// writes nothing; an older record is brought up to date.
+    #[test]
+    fn last_seen_is_rewritten_only_when_a_step_old() {
+        let s = StateStore::temporary().unwrap();
+        let key = k("bob", "INBOX");
+        let plant = |ago: u64| {
+            let record = MailboxRecord {
+                uid_validity: 7,
+                last_seen_unix: unix_now() - ago,
+            };
+            s.db.insert(entry(MBOX, &key), encode(record).as_slice())
+                .unwrap();
+            record.last_seen_unix
+        };
+        let recent = plant(10);
+        assert!(!s.observe_mailbox(&key, 7));
+        assert_eq!(
+            s.mailbox(&key).unwrap().last_seen_unix,
+            recent,
+            "not rewritten"
+        );
+        let old = plant(LAST_SEEN_STEP_SECS + 5);
+        assert!(!s.observe_mailbox(&key, 7));
+        let now = s.mailbox(&key).unwrap().last_seen_unix;
+        assert!(
+            now >= old + LAST_SEEN_STEP_SECS,
+            "rewritten: {old} -> {now}"
+        );
+        plant(10);
+        assert!(
+            s.observe_mailbox(&key, 8),
+            "a new UIDVALIDITY is always seen"
+        );
+        assert_eq!(s.mailbox(&key).unwrap().uid_validity, 8);
     }
 
     #[test]

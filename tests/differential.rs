@@ -261,4 +261,11 @@ fn top_of_headers_longer_than_the_first_piece_matches_dovecot() {
         let top = bridged.step(&format!("top {} 0", i + 1));
         assert_eq!(data(top).len(), l + 3, "top {} 0", i + 1);
     }
+    // Both piece sizes were used: the session switched to the long one once.
+    assert_eq!(
+        pb.log_count("TOP's first piece is the long one from now on"),
+        1,
+        "{}",
+        pb.log_tail(20)
+    );
 }

@@ -84,15 +84,6 @@ const STOP_GOODBYE: Duration = Duration::from_millis(500);
 /// is bounded in bytes; this only caps the count, see ImapMaildrop::stream_budget).
 pub(super) const READ_AHEAD_MESSAGES: usize = 512;
 
-/// The header part of a TOP's first piece at the start of a session: most headers are a few
-/// KiB, and a server reads (and sends) the whole piece of every message previewed, so a
-/// shorter piece is less work on both sides (issue 17: popbridge's CPU in the previews
-/// benchmark 17 % lower than with 16 KiB).
-pub(super) const TOP_HEADER_SHORT: u32 = 8 * 1024;
-/// ... and once a TOP of the session needed more than its first piece (a second FETCH for the
-/// rest of its header, a round trip on a distant server), the longer piece from then on.
-pub(super) const TOP_HEADER_LONG: u32 = 16 * 1024;
-
 /// Flush the output buffer when it grows past this while streaming a body.
 pub(super) const FLUSH_AT: usize = 64 * 1024;
 
@@ -138,6 +129,15 @@ impl Default for ClientPolicy {
         }
     }
 }
+
+/// The header part of a TOP's first piece at the start of a session: most headers are a few
+/// KiB, and a server reads (and sends) the whole piece of every message previewed, so a
+/// shorter piece is less work on both sides (issue 17: in the previews benchmark popbridge's
+/// CPU a quarter lower than with 16 KiB, Dovecot's a tenth; see docs/performance.md).
+pub(super) const TOP_HEADER_SHORT: u32 = 8 * 1024;
+/// ... and once a TOP of the session needed more than its first piece (a second FETCH for the
+/// rest of its header, a round trip on a distant server), the longer piece from then on.
+pub(super) const TOP_HEADER_LONG: u32 = 16 * 1024;
 
 pub(super) struct Conn<'a, IO, U: Upstream> {
     /// Octets asked of the upstream per piece: the session's backend's.

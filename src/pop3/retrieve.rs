@@ -61,10 +61,11 @@ where
             let Some((md, _)) = self.maildrop.as_mut() else {
                 return Flow::End(SessionOutcome::UpstreamError);
             };
-            if top && parts == 1 {
+            if top && parts == 1 && self.top_header < TOP_HEADER_LONG {
                 // This header (or the lines asked for) did not fit: the client's mail has
                 // long headers, so the pieces of the next windows are the long ones.
                 self.top_header = TOP_HEADER_LONG;
+                debug!(uid, "TOP's first piece is the long one from now on");
             }
             part = match read_part(md, uid, size, top_lines, top_header, offset, chunk).await {
                 Ok(d) => d,
@@ -123,7 +124,8 @@ where
     }
 }
 
-/// A TOP's first piece: `header` octets for the header plus 256 octets per line asked for.
+/// A TOP's first piece: `header` octets for the header (see [`super::connection::TOP_HEADER_SHORT`])
+/// plus 256 octets per line asked for.
 fn top_first_piece(top_lines: Option<u32>, header: u32) -> u32 {
     const PER_LINE: u32 = 256;
     header.saturating_add(top_lines.unwrap_or(0).saturating_mul(PER_LINE))

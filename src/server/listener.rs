@@ -346,5 +346,8 @@ impl Drop for Active {
 /// The session id sent upstream with the client's address: the process, the listener and
 /// the session's number (as in popbridge's log lines: `id=N`), unique on this host.
 fn session_id(listener: &str, id: u64) -> String {
-    format!("popbridge-{}-{listener}-{id}", std::process::id())
+    // The process id once, not a system call per session.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
+    format!("popbridge-{pid}-{listener}-{id}")
 }
