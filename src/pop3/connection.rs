@@ -247,10 +247,12 @@ where
     if let Some((md, _lock)) = conn.maildrop.take() {
         // No commit: only QUIT commits, and it already closed the maildrop. A cut session's
         // upstream connection may be in the middle of a command: dropped, not logged out.
+        // Boxed, like login, RETR and QUIT: held only while it runs, not in every idle
+        // session's task (the close drains pending FETCHes, a deep future).
         if stopping && !cut {
-            let _ = tokio::time::timeout(STOP_GOODBYE, md.close()).await;
+            let _ = tokio::time::timeout(STOP_GOODBYE, Box::pin(md.close())).await;
         } else if !cut {
-            md.close().await;
+            Box::pin(md.close()).await;
         }
     }
     let SessionStats {
