@@ -190,23 +190,32 @@ fn a_password_typed_at_a_terminal_is_not_shown() {
     let pw = "Typed-At-A-Tty-42";
     // Python's pty gives popbridge a real terminal on stdin; it prints what the terminal shows.
     let script = r#"
-import os, pty, sys, time
+import os, pty, select, signal, sys, time
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(sys.argv[1], [sys.argv[1], "oauth", "hash-password"])
 out = b""
-deadline = time.time() + 20
-while b"not shown" not in out and time.time() < deadline:
-    out += os.read(fd, 4096)
-os.write(fd, sys.argv[2].encode() + b"\n")
-while time.time() < deadline:
+deadline = time.time() + 30
+def read():
+    # Bounded: never blocks past the deadline; None once the child closed the terminal.
+    global out
+    left = deadline - time.time()
+    if left <= 0 or not select.select([fd], [], [], left)[0]:
+        return None
     try:
         d = os.read(fd, 4096)
     except OSError:
-        break
-    if not d:
-        break
+        return None
     out += d
+    return d or None
+while b"not shown" not in out and read() is not None:
+    pass
+os.write(fd, sys.argv[2].encode() + b"\n")
+while read() is not None:
+    pass
+if time.time() >= deadline:
+    os.kill(pid, signal.SIGKILL)
+    out += b"\n[timed out]"
 os.waitpid(pid, 0)
 sys.stdout.write(out.decode())
 "#;

@@ -202,13 +202,14 @@ fn password(env: Option<&str>) -> Result<String, String> {
         return std::env::var(var).map_err(|_| format!("environment variable {var} is not set"));
     }
     let terminal = std::io::stdin().is_terminal();
-    if terminal {
-        eprint!("The password the user will give POP3 (not shown): ");
-    }
     let mut line = String::new();
     {
-        // Typed at a terminal, the password is not echoed (restored on every path out).
+        // Typed at a terminal, the password is not echoed (restored on every path out). Echo
+        // goes off before the prompt: turning it off discards what was typed ahead.
         let _quiet = terminal.then(EchoOff::new).flatten();
+        if terminal {
+            eprint!("The password the user will give POP3 (not shown): ");
+        }
         std::io::stdin()
             .lock()
             .read_line(&mut line)
