@@ -157,10 +157,16 @@ fn messages_read_ahead_or_prefetched_then_expunged<S: MailServer>(dc: S) {
 /// header), so a header preview of it comes from a window of pieces, not from a message read
 /// ahead whole.
 fn preview_message(i: usize) -> Vec<u8> {
-    let mut m = format!("Subject: preview {i}\r\nX-Model-Id: p{i}\r\n\r\n").into_bytes();
-    for l in 0..700 {
-        m.extend_from_slice(format!("line {l} of preview message {i}\r\n").as_bytes());
-        if l % 50 == 0 {
+    numbered_message("preview", 'p', i, 700, 50)
+}
+
+/// `Subject: <what> <i>`, `X-Model-Id: <id><i>`, then `lines` numbered lines with a
+/// dot-stuffing line every `dot_every` of them.
+fn numbered_message(what: &str, id: char, i: usize, lines: usize, dot_every: usize) -> Vec<u8> {
+    let mut m = format!("Subject: {what} {i}\r\nX-Model-Id: {id}{i}\r\n\r\n").into_bytes();
+    for l in 0..lines {
+        m.extend_from_slice(format!("line {l} of {what} message {i}\r\n").as_bytes());
+        if l % dot_every == 0 {
             m.extend_from_slice(b".dot line\r\n");
         }
     }
@@ -295,15 +301,8 @@ fn quit_commits_the_marks_that_still_exist_in_every_mode<S: MailServer>(dc: S) {
 /// Every third message too big for a read-ahead window (streamed, never held), the others
 /// small.
 fn distant_message(i: usize) -> Vec<u8> {
-    let mut m = format!("Subject: distant {i}\r\nX-Model-Id: d{i}\r\n\r\n").into_bytes();
     let lines = if i % 3 == 0 { 12_000 } else { 60 };
-    for l in 0..lines {
-        m.extend_from_slice(format!("line {l} of distant message {i}\r\n").as_bytes());
-        if l % 40 == 0 {
-            m.extend_from_slice(b".dot line\r\n");
-        }
-    }
-    m
+    numbered_message("distant", 'd', i, lines, 40)
 }
 
 fn pending_fetches_of_a_distant_server_then_expunged<S: MailServer>(dc: S) {
