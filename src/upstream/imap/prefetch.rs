@@ -81,11 +81,13 @@ impl ImapConnection {
             return Err(ImapError::Broken);
         }
         let refused = {
-            let taken = |u: &u32| {
-                self.in_flight().any(|f| f == *u)
-                    || self.body.as_ref().is_some_and(|b| b.uid == *u)
-                    || self.stash.contains_key(u)
-            };
+            // Every UID on its way, gathered once (up to a few hundred, checked for each of
+            // `others`).
+            let coming: std::collections::HashSet<u32> = self
+                .in_flight()
+                .chain(self.body.as_ref().map(|b| b.uid))
+                .collect();
+            let taken = |u: &u32| coming.contains(u) || self.stash.contains_key(u);
             self.prefetch.len() >= PREFETCH_QUEUE_MAX
                 || self.prefetch.iter().any(|p| p.heads.is_some())
                 || !self.uid_before_body
