@@ -287,6 +287,14 @@ pub trait Maildrop: Send {
     /// The messages (UID, size) the client will probably ask for after the one about to be
     /// fetched; a maildrop may fetch small ones ahead in the same round trip.
     fn read_ahead_hint(&mut self, _upcoming: &[(u32, u64)]) {}
+
+    /// How many listed octets of the following messages the hint should cover (beyond the
+    /// minimum count of messages the caller always gives): a maildrop
+    /// that reads ahead by the bandwidth-delay product of a distant server plans its FETCHes
+    /// further ahead than a few hundred small messages.
+    fn read_ahead_octets(&self) -> u64 {
+        0
+    }
 }
 
 /// A part of a message read by [`Maildrop::read_body`].

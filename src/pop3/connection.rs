@@ -80,9 +80,11 @@ async fn wait_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// to the client, LOGOUT upstream) before its connections are just dropped.
 const STOP_GOODBYE: Duration = Duration::from_millis(500);
 
-/// How many following messages the maildrop is told about before a RETR/TOP (its read-ahead
-/// is bounded in bytes; this only caps the count, see ImapMaildrop::stream_budget).
-pub(super) const READ_AHEAD_MESSAGES: usize = 512;
+/// How many following messages the maildrop is told about before a RETR/TOP: at least the
+/// first, more while their listed octets stay under what the maildrop asks for
+/// (`Maildrop::read_ahead_octets`), at most the second (its read-ahead is bounded in bytes;
+/// this only caps the count and the hint's size, 64 KiB, see ImapMaildrop::stream_budget).
+pub(super) const READ_AHEAD_MESSAGES: (usize, usize) = (512, 4096);
 
 /// Flush the output buffer when it grows past this while streaming a body.
 pub(super) const FLUSH_AT: usize = 64 * 1024;

@@ -30,7 +30,8 @@ where
         let Some((md, _)) = self.maildrop.as_mut() else {
             return self.retrieve_failed(msg, uid, MaildropError::unavailable("no maildrop"));
         };
-        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES));
+        let octets = md.read_ahead_octets();
+        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES, octets));
         let top_header = self.top_header;
         let mut part = match read_part(md, uid, size, top_lines, top_header, 0, chunk).await {
             Ok(d) => d,

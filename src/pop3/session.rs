@@ -554,20 +554,29 @@ impl Session {
         }
     }
 
-    /// The messages after `msg` that are not marked deleted, as (UID, size), at most `max`:
-    /// what a one-command-at-a-time client is likely to ask for next (read-ahead hints).
-    pub fn upcoming(&self, msg: u32, max: usize) -> Vec<(u32, u64)> {
+    /// The messages after `msg` that are not marked deleted, as (UID, size): what a
+    /// one-command-at-a-time client is likely to ask for next (read-ahead hints). At least
+    /// `count.0` of them (when there are), more while their sizes add up to less than
+    /// `octets`, never more than `count.1`.
+    pub fn upcoming(&self, msg: u32, count: (usize, usize), octets: u64) -> Vec<(u32, u64)> {
         let State::Transaction { snapshot, deleted } = &self.state else {
             return Vec::new();
         };
         // Sliced, not skipped: this runs before every RETR of a 100,000-message download.
         let from = (msg as usize).min(snapshot.messages.len());
+        let mut listed = 0u64;
         snapshot.messages[from..]
             .iter()
             .zip(&deleted[from..])
             .filter(|(_, &d)| !d)
-            .take(max)
-            .map(|(m, _)| (m.uid, m.size))
+            .take(count.1)
+            .enumerate()
+            .take_while(|&(i, (m, _))| {
+                let more = i < count.0 || listed < octets;
+                listed = listed.saturating_add(m.size);
+                more
+            })
+            .map(|(_, (m, _))| (m.uid, m.size))
             .collect()
     }
 

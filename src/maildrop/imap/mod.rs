@@ -7,6 +7,7 @@
 //! (`moved.rs`).
 
 mod commit;
+mod distance;
 mod folders;
 pub mod legacy_map;
 mod moved;
@@ -65,6 +66,8 @@ pub struct ImapUpstream {
     maps: Arc<legacy_map::MapCache>,
     /// The server's FETCH item order, as its connections found it.
     fetch_order: Arc<FetchOrder>,
+    /// The server's FETCH round trip, as the latest session measured it.
+    distance: Arc<distance::ServerDistance>,
     /// Log in with OAuth 2.0 tokens: where they come from, and the cache of them.
     oauth: Option<Arc<OAuthClient>>,
     /// `oauth.tokens = "app"`: the file that checks POP3 passwords.
@@ -132,6 +135,7 @@ impl ImapUpstream {
             shared_map,
             maps: Arc::default(),
             fetch_order: Arc::default(),
+            distance: Arc::default(),
         })
     }
 
@@ -369,6 +373,7 @@ impl ImapUpstream {
             heads: HashMap::new(),
             heads_used: false,
             fetch_rtt: None,
+            distance: Arc::clone(&self.distance),
         })
     }
 }
@@ -534,6 +539,9 @@ pub struct ImapMaildrop {
     /// The shortest time a streamed FETCH took to its first body byte (a round trip plus the
     /// server's work): sizes the read-ahead to the link, see `stream_budget`.
     fetch_rtt: Option<std::time::Duration>,
+    /// Where this session's `fetch_rtt` is told to the next sessions, and where it starts
+    /// from before it has one (see `distance.rs`).
+    distance: Arc<distance::ServerDistance>,
 }
 
 /// Read ahead at most this many bytes per session ...
@@ -589,6 +597,10 @@ impl Maildrop for ImapMaildrop {
     ) -> Result<BodyPart, MaildropError> {
         let uid = self.enter_for(handle).await?;
         self.read_part(uid, size, offset, max).await
+    }
+
+    fn read_ahead_octets(&self) -> u64 {
+        self.hint_octets()
     }
 
     fn read_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {

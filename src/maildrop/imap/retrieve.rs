@@ -72,9 +72,21 @@ impl ImapMaildrop {
     /// `ahead`, one waiting unread in the socket (the kernel's buffers).
     pub(super) fn stream_budget(&self) -> u64 {
         let bdp = self
-            .fetch_rtt
+            .link_rtt()
             .map_or(0, |rtt| (rtt.as_secs_f64() * STREAM_AHEAD_RATE) as u64);
         bdp.clamp(STREAM_AHEAD_BYTES, STREAM_AHEAD_MAX_BYTES)
+    }
+
+    /// The FETCH round trip: this session's once it measured one, before that the latest
+    /// session's (see `distance.rs`).
+    fn link_rtt(&self) -> Option<std::time::Duration> {
+        self.fetch_rtt.or_else(|| self.distance.get())
+    }
+
+    /// Listed octets after the next message worth telling this maildrop about: the window
+    /// being read, the two a distant server may have pending, and the one planned next.
+    pub(super) fn hint_octets(&self) -> u64 {
+        4 * self.stream_budget()
     }
 
     /// For a short first piece (a TOP's): the next messages of the hint whose same piece is
@@ -400,7 +412,9 @@ impl ImapMaildrop {
                 .map(|s| (s, conn.take_ahead()));
             if !prefetched {
                 let took = sent.elapsed();
-                self.fetch_rtt = Some(self.fetch_rtt.map_or(took, |r| r.min(took)));
+                let rtt = self.fetch_rtt.map_or(took, |r| r.min(took));
+                self.fetch_rtt = Some(rtt);
+                self.distance.record(rtt);
             }
             match started {
                 Ok((BodyStart::Streaming, read)) => self.keep_ahead(read),
@@ -505,7 +519,7 @@ impl ImapMaildrop {
     pub(super) async fn prefetch_next(&mut self, max: u32) {
         let window = self.stream_budget();
         let distant = self
-            .fetch_rtt
+            .link_rtt()
             .is_some_and(|rtt| rtt >= PREFETCH_QUEUE_MIN_RTT);
         let (depth, total) = if distant {
             (PREFETCH_QUEUE_MAX, 2 * window)

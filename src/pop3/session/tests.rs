@@ -447,3 +447,22 @@ fn retrieve_failure_replies() {
     let down = s.on_retrieve_failed(2, &MaildropError::unavailable("x"));
     assert!(down.bytes.starts_with(b"-ERR [SYS/TEMP]") && down.close);
 }
+
+#[test]
+fn upcoming_messages_by_count_then_by_listed_octets() {
+    let mut s = logged_in();
+    // Messages 1..3 are UIDs 1, 5, 9 of 100, 20 and 3 octets; the hint starts after `msg`.
+    assert_eq!(s.upcoming(0, (1, 10), 0), vec![(1, 100)]);
+    assert_eq!(s.upcoming(0, (2, 10), 0), vec![(1, 100), (5, 20)]);
+    // More than the minimum count while the octets before a message are under the budget.
+    assert_eq!(s.upcoming(0, (1, 10), 100), vec![(1, 100)]);
+    assert_eq!(s.upcoming(0, (1, 10), 101), vec![(1, 100), (5, 20)]);
+    assert_eq!(s.upcoming(0, (1, 10), 121), vec![(1, 100), (5, 20), (9, 3)]);
+    // Never more than the cap, whatever the budget.
+    assert_eq!(s.upcoming(0, (1, 2), u64::MAX), vec![(1, 100), (5, 20)]);
+    // Deleted messages are not hinted, and count for nothing.
+    assert_eq!(reply(line(&mut s, "DELE 2")), "+OK message 2 deleted\r\n");
+    assert_eq!(s.upcoming(0, (2, 10), 0), vec![(1, 100), (9, 3)]);
+    assert_eq!(s.upcoming(1, (5, 10), 0), vec![(9, 3)]);
+    assert_eq!(s.upcoming(3, (5, 10), u64::MAX), vec![]);
+}
