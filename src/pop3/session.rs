@@ -1,10 +1,9 @@
 //! The POP3 state machine (RFC 1939 AUTHORIZATION → TRANSACTION → UPDATE), sans-I/O: it turns
 //! lines into [`Action`]s and upstream results into reply bytes. The driver in
-//! [`super::connection`] owns the socket and the maildrop.
+//! [`super::connection`] owns the socket and the maildrop. SASL's mechanisms and responses
+//! are in `sasl.rs`, the TRANSACTION commands in `transaction.rs`.
 
 use std::sync::Arc;
-
-use base64::Engine as _;
 
 use super::command::MAX_SASL_LINE;
 use super::command::{parse, Command, CommandError, Password, TooLong, MAX_COMMAND_LINE};
@@ -12,6 +11,8 @@ use super::policy::{Advertised, UserPolicy};
 use super::response::{err, multiline, ok, RespCode};
 use crate::maildrop::{MaildropError, Signal, Snapshot};
 use crate::uidl::UidlFormat;
+use sasl::{Mechanism, OAUTH_ERROR_CHALLENGE};
+use transaction::TxError;
 
 /// After this many `-ERR`s the session is closed (slows down guessing and broken clients).
 pub const MAX_ERRORS: u32 = 20;
@@ -82,28 +83,6 @@ pub enum LoginSecret {
     /// An OAuth 2.0 bearer token (AUTH XOAUTH2 or OAUTHBEARER), for the backend to pass on.
     Bearer(Password),
 }
-
-/// The SASL mechanisms a client may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mechanism {
-    Plain,
-    XOAuth2,
-    OAuthBearer,
-}
-
-impl Mechanism {
-    fn parse(name: &str, oauth: bool) -> Option<Mechanism> {
-        match name.to_ascii_uppercase().as_str() {
-            "PLAIN" => Some(Mechanism::Plain),
-            "XOAUTH2" if oauth => Some(Mechanism::XOAuth2),
-            "OAUTHBEARER" if oauth => Some(Mechanism::OAuthBearer),
-            _ => None,
-        }
-    }
-}
-
-/// RFC 7628's error challenge for a refused token: the JSON status, base64.
-const OAUTH_ERROR_CHALLENGE: &[u8] = b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n";
 
 #[derive(Debug)]
 enum State {
@@ -419,69 +398,6 @@ impl Session {
         Action::Login { user, secret }
     }
 
-    /// The mechanisms `AUTH` lists and CAPA's `SASL` line names.
-    fn mechanisms(&self) -> Vec<&'static str> {
-        if self.cfg.sasl_oauth {
-            vec!["PLAIN", "XOAUTH2", "OAUTHBEARER"]
-        } else {
-            vec!["PLAIN"]
-        }
-    }
-
-    /// A client's SASL response (base64; `=` is an empty one) for `mechanism`.
-    fn sasl_response(&mut self, mechanism: Mechanism, resp: &[u8]) -> Action {
-        if mechanism == Mechanism::Plain {
-            return self.auth_plain(resp);
-        }
-        let resp = if resp == b"=" { &b""[..] } else { resp };
-        let mut decoded = match base64::engine::general_purpose::STANDARD.decode(resp) {
-            Ok(d) => d,
-            Err(_) => return self.fail(err(None, "Invalid base64 data in SASL response.")),
-        };
-        let parsed = match mechanism {
-            Mechanism::XOAuth2 => parse_xoauth2(&decoded),
-            _ => parse_oauthbearer(&decoded),
-        };
-        let action = match parsed {
-            Err(text) => self.fail(err(Some(RespCode::Auth), text)),
-            Ok((user, token)) => {
-                let token = Password::new(token.to_owned());
-                self.login(user, LoginSecret::Bearer(token))
-            }
-        };
-        decoded.iter_mut().for_each(|b| *b = 0);
-        std::hint::black_box(&mut decoded);
-        action
-    }
-
-    /// RFC 4616: `authzid \0 authcid \0 passwd`, base64. `=` is an empty response.
-    fn auth_plain(&mut self, resp: &[u8]) -> Action {
-        let resp = if resp == b"=" { &b""[..] } else { resp };
-        let mut decoded = match base64::engine::general_purpose::STANDARD.decode(resp) {
-            Ok(d) => d,
-            Err(_) => return self.fail(err(None, "Invalid base64 data in SASL response.")),
-        };
-        let result = split_plain(&decoded);
-        let action = match result {
-            Err(text) => self.fail(err(Some(RespCode::Auth), text)),
-            Ok((authzid, authcid, passwd)) => {
-                if !authzid.is_empty() && authzid != authcid {
-                    self.fail(err(
-                        Some(RespCode::Auth),
-                        "Authorization identity differs from the login name.",
-                    ))
-                } else {
-                    let user = authcid.to_owned();
-                    let password = Password::new(passwd.to_owned());
-                    self.login(user, LoginSecret::Password(password))
-                }
-            }
-        };
-        decoded.iter_mut().for_each(|b| *b = 0);
-        std::hint::black_box(&mut decoded);
-        action
-    }
-
     /// Reply to the upstream login started by [`Action::Login`].
     pub fn on_login(&mut self, r: Result<Snapshot, MaildropError>) -> Reply {
         match r {
@@ -636,195 +552,6 @@ impl Session {
         lines.push(format!("IMPLEMENTATION {}", self.cfg.implementation));
         multiline("Capability list follows", lines)
     }
-
-    fn transaction(
-        cmd: Command,
-        snapshot: &Snapshot,
-        deleted: &mut [bool],
-        cfg: &SessionConfig,
-    ) -> Result<Action, TxError> {
-        let live = || {
-            snapshot
-                .messages
-                .iter()
-                .zip(deleted.iter())
-                .enumerate()
-                .filter(|(_, (_, d))| !**d)
-                .map(|(i, (m, _))| (i + 1, m))
-        };
-        let totals = |deleted: &[bool]| {
-            snapshot
-                .messages
-                .iter()
-                .zip(deleted)
-                .filter(|(_, d)| !**d)
-                .fold((0usize, 0u64), |(n, o), (m, _)| (n + 1, o + m.size))
-        };
-        Ok(match cmd {
-            Command::Stat => {
-                let (n, o) = totals(deleted);
-                Action::Reply(ok(&format!("{n} {o}")))
-            }
-            Command::List(None) => {
-                let (n, o) = totals(deleted);
-                Action::Reply(multiline(
-                    &format!("{n} messages ({o} octets)"),
-                    live().map(|(i, m)| format!("{i} {}", m.size)),
-                ))
-            }
-            Command::List(Some(n)) => {
-                let m = lookup(snapshot, deleted, n)?;
-                Action::Reply(ok(&format!("{n} {}", snapshot.messages[m].size)))
-            }
-            Command::Uidl(None) => Action::Reply(multiline(
-                "",
-                live().map(|(i, m)| format!("{i} {}", snapshot.uidl(m.uid, &cfg.uidl_format))),
-            )),
-            Command::Uidl(Some(n)) => {
-                let m = &snapshot.messages[lookup(snapshot, deleted, n)?];
-                Action::Reply(ok(&format!(
-                    "{n} {}",
-                    snapshot.uidl(m.uid, &cfg.uidl_format)
-                )))
-            }
-            Command::Retr(n) => {
-                let m = &snapshot.messages[lookup(snapshot, deleted, n)?];
-                Action::Retrieve {
-                    msg: n,
-                    uid: m.uid,
-                    size: m.size,
-                    top_lines: None,
-                    ok_line: ok(&format!("{} octets", m.size)),
-                }
-            }
-            Command::Top { msg, lines } => {
-                let m = &snapshot.messages[lookup(snapshot, deleted, msg)?];
-                Action::Retrieve {
-                    msg,
-                    uid: m.uid,
-                    size: m.size,
-                    top_lines: Some(lines),
-                    ok_line: ok(""),
-                }
-            }
-            Command::Dele(n) => {
-                let i = lookup(snapshot, deleted, n)?;
-                deleted[i] = true;
-                Action::Reply(ok(&format!("message {n} deleted")))
-            }
-            Command::Rset => {
-                deleted.iter_mut().for_each(|d| *d = false);
-                let (n, o) = totals(deleted);
-                Action::Reply(ok(&format!("maildrop has {n} messages ({o} octets)")))
-            }
-            Command::Noop => Action::Reply(ok("")),
-            Command::Quit => {
-                let uids = snapshot
-                    .messages
-                    .iter()
-                    .zip(deleted.iter())
-                    .filter(|(_, d)| **d)
-                    .map(|(m, _)| m.uid)
-                    .collect();
-                return Err(TxError {
-                    reply: Vec::new(),
-                    quit: Some(Action::Commit { uids }),
-                });
-            }
-            _ => return Err(TxError::reply(err(None, "Not valid in TRANSACTION state."))),
-        })
-    }
-}
-
-/// A TRANSACTION outcome that needs `self` (error counting, state change).
-struct TxError {
-    reply: Vec<u8>,
-    quit: Option<Action>,
-}
-
-impl TxError {
-    fn reply(reply: Vec<u8>) -> Self {
-        Self { reply, quit: None }
-    }
-}
-
-/// Index of live message number `n`.
-fn lookup(snapshot: &Snapshot, deleted: &[bool], n: u32) -> Result<usize, TxError> {
-    let i = usize::try_from(n).unwrap_or(usize::MAX).wrapping_sub(1);
-    match deleted.get(i) {
-        None => Err(TxError::reply(err(None, "no such message"))),
-        Some(true) => Err(TxError::reply(err(
-            None,
-            &format!("message {n} already deleted"),
-        ))),
-        Some(false) if i < snapshot.messages.len() => Ok(i),
-        Some(false) => Err(TxError::reply(err(None, "no such message"))),
-    }
-}
-
-fn split_plain(d: &[u8]) -> Result<(&str, &str, &str), &'static str> {
-    let mut parts = d.split(|&b| b == 0);
-    let (Some(z), Some(c), Some(p), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("Invalid PLAIN response.");
-    };
-    let s = |b| std::str::from_utf8(b).map_err(|_| "Invalid UTF-8 in PLAIN response.");
-    let (z, c, p) = (s(z)?, s(c)?, s(p)?);
-    if c.is_empty() || p.is_empty() {
-        return Err("Empty login name or password.");
-    }
-    Ok((z, c, p))
-}
-
-/// XOAUTH2's client response: `user=<user>\x01auth=Bearer <token>\x01\x01`.
-fn parse_xoauth2(d: &[u8]) -> Result<(String, &str), &'static str> {
-    let text = std::str::from_utf8(d).map_err(|_| "Invalid UTF-8 in XOAUTH2 response.")?;
-    let (mut user, mut token) = (None, None);
-    for field in text.split('\x01').filter(|f| !f.is_empty()) {
-        if let Some(u) = field.strip_prefix("user=") {
-            user = Some(u);
-        } else if let Some(a) = field.strip_prefix("auth=") {
-            token = bearer(a);
-        }
-    }
-    match (user, token) {
-        (Some(u), Some(t)) if !u.is_empty() => Ok((u.to_owned(), t)),
-        _ => Err("Invalid XOAUTH2 response: it needs user= and auth=Bearer."),
-    }
-}
-
-/// OAUTHBEARER's client response (RFC 7628 3.1): the GS2 header `n,a=<user>,`, then
-/// `\x01`-separated pairs, one of them `auth=Bearer <token>`.
-fn parse_oauthbearer(d: &[u8]) -> Result<(String, &str), &'static str> {
-    let text = std::str::from_utf8(d).map_err(|_| "Invalid UTF-8 in OAUTHBEARER response.")?;
-    let (header, pairs) = text
-        .split_once('\x01')
-        .ok_or("Invalid OAUTHBEARER response.")?;
-    let mut parts = header.splitn(3, ',');
-    let (Some(cb), Some(authzid)) = (parts.next(), parts.next()) else {
-        return Err("Invalid OAUTHBEARER header.");
-    };
-    if !matches!(cb, "n" | "y") {
-        return Err("OAUTHBEARER channel binding is not supported.");
-    }
-    let user = authzid
-        .strip_prefix("a=")
-        .filter(|u| !u.is_empty())
-        .ok_or("OAUTHBEARER needs the user in its header (a=).")?;
-    let user = user.replace("=2C", ",").replace("=3D", "=");
-    let token = pairs
-        .split('\x01')
-        .find_map(|p| p.strip_prefix("auth=").and_then(bearer))
-        .ok_or("Invalid OAUTHBEARER response: no auth=Bearer.")?;
-    // The borrowed token lives in `d`; the owned user came out of escapes.
-    Ok((user, token))
-}
-
-/// The token of an `auth` value `Bearer <token>` (the scheme is case-insensitive).
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("Bearer") && !token.is_empty()).then_some(token)
 }
 
 fn capitalise(s: &str) -> String {
@@ -834,6 +561,9 @@ fn capitalise(s: &str) -> String {
         None => String::new(),
     }
 }
+
+mod sasl;
+mod transaction;
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::maildrop::MessageEntry;
+use base64::Engine as _;
 
 fn session() -> Session {
     Session::new(Arc::new(SessionConfig {
