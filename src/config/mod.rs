@@ -410,6 +410,31 @@ mod tests {
     }
 
     #[test]
+    fn keep_alive_keys_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.imap.keep_alive_secs, c.imap.keep_alive_max), (0, 256));
+        let with = |extra: &str| parse(&MINIMAL.replace("[imap]", &format!("[imap]\n{extra}")));
+        let c = with("keep_alive_secs = 120\nkeep_alive_max = 10").unwrap();
+        assert_eq!((c.imap.keep_alive_secs, c.imap.keep_alive_max), (120, 10));
+        for (extra, key) in [
+            ("keep_alive_secs = 1801", "imap.keep_alive_secs"),
+            ("keep_alive_secs = -1", "imap.keep_alive_secs"),
+            ("keep_alive_secs = \"2m\"", "imap.keep_alive_secs"),
+            ("keep_alive_max = 0", "imap.keep_alive_max"),
+            ("keep_alive_max = 65537", "imap.keep_alive_max"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+            assert!(e.to_string().starts_with("test.toml: "), "{e}");
+        }
+        let e = parse(&format!(
+            "{MINIMAL}[backends.b]\nkind = \"imap\"\nhost = \"h\"\nkeep_alive_secs = 9999\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("backends.b.keep_alive_secs"), "{e}");
+    }
+
+    #[test]
     fn tls_default_port_is_993() {
         let c = parse(&MINIMAL.replace("security = \"none\"", "security = \"tls\"")).unwrap();
         assert_eq!(c.imap.port(), 993);

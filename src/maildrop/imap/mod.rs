@@ -4,10 +4,12 @@
 //! commands only (`commit.rs`), then retention of old hidden mail (`retention.rs`). Several
 //! folders share one connection (`folders.rs`); a per-device view lists recent mail and
 //! deletes nothing (`view.rs`). Migrated UIDL maps come from [`legacy_map`]; moved messages keep their UIDL with OBJECTID
-//! (`moved.rs`).
+//! (`moved.rs`). With `keep_alive_secs`, a session's connection is kept at its clean end for
+//! the same user's next session instead of logged out ([`keepalive`]).
 
 mod commit;
 mod folders;
+pub mod keepalive;
 pub mod legacy_map;
 mod moved;
 mod retention;
@@ -69,6 +71,15 @@ pub struct ImapUpstream {
     oauth: Option<Arc<OAuthClient>>,
     /// `oauth.tokens = "app"`: the file that checks POP3 passwords.
     password_file: Option<Arc<PasswordFile>>,
+    /// Connections kept after a session for the user's next one (`keep_alive_secs`).
+    keep_alive: Option<Arc<keepalive::KeepAlive>>,
+}
+
+/// Where a session's connection goes at its clean end instead of LOGOUT.
+pub(super) struct Keep {
+    pool: Arc<keepalive::KeepAlive>,
+    key: keepalive::ParkKey,
+    capabilities: session::Capabilities,
 }
 
 impl ImapUpstream {
@@ -101,7 +112,13 @@ impl ImapUpstream {
             )),
             None => None,
         };
+        // Password logins only: an OAuth login's token expires on its own schedule.
+        let keep_alive = match oauth {
+            None => keepalive::KeepAlive::new(imap.keep_alive_secs, imap.keep_alive_max),
+            Some(_) => None,
+        };
         Ok(ImapUpstream {
+            keep_alive,
             oauth,
             password_file,
             // A FETCH piece and its framing, or the one-line UID SEARCH of a huge mailbox.
@@ -273,15 +290,58 @@ impl ImapUpstream {
             .map_err(login_error)
     }
 
+    /// The key a password login of `user` is kept under (see [`keepalive`]), when this
+    /// backend keeps connections.
+    fn keep_key(&self, user: &str, credential: Credential<'_>, view: bool) -> Option<Keep> {
+        let pool = self.keep_alive.as_ref()?;
+        let Credential::Password(password) = credential else {
+            return None;
+        };
+        if self.oauth.is_some() {
+            return None;
+        }
+        let (form, master): (&[u8], &[u8]) = match &self.master {
+            Some((m, _)) => (b"master-plain", m.as_bytes()),
+            None => (b"login", b""),
+        };
+        let endpoint = self.endpoint.address();
+        let key = pool.key(&[
+            endpoint.as_bytes(),
+            form,
+            user.as_bytes(),
+            password.as_bytes(),
+            master,
+            self.mailbox.as_bytes(),
+            if view { b"view" } else { b"maildrop" },
+        ]);
+        Some(Keep {
+            pool: Arc::clone(pool),
+            key,
+            capabilities: session::Capabilities::default(),
+        })
+    }
+
     async fn open(
         &self,
         user: &str,
         credential: Credential<'_>,
+        view: bool,
     ) -> Result<ImapMaildrop, MaildropError> {
+        let mut keep = self.keep_key(user, credential, view);
+        let kept = match &keep {
+            Some(k) => k.pool.take(&k.key).await,
+            None => None,
+        };
         let session::Session {
             mut conn,
             capabilities: caps,
-        } = self.log_in(user, credential).await?;
+        } = match kept {
+            Some(s) => s,
+            None => self.log_in(user, credential).await?,
+        };
+        if let Some(k) = &mut keep {
+            k.capabilities = caps.clone();
+        }
         conn.share_fetch_order(Arc::clone(&self.fetch_order));
         let has_move = caps.has("MOVE");
         let has_metadata = caps.has("METADATA");
@@ -335,6 +395,7 @@ impl ImapUpstream {
             .collect();
         Ok(ImapMaildrop {
             conn: Some(conn),
+            keep,
             state: self.state.clone(),
             lock_key: key.clone(),
             key,
@@ -436,7 +497,7 @@ impl ImapUpstream {
                 "per-device views are not enabled for this mailbox".into(),
             ));
         };
-        let mut md = self.open(user, credential).await?;
+        let mut md = self.open(user, credential, true).await?;
         md.view = Some(View { days, dele });
         md.retention = None;
         md.lock_key = MaildropKey::new(&self.endpoint.address(), view_login, &self.mailbox);
@@ -456,7 +517,7 @@ impl Mailstore for ImapUpstream {
         user: &str,
         credential: Credential<'_>,
     ) -> Result<ImapMaildrop, MaildropError> {
-        self.open(user, credential).await
+        self.open(user, credential, false).await
     }
 }
 
@@ -464,6 +525,8 @@ impl Mailstore for ImapUpstream {
 pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
+    /// Keep the connection for the user's next session at a clean end (`keep_alive_secs`).
+    keep: Option<Keep>,
     state: Option<Arc<StateStore>>,
     /// Which maildrop this is: its lock and its log lines (the first folder's key).
     lock_key: MaildropKey,

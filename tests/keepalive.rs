@@ -1,0 +1,335 @@
+//! `imap.keep_alive_secs`: a user's upstream connection kept after a clean POP3 session for the
+//! user's next one. Real Dovecot (and Cyrus where the server's behaviour matters), real POP3
+//! client (Python's poplib), another IMAP client (imaplib) changing the mailbox in between.
+//! Counted on popbridge's `/metrics` (`popbridge_upstream_keepalive_total`,
+//! `popbridge_upstream_logins_total`) and, on Dovecot, in Dovecot's own log.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::imap_do::imap_do;
+use support::prometheus::metric_sum;
+use support::*;
+
+const PW: &str = "ka-pw";
+
+fn msg(n: usize) -> Vec<u8> {
+    format!("Subject: message {n}\r\n\r\nbody of message {n}\r\n").into_bytes()
+}
+
+fn b64(data: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// popbridge with keep-alive at `keep` seconds and its `/metrics` on a free port.
+struct Bridge {
+    pb: Popbridge,
+    metrics: u16,
+}
+
+impl Bridge {
+    fn start<S: MailServer>(server: &S, keep: u64, extra: &str) -> Bridge {
+        let metrics = free_ports(1)[0];
+        let pb = Popbridge::start(
+            server,
+            &format!(
+                "[imap]\nkeep_alive_secs = {keep}\n{extra}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\""
+            ),
+        );
+        Bridge { pb, metrics }
+    }
+
+    fn kept(&self, outcome: &str) -> f64 {
+        metric_sum(
+            self.metrics,
+            "popbridge_upstream_keepalive_total",
+            &[("outcome", outcome)],
+        )
+    }
+
+    fn parked_now(&self) -> f64 {
+        metric_sum(self.metrics, "popbridge_upstream_keepalive_parked", &[])
+    }
+
+    fn logins(&self) -> f64 {
+        metric_sum(
+            self.metrics,
+            "popbridge_upstream_logins_total",
+            &[("result", "ok")],
+        )
+    }
+
+    fn session(&self, user: &str, pw: &str, steps: &[&str]) -> PopSession {
+        let mut all = vec![format!("user {user}"), format!("pass {pw}")];
+        all.extend(steps.iter().map(|s| s.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        poplib(self.pb.pop3_port(), &all)
+    }
+
+    fn poll(&self, user: &str) -> PopSession {
+        let s = self.session(user, PW, &["stat", "uidl", "quit"]);
+        s.assert_all_ok();
+        s
+    }
+}
+
+fn listing(s: &PopSession) -> (String, Vec<Vec<u8>>) {
+    (
+        s.step("stat").resp.clone(),
+        s.step("uidl").lines.clone().unwrap_or_default(),
+    )
+}
+
+/// Dovecot's log lines of IMAP logins of `user`.
+fn dovecot_logins(dc: &Dovecot, user: &str) -> usize {
+    let needle = format!("imap-login: Info: Login: user=<{user}>");
+    dc.log().lines().filter(|l| l.contains(&needle)).count()
+}
+
+fn wait_until(what: &str, t: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + t;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn second_poll_reuses_the_connection_and_lists_the_same() {
+    let dc = Dovecot::start();
+    dc.add_user("k", PW);
+    dc.seed("k", &[&msg(1), &msg(2), &msg(3)]);
+    let b = Bridge::start(&dc, 120, "");
+    let first = b.poll("k");
+    assert_eq!(b.parked_now(), 1.0);
+    let second = b.poll("k");
+    assert_eq!(listing(&first), listing(&second));
+    assert_eq!(listing(&second).1.len(), 3);
+    assert_eq!(b.kept("reused"), 1.0);
+    assert_eq!(b.kept("parked"), 2.0);
+    assert_eq!(b.logins(), 1.0, "one upstream login for two polls");
+    wait_until("Dovecot's login log line", Duration::from_secs(5), || {
+        dovecot_logins(&dc, "k") >= 1
+    });
+    assert_eq!(dovecot_logins(&dc, "k"), 1, "{}", dc.log_tail(30));
+    // A RETR in the reused session, and its \Seen flag stored before the connection is kept.
+    let s = b.session("k", PW, &["retr 2", "quit"]);
+    s.assert_all_ok();
+    assert_eq!(s.step("retr 2").data(), msg(2));
+    assert_eq!(b.kept("reused"), 2.0);
+    let state = dc.imap_state("k", PW, "INBOX");
+    assert!(state.message(2).unwrap().has_flag("\\Seen"), "{state:?}");
+    assert!(!state.message(1).unwrap().has_flag("\\Seen"), "{state:?}");
+}
+
+on_both_servers!(changes_between_sessions_show_in_the_reused_session);
+
+fn changes_between_sessions_show_in_the_reused_session<S: MailServer>(server: S) {
+    server.add_user("c", PW);
+    server.seed("c", &[&msg(1), &msg(2), &msg(3)]);
+    let b = Bridge::start(&server, 120, "");
+    let first = b.poll("c");
+    let before = listing(&first).1;
+    assert_eq!(before.len(), 3);
+    // Another client appends one message and expunges the first.
+    imap_do(
+        server.imap_port(),
+        "c",
+        PW,
+        "INBOX",
+        &[
+            &["append", "INBOX", &b64(&msg(4))],
+            &["uid", "STORE", "1", "+FLAGS", "(\\Deleted)"],
+            &["expunge"],
+        ],
+    );
+    let s = b.session("c", PW, &["stat", "uidl", "retr 1", "retr 3", "quit"]);
+    s.assert_all_ok();
+    assert_eq!(b.kept("reused"), 1.0, "the second session reused");
+    assert_eq!(b.logins(), 1.0);
+    let after = s.step("uidl").lines.clone().unwrap();
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(
+        s.step("stat").resp.starts_with("+OK 3 "),
+        "{:?}",
+        s.step("stat").resp
+    );
+    assert_eq!(s.step("retr 1").data(), msg(2));
+    assert_eq!(s.step("retr 3").data(), msg(4));
+    // Exactly what a fresh login lists: a popbridge without keep-alive, same server.
+    let fresh = Bridge::start(&server, 0, "");
+    let reference = fresh.session("c", PW, &["stat", "uidl", "quit"]);
+    reference.assert_all_ok();
+    assert_eq!(fresh.kept("parked"), 0.0);
+    let mut after_set = s.step("uidl").lines.clone().unwrap();
+    after_set.sort();
+    let mut reference_set = reference.step("uidl").lines.clone().unwrap();
+    reference_set.sort();
+    assert_eq!(after_set, reference_set);
+    // The expunged message's UIDL is gone; the others kept theirs.
+    let uidl = |l: &Vec<u8>| {
+        String::from_utf8_lossy(l)
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    let before: Vec<String> = before.iter().map(uidl).collect();
+    let after: Vec<String> = after.iter().map(uidl).collect();
+    assert_eq!(after[..2], before[1..], "{before:?} -> {after:?}");
+    assert!(!after.contains(&before[0]));
+}
+
+/// DELE + QUIT, then a session over the kept connection, in each deletion mode.
+#[test]
+fn deletions_committed_before_keeping_are_gone_in_the_next_session() {
+    let dc = Dovecot::start();
+    let modes = ["hide", "expunge", "move"];
+    for i in 0..modes.len() {
+        dc.add_user(&format!("d{i}"), PW);
+        dc.seed(&format!("d{i}"), &[&msg(1), &msg(2), &msg(3)]);
+    }
+    for (i, mode) in modes.into_iter().enumerate() {
+        let user = format!("d{i}");
+        let b = Bridge::start(
+            &dc,
+            120,
+            &format!("[deletion]\nmode = \"{mode}\"\nmove_to = \"Trash\""),
+        );
+        let s = b.session(&user, PW, &["dele 2", "quit"]);
+        s.assert_all_ok();
+        let s = b.session(&user, PW, &["stat", "retr 1", "retr 2", "quit"]);
+        s.assert_all_ok();
+        assert_eq!(b.kept("reused"), 1.0, "{mode}");
+        assert!(
+            s.step("stat").resp.starts_with("+OK 2 "),
+            "{mode}: {:?}",
+            s.step("stat").resp
+        );
+        assert_eq!(s.step("retr 1").data(), msg(1), "{mode}");
+        assert_eq!(s.step("retr 2").data(), msg(3), "{mode}");
+        let inbox = dc.imap_state(&user, PW, "INBOX");
+        match mode {
+            "hide" => assert_eq!(inbox.uids(), vec![1, 2, 3]),
+            _ => assert_eq!(inbox.uids(), vec![1, 3], "{mode}"),
+        }
+        if mode == "move" {
+            assert_eq!(dc.imap_state(&user, PW, "Trash").messages.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn a_wrong_password_never_takes_a_kept_connection() {
+    let dc = Dovecot::start();
+    dc.add_user("w", PW);
+    dc.seed("w", &[&msg(1)]);
+    let b = Bridge::start(&dc, 120, "");
+    b.poll("w");
+    let bad = b.session("w", "not-the-password", &["stat"]);
+    let pass = &bad.steps[1];
+    assert!(!pass.ok);
+    assert!(pass.resp.starts_with("-ERR [AUTH]"), "{:?}", pass.resp);
+    assert_eq!(b.kept("reused"), 0.0);
+    assert_eq!(b.parked_now(), 1.0, "the kept connection is untouched");
+    let s = b.poll("w");
+    assert_eq!(listing(&s).1.len(), 1);
+    assert_eq!(b.kept("reused"), 1.0);
+}
+
+/// The pids of the Dovecot processes holding a connection to its IMAP port.
+fn imap_pids(port: u16) -> Vec<u32> {
+    let out = Command::new("ss")
+        .args([
+            "-Htnp",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut pids: Vec<u32> = text
+        .split("pid=")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    pids
+}
+
+#[test]
+fn a_kept_connection_the_server_closed_gives_way_to_a_fresh_login() {
+    let dc = Dovecot::start();
+    dc.add_user("s", PW);
+    dc.seed("s", &[&msg(1), &msg(2)]);
+    let b = Bridge::start(&dc, 120, "");
+    let first = b.poll("s");
+    let pids = imap_pids(dc.imap_port());
+    assert_eq!(
+        pids.len(),
+        1,
+        "one imap process serves the kept connection: {pids:?}"
+    );
+    let killed = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_until(
+        "the imap process to be gone",
+        Duration::from_secs(5),
+        || imap_pids(dc.imap_port()).is_empty(),
+    );
+    let second = b.poll("s");
+    assert_eq!(listing(&first), listing(&second));
+    assert_eq!(b.kept("stale"), 1.0);
+    assert_eq!(b.kept("reused"), 0.0);
+    assert_eq!(b.logins(), 2.0);
+}
+
+#[test]
+fn kept_connections_expire_and_are_evicted_when_full() {
+    let dc = Dovecot::start();
+    for u in ["e1", "e2"] {
+        dc.add_user(u, PW);
+        dc.seed(u, &[&msg(1)]);
+    }
+    let b = Bridge::start(&dc, 1, "keep_alive_max = 1");
+    b.poll("e1");
+    assert_eq!(b.parked_now(), 1.0);
+    // Full: the second user's connection pushes the first one's out.
+    b.poll("e2");
+    assert_eq!(b.kept("evicted"), 1.0);
+    assert_eq!(b.parked_now(), 1.0);
+    // The sweeper logs the kept connection out after keep_alive_secs.
+    wait_until("expiry", Duration::from_secs(5), || {
+        b.kept("expired") == 1.0
+    });
+    assert_eq!(b.parked_now(), 0.0);
+    wait_until(
+        "the kept connections' LOGOUT",
+        Duration::from_secs(5),
+        || imap_pids(dc.imap_port()).is_empty(),
+    );
+    b.poll("e2");
+    assert_eq!(b.kept("reused"), 0.0);
+    assert_eq!(b.logins(), 3.0, "a fresh login after expiry");
+}
