@@ -333,3 +333,33 @@ fn kept_connections_expire_and_are_evicted_when_full() {
     assert_eq!(b.kept("reused"), 0.0);
     assert_eq!(b.logins(), 3.0, "a fresh login after expiry");
 }
+
+/// A kept connection that no longer answers (a silent network path: nothing closed, nothing
+/// comes back) costs the next session the NOOP's short deadline, then a fresh login.
+#[test]
+fn a_kept_connection_that_does_not_answer_gives_way_to_a_fresh_login() {
+    use support::relay::{Fault, Relay, Trigger};
+    let dc = Dovecot::start();
+    dc.add_user("n", PW);
+    dc.seed("n", &[&msg(1), &msg(2)]);
+    // Every upstream connection stalls once popbridge sends a NOOP on it, which only a
+    // session taking a kept connection does.
+    let relay = Relay::start(
+        dc.imap_port(),
+        Trigger::ClientSends("NOOP".into()),
+        Fault::Stall,
+    );
+    let b = Bridge::start(&dc, 120, &format!("port = {}", relay.port()));
+    let first = b.poll("n");
+    // (popbridge's start-up probe of the upstream is a connection too)
+    let before = relay.connections();
+    let t = Instant::now();
+    let second = b.poll("n");
+    let took = t.elapsed();
+    assert_eq!(listing(&first), listing(&second));
+    assert_eq!(relay.fired(), 1, "the kept connection was tried");
+    assert_eq!(relay.connections(), before + 1, "then a fresh one");
+    assert_eq!(b.kept("stale"), 1.0);
+    assert_eq!(b.logins(), 2.0);
+    assert!(took < Duration::from_secs(10), "bounded: {took:?}");
+}

@@ -432,6 +432,16 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("backends.b.keep_alive_secs"), "{e}");
+        // OAuth logins are never kept.
+        let oauth = "\n[imap.oauth]\ntokens = \"client\"\n";
+        assert!(parse(&format!("{MINIMAL}{oauth}")).is_ok());
+        let e = parse(&format!(
+            "{}{oauth}",
+            MINIMAL.replace("[imap]", "[imap]\nkeep_alive_secs = 60")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("imap.keep_alive_secs"), "{e}");
+        assert!(e.to_string().contains("password logins only"), "{e}");
     }
 
     #[test]
