@@ -363,3 +363,36 @@ fn a_kept_connection_that_does_not_answer_gives_way_to_a_fresh_login() {
     assert_eq!(b.logins(), 2.0);
     assert!(took < Duration::from_secs(10), "bounded: {took:?}");
 }
+
+/// A reload builds new backends: the kept connections of the old ones are logged out.
+#[test]
+fn a_reload_logs_the_kept_connections_out() {
+    let dc = Dovecot::start();
+    dc.add_user("r", PW);
+    dc.seed("r", &[&msg(1)]);
+    let b = Bridge::start(&dc, 120, "");
+    b.poll("r");
+    assert_eq!(b.parked_now(), 1.0);
+    let logged_out = |dc: &Dovecot| {
+        dc.log()
+            .lines()
+            .filter(|l| l.contains("imap(r)") && l.contains("Disconnected: Logged out"))
+            .count()
+    };
+    assert_eq!(logged_out(&dc), 0, "{}", dc.log_tail(20));
+    b.pb.signal("HUP");
+    assert!(
+        b.pb.wait_for_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        b.pb.log()
+    );
+    wait_until(
+        "the kept connection's LOGOUT",
+        Duration::from_secs(10),
+        || logged_out(&dc) == 1,
+    );
+    assert_eq!(b.parked_now(), 0.0);
+    b.poll("r");
+    assert_eq!(b.kept("reused"), 0.0);
+    assert_eq!(b.logins(), 2.0);
+}
