@@ -396,3 +396,65 @@ fn a_reload_logs_the_kept_connections_out() {
     assert_eq!(b.kept("reused"), 0.0);
     assert_eq!(b.logins(), 2.0);
 }
+
+/// With a master user, the client's password is checked first at `verify_password_with`: both
+/// the check's login and the master login are kept, and the next poll logs in nowhere. A
+/// wrong password still reaches the checking server's login and is refused.
+#[test]
+fn master_logins_and_their_password_checks_are_both_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = tempfile::Builder::new()
+        .prefix("pbk")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let master_users = secrets.path().join("master-users");
+    std::fs::write(&master_users, "pbmaster:{PLAIN}master-secret\n").unwrap();
+    std::fs::set_permissions(&master_users, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let master_pw = secrets.path().join("master.pw");
+    std::fs::write(&master_pw, "master-secret\n").unwrap();
+    let dc = Dovecot::start_with_conf(&format!(
+        "passdb {{\n  driver = passwd-file\n  master = yes\n  args = scheme=PLAIN {}\n  pass = yes\n}}",
+        master_users.display()
+    ));
+    dc.add_user("m", PW);
+    dc.seed("m", &[&msg(1), &msg(2)]);
+    let b = Bridge::start(
+        &dc,
+        120,
+        &format!(
+            "master_user = \"pbmaster\"\nmaster_password_file = \"{}\"\nverify_password_with = \"v\"\n\
+             [backends.v]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nkeep_alive_secs = 120",
+            master_pw.display(),
+            dc.imap_port()
+        ),
+    );
+    let first = b.poll("m");
+    let logins = |mechanism: &str| {
+        metric_sum(
+            b.metrics,
+            "popbridge_upstream_logins_total",
+            &[("mechanism", mechanism), ("result", "ok")],
+        )
+    };
+    assert_eq!((logins("login"), logins("plain")), (1.0, 1.0));
+    assert_eq!(
+        b.parked_now(),
+        2.0,
+        "the check's connection and the session's"
+    );
+    let second = b.poll("m");
+    assert_eq!(listing(&first), listing(&second));
+    assert_eq!(b.kept("reused"), 2.0);
+    assert_eq!((logins("login"), logins("plain")), (1.0, 1.0), "no login");
+    let bad = b.session("m", "not-the-password", &["stat"]);
+    assert!(
+        bad.steps[1].resp.starts_with("-ERR [AUTH]"),
+        "{:?}",
+        bad.steps[1].resp
+    );
+    assert_eq!(b.kept("reused"), 2.0);
+    assert_eq!(b.parked_now(), 2.0);
+    let needle = "Master user logging in as m";
+    assert_eq!(dc.log().matches(needle).count(), 1, "{}", dc.log_tail(20));
+}

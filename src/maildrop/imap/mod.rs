@@ -157,13 +157,32 @@ impl ImapUpstream {
         self.endpoint.address()
     }
 
-    /// Check `password` by logging in and out (for `verify_password_with`).
+    /// Check `password` by logging in and out (for `verify_password_with`). With
+    /// `keep_alive_secs` (and no master user here, so the key's login form is this one's), a
+    /// connection kept for the same user and password stands for a login made with them at
+    /// most that long ago, as it does for a session: it is checked (see
+    /// [`keepalive::KeepAlive::take`]) and kept again; a new login is kept instead of logged
+    /// out.
     pub async fn check_password(&self, user: &str, password: &str) -> Result<(), MaildropError> {
+        let keep = if self.master.is_none() {
+            self.keep_key(user, Credential::Password(password), false)
+        } else {
+            None
+        };
+        if let Some(k) = &keep {
+            if let Some(s) = k.pool.take(&k.key).await {
+                k.pool.park(k.key, s.conn, s.capabilities, Vec::new()).await;
+                return Ok(());
+            }
+        }
         let login = password::Password { user, password };
         let s = session::open(&self.endpoint, self.limits, &login)
             .await
             .map_err(login_error)?;
-        s.conn.logout().await;
+        match keep {
+            Some(k) => k.pool.park(k.key, s.conn, s.capabilities, Vec::new()).await,
+            None => s.conn.logout().await,
+        }
         Ok(())
     }
 
