@@ -458,3 +458,42 @@ fn master_logins_and_their_password_checks_are_both_kept() {
     let needle = "Master user logging in as m";
     assert_eq!(dc.log().matches(needle).count(), 1, "{}", dc.log_tail(20));
 }
+
+/// Over TLS to the store: the kept connection's socket check goes through the TLS layer.
+#[test]
+fn kept_connections_work_over_upstream_tls() {
+    let dc = Dovecot::start();
+    dc.add_user("t", PW);
+    dc.seed("t", &[&msg(1), &msg(2)]);
+    let b = Bridge::start(
+        &dc,
+        120,
+        &format!(
+            "port = {}\nsecurity = \"tls\"\nca_file = \"{}\"",
+            dc.imaps_port(),
+            dc.ca_pem_path().display()
+        ),
+    );
+    let first = b.poll("t");
+    let second = b.poll("t");
+    assert_eq!(listing(&first), listing(&second));
+    assert_eq!(b.kept("reused"), 1.0);
+    // The server's end goes away (over TLS, Dovecot's imap-login holds the socket and proxies
+    // to the imap process): the TLS stream reads its end, and a fresh login follows.
+    for pid in imap_pids(dc.imaps_port()) {
+        assert!(Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+    wait_until(
+        "the imap process to be gone",
+        Duration::from_secs(5),
+        || imap_pids(dc.imaps_port()).is_empty(),
+    );
+    let third = b.poll("t");
+    assert_eq!(listing(&first), listing(&third));
+    assert_eq!(b.kept("stale"), 1.0);
+    assert_eq!(b.logins(), 2.0);
+}
