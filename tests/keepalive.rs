@@ -497,3 +497,30 @@ fn kept_connections_work_over_upstream_tls() {
     assert_eq!(b.kept("stale"), 1.0);
     assert_eq!(b.logins(), 2.0);
 }
+
+/// A stopping server logs the kept connections out (bounded) before it exits.
+#[test]
+fn a_stopping_server_logs_the_kept_connections_out() {
+    let dc = Dovecot::start();
+    dc.add_user("x", PW);
+    dc.seed("x", &[&msg(1)]);
+    let mut b = Bridge::start(&dc, 120, "");
+    b.poll("x");
+    assert_eq!(b.parked_now(), 1.0);
+    b.pb.signal("TERM");
+    let status = b.pb.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        b.pb.log()
+    );
+    wait_until(
+        "Dovecot's log of the LOGOUT",
+        Duration::from_secs(5),
+        || {
+            dc.log()
+                .lines()
+                .any(|l| l.contains("imap(x)") && l.contains("Disconnected: Logged out"))
+        },
+    );
+}

@@ -256,6 +256,8 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     for server in servers {
         let _ = server.await;
     }
+    // Connections kept for users' next sessions: LOGOUT, bounded.
+    bridge.get().upstream.log_out_kept(KEPT_LOGOUT_BOUND).await;
     // The HTTP endpoint answered through the drain (/readyz 503, /metrics the draining
     // sessions); now it goes too.
     let _ = http_stop_tx.send(true);
@@ -267,6 +269,10 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long a stopping server waits for the LOGOUT of connections kept for users' next
+/// sessions (`imap.keep_alive_secs`).
+const KEPT_LOGOUT_BOUND: Duration = Duration::from_secs(2);
 
 /// Each session holds two file descriptors (client and upstream), plus a few for the state
 /// store, listeners and metrics. Raise the soft `RLIMIT_NOFILE` (often 1024 in a shell) to what

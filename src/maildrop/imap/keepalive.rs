@@ -214,6 +214,27 @@ impl KeepAlive {
         }
     }
 
+    /// Logs every kept connection out, concurrently, waiting at most `bound` (a stopping
+    /// server); what has not answered by then is dropped.
+    pub async fn log_out_all(&self, bound: Duration) {
+        let mut all = Vec::new();
+        {
+            let mut p = self.lock();
+            while let Some(e) = p.pop_oldest() {
+                all.push(e.conn);
+            }
+        }
+        if all.is_empty() {
+            return;
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for conn in all {
+            set.spawn(conn.logout());
+        }
+        let _ =
+            tokio::time::timeout(bound, async { while set.join_next().await.is_some() {} }).await;
+    }
+
     fn sweep_every(&self) -> Duration {
         (self.hold / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }

@@ -186,6 +186,14 @@ impl ImapUpstream {
         Ok(())
     }
 
+    /// Log out the connections kept for users' next sessions, waiting at most `bound`
+    /// (a stopping server).
+    pub async fn log_out_kept(&self, bound: std::time::Duration) {
+        if let Some(pool) = &self.keep_alive {
+            pool.log_out_all(bound).await;
+        }
+    }
+
     /// Connect and read the greeting, without logging in: is the upstream there?
     pub async fn probe(&self) -> Result<(), ImapError> {
         let conn = ImapConnection::connect(&self.endpoint, self.limits).await?;
