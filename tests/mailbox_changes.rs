@@ -14,7 +14,8 @@
 //!
 //! `SEED=n` replays a run (round i runs with seed n+i; `SEED=<round seed> MODEL_ROUNDS=1`
 //! replays one round), `MODEL_ROUNDS=n` sets the rounds per server (default: what fits the CI
-//! budget: 10 rounds against Dovecot, about 50 s, and 5 against Cyrus, about 30 s, side by side).
+//! budget: 10 rounds against Dovecot, about 50 s, and 5 against Cyrus, about 30 s, side by side;
+//! with `imap.keep_alive_secs`, 4 and 2 rounds).
 
 mod support;
 

@@ -293,6 +293,19 @@ impl Config {
 }
 
 impl Config {
+    /// The most upstream connections kept for users' next sessions at once: the sum of
+    /// `keep_alive_max` over the IMAP sections that keep any (`keep_alive_secs` > 0).
+    pub fn kept_connections_max(&self) -> u64 {
+        std::iter::once(&self.imap)
+            .chain(self.backends.values().filter_map(|b| match b {
+                BackendConfig::Imap(i) => Some(i),
+                BackendConfig::Pop3(_) => None,
+            }))
+            .filter(|i| i.keep_alive_secs > 0)
+            .map(|i| u64::from(i.keep_alive_max))
+            .sum()
+    }
+
     /// Whether any IMAP backend takes the client's own OAuth token (POP3 then offers AUTH
     /// XOAUTH2 and OAUTHBEARER).
     pub fn takes_client_tokens(&self) -> bool {
@@ -416,6 +429,8 @@ mod tests {
         let with = |extra: &str| parse(&MINIMAL.replace("[imap]", &format!("[imap]\n{extra}")));
         let c = with("keep_alive_secs = 120\nkeep_alive_max = 10").unwrap();
         assert_eq!((c.imap.keep_alive_secs, c.imap.keep_alive_max), (120, 10));
+        assert_eq!(c.kept_connections_max(), 10);
+        assert_eq!(parse(MINIMAL).unwrap().kept_connections_max(), 0);
         for (extra, key) in [
             ("keep_alive_secs = 1801", "imap.keep_alive_secs"),
             ("keep_alive_secs = -1", "imap.keep_alive_secs"),

@@ -70,7 +70,7 @@ const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     // First of all: a SIGTERM from here on stops gracefully instead of killing the process.
     let mut signals = Signals::install()?;
-    raise_fd_limit(config.limits.max_connections);
+    raise_fd_limit(config.limits.max_connections, config.kept_connections_max());
     let cert = match &config.pop3.tls {
         Some(tls) => {
             let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
@@ -278,9 +278,9 @@ const KEPT_LOGOUT_BOUND: Duration = Duration::from_secs(2);
 /// store, listeners and metrics. Raise the soft `RLIMIT_NOFILE` (often 1024 in a shell) to what
 /// `max_connections` sessions need, as far as the hard limit allows; warn when that is not
 /// enough (systemd: `LimitNOFILE=`).
-fn raise_fd_limit(max_connections: usize) {
+fn raise_fd_limit(max_connections: usize, kept: u64) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let needed = fds_needed(max_connections);
+    let needed = fds_needed(max_connections).saturating_add(kept);
     let limit = getrlimit(Resource::Nofile);
     let soft = limit.current.unwrap_or(u64::MAX);
     if soft >= needed {
@@ -306,7 +306,8 @@ fn raise_fd_limit(max_connections: usize) {
             limit = now,
             needed,
             max_connections,
-            "the open file limit cannot hold limits.max_connections sessions: raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
+            kept,
+            "the open file limit cannot hold limits.max_connections sessions (and the upstream connections kept by keep_alive_max): raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
         );
     }
 }
