@@ -140,6 +140,7 @@ impl KeepAlive {
             count("stale");
             return None;
         }
+        tracing::debug!("upstream connection kept from the user's previous session: no login");
         count("reused");
         Some(Session {
             conn,
@@ -157,6 +158,7 @@ impl KeepAlive {
         owed: Vec<CommandBody<'static>>,
     ) {
         // Also reads what is left of a streamed or prefetched FETCH (bounded, as at LOGOUT).
+        let owes = !owed.is_empty();
         match conn.execute_all(owed, |_| {}).await {
             Ok(done) => {
                 let failed: Vec<_> = done.into_iter().filter(|d| !d.is_ok()).collect();
@@ -168,8 +170,12 @@ impl KeepAlive {
                     return;
                 }
             }
-            Err(e) => {
+            Err(e) if owes => {
                 tracing::warn!(error = %e, "could not flag retrieved messages \\Seen");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream connection not kept: it failed at the end of the session");
                 return;
             }
         }
