@@ -160,6 +160,20 @@ impl RoutedUpstream {
         self
     }
 
+    /// Log out every IMAP backend's kept connections (`keep_alive_secs`) at once, waiting at
+    /// most `bound` in all (a stopping server).
+    pub async fn log_out_kept(&self, bound: std::time::Duration) {
+        let mut set = tokio::task::JoinSet::new();
+        for (_, b) in self.backends.values() {
+            if let Backend::Imap { upstream, .. } = b {
+                let upstream = Arc::clone(upstream);
+                set.spawn(async move { upstream.log_out_kept(bound).await });
+            }
+        }
+        let _ =
+            tokio::time::timeout(bound, async { while set.join_next().await.is_some() {} }).await;
+    }
+
     /// The `[imap]` upstream (probed by `/readyz`).
     pub fn default_imap(&self) -> Arc<ImapUpstream> {
         self.default_imap.clone()

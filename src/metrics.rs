@@ -20,6 +20,9 @@ const SESSION_BUCKETS: &[f64] = &[
     0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
 ];
 
+/// The outcomes of `popbridge_upstream_keepalive_total`.
+pub const KEEPALIVE_OUTCOMES: [&str; 5] = ["parked", "reused", "expired", "evicted", "stale"];
+
 pub struct Metrics {
     pub registry: Registry,
     pub sessions_active: IntGaugeVec,
@@ -56,6 +59,8 @@ pub struct Metrics {
     pub upstream_pressure: IntCounterVec,
     pub logins_refused_early: IntCounterVec,
     pub backoffs: IntCounterVec,
+    pub upstream_keepalive: IntCounterVec,
+    pub upstream_keepalive_parked: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -278,6 +283,21 @@ impl Metrics {
                 "Migrated legacy UIDL maps looked up at login, by outcome: cache (decoded earlier, or the sled copy; with METADATA, after its head matched), metadata (chunks read from the IMAP server), stale (a map for another UIDVALIDITY, ignored), error (METADATA unreadable or over the limits: login refused with SYS/TEMP).",
                 &["outcome"],
             ),
+            upstream_keepalive: counter_vec(
+                &r,
+                "popbridge_upstream_keepalive_total",
+                "Upstream connections kept after a session for the user's next one (imap.keep_alive_secs), by outcome: parked (kept at a clean session end), reused (taken by the user's next session instead of a login), expired (logged out after keep_alive_secs), evicted (logged out to make room, keep_alive_max), stale (found closed or failing when taken: a fresh login instead).",
+                &["outcome"],
+            ),
+            upstream_keepalive_parked: {
+                let g = IntGauge::new(
+                    "popbridge_upstream_keepalive_parked",
+                    "Upstream connections kept for users' next sessions right now.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             upstream_logins: counter_vec(
                 &r,
                 "popbridge_upstream_logins_total",
@@ -356,6 +376,9 @@ impl Metrics {
             for result in ["ok", "refused", "failed"] {
                 self.upstream_logins.with_label_values(&[mechanism, result]);
             }
+        }
+        for outcome in KEEPALIVE_OUTCOMES {
+            self.upstream_keepalive.with_label_values(&[outcome]);
         }
         for result in ["hit", "miss"] {
             self.oauth_token_cache.with_label_values(&[result]);

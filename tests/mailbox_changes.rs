@@ -14,7 +14,8 @@
 //!
 //! `SEED=n` replays a run (round i runs with seed n+i; `SEED=<round seed> MODEL_ROUNDS=1`
 //! replays one round), `MODEL_ROUNDS=n` sets the rounds per server (default: what fits the CI
-//! budget: 10 rounds against Dovecot, about 50 s, and 5 against Cyrus, about 30 s, side by side).
+//! budget: 10 rounds against Dovecot, about 50 s, and 5 against Cyrus, about 30 s, side by side;
+//! with `imap.keep_alive_secs`, 4 and 2 rounds).
 
 mod support;
 
@@ -72,6 +73,19 @@ fn join<V: std::fmt::Display>(m: &std::collections::BTreeMap<String, V>) -> Stri
 }
 
 fn random_changes_keep_the_pop3_promise<S: MailServer>(server: S) {
+    let rounds = if server.name() == "cyrus" { 5 } else { 10 };
+    run_model(server, 0, rounds);
+}
+
+/// The same with `imap.keep_alive_secs`: each session after the first of a user runs over the
+/// upstream connection the user's previous session left (changes made meanwhile by the IMAP
+/// client included), so the promise must hold across kept connections too. Fewer rounds.
+fn random_changes_over_kept_upstream_connections<S: MailServer>(server: S) {
+    let rounds = if server.name() == "cyrus" { 2 } else { 4 };
+    run_model(server, 120, rounds);
+}
+
+fn run_model<S: MailServer>(server: S, keep_alive_secs: u64, default_rounds: u64) {
     let name = server.name();
     let seed = env_u64("SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -80,9 +94,8 @@ fn random_changes_keep_the_pop3_promise<S: MailServer>(server: S) {
             .as_nanos() as u64
             % 1_000_000_007
     });
-    let default_rounds = if name == "cyrus" { 5 } else { 10 };
     let rounds = env_u64("MODEL_ROUNDS").unwrap_or(default_rounds);
-    eprintln!("model test ({name}): seed {seed}, {rounds} rounds (replay: SEED={seed})");
+    eprintln!("model test ({name}, keep_alive_secs {keep_alive_secs}): seed {seed}, {rounds} rounds (replay: SEED={seed})");
 
     let mut pop3_args = Vec::new();
     let mut bridges = Vec::new();
@@ -93,7 +106,8 @@ fn random_changes_keep_the_pop3_promise<S: MailServer>(server: S) {
             &server,
             &format!(
                 "[deletion]\nmode = \"{mode}\"\nmove_to = \"Trash\"\n\
-                 [limits]\nmax_connections_per_ip = 100"
+                 [limits]\nmax_connections_per_ip = 100\n\
+                 [imap]\nkeep_alive_secs = {keep_alive_secs}"
             ),
         );
         pop3_args.push(("--pop3".to_string(), format!("{mode}={}", pb.pop3_port())));
@@ -158,7 +172,7 @@ fn random_changes_keep_the_pop3_promise<S: MailServer>(server: S) {
     });
     let changes_total: u64 = f.changes.values().sum();
     report(&format!(
-        "model test ({name}): seed {}, {} rounds ({}) in {:.1} s, {} POP3 sessions ({}), \
+        "model test ({name}, keep_alive_secs {keep_alive_secs}): seed {}, {} rounds ({}) in {:.1} s, {} POP3 sessions ({}), \
          {} POP3 steps, {changes_total} changes injected ({}; aimed at a point of a session: {}), \
          -ERR answers: {}, IN-USE refusals {}, violations {}",
         f.seed,
@@ -225,4 +239,7 @@ fn random_changes_keep_the_pop3_promise<S: MailServer>(server: S) {
     );
 }
 
-on_both_servers!(random_changes_keep_the_pop3_promise);
+on_both_servers!(
+    random_changes_keep_the_pop3_promise,
+    random_changes_over_kept_upstream_connections,
+);

@@ -192,6 +192,19 @@ const CONTRACT: &[Family] = &[
         labels: &[("action", &["expunge", "move"])],
     },
     Family {
+        name: "popbridge_upstream_keepalive_total",
+        kind: "counter",
+        labels: &[(
+            "outcome",
+            &["parked", "reused", "expired", "evicted", "stale"],
+        )],
+    },
+    Family {
+        name: "popbridge_upstream_keepalive_parked",
+        kind: "gauge",
+        labels: &[],
+    },
+    Family {
         name: "popbridge_upstream_logins_total",
         kind: "counter",
         labels: &[

@@ -47,6 +47,16 @@ pub fn process_cpu_ms(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 * 10.0)
 }
 
+/// Time `pid` has run on a CPU, in nanoseconds (the first field of /proc/PID/schedstat).
+fn own_cpu_ns(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU time of one /proc/PID/stat: (own user + system, reaped children's user + system), ms.
 fn cpu_fields(pid: u32) -> Option<(f64, f64, u32)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -54,7 +64,12 @@ fn cpu_fields(pid: u32) -> Option<(f64, f64, u32)> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
     let n = |i: usize| f.get(i)?.parse::<u64>().ok();
-    let own = (n(11)? + n(12)?) as f64 * 10.0;
+    // A live process's own time from /proc/PID/schedstat (nanoseconds) where readable: its
+    // utime and stime are whole ticks, each rounded down, so hundreds of long-lived processes
+    // that each ran less than a tick (IMAP connections kept between sessions) would read 0.
+    let own = own_cpu_ns(pid)
+        .map(|ns| ns as f64 / 1e6)
+        .unwrap_or((n(11)? + n(12)?) as f64 * 10.0);
     let children = (n(13)? + n(14)?) as f64 * 10.0;
     Some((own, children, f.get(1)?.parse().ok()?))
 }

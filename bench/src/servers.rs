@@ -49,6 +49,7 @@ pub fn start_popbridge_upstream(
     imap_port: u16,
 ) -> Result<Popbridge> {
     let p = try_free_ports(2)?;
+    let (imap_extra, extra) = split_imap(extra);
     let config = format!(
         r#"[pop3]
 listen = "127.0.0.1:{port}"
@@ -64,7 +65,7 @@ key = "{dc}/server.key"
 host = "127.0.0.1"
 port = {imap}
 security = "none"
-
+{imap_extra}
 [state]
 dir = "{state}"
 
@@ -89,6 +90,26 @@ auth_penalty_base_ms = 1
         ports: p,
         timeout: Duration::from_secs(30),
     })?)
+}
+
+/// The entries of an `[imap]` section in `extra` (`--popbridge-config '[imap]
+/// keep_alive_secs = 120'`), which go into the `[imap]` table above (TOML allows a table
+/// once), and the rest of `extra`.
+fn split_imap(extra: &str) -> (String, String) {
+    let (mut imap, mut rest, mut in_imap) = (String::new(), String::new(), false);
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_imap = t == "[imap]";
+            if in_imap {
+                continue;
+            }
+        }
+        let out = if in_imap { &mut imap } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    (imap, rest)
 }
 
 /// The POP3S port of a popbridge from [`start_popbridge`].

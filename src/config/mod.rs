@@ -293,6 +293,19 @@ impl Config {
 }
 
 impl Config {
+    /// The most upstream connections kept for users' next sessions at once: the sum of
+    /// `keep_alive_max` over the IMAP sections that keep any (`keep_alive_secs` > 0).
+    pub fn kept_connections_max(&self) -> u64 {
+        std::iter::once(&self.imap)
+            .chain(self.backends.values().filter_map(|b| match b {
+                BackendConfig::Imap(i) => Some(i),
+                BackendConfig::Pop3(_) => None,
+            }))
+            .filter(|i| i.keep_alive_secs > 0)
+            .map(|i| u64::from(i.keep_alive_max))
+            .sum()
+    }
+
     /// Whether any IMAP backend takes the client's own OAuth token (POP3 then offers AUTH
     /// XOAUTH2 and OAUTHBEARER).
     pub fn takes_client_tokens(&self) -> bool {
@@ -407,6 +420,43 @@ mod tests {
         );
         let c = parse(&format!("{MINIMAL}[migration]\nshared_map = \"none\"\n")).unwrap();
         assert_eq!(c.migration.shared_map, SharedMap::None);
+    }
+
+    #[test]
+    fn keep_alive_keys_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.imap.keep_alive_secs, c.imap.keep_alive_max), (0, 256));
+        let with = |extra: &str| parse(&MINIMAL.replace("[imap]", &format!("[imap]\n{extra}")));
+        let c = with("keep_alive_secs = 120\nkeep_alive_max = 10").unwrap();
+        assert_eq!((c.imap.keep_alive_secs, c.imap.keep_alive_max), (120, 10));
+        assert_eq!(c.kept_connections_max(), 10);
+        assert_eq!(parse(MINIMAL).unwrap().kept_connections_max(), 0);
+        for (extra, key) in [
+            ("keep_alive_secs = 1801", "imap.keep_alive_secs"),
+            ("keep_alive_secs = -1", "imap.keep_alive_secs"),
+            ("keep_alive_secs = \"2m\"", "imap.keep_alive_secs"),
+            ("keep_alive_max = 0", "imap.keep_alive_max"),
+            ("keep_alive_max = 65537", "imap.keep_alive_max"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+            assert!(e.to_string().starts_with("test.toml: "), "{e}");
+        }
+        let e = parse(&format!(
+            "{MINIMAL}[backends.b]\nkind = \"imap\"\nhost = \"h\"\nkeep_alive_secs = 9999\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("backends.b.keep_alive_secs"), "{e}");
+        // OAuth logins are never kept.
+        let oauth = "\n[imap.oauth]\ntokens = \"client\"\n";
+        assert!(parse(&format!("{MINIMAL}{oauth}")).is_ok());
+        let e = parse(&format!(
+            "{}{oauth}",
+            MINIMAL.replace("[imap]", "[imap]\nkeep_alive_secs = 60")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("imap.keep_alive_secs"), "{e}");
+        assert!(e.to_string().contains("password logins only"), "{e}");
     }
 
     #[test]

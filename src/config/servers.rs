@@ -141,8 +141,23 @@ server_section! {
         /// Days of mail a per-device view lists (see `[views]`, the default, filled in at
         /// load); 0: this backend has no view.
         pub recent_days: Option<u32>,
+        /// Seconds a user's logged-in upstream connection is kept after a clean end of the
+        /// POP3 session, for that user's next session (0: off, the default). Password logins
+        /// only (LOGIN, master PLAIN); at most [`KEEP_ALIVE_SECS_MAX`].
+        #[serde(default)]
+        pub keep_alive_secs: u64,
+        /// At most this many connections kept for this backend on this node; when full, the
+        /// oldest is logged out.
+        #[serde(default = "default_keep_alive_max")]
+        pub keep_alive_max: u32,
     }
 }
+
+/// The longest `keep_alive_secs` accepted: a kept connection delays a server-side password
+/// change (or a disabled account) for that long.
+pub const KEEP_ALIVE_SECS_MAX: u64 = 1800;
+/// The most `keep_alive_max` accepted.
+pub const KEEP_ALIVE_MAX_MAX: u32 = 65536;
 
 impl ImapConfig {
     pub fn port(&self) -> u16 {
@@ -189,6 +204,25 @@ pub(super) fn validate_imap(prefix: &str, imap: &ImapConfig) -> Result<(), (Stri
         oauth
             .validate(imap.verify_password_with.is_some())
             .map_err(|(k, m)| (format!("{prefix}.oauth.{k}"), m))?;
+    }
+    if imap.keep_alive_secs > KEEP_ALIVE_SECS_MAX {
+        return Err((
+            key("keep_alive_secs"),
+            format!("must be at most {KEEP_ALIVE_SECS_MAX} (seconds)"),
+        ));
+    }
+    if !(1..=KEEP_ALIVE_MAX_MAX).contains(&imap.keep_alive_max) {
+        return Err((
+            key("keep_alive_max"),
+            format!("must be between 1 and {KEEP_ALIVE_MAX_MAX}"),
+        ));
+    }
+    if imap.keep_alive_secs > 0 && imap.oauth.is_some() {
+        return Err((
+            key("keep_alive_secs"),
+            "applies to password logins only; this backend logs in with OAuth tokens: set it to 0"
+                .into(),
+        ));
     }
     let app_tokens = imap
         .oauth
@@ -265,6 +299,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_command_timeout() -> u64 {
     60
+}
+fn default_keep_alive_max() -> u32 {
+    256
 }
 fn default_fetch_chunk() -> u32 {
     1024 * 1024

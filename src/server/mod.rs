@@ -70,7 +70,7 @@ const ROUTES_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     // First of all: a SIGTERM from here on stops gracefully instead of killing the process.
     let mut signals = Signals::install()?;
-    raise_fd_limit(config.limits.max_connections);
+    raise_fd_limit(config.limits.max_connections, config.kept_connections_max());
     let cert = match &config.pop3.tls {
         Some(tls) => {
             let cert = ReloadableCert::load(&tls.cert, &tls.key)?;
@@ -256,6 +256,8 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     for server in servers {
         let _ = server.await;
     }
+    // Connections kept for users' next sessions: LOGOUT, bounded.
+    bridge.get().upstream.log_out_kept(KEPT_LOGOUT_BOUND).await;
     // The HTTP endpoint answered through the drain (/readyz 503, /metrics the draining
     // sessions); now it goes too.
     let _ = http_stop_tx.send(true);
@@ -268,13 +270,17 @@ pub async fn serve(config: Config, path: PathBuf) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// How long a stopping server waits for the LOGOUT of connections kept for users' next
+/// sessions (`imap.keep_alive_secs`).
+const KEPT_LOGOUT_BOUND: Duration = Duration::from_secs(2);
+
 /// Each session holds two file descriptors (client and upstream), plus a few for the state
 /// store, listeners and metrics. Raise the soft `RLIMIT_NOFILE` (often 1024 in a shell) to what
 /// `max_connections` sessions need, as far as the hard limit allows; warn when that is not
 /// enough (systemd: `LimitNOFILE=`).
-fn raise_fd_limit(max_connections: usize) {
+fn raise_fd_limit(max_connections: usize, kept: u64) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let needed = fds_needed(max_connections);
+    let needed = fds_needed(max_connections).saturating_add(kept);
     let limit = getrlimit(Resource::Nofile);
     let soft = limit.current.unwrap_or(u64::MAX);
     if soft >= needed {
@@ -300,7 +306,8 @@ fn raise_fd_limit(max_connections: usize) {
             limit = now,
             needed,
             max_connections,
-            "the open file limit cannot hold limits.max_connections sessions: raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
+            kept,
+            "the open file limit cannot hold limits.max_connections sessions (and the upstream connections kept by keep_alive_max): raise it (systemd: LimitNOFILE=, shell: ulimit -n)"
         );
     }
 }

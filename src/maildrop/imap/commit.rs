@@ -235,6 +235,11 @@ impl ImapMaildrop {
             Vec::new()
         });
         if let Some(conn) = self.conn.take() {
+            if let Some(k) = self.keep.take() {
+                // Kept for the user's next session instead of LOGOUT (see `keepalive`).
+                k.pool.park(k.key, conn, k.capabilities, owed).await;
+                return;
+            }
             for failed in conn.logout_after(owed).await {
                 tracing::warn!(text = %failed, "could not flag retrieved messages \\Seen");
             }

@@ -4,11 +4,13 @@
 //! commands only (`commit.rs`), then retention of old hidden mail (`retention.rs`). Several
 //! folders share one connection (`folders.rs`); a per-device view lists recent mail and
 //! deletes nothing (`view.rs`). Migrated UIDL maps come from [`legacy_map`]; moved messages keep their UIDL with OBJECTID
-//! (`moved.rs`).
+//! (`moved.rs`). With `keep_alive_secs`, a session's connection is kept at its clean end for
+//! the same user's next session instead of logged out ([`keepalive`]).
 
 mod commit;
 mod distance;
 mod folders;
+pub mod keepalive;
 pub mod legacy_map;
 mod moved;
 mod retention;
@@ -72,6 +74,15 @@ pub struct ImapUpstream {
     oauth: Option<Arc<OAuthClient>>,
     /// `oauth.tokens = "app"`: the file that checks POP3 passwords.
     password_file: Option<Arc<PasswordFile>>,
+    /// Connections kept after a session for the user's next one (`keep_alive_secs`).
+    keep_alive: Option<Arc<keepalive::KeepAlive>>,
+}
+
+/// Where a session's connection goes at its clean end instead of LOGOUT.
+pub(super) struct Keep {
+    pool: Arc<keepalive::KeepAlive>,
+    key: keepalive::ParkKey,
+    capabilities: session::Capabilities,
 }
 
 impl ImapUpstream {
@@ -104,7 +115,13 @@ impl ImapUpstream {
             )),
             None => None,
         };
+        // Password logins only: an OAuth login's token expires on its own schedule.
+        let keep_alive = match oauth {
+            None => keepalive::KeepAlive::new(imap.keep_alive_secs, imap.keep_alive_max),
+            Some(_) => None,
+        };
         Ok(ImapUpstream {
+            keep_alive,
             oauth,
             password_file,
             // A FETCH piece and its framing, or the one-line UID SEARCH of a huge mailbox.
@@ -144,14 +161,41 @@ impl ImapUpstream {
         self.endpoint.address()
     }
 
-    /// Check `password` by logging in and out (for `verify_password_with`).
+    /// Check `password` by logging in and out (for `verify_password_with`). With
+    /// `keep_alive_secs` (and no master user here, so the key's login form is this one's), a
+    /// connection kept for the same user and password stands for a login made with them at
+    /// most that long ago, as it does for a session: it is checked (see
+    /// [`keepalive::KeepAlive::take`]) and kept again; a new login is kept instead of logged
+    /// out.
     pub async fn check_password(&self, user: &str, password: &str) -> Result<(), MaildropError> {
+        let keep = if self.master.is_none() {
+            self.keep_key(user, Credential::Password(password), false)
+        } else {
+            None
+        };
+        if let Some(k) = &keep {
+            if let Some(s) = k.pool.take(&k.key).await {
+                k.pool.park(k.key, s.conn, s.capabilities, Vec::new()).await;
+                return Ok(());
+            }
+        }
         let login = password::Password { user, password };
         let s = session::open(&self.endpoint, self.limits, &login)
             .await
             .map_err(login_error)?;
-        s.conn.logout().await;
+        match keep {
+            Some(k) => k.pool.park(k.key, s.conn, s.capabilities, Vec::new()).await,
+            None => s.conn.logout().await,
+        }
         Ok(())
+    }
+
+    /// Log out the connections kept for users' next sessions, waiting at most `bound`
+    /// (a stopping server).
+    pub async fn log_out_kept(&self, bound: std::time::Duration) {
+        if let Some(pool) = &self.keep_alive {
+            pool.log_out_all(bound).await;
+        }
     }
 
     /// Connect and read the greeting, without logging in: is the upstream there?
@@ -277,15 +321,58 @@ impl ImapUpstream {
             .map_err(login_error)
     }
 
+    /// The key a password login of `user` is kept under (see [`keepalive`]), when this
+    /// backend keeps connections.
+    fn keep_key(&self, user: &str, credential: Credential<'_>, view: bool) -> Option<Keep> {
+        let pool = self.keep_alive.as_ref()?;
+        let Credential::Password(password) = credential else {
+            return None;
+        };
+        if self.oauth.is_some() {
+            return None;
+        }
+        let (form, master): (&[u8], &[u8]) = match &self.master {
+            Some((m, _)) => (b"master-plain", m.as_bytes()),
+            None => (b"login", b""),
+        };
+        let endpoint = self.endpoint.address();
+        let key = pool.key(&[
+            endpoint.as_bytes(),
+            form,
+            user.as_bytes(),
+            password.as_bytes(),
+            master,
+            self.mailbox.as_bytes(),
+            if view { b"view" } else { b"maildrop" },
+        ]);
+        Some(Keep {
+            pool: Arc::clone(pool),
+            key,
+            capabilities: session::Capabilities::default(),
+        })
+    }
+
     async fn open(
         &self,
         user: &str,
         credential: Credential<'_>,
+        view: bool,
     ) -> Result<ImapMaildrop, MaildropError> {
+        let mut keep = self.keep_key(user, credential, view);
+        let kept = match &keep {
+            Some(k) => k.pool.take(&k.key).await,
+            None => None,
+        };
         let session::Session {
             mut conn,
             capabilities: caps,
-        } = self.log_in(user, credential).await?;
+        } = match kept {
+            Some(s) => s,
+            None => self.log_in(user, credential).await?,
+        };
+        if let Some(k) = &mut keep {
+            k.capabilities = caps.clone();
+        }
         conn.share_fetch_order(Arc::clone(&self.fetch_order));
         let has_move = caps.has("MOVE");
         let has_metadata = caps.has("METADATA");
@@ -339,6 +426,7 @@ impl ImapUpstream {
             .collect();
         Ok(ImapMaildrop {
             conn: Some(conn),
+            keep,
             state: self.state.clone(),
             lock_key: key.clone(),
             key,
@@ -441,7 +529,7 @@ impl ImapUpstream {
                 "per-device views are not enabled for this mailbox".into(),
             ));
         };
-        let mut md = self.open(user, credential).await?;
+        let mut md = self.open(user, credential, true).await?;
         md.view = Some(View { days, dele });
         md.retention = None;
         md.lock_key = MaildropKey::new(&self.endpoint.address(), view_login, &self.mailbox);
@@ -461,7 +549,7 @@ impl Mailstore for ImapUpstream {
         user: &str,
         credential: Credential<'_>,
     ) -> Result<ImapMaildrop, MaildropError> {
-        self.open(user, credential).await
+        self.open(user, credential, false).await
     }
 }
 
@@ -469,6 +557,8 @@ impl Mailstore for ImapUpstream {
 pub struct ImapMaildrop {
     /// `None` once the connection failed: every later call fails fast.
     conn: Option<ImapConnection>,
+    /// Keep the connection for the user's next session at a clean end (`keep_alive_secs`).
+    keep: Option<Keep>,
     state: Option<Arc<StateStore>>,
     /// Which maildrop this is: its lock and its log lines (the first folder's key).
     lock_key: MaildropKey,

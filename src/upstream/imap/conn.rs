@@ -248,6 +248,43 @@ impl ImapConnection {
         self.engine.offers_id()
     }
 
+    /// Whether the connection sits between responses with nothing owed to it (no streamed
+    /// or prefetched FETCH unread, nothing buffered, not broken) and the server has neither
+    /// closed it nor sent anything unasked (an untagged `BYE` before an idle logout): a
+    /// connection fit to be kept for a later session, or to be taken up again. Looks at the
+    /// socket once, without waiting.
+    pub fn is_quiet(&mut self) -> bool {
+        if self.engine.broken
+            || self.body.is_some()
+            || !self.prefetch.is_empty()
+            || !self.engine.reader.is_empty()
+        {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let io = std::pin::Pin::new(&mut self.engine.io);
+        // Pending: nothing to read, the connection is open. Anything else (EOF, data, an
+        // error) means it cannot be used as it is.
+        match tokio::io::AsyncRead::poll_read(io, &mut cx, &mut buf) {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(_) => {
+                self.engine.broken = true;
+                false
+            }
+        }
+    }
+
+    /// Forget what the last session left on the connection (bodies read ahead, the stash of
+    /// early bodies): the next session starts clean. Call only when [`Self::is_quiet`].
+    pub fn reset_for_reuse(&mut self) {
+        self.ahead.clear();
+        self.stash.clear();
+        self.stash_bytes = 0;
+        self.engine.reader.shrink_idle();
+    }
+
     /// Say LOGOUT and wait briefly for the answer; errors are irrelevant at this point.
     pub async fn logout(self) {
         self.logout_after(Vec::new()).await;
