@@ -624,7 +624,7 @@ pub struct ImapMaildrop {
     /// on a server whose FETCH answers must be decoded).
     heads: HashMap<u32, Bytes>,
     /// A TOP was served from `heads` since the last FETCH of first pieces: the client is
-    /// previewing, and the next window is asked for ahead (`prefetch_heads`).
+    /// previewing, and the next window was asked for ahead (`prefetch_heads`).
     heads_used: bool,
     /// The shortest time a streamed FETCH took to its first body byte (a round trip plus the
     /// server's work): sizes the read-ahead to the link, see `stream_budget`.

@@ -141,10 +141,13 @@ impl ImapMaildrop {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        if let Err(e) = conn.prefetch_heads(&next, len).await {
-            tracing::debug!(error = %e, "heads prefetch failed");
-            if !matches!(e, ImapError::Command(_)) {
-                self.conn = None;
+        match conn.prefetch_heads(&next, len).await {
+            Ok(()) => tracing::debug!(uid = next[0], "next window of first pieces asked for ahead"),
+            Err(e) => {
+                tracing::debug!(error = %e, "heads prefetch failed");
+                if !matches!(e, ImapError::Command(_)) {
+                    self.conn = None;
+                }
             }
         }
     }
@@ -174,7 +177,16 @@ impl ImapMaildrop {
             // The same first piece, fetched ahead (a header preview of the next message).
             if let Some(head) = self.heads.remove(&uid) {
                 if head.len() == len as usize {
-                    self.heads_used = true;
+                    // The first piece of this window the client used: it is previewing, so the
+                    // next window is asked for now, while it reads this one, instead of when
+                    // it reaches the next window (a stall of a whole window's FETCH: 4-5 ms
+                    // for 128 pieces on loopback). Not while a RETR's FETCH is on its way (a
+                    // client alternating TOP and RETR).
+                    if !std::mem::replace(&mut self.heads_used, true)
+                        && self.conn.as_ref().is_some_and(|c| !c.has_prefetch())
+                    {
+                        self.prefetch_heads(uid, len, &HashSet::new()).await;
+                    }
                     return Ok(head);
                 }
             }
