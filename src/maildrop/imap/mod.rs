@@ -460,6 +460,7 @@ impl ImapUpstream {
             ahead: HashMap::new(),
             heads: HashMap::new(),
             heads_used: false,
+            heads_window: 0,
             fetch_rtt: None,
             distance: Arc::clone(&self.distance),
         })
@@ -626,6 +627,8 @@ pub struct ImapMaildrop {
     /// A TOP was served from `heads` since the last FETCH of first pieces: the client is
     /// previewing, and the next window was asked for ahead (`prefetch_heads`).
     heads_used: bool,
+    /// How many first pieces the next window asked for ahead holds (see HEADS_FIRST).
+    heads_window: usize,
     /// The shortest time a streamed FETCH took to its first body byte (a round trip plus the
     /// server's work): sizes the read-ahead to the link, see `stream_budget`.
     fetch_rtt: Option<std::time::Duration>,
