@@ -402,21 +402,8 @@ fn a_reload_logs_the_kept_connections_out() {
 /// wrong password still reaches the checking server's login and is refused.
 #[test]
 fn master_logins_and_their_password_checks_are_both_kept() {
-    use std::os::unix::fs::PermissionsExt;
-    let secrets = tempfile::Builder::new()
-        .prefix("pbk")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let master_users = secrets.path().join("master-users");
-    std::fs::write(&master_users, "pbmaster:{PLAIN}master-secret\n").unwrap();
-    std::fs::set_permissions(&master_users, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let master_pw = secrets.path().join("master.pw");
-    std::fs::write(&master_pw, "master-secret\n").unwrap();
-    let dc = Dovecot::start_with_conf(&format!(
-        "passdb {{\n  driver = passwd-file\n  master = yes\n  args = scheme=PLAIN {}\n  pass = yes\n}}",
-        master_users.display()
-    ));
+    let master = MasterPassdb::new("pbmaster", "master-secret");
+    let dc = Dovecot::start_with_conf(&master.conf);
     dc.add_user("m", PW);
     dc.seed("m", &[&msg(1), &msg(2)]);
     let b = Bridge::start(
@@ -425,7 +412,7 @@ fn master_logins_and_their_password_checks_are_both_kept() {
         &format!(
             "master_user = \"pbmaster\"\nmaster_password_file = \"{}\"\nverify_password_with = \"v\"\n\
              [backends.v]\nkind = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nkeep_alive_secs = 120",
-            master_pw.display(),
+            master.password_file.display(),
             dc.imap_port()
         ),
     );

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -35,7 +34,7 @@ struct World {
     old: Dovecot,
     pb: Popbridge,
     routes: PathBuf,
-    _secrets: tempfile::TempDir,
+    _master: MasterPassdb,
     metrics_port: u16,
 }
 
@@ -53,22 +52,8 @@ fn world() -> World {
 
 /// [`world`] with `extra` lines added to popbridge's configuration.
 fn world_with(extra: &str) -> World {
-    // Master passdb file readable by Dovecot's auth process.
-    let secrets = tempfile::Builder::new()
-        .prefix("pbm")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let master_users = secrets.path().join("master-users");
-    std::fs::write(&master_users, "pbmaster:{PLAIN}master-secret\n").unwrap();
-    std::fs::set_permissions(&master_users, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let master_pw = secrets.path().join("master.pw");
-    std::fs::write(&master_pw, "master-secret\n").unwrap();
-
-    let new = Dovecot::start_with_conf(&format!(
-        "passdb {{\n  driver = passwd-file\n  master = yes\n  args = scheme=PLAIN {}\n  pass = yes\n}}",
-        master_users.display()
-    ));
+    let master = MasterPassdb::new("pbmaster", "master-secret");
+    let new = Dovecot::start_with_conf(&master.conf);
     // The legacy platform has its own UIDL format: relayed UIDLs must be its, not popbridge's.
     let old = Dovecot::start_with_conf("pop3_uidl_format = %v.%u");
 
@@ -91,7 +76,7 @@ fn world_with(extra: &str) -> World {
     old.add_user("erin", "erin-pw");
     old.seed("erin", &[&msg("old", "erin", 1)]);
 
-    let routes = secrets.path().join("routes.csv");
+    let routes = master.dir().join("routes.csv");
     std::fs::write(&routes, ROUTES).unwrap();
     let metrics_port = free_ports(1)[0];
     let pb = Popbridge::start(
@@ -134,7 +119,7 @@ rules = [{{ match = "bob@example.org", backend = "imap", login = "nobody" }}, {{
             old_pop3s = old.pop3s_port(),
             ca = old.ca_pem_path().display(),
             new_imap = new.imap_port(),
-            master_pw = master_pw.display(),
+            master_pw = master.password_file.display(),
             routes = routes.display(),
         ),
     );
@@ -143,7 +128,7 @@ rules = [{{ match = "bob@example.org", backend = "imap", login = "nobody" }}, {{
         old,
         pb,
         routes,
-        _secrets: secrets,
+        _master: master,
         metrics_port,
     }
 }

@@ -37,6 +37,7 @@ mod corpus;
 mod dovecot;
 mod mail;
 mod mail_server;
+mod master;
 mod popbridge;
 mod ports;
 mod reaper;
@@ -68,6 +69,7 @@ pub use mail::{
     crlf_size, dot_stuff, dot_unstuff, expected_retr_body, expected_top, split_status, to_crlf,
 };
 pub use mail_server::MailServer;
+pub use master::MasterPassdb;
 pub use popbridge::{Popbridge, PopbridgeOptions};
 pub use ports::{free_ports, try_free_ports, wait_port};
 pub use reaper::stop_all;
