@@ -253,6 +253,44 @@ fn a_wrong_password_never_takes_a_kept_connection() {
     assert_eq!(b.kept("reused"), 1.0);
 }
 
+/// A password changed on the server takes effect within `keep_alive_secs` of the kept
+/// connection's login, however often polls with the old password take it up again (each
+/// session parks it anew; were its age counted from there, a client polling faster than the
+/// keep-alive would keep the old password working for ever).
+#[test]
+fn a_password_changed_on_the_server_takes_effect_within_the_keep_alive() {
+    let dc = Dovecot::start();
+    dc.add_user("p", PW);
+    dc.seed("p", &[&msg(1)]);
+    let b = Bridge::start(&dc, 3, "");
+    let start = Instant::now();
+    b.poll("p");
+    dc.add_user("p", "changed-pw");
+    let mut refused_at = None;
+    while start.elapsed() < Duration::from_secs(9) {
+        std::thread::sleep(Duration::from_millis(400));
+        let s = b.session("p", PW, &["stat", "quit"]);
+        let pass = &s.steps[1];
+        if !pass.ok {
+            assert!(pass.resp.starts_with("-ERR [AUTH]"), "{:?}", pass.resp);
+            refused_at = Some(start.elapsed());
+            break;
+        }
+    }
+    let at = refused_at.expect("the old password still worked 9 s after a 3 s keep-alive's login");
+    assert!(
+        at < Duration::from_secs(5),
+        "the old password was refused only after {at:?}"
+    );
+    assert!(
+        b.kept("reused") >= 2.0,
+        "meanwhile the old password's polls took the kept connection up (the documented lag)"
+    );
+    assert!(b.kept("expired") >= 1.0);
+    b.session("p", "changed-pw", &["stat", "quit"])
+        .assert_all_ok();
+}
+
 /// The pids of the Dovecot processes holding a connection to its IMAP port.
 fn imap_pids(port: u16) -> Vec<u32> {
     let out = Command::new("ss")

@@ -121,10 +121,11 @@ impl KeepAlive {
     }
 
     /// The connection kept for `key`, if any, removed from the pool and checked: still open,
-    /// younger than `keep_alive_secs`, and answering a NOOP. `None`: log in afresh.
+    /// kept and logged in less than `keep_alive_secs` ago, and answering a NOOP. `None`: log
+    /// in afresh.
     pub async fn take(&self, key: &ParkKey) -> Option<Session> {
         let entry = self.lock().remove(key)?;
-        if entry.at.elapsed() >= self.hold {
+        if entry.at.elapsed() >= self.hold || self.login_too_old(&entry.conn) {
             count("expired");
             log_out(entry.conn);
             return None;
@@ -180,6 +181,13 @@ impl KeepAlive {
             }
         }
         if !conn.is_quiet() {
+            conn.logout().await;
+            return;
+        }
+        // Kept at most `keep_alive_secs` after its login, however often it is taken up: a
+        // password changed or an account disabled on the server takes effect within that.
+        if self.login_too_old(&conn) {
+            count("expired");
             conn.logout().await;
             return;
         }
@@ -239,6 +247,11 @@ impl KeepAlive {
         }
         let _ =
             tokio::time::timeout(bound, async { while set.join_next().await.is_some() {} }).await;
+    }
+
+    /// Whether `conn`'s login is `keep_alive_secs` old or older (or unknown).
+    fn login_too_old(&self, conn: &ImapConnection) -> bool {
+        conn.login_age().is_none_or(|age| age >= self.hold)
     }
 
     fn sweep_every(&self) -> Duration {

@@ -131,6 +131,8 @@ pub struct ImapConnection {
     pub(super) fetch_order_known: bool,
     /// Shared with the other connections to the same server.
     pub(super) fetch_order: Option<Arc<FetchOrder>>,
+    /// When the server accepted this connection's credentials (see [`Self::login_age`]).
+    pub(super) logged_in_at: Option<std::time::Instant>,
 }
 
 /// Whether a server sends `UID` before `BODY[]` in its FETCH responses, as the connections
@@ -192,7 +194,16 @@ impl ImapConnection {
             uid_before_body: false,
             fetch_order_known: false,
             fetch_order: None,
+            logged_in_at: None,
         }
+    }
+
+    /// How long ago the server accepted this connection's credentials (`None`: not logged in
+    /// by [`super::session::open`]). A connection kept between sessions is kept only while
+    /// its login is younger than the keep-alive: a password changed on the server must not
+    /// be outlived by a connection that polls keep taking up again.
+    pub fn login_age(&self) -> Option<std::time::Duration> {
+        self.logged_in_at.map(|t| t.elapsed())
     }
 
     /// Run one command to its tagged completion (see [`Engine::execute`]), after reading

@@ -127,6 +127,7 @@ pub async fn open(
             return Err(SessionError::Capability(done.text));
         }
     }
+    conn.logged_in_at = Some(std::time::Instant::now());
     Ok(Session { conn, capabilities })
 }
 
