@@ -112,6 +112,10 @@ pub enum SetupError {
     Secret(String),
     #[error("oauth: {0}")]
     OAuth(String),
+    #[error(
+        "keep_alive_secs: the system's random source failed (for the kept connections' key salt)"
+    )]
+    Random,
 }
 
 /// A server ready to be connected to (see `transport`): shared by every connection to it.

@@ -27,6 +27,7 @@ use ring::digest;
 use crate::metrics::metrics;
 use crate::upstream::imap::session::{Capabilities, Session};
 use crate::upstream::imap::ImapConnection;
+use crate::upstream::SetupError;
 
 /// A kept connection answers its first command (NOOP) within this, or a fresh login is made.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -91,20 +92,21 @@ fn log_out(conn: ImapConnection) {
 }
 
 impl KeepAlive {
-    /// `None` when `hold_secs` is 0 (keep-alive off).
-    pub fn new(hold_secs: u64, max: u32) -> Option<Arc<KeepAlive>> {
+    /// `None` when `hold_secs` is 0 (keep-alive off); `Err` when the system's random source
+    /// gives no salt.
+    pub fn new(hold_secs: u64, max: u32) -> Result<Option<Arc<KeepAlive>>, SetupError> {
         if hold_secs == 0 {
-            return None;
+            return Ok(None);
         }
         let mut salt = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-            .expect("the system's random source works");
-        Some(Arc::new(KeepAlive {
+            .map_err(|_| SetupError::Random)?;
+        Ok(Some(Arc::new(KeepAlive {
             hold: Duration::from_secs(hold_secs),
             max: max.max(1) as usize,
             salt,
             parked: Mutex::new(Parked::default()),
-        }))
+        })))
     }
 
     /// The key of a login made of `parts` (each length-prefixed, so no two lists collide).
@@ -323,8 +325,8 @@ mod tests {
 
     #[test]
     fn keys_are_salted_and_unambiguous() {
-        let a = KeepAlive::new(60, 4).unwrap();
-        let b = KeepAlive::new(60, 4).unwrap();
+        let a = KeepAlive::new(60, 4).unwrap().unwrap();
+        let b = KeepAlive::new(60, 4).unwrap().unwrap();
         let k = |pool: &KeepAlive, parts: &[&[u8]]| pool.key(parts);
         assert_eq!(
             k(&a, &[b"h:143", b"alice", b"pw"]),
@@ -344,7 +346,7 @@ mod tests {
             k(&a, &[b"h:143", b"alice", b"pw"]),
             k(&a, &[b"h:143", b"alicep", b"w"])
         );
-        assert!(KeepAlive::new(0, 4).is_none());
+        assert!(KeepAlive::new(0, 4).unwrap().is_none());
         assert!(a.is_empty());
     }
 }

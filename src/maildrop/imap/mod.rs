@@ -119,7 +119,7 @@ impl ImapUpstream {
         };
         // Password logins only: an OAuth login's token expires on its own schedule.
         let keep_alive = match oauth {
-            None => keepalive::KeepAlive::new(imap.keep_alive_secs, imap.keep_alive_max),
+            None => keepalive::KeepAlive::new(imap.keep_alive_secs, imap.keep_alive_max)?,
             Some(_) => None,
         };
         Ok(ImapUpstream {
