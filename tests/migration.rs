@@ -683,26 +683,10 @@ fn one_mailbox_under_two_backend_names_shares_its_map_and_its_lock() {
 #[test]
 fn master_users_migrate_a_wave_without_user_passwords() {
     let env = Env::new();
-    let dir = env.dir.path();
-    // The sandboxes' auth processes must read the master passdb.
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut fs::metadata(dir).unwrap().permissions(),
-        0o755,
-    );
-    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let masters = env.path("masters");
-    fs::write(&masters, "migrator:{PLAIN}m4ster::::::\n").unwrap();
-    fs::set_permissions(
-        &masters,
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
-    let master_conf = format!(
-        "passdb {{\n  driver = passwd-file\n  master = yes\n  args = scheme=PLAIN {}\n  pass = yes\n}}",
-        masters.display()
-    );
+    let master = MasterPassdb::new("migrator", "m4ster");
+    let master_conf = &master.conf;
     let legacy = Dovecot::start_with_conf(&format!("{LEGACY_CONF}\n{master_conf}"));
-    let new = Dovecot::start_with_conf(&master_conf);
+    let new = Dovecot::start_with_conf(master_conf);
     let users = [("m1", "secret1"), ("m2", "secret2")];
     // Every user first: Dovecot re-reads its passwd-file at most once a second.
     for (u, p) in users {
@@ -722,8 +706,7 @@ fn master_users_migrate_a_wave_without_user_passwords() {
             p,
         ]);
     }
-    let pwfile = env.path("master.pw");
-    fs::write(&pwfile, "m4ster\n").unwrap();
+    let pwfile = &master.password_file;
     let cfg = env.config("master.toml", &new, &legacy, &env.path("state"));
     let mut conf = fs::read_to_string(&cfg).unwrap();
     let master_keys = format!(
