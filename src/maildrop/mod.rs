@@ -286,7 +286,7 @@ pub trait Maildrop: Send {
 
     /// The messages (UID, size) the client will probably ask for after the one about to be
     /// fetched; a maildrop may fetch small ones ahead in the same round trip.
-    fn read_ahead_hint(&mut self, _upcoming: &[(u32, u64)]) {}
+    fn read_ahead_hint(&mut self, _upcoming: Vec<(u32, u64)>) {}
 
     /// How many listed octets of the following messages the hint should cover (beyond the
     /// minimum count of messages the caller always gives): a maildrop

@@ -31,7 +31,7 @@ where
             return self.retrieve_failed(msg, uid, MaildropError::unavailable("no maildrop"));
         };
         let octets = md.read_ahead_octets();
-        md.read_ahead_hint(&self.session.upcoming(msg, READ_AHEAD_MESSAGES, octets));
+        md.read_ahead_hint(self.session.upcoming(msg, READ_AHEAD_MESSAGES, octets));
         let top_header = self.top_header;
         let mut part = match read_part(md, uid, size, top_lines, top_header, 0, chunk).await {
             Ok(d) => d,

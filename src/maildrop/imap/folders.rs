@@ -124,7 +124,7 @@ impl ImapMaildrop {
         if self.folders.len() > 1 {
             self.enter(i).await?;
             // The session's hint, in handles: only what follows in this folder.
-            let hint: Vec<(u32, u64)> = self
+            self.ahead_hint = self
                 .hint
                 .iter()
                 .map_while(|&(h, size)| match self.resolve(h) {
@@ -132,7 +132,6 @@ impl ImapMaildrop {
                     _ => None,
                 })
                 .collect();
-            self.set_ahead_hint(&hint);
         }
         Ok(uid)
     }

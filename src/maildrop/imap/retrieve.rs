@@ -218,15 +218,11 @@ impl ImapMaildrop {
                 let near = self
                     .link_rtt()
                     .is_some_and(|rtt| rtt < PREFETCH_QUEUE_MIN_RTT);
-                self.heads_window = if near { HEADS_FIRST } else { HEADS_MAX };
-                // This window: the TOP's piece and the next ones (`heads_window` in all).
-                wanted.extend(self.heads_wanted(
-                    uid,
-                    u64::from(len),
-                    budget,
-                    self.heads_window - 1,
-                ));
-                self.heads_window = (self.heads_window * 2).min(HEADS_MAX);
+                let first = if near { HEADS_FIRST } else { HEADS_MAX };
+                // This window: the TOP's piece and the next ones (`first` in all); the
+                // next window asked for ahead holds twice as many.
+                wanted.extend(self.heads_wanted(uid, u64::from(len), budget, first - 1));
+                self.heads_window = (first * 2).min(HEADS_MAX);
             } else {
                 wanted.extend(self.ahead_wanted(
                     uid,
@@ -498,11 +494,6 @@ impl ImapMaildrop {
                 Err(unavailable(e))
             }
         }
-    }
-
-    pub(super) fn set_ahead_hint(&mut self, upcoming: &[(u32, u64)]) {
-        self.ahead_hint.clear();
-        self.ahead_hint.extend_from_slice(upcoming);
     }
 
     /// A RETR of `uid` completed: note it for the repeated-download record.
