@@ -638,4 +638,4 @@ pub(super) fn completion(kind: fetch_parse::Completion, text: &[u8]) -> Completi
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -268,3 +268,6 @@ impl ImapConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
